@@ -1,0 +1,35 @@
+"""dask_clip: CLIP image embeddings for WebDataset image-text shards, computed on Dask.
+
+The top level is lazy: ``import dask_clip`` imports neither torch nor any GPU library; each name
+below is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY_NAMES = {
+    "get_client": "dask_clip.distributed.client",
+    "cache_info": "dask_clip.distributed.model_cache",
+    "clear_cache": "dask_clip.distributed.model_cache",
+    "ImageTextPairDataset": "dask_clip.dataset",
+    "ClipImageEmbedder": "dask_clip.embedders.clip",
+    "embeddings_to_numpy": "dask_clip.embeddings",
+}
+
+__all__ = sorted(_LAZY_NAMES) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module 'dask_clip' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

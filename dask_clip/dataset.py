@@ -1,0 +1,170 @@
+"""ImageTextPairDataset: the metadata of a folder of WebDataset shards, one Dask partition per shard."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+
+from dask_clip.io.metadata import (
+    dask_clip_info,
+    empty_frame,
+    read_parquet_schema,
+    read_shard_metadata,
+    write_shard_metadata,
+)
+from dask_clip.io.shards import Shard, discover_shards
+
+logger = logging.getLogger(__name__)
+
+IMAGE_BYTES_COLUMN = "image_bytes"
+"""Name of the column that holds a sample's image bytes, when the metadata carries them."""
+
+SHARD_COLUMNS = ["stem", "tar_url", "parquet_url"]
+
+
+@dataclass(frozen=True)
+class ImageTextPairDataset:
+    """A folder of image-text shards: the metadata frame, the shards it came from and the id column.
+
+    ``metadata`` has one partition per shard, aligned with ``shards`` (and ``tar_files``); every
+    operation returns a new dataset and leaves this one unchanged.
+    ``derived_columns`` maps each column that dask_clip computed to the configuration that produced it.
+    """
+
+    path: str
+    metadata: dd.DataFrame
+    shards: tuple[Shard, ...]
+    id_col: str = "key"
+    derived_columns: Mapping[str, Any] = field(default_factory=dict)
+    resources: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_webdataset(cls, path: str, id_col: str = "key") -> "ImageTextPairDataset":
+        """Read the shard pairs of ``path`` (a local folder or any fsspec URL) lazily.
+
+        Only the folder listing and the first parquet's footer are read on the client; each shard's
+        parquet is read by its own task, which checks its ids and columns.
+        """
+        shards = tuple(discover_shards(path))
+        first_schema = read_parquet_schema(shards[0].parquet_url)
+        meta = empty_frame(first_schema)
+        if id_col not in meta.columns:
+            raise ValueError(f"{shards[0].parquet_url}: no id column {id_col!r}; columns are {list(meta.columns)}")
+        derived = set(dask_clip_info(first_schema).get("derived_columns", ()))
+        read = functools.partial(read_shard_metadata, id_col=id_col, meta=meta, derived_columns=frozenset(derived))
+        metadata = dd.from_map(
+            read, [shard.parquet_url for shard in shards], meta=meta, enforce_metadata=False, label="read-shard-metadata"
+        )
+        configs = dask_clip_info(first_schema).get("configs", {})
+        return cls(path, metadata, shards, id_col, {column: configs.get(column) for column in derived})
+
+    @property
+    def tar_files(self) -> list[str]:
+        """The tar of each partition, in partition order."""
+        return [shard.tar_url for shard in self.shards]
+
+    def with_metadata(
+        self,
+        metadata: dd.DataFrame,
+        derived_columns: Mapping[str, Any] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> "ImageTextPairDataset":
+        """A new dataset with ``metadata`` replaced (same shards, one partition each)."""
+        if metadata.npartitions != len(self.shards):
+            raise ValueError(
+                f"metadata has {metadata.npartitions} partitions but the dataset has {len(self.shards)} shards: "
+                "an operation must keep one partition per shard"
+            )
+        return replace(
+            self,
+            metadata=metadata,
+            derived_columns={**self.derived_columns, **(derived_columns or {})},
+            resources={**self.resources, **(resources or {})},
+        )
+
+    def shard_frame(self) -> dd.DataFrame:
+        """A Dask frame with one row per shard (``stem``, ``tar_url``, ``parquet_url``), one partition each."""
+        rows = [pd.DataFrame([[s.stem, s.tar_url, s.parquet_url]], columns=SHARD_COLUMNS) for s in self.shards]
+        return dd.from_map(lambda frame: frame, rows, meta=rows[0].iloc[:0], label="shards", enforce_metadata=False)
+
+    def map_shards(self, function: Callable[..., pd.DataFrame], meta: pd.DataFrame, **kwargs: Any) -> dd.DataFrame:
+        """``function(rows, tar_url=..., id_col=..., **kwargs)`` on each shard's rows -> a frame like ``meta``.
+
+        Each task is handed its own shard's tar, never the list of all shards.
+        """
+
+        def on_partition(rows: pd.DataFrame, shard: pd.DataFrame) -> pd.DataFrame:
+            return function(rows, tar_url=shard["tar_url"].iloc[0], id_col=self.id_col, **kwargs)
+
+        return dd.map_partitions(
+            on_partition, self.metadata, self.shard_frame(), meta=meta, align_dataframes=False, enforce_metadata=False
+        )
+
+    def save_metadata(
+        self, path: str | None = None, columns: Sequence[str] | None = None, client: Any = None
+    ) -> pd.DataFrame:
+        """Compute and write one parquet per shard, named like the shard (``00042.parquet``).
+
+        Files go next to the shards (replacing the input parquet, whose every row and column is kept)
+        or into ``path``; each appears atomically. ``columns`` limits the columns written (the id
+        column is always kept). Returns one summary row per shard: ``stem``, ``path``, ``rows``,
+        ``embedded`` and ``errors`` (when an embedding was computed).
+        """
+        output_root = (path or self.path).rstrip("/")
+        selected = self._columns_to_write(columns)
+        derived = {c: cfg for c, cfg in self.derived_columns.items() if c in selected}
+        info = {"derived_columns": sorted(derived), "configs": derived, "id_col": self.id_col}
+        error_columns = [c for c in derived if c.endswith("_error")]
+
+        def write(rows: pd.DataFrame, shard: pd.DataFrame) -> pd.DataFrame:
+            stem = shard["stem"].iloc[0]
+            url = posixpath.join(output_root, f"{stem}.parquet")
+            write_shard_metadata(rows[selected], url, info)
+            errors = int(rows[error_columns].notna().any(axis=1).sum()) if error_columns else 0
+            return pd.DataFrame({"stem": [stem], "path": [url], "rows": [len(rows)], "errors": [errors]})
+
+        summary_meta = pd.DataFrame(
+            {"stem": pd.Series([], dtype=object), "path": pd.Series([], dtype=object),
+             "rows": pd.Series([], dtype="int64"), "errors": pd.Series([], dtype="int64")}
+        )
+        written = dd.map_partitions(
+            write, self.metadata, self.shard_frame(), meta=summary_meta, align_dataframes=False, enforce_metadata=False
+        )
+        return self._compute(written)
+
+    def _columns_to_write(self, columns: Sequence[str] | None) -> list[str]:
+        available = list(self.metadata.columns)
+        if columns is None:
+            return available
+        unknown = [c for c in columns if c not in available]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; the dataset has {available}")
+        return [self.id_col] + [c for c in columns if c != self.id_col]
+
+    def _compute(self, collection: dd.DataFrame) -> pd.DataFrame:
+        """Compute on the current Dask client (asking for ``resources`` when its workers offer them)."""
+        from distributed import get_client
+
+        try:
+            client = get_client()
+        except ValueError:
+            return collection.compute()
+        offered = [set(info.get("resources", {})) for info in client.scheduler_info(n_workers=-1)["workers"].values()]
+        wanted = dict(self.resources)
+        if wanted and not any(set(wanted) <= names for names in offered):
+            logger.info("no worker offers resources %s; running without them", wanted)
+            wanted = {}
+        return client.compute(collection, resources=wanted or None).result()
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTextPairDataset(path={self.path!r}, shards={len(self.shards)}, id_col={self.id_col!r}, "
+            f"columns={list(self.metadata.columns)})"
+        )

@@ -1,0 +1,1 @@
+"""Cluster start-up and the per-worker model cache."""

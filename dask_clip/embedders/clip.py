@@ -1,0 +1,200 @@
+"""CLIP image embeddings with the vision tower of a transformers CLIP model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from dask_clip.distributed.model_cache import make_cache_key
+from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
+from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, to_pixel_values
+
+logger = logging.getLogger(__name__)
+
+HOW_TO_PROVIDE_WEIGHTS = (
+    "Give model_dir a hub id this machine can download, or a local directory written by "
+    "CLIPModel.save_pretrained (with its image processor's preprocessor_config.json): on a machine "
+    "with network, `huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR`, then copy DIR."
+)
+
+
+class ModelLoadError(OSError):
+    """The model's configuration or weights cannot be found or are not safe to load."""
+
+
+def read_model_json(model_dir: str, filename: str) -> dict[str, Any]:
+    """A JSON file of ``model_dir`` (local directory or hub id), as a dict; ``ModelLoadError`` if absent."""
+    from transformers.utils import cached_file
+
+    if model_dir.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model_dir)):
+        raise ModelLoadError(f"model directory {model_dir!r} does not exist.\n{HOW_TO_PROVIDE_WEIGHTS}")
+    try:
+        path = cached_file(model_dir, filename)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read {filename} of model {model_dir!r}: {error}\n{HOW_TO_PROVIDE_WEIGHTS}") from None
+    if path is None:
+        raise ModelLoadError(f"model {model_dir!r} has no {filename}.\n{HOW_TO_PROVIDE_WEIGHTS}")
+    with open(path) as file:
+        return json.load(file)
+
+
+def projection_dim_of(config: dict[str, Any]) -> int:
+    """The embedding width in a CLIP ``config.json`` (full model or vision tower only)."""
+    vision = config.get("vision_config", config)
+    dim = config.get("projection_dim", vision.get("projection_dim"))
+    if dim is None:
+        raise ModelLoadError(f"config has no projection_dim (model_type {config.get('model_type')!r})")
+    return int(dim)
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def bf16_is_fast(device: str) -> bool:
+    """Whether bfloat16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (a full CLIP's text weights go unused)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_vision_tower(model_dir: str) -> Any:
+    """``CLIPVisionModelWithProjection`` from safetensors weights only (never a pickled checkpoint)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(model_dir, use_safetensors=True)
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot load CLIP weights from {model_dir!r} (only safetensors files are accepted, never "
+            f"pickled checkpoints): {error}\n{HOW_TO_PROVIDE_WEIGHTS}"
+        ) from None
+
+
+class ClipVisionModel(LoadedImageModel):
+    """The projection-headed vision tower of a CLIP checkpoint, on one device, in eval mode."""
+
+    def __init__(self, model_dir: str, device: str, autocast: bool, max_image_pixels: int) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.preprocess = PreprocessConfig.from_processor_dict(
+            read_model_json(model_dir, "preprocessor_config.json"), max_image_pixels=max_image_pixels
+        )
+        with _quiet_transformers():
+            model = _load_vision_tower(model_dir)
+        self.model = model.to(self.device).eval()
+        self.autocast_dtype = torch.bfloat16 if autocast and bf16_is_fast(device) else None
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        pixels = to_pixel_values(images, self.preprocess, self.device, torch.float32)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            embeddings = self.model(pixel_values=pixels).image_embeds
+        return embeddings.float().cpu().numpy()
+
+
+class ClipImageEmbedder(ImageEmbedder):
+    """CLIP image embeddings of every image of a dataset, as a new column.
+
+    ``model_dir`` is a hub id or a local ``save_pretrained`` directory of a ``CLIPModel`` or a
+    ``CLIPVisionModelWithProjection`` (with ``preprocessor_config.json``). The output column holds
+    ``float32`` vectors of the model's projection size (768 for ViT-L/14), L2-normalised when
+    ``normalize_embeddings``. ``device=None`` uses CUDA when the worker has it, else the CPU;
+    ``autocast`` runs bf16 where the device computes it natively.
+    """
+
+    def __init__(
+        self,
+        model_dir: str = "openai/clip-vit-large-patch14",
+        model_inference_batch_size: int = 32,
+        num_gpus_per_worker: float = 0.25,
+        verbose: bool = False,
+        remove_image_data: bool = False,
+        normalize_embeddings: bool = True,
+        autocast: bool = True,
+        embedding_column: str = "image_embedding",
+        device: str | None = None,
+        *,
+        error_column: str = "embedding_error",
+        on_error: str = "record",
+        decode_threads: int = 2,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        super().__init__(
+            batch_size=model_inference_batch_size,
+            embedding_column=embedding_column,
+            error_column=error_column,
+            normalize_embeddings=normalize_embeddings,
+            remove_image_data=remove_image_data,
+            verbose=verbose,
+            decode_threads=decode_threads,
+            on_error=on_error,
+        )
+        if not model_dir:
+            raise ValueError("model_dir is empty: give a hub id or a local save_pretrained directory")
+        self.model_dir = str(model_dir)
+        self.num_gpus_per_worker = num_gpus_per_worker
+        self.autocast = autocast
+        self.device = device
+        self.max_image_pixels = max_image_pixels
+        self._embedding_dim = projection_dim_of(read_model_json(self.model_dir, "config.json"))
+        self._cache_key = make_cache_key(
+            "clip-vision", {"model_dir": self.model_dir, "device": device, "autocast": autocast, "max_image_pixels": max_image_pixels}
+        )
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
+
+    @property
+    def cache_key(self) -> str:
+        return self._cache_key
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "model_dir": self.model_dir, "autocast": self.autocast, "embedding_dim": self.embedding_dim}
+
+    def task_resources(self) -> dict[str, float]:
+        return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}
+
+    def load_model(self) -> ClipVisionModel:
+        device = resolve_device(self.device)
+        logger.info("loading CLIP vision model %s on %s", self.model_dir, device)
+        return ClipVisionModel(self.model_dir, device, self.autocast, self.max_image_pixels)

@@ -1,0 +1,155 @@
+"""Decode image bytes and preprocess them as CLIP does, without needless copies or float images.
+
+An image becomes a ``uint8`` array of shape ``(crop_height, crop_width, 3)`` on the decode threads;
+the conversion to normalised float pixels happens once per batch, on the model's device.
+CLIP's preprocessing: resize the shortest side to ``shortest_edge`` (bicubic), centre-crop, scale
+to [0, 1], subtract the mean and divide by the standard deviation per channel.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+"""Images with more pixels than this are refused before they are decoded (decompression bombs)."""
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes of one sample cannot be made into an image; the message is the row's reason."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The sizes, statistics and resampling filter of a CLIP image processor."""
+
+    shortest_edge: int = 224
+    crop_height: int = 224
+    crop_width: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_processor_dict(cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "PreprocessConfig":
+        """Read a ``preprocessor_config.json`` as written by transformers' ``CLIPImageProcessor``."""
+        size = config.get("size", {"shortest_edge": 224})
+        shortest_edge = size["shortest_edge"] if isinstance(size, Mapping) and "shortest_edge" in size else _square(size)
+        crop = config.get("crop_size", shortest_edge)
+        crop_height, crop_width = (crop["height"], crop["width"]) if isinstance(crop, Mapping) else (crop, crop)
+        return cls(
+            shortest_edge=int(shortest_edge),
+            crop_height=int(crop_height),
+            crop_width=int(crop_width),
+            mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+            std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+            resample=int(config.get("resample", Image.Resampling.BICUBIC)),
+            max_image_pixels=max_image_pixels,
+        )
+
+
+def _square(size: Any) -> int:
+    if isinstance(size, Mapping) and size.get("height") == size.get("width"):
+        return int(size["height"])
+    if isinstance(size, int):
+        return size
+    raise ValueError(f"unsupported image processor size {size!r}: expected shortest_edge or a square")
+
+
+def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Open (without decoding the pixels) and refuse empty data, non-images and decompression bombs."""
+    if not data:
+        raise ImageDecodeError("empty image file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(f"image is over Pillow's own decompression-bomb limit") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageDecodeError(f"not a readable image: {error}") from None
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_image_pixels} "
+            "(max_image_pixels)"
+        )
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB: transparency is composited on white, 16-bit and 32-bit values are scaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / high), 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """(width, height) after scaling the shortest side to ``shortest_edge``, truncated like transformers."""
+    if width <= height:
+        return shortest_edge, int(shortest_edge * height / width)
+    return int(shortest_edge * width / height), shortest_edge
+
+
+def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """Centre-crop an ``(H, W, 3)`` array, padding with zeros where the image is smaller."""
+    height, width = pixels.shape[:2]
+    if height >= crop_height and width >= crop_width:
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
+        return pixels[top : top + crop_height, left : left + crop_width]
+    padded = np.zeros((max(height, crop_height), max(width, crop_width), 3), dtype=pixels.dtype)
+    top, left = (padded.shape[0] - height) // 2, (padded.shape[1] - width) // 2
+    padded[top : top + height, left : left + width] = pixels
+    return center_crop(padded, crop_height, crop_width)
+
+
+def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
+    """Image bytes -> ``uint8`` array ``(crop_height, crop_width, 3)``, ready for ``to_pixel_values``.
+
+    Uses the first frame of animations and multi-page files, applies the EXIF orientation, and
+    raises ``ImageDecodeError`` with a short reason for anything that is not a usable image.
+    """
+    image = open_image(data, config.max_image_pixels)
+    try:
+        image = ImageOps.exif_transpose(image) or image
+        image = to_rgb(image)
+        width, height = resized_size(image.width, image.height, config.shortest_edge)
+        image = image.resize((width, height), resample=config.resample)
+        pixels = np.asarray(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(f"cannot decode image: {error}") from None
+    return center_crop(pixels, config.crop_height, config.crop_width)
+
+
+def to_pixel_values(images: Sequence[np.ndarray], config: PreprocessConfig, device: Any, dtype: Any) -> Any:
+    """Stack ``uint8`` ``(H, W, 3)`` images into normalised pixels: a torch tensor ``(B, 3, H, W)``.
+
+    The uint8 batch is moved to ``device`` first (4x less to copy than floats), then scaled there.
+    """
+    import torch
+
+    batch = torch.from_numpy(np.stack(images)).to(device, non_blocking=True)
+    pixels = batch.permute(0, 3, 1, 2).to(torch.float32)
+    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255.0
+    return ((pixels - mean) / std).to(dtype)

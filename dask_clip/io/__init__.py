@@ -1,0 +1,1 @@
+"""Reading shards (folder listing, tar streams, metadata parquet) and writing results."""

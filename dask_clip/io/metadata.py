@@ -1,0 +1,127 @@
+"""Read and write a shard's metadata parquet.
+
+Every column is read as a pyarrow-backed pandas dtype (``pd.ArrowDtype``): dtypes then do not
+depend on whether a shard happens to hold nulls, Dask's string conversion leaves them alone, and
+an embedding column stays a fixed-size list of float32 all the way to disk and back.
+
+Columns that dask_clip added (embeddings, error reasons) are listed in the parquet's key-value
+metadata under ``dask_clip``, together with the configuration that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dask_clip.io.shards import filesystem_of
+
+DASK_CLIP_METADATA_KEY = b"dask_clip"
+
+
+class ShardMetadataError(ValueError):
+    """A shard's parquet cannot be used as it is; the message names the file."""
+
+
+def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
+    """Convert with every column as ``pd.ArrowDtype`` and a fresh ``RangeIndex``."""
+    return table.to_pandas(types_mapper=pd.ArrowDtype, ignore_metadata=True)
+
+
+def read_parquet_schema(url: str) -> pa.Schema:
+    """The schema in the footer of the parquet at ``url`` (reads the footer only)."""
+    fs, path = filesystem_of(url)
+    try:
+        with fs.open(path, "rb") as file:
+            return pq.read_schema(file)
+    except (OSError, pa.ArrowException) as error:
+        raise ShardMetadataError(f"{url}: cannot read parquet footer: {error}") from error
+
+
+def dask_clip_info(schema: pa.Schema) -> dict[str, Any]:
+    """What dask_clip recorded in a parquet's key-value metadata (``{}`` when nothing)."""
+    raw = (schema.metadata or {}).get(DASK_CLIP_METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def empty_frame(schema: pa.Schema) -> pd.DataFrame:
+    """An empty frame with the dtypes ``read_shard_metadata`` gives for this schema (a Dask meta)."""
+    return arrow_to_pandas(schema.empty_table())
+
+
+def read_shard_metadata(
+    url: str, id_col: str, meta: pd.DataFrame, derived_columns: frozenset[str] = frozenset()
+) -> pd.DataFrame:
+    """Read one shard's parquet into a frame whose columns and dtypes are exactly ``meta``'s.
+
+    ``derived_columns`` (columns an earlier dask_clip run added) may be absent from a shard, which
+    happens after an interrupted run: they are then filled with nulls. Any other difference in
+    columns, a missing ``id_col``, or null or duplicate ids is a ``ShardMetadataError`` naming the file.
+    """
+    fs, path = filesystem_of(url)
+    try:
+        with fs.open(path, "rb") as file:
+            table = pq.read_table(file)
+    except (OSError, pa.ArrowException) as error:
+        raise ShardMetadataError(f"{url}: cannot read parquet: {error}") from error
+    frame = arrow_to_pandas(table)
+    check_ids(frame, id_col, url)
+
+    written_by_us = set(dask_clip_info(table.schema).get("derived_columns", ()))
+    frame = frame.drop(columns=[c for c in frame.columns if c in written_by_us and c not in meta])
+    missing = [c for c in meta.columns if c not in frame.columns]
+    extra = [c for c in frame.columns if c not in meta.columns]
+    if extra or any(c not in derived_columns for c in missing):
+        raise ShardMetadataError(
+            f"{url}: columns differ from the dataset's first shard: "
+            f"missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    for column in missing:
+        frame[column] = pd.Series(pd.NA, index=frame.index, dtype=meta[column].dtype)
+    try:
+        return frame[list(meta.columns)].astype(meta.dtypes.to_dict())
+    except (TypeError, ValueError, pa.ArrowException) as error:
+        raise ShardMetadataError(f"{url}: column types differ from the dataset's first shard: {error}") from error
+
+
+def check_ids(frame: pd.DataFrame, id_col: str, url: str) -> None:
+    """Raise ``ShardMetadataError`` naming ``url`` unless ``id_col`` exists and is unique and non-null."""
+    if id_col not in frame.columns:
+        raise ShardMetadataError(f"{url}: no id column {id_col!r}; columns are {list(frame.columns)}")
+    ids = frame[id_col]
+    if ids.isna().any():
+        rows = list(ids.index[ids.isna()][:5])
+        raise ShardMetadataError(f"{url}: {int(ids.isna().sum())} null ids in {id_col!r} (rows {rows})")
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        examples = [str(v) for v in duplicated.unique()[:5]]
+        raise ShardMetadataError(f"{url}: {len(duplicated)} duplicate ids in {id_col!r}, e.g. {examples}")
+
+
+def write_shard_metadata(frame: pd.DataFrame, url: str, info: dict[str, Any]) -> None:
+    """Write ``frame`` as a parquet at ``url`` atomically, with ``info`` in its key-value metadata.
+
+    The file is written under a temporary name in the same folder and renamed into place, so the
+    final name never holds a half-written file.
+    """
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata[DASK_CLIP_METADATA_KEY] = json.dumps(info, sort_keys=True).encode()
+    table = table.replace_schema_metadata(metadata)
+
+    fs, path = filesystem_of(url)
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open(temporary, "wb") as file:
+            pq.write_table(table, file)
+        fs.mv(temporary, path)
+    finally:
+        if fs.exists(temporary):
+            fs.rm(temporary)

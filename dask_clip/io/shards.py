@@ -1,0 +1,78 @@
+"""Find the shard pairs (``NNNNN.tar`` + ``NNNNN.parquet``) of a WebDataset folder.
+
+Tar and parquet are paired by file stem, never by position: a missing shard must never shift
+the pairing of the others.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard: its stem (``"00042"``), the tar with its samples and the parquet with its rows.
+
+    Paths are in the filesystem's own form (no protocol); ``protocol`` says which filesystem.
+    """
+
+    stem: str
+    tar_path: str
+    parquet_path: str
+    protocol: str
+
+    @property
+    def tar_url(self) -> str:
+        return _as_url(self.protocol, self.tar_path)
+
+    @property
+    def parquet_url(self) -> str:
+        return _as_url(self.protocol, self.parquet_path)
+
+
+def _as_url(protocol: str, path: str) -> str:
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def filesystem_of(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``url`` and the path inside it (``"s3://b/x"`` -> (s3fs, ``"b/x"``))."""
+    fs, path = url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+
+def discover_shards(url: str) -> list[Shard]:
+    """List the shard pairs in the folder ``url`` (local path or any fsspec URL), sorted by stem.
+
+    Raises ``FileNotFoundError`` when the folder does not exist and ``ValueError`` when it holds no
+    shard, or a tar without its parquet (or the reverse), naming each orphan file.
+    """
+    fs, root = filesystem_of(url)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{url}: no such directory of WebDataset shards")
+    tars: dict[str, str] = {}
+    parquets: dict[str, str] = {}
+    for entry in fs.ls(root, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        stem, dot, extension = name.partition(".")
+        if extension == "tar":
+            tars[stem] = entry
+        elif extension == "parquet":
+            parquets[stem] = entry
+    if not tars and not parquets:
+        raise ValueError(f"{url}: no shards found (expected pairs like 00000.tar + 00000.parquet)")
+    orphans = [f"{tars[s]} has no {s}.parquet" for s in sorted(tars.keys() - parquets.keys())]
+    orphans += [f"{parquets[s]} has no {s}.tar" for s in sorted(parquets.keys() - tars.keys())]
+    if orphans:
+        listed = "; ".join(orphans[:10]) + (f"; and {len(orphans) - 10} more" if len(orphans) > 10 else "")
+        raise ValueError(f"{url}: unpaired shard files: {listed}")
+    protocol = protocol_of(fs)
+    return [Shard(stem, tars[stem], parquets[stem], protocol) for stem in sorted(tars)]

@@ -1,0 +1,82 @@
+"""Stream the samples of a WebDataset tar: ``{key}.jpg``, ``{key}.txt``, ``{key}.json``, ... grouped by key.
+
+The tar is read front to back as a stream (``mode="r|*"``), so a shard on object storage is never
+downloaded whole nor held in memory: only the members of one sample are.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from dask_clip.io.shards import filesystem_of
+
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+class ShardReadError(ValueError):
+    """A shard's tar cannot be read as WebDataset; the message names the file and the member."""
+
+
+@dataclass
+class Sample:
+    """The members of one sample, by extension (``{"jpg": b"...", "txt": b"..."}``).
+
+    ``problems`` holds a reason per member that was present but not read (too large).
+    """
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/000010005.jpg"`` -> (``"dir/000010005"``, ``"jpg"``): the key ends at the first dot of the
+    file name, as in webdataset, so ``"a.seg.png"`` has the extension ``"seg.png"``."""
+    folder, base = posixpath.split(name)
+    stem, _, extension = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, extension.lower()
+
+
+def check_member_name(name: str, url: str) -> None:
+    """Refuse absolute member names and names that climb out with ``..``."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ShardReadError(f"{url}: unsafe member name {name!r} (absolute or containing '..')")
+
+
+def iter_tar_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[Sample]:
+    """Yield the samples of the tar at ``url`` in file order, one ``Sample`` per key.
+
+    Raises ``ShardReadError`` naming the file for a truncated or corrupt tar, an unsafe member name,
+    a link member, or a key whose members are not contiguous (split samples would be mis-grouped).
+    """
+    fs, path = filesystem_of(url)
+    seen: set[str] = set()
+    current: Sample | None = None
+    try:
+        with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as archive:
+            for member in archive:
+                if member.isdir():
+                    continue
+                check_member_name(member.name, url)
+                if not member.isfile():
+                    raise ShardReadError(f"{url}: member {member.name!r} is a link or device, not a file")
+                key, extension = split_member_name(member.name)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    if key in seen:
+                        raise ShardReadError(f"{url}: members of key {key!r} are not contiguous in the tar")
+                    seen.add(key)
+                    current = Sample(key)
+                if member.size > max_member_bytes:
+                    current.problems[extension] = f"{extension} member is {member.size} bytes (limit {max_member_bytes})"
+                    continue
+                data = archive.extractfile(member)
+                current.members[extension] = data.read() if data is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardReadError(f"{url}: cannot read tar: {error}") from error
+    if current is not None:
+        yield current

@@ -1,0 +1,185 @@
+"""Small shards and small random-weight CLIP models, for tests, notebooks, the demo and benchmarks.
+
+Shards follow img2dataset's layout: per shard ``NNNNN.tar`` (``{key}.jpg``, ``{key}.txt``,
+``{key}.json`` for successful samples only, not in key order), ``NNNNN.parquet`` (one row per input
+row, failed downloads included) and ``NNNNN_stats.json``. Photos come from scikit-image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+PHOTO_NAMES = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+    "camera", "coins", "moon", "page", "clock", "colorwheel", "brick", "grass", "gravel", "retina",
+)
+
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    # a model whose cost is negligible next to decoding
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=32, projection_dim=32),
+    # the shape (not the weights) of OpenAI's ViT-B/32
+    "vit-b-32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32, projection_dim=512),
+}
+
+IMG2DATASET_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()), ("caption", pa.string()), ("key", pa.string()), ("status", pa.string()),
+        ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+        ("original_width", pa.int64()), ("original_height", pa.int64()), ("exif", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+def sample_photos(names: Sequence[str] = PHOTO_NAMES) -> dict[str, np.ndarray]:
+    """Real photos from scikit-image as ``uint8`` arrays ``(H, W, 3)`` (grey ones stacked to RGB)."""
+    try:
+        from skimage import data
+    except ImportError as error:
+        raise ImportError('sample photos need scikit-image: pip install "dask_clip[demo]"') from error
+    photos = {}
+    for name in names:
+        pixels = np.asarray(getattr(data, name)())
+        if pixels.ndim == 2:
+            pixels = np.stack([pixels] * 3, axis=-1)
+        photos[name] = np.ascontiguousarray(pixels[..., :3]).astype(np.uint8)
+    return photos
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    """``uint8 (H, W, 3)`` -> JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def img2dataset_key(shard_number: int, index: int, shard_digits: int = 5, index_digits: int = 4) -> str:
+    """The key img2dataset gives row ``index`` of shard ``shard_number``: ``(1, 5)`` -> ``"000010005"``."""
+    return f"{shard_number * 10**index_digits + index:0{shard_digits + index_digits}d}"
+
+
+def write_shard(
+    folder: str | Path,
+    shard_number: int,
+    rows: Sequence[Mapping[str, Any]],
+    members: Mapping[str, Mapping[str, bytes]],
+    tar_order: Sequence[str] | None = None,
+    schema: pa.Schema = IMG2DATASET_SCHEMA,
+) -> tuple[Path, Path]:
+    """Write one shard: a parquet of ``rows`` and a tar holding ``members[key][extension]`` bytes.
+
+    ``tar_order`` is the order of keys in the tar (default: as ``members`` iterates). Returns the
+    tar and parquet paths. Low level on purpose: tests build broken shards with it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{shard_number:05d}"
+    table = pa.Table.from_pylist([dict(row) for row in rows], schema=schema)
+    pq.write_table(table, folder / f"{stem}.parquet")
+    with tarfile.open(folder / f"{stem}.tar", "w") as archive:
+        for key in tar_order if tar_order is not None else list(members):
+            for extension, payload in members[key].items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(payload)
+                info.mtime = 1_700_000_000
+                archive.addfile(info, io.BytesIO(payload))
+    successes = sum(1 for row in rows if row.get("status") == "success")
+    stats = {"count": len(rows), "successes": successes, "failed_to_download": len(rows) - successes}
+    (folder / f"{stem}_stats.json").write_text(json.dumps(stats))
+    return folder / f"{stem}.tar", folder / f"{stem}.parquet"
+
+
+def make_img2dataset_shards(
+    folder: str | Path,
+    shard_numbers: Sequence[int] = (0, 1, 3),
+    samples_per_shard: int = 6,
+    failed_per_shard: int = 1,
+    seed: int = 0,
+    photos: Mapping[str, np.ndarray] | None = None,
+) -> list[Path]:
+    """Write shards like img2dataset's, from real photos at their original sizes.
+
+    By default: shard numbers with a gap (0, 1, 3), one failed download per shard (a row with no
+    image), and tar members in a shuffled order. Successive samples cycle through the photos,
+    each cropped differently so that no two images are identical. Returns the tar paths.
+    """
+    photos = dict(photos or sample_photos())
+    names = list(photos)
+    rng = random.Random(seed)
+    tars = []
+    counter = 0
+    for shard_number in shard_numbers:
+        rows, members = [], {}
+        failed = set(rng.sample(range(samples_per_shard), min(failed_per_shard, samples_per_shard)))
+        for index in range(samples_per_shard):
+            key = img2dataset_key(shard_number, index)
+            name = names[counter % len(names)]
+            pixels = _distinct_crop(photos[name], counter)
+            counter += 1
+            url = f"file:///photos/{name}_{counter}.jpg"
+            caption = f"a photo of {name.replace('_', ' ')}"
+            if index in failed:
+                rows.append(_row(url, caption, key, "failed_to_download", "HTTP Error 404: Not Found"))
+                continue
+            jpeg = encode_jpeg(pixels)
+            height, width = pixels.shape[:2]
+            rows.append(_row(url, caption, key, "success", None, width, height, hashlib.sha256(jpeg).hexdigest()))
+            sidecar = {"url": url, "caption": caption, "key": key, "status": "success", "width": width, "height": height}
+            members[key] = {"jpg": jpeg, "txt": caption.encode(), "json": json.dumps(sidecar).encode()}
+        order = list(members)
+        rng.shuffle(order)
+        tar, _ = write_shard(folder, shard_number, rows, members, order)
+        tars.append(tar)
+    return tars
+
+
+def _row(url: str, caption: str, key: str, status: str, error: str | None, width: int | None = None,
+         height: int | None = None, sha256: str | None = None) -> dict[str, Any]:
+    return {
+        "url": url, "caption": caption, "key": key, "status": status, "error_message": error,
+        "width": width, "height": height, "original_width": width, "original_height": height,
+        "exif": "{}" if status == "success" else None, "sha256": sha256,
+    }
+
+
+def _distinct_crop(pixels: np.ndarray, counter: int) -> np.ndarray:
+    """Drop a few rows and columns (different for each ``counter``) so repeated photos differ."""
+    trim = counter // 16 + 1
+    return np.ascontiguousarray(pixels[trim * (counter % 3) :, : pixels.shape[1] - trim])
+
+
+def save_random_clip_model(folder: str | Path, shape: str = "tiny", image_size: int = 224, seed: int = 0) -> Path:
+    """Save a random-weight CLIP of ``shape`` (``"tiny"`` or ``"vit-b-32"``) with ``save_pretrained``.
+
+    Writes a full ``CLIPModel`` as safetensors, ``config.json`` and the OpenAI
+    ``preprocessor_config.json``. The embeddings are meaningless: use it to test plumbing, never to judge similarity.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose from {sorted(MODEL_SHAPES)}")
+    vision = dict(MODEL_SHAPES[shape], image_size=image_size)
+    text = {k: v for k, v in vision.items() if k not in ("patch_size", "image_size")}
+    text.update(vocab_size=49408, max_position_embeddings=77)
+    config = CLIPConfig(projection_dim=vision["projection_dim"], vision_config=vision, text_config=text)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    folder = Path(folder)
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
+    return folder

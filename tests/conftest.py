@@ -1,0 +1,58 @@
+"""Shared fixtures: generated shards, random-weight CLIP models and a real 2-worker LocalCluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dask_clip import testing
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight full CLIPModel (projection size 32) saved with save_pretrained."""
+    return testing.save_random_clip_model(tmp_path_factory.mktemp("tiny-clip"), shape="tiny")
+
+
+@pytest.fixture(scope="session")
+def pristine_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards 00000, 00001, 00003 (a gap) of 6 rows, one failed download each, tar keys shuffled."""
+    return testing.make_img2dataset_shards(tmp_path_factory.mktemp("pristine"))[0].parent
+
+
+@pytest.fixture
+def shards(pristine_shards: Path, tmp_path: Path) -> Path:
+    """A private copy of the pristine shards, free to overwrite."""
+    return Path(shutil.copytree(pristine_shards, tmp_path / "shards"))
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real LocalCluster: 2 worker processes with 1 thread each."""
+    from dask_clip import get_client
+
+    with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0") as dask_client:
+        yield dask_client
+        dask_client.cluster.close()

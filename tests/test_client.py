@@ -1,0 +1,46 @@
+"""get_client: argument errors, connection errors and the GPU path's messages."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from dask_clip import get_client
+
+
+def test_unknown_cluster_type_lists_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match=r"one of \('cpu', 'gpu'\), not 'tpu'"):
+        get_client("tpu")
+
+
+def test_address_and_file_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        get_client(scheduler_address="tcp://127.0.0.1:8786", scheduler_file="scheduler.json")
+
+
+def test_no_scheduler_listening_is_a_clear_timeout() -> None:
+    with pytest.raises(TimeoutError, match=r"cannot connect to tcp://127\.0\.0\.1:1 within 2s"):
+        get_client(scheduler_address="tcp://127.0.0.1:1", timeout=2)
+
+
+def test_gpu_without_dask_cuda_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r'pip install "dask_clip\[gpu\]"'):
+        get_client("gpu")
+
+
+def test_gpu_on_a_machine_without_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = lambda **kwargs: pytest.fail("must not start a CUDA cluster without a GPU")
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setattr("dask_clip.distributed.client.count_gpus", lambda: 0)
+    with pytest.raises(RuntimeError, match="no GPU was found"):
+        get_client("gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_cluster_runs_a_task() -> None:
+    with get_client("gpu") as client:
+        assert client.submit(lambda: 1 + 1).result() == 2

@@ -1,0 +1,67 @@
+"""save_metadata: one parquet per shard, every row and column, a fixed-size float32 list on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy
+
+
+@pytest.fixture
+def embedded(client, shards: Path, tiny_model: Path) -> ImageTextPairDataset:
+    return ClipImageEmbedder(str(tiny_model), autocast=False)(ImageTextPairDataset.from_webdataset(str(shards)))
+
+
+def test_round_trip_keeps_every_row_column_and_dtype(embedded: ImageTextPairDataset, shards: Path) -> None:
+    original = {stem: pq.read_table(shards / f"{stem}.parquet") for stem in ("00000", "00001", "00003")}
+    expected = embedded.metadata.compute()
+    summary = embedded.save_metadata()
+    assert summary["stem"].tolist() == ["00000", "00001", "00003"]
+    assert summary["rows"].tolist() == [6, 6, 6] and summary["errors"].tolist() == [1, 1, 1]
+
+    for stem, before in original.items():
+        after = pq.read_table(shards / f"{stem}.parquet")
+        assert after.schema.field("image_embedding").type == pa.list_(pa.float32(), 32)
+        assert after.select(before.column_names).equals(before)  # originals untouched, same order
+    assert not list(shards.glob(".*.tmp")), "no temporary file is left behind"
+
+    back = ImageTextPairDataset.from_webdataset(str(shards))
+    assert back.metadata.dtypes.equals(embedded.metadata.dtypes)
+    frame = back.metadata.compute()
+    np.testing.assert_array_equal(embeddings_to_numpy(frame["image_embedding"]), embeddings_to_numpy(expected["image_embedding"]))
+    pd.testing.assert_series_equal(frame["embedding_error"], expected["embedding_error"])
+    assert back.derived_columns["image_embedding"]["model_dir"].endswith("tiny-clip0")
+
+
+def test_save_into_another_folder_with_selected_columns(embedded: ImageTextPairDataset, shards: Path, tmp_path: Path) -> None:
+    output = tmp_path / "embeddings"
+    embedded.save_metadata(str(output), columns=["image_embedding", "embedding_error"])
+    assert sorted(p.name for p in output.iterdir()) == ["00000.parquet", "00001.parquet", "00003.parquet"]
+    table = pq.read_table(output / "00003.parquet")
+    assert table.column_names == ["key", "image_embedding", "embedding_error"]
+    assert "image_embedding" not in pq.read_schema(shards / "00003.parquet").names  # inputs untouched
+    with pytest.raises(ValueError, match=r"unknown columns \['nope'\]"):
+        embedded.save_metadata(str(output), columns=["nope"])
+
+
+def test_reembedding_saved_shards_replaces_the_column(embedded: ImageTextPairDataset, shards: Path, tiny_model: Path) -> None:
+    embedded.save_metadata()
+    again = ClipImageEmbedder(str(tiny_model), autocast=False)(ImageTextPairDataset.from_webdataset(str(shards)))
+    assert list(again.metadata.columns).count("image_embedding") == 1
+    again.save_metadata()
+    assert pq.read_table(shards / "00000.parquet").num_rows == 6
+
+
+def test_shards_of_an_interrupted_run_read_with_null_embeddings(embedded: ImageTextPairDataset, shards: Path) -> None:
+    untouched = pq.read_table(shards / "00003.parquet")
+    embedded.save_metadata()
+    pq.write_table(untouched, shards / "00003.parquet")  # as if the run died before this shard
+    frame = ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute()
+    assert len(frame) == 18
+    assert frame.loc[frame["key"].str.startswith("00003"), "image_embedding"].isna().all()
