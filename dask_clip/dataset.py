@@ -13,13 +13,17 @@ import dask.dataframe as dd
 import pandas as pd
 
 from dask_clip.io.metadata import (
+    ShardMetadataError,
+    count_rows_with_errors,
     dask_clip_info,
+    finished_output_summary,
     empty_frame,
     read_parquet_schema,
     read_shard_metadata,
     write_shard_metadata,
 )
 from dask_clip.io.shards import Shard, discover_shards
+from dask_clip.io.tar_samples import ShardReadError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,10 @@ IMAGE_BYTES_COLUMN = "image_bytes"
 """Name of the column that holds a sample's image bytes, when the metadata carries them."""
 
 SHARD_COLUMNS = ["stem", "tar_url", "parquet_url"]
+
+
+class ShardProcessingError(RuntimeError):
+    """An unexpected failure while processing one shard; the message starts with the shard's tar."""
 
 
 @dataclass(frozen=True)
@@ -101,43 +109,80 @@ class ImageTextPairDataset:
         """
 
         def on_partition(rows: pd.DataFrame, shard: pd.DataFrame) -> pd.DataFrame:
-            return function(rows, tar_url=shard["tar_url"].iloc[0], id_col=self.id_col, **kwargs)
+            tar_url = shard["tar_url"].iloc[0]
+            try:
+                return function(rows, tar_url=tar_url, id_col=self.id_col, **kwargs)
+            except (ShardReadError, ShardMetadataError):
+                raise  # these name the file already
+            except Exception as error:
+                raise ShardProcessingError(f"{tar_url}: {type(error).__name__}: {error}") from error
 
         return dd.map_partitions(
             on_partition, self.metadata, self.shard_frame(), meta=meta, align_dataframes=False, enforce_metadata=False
         )
 
     def save_metadata(
-        self, path: str | None = None, columns: Sequence[str] | None = None, client: Any = None
+        self, path: str | None = None, columns: Sequence[str] | None = None, overwrite: bool = False
     ) -> pd.DataFrame:
         """Compute and write one parquet per shard, named like the shard (``00042.parquet``).
 
         Files go next to the shards (replacing the input parquet, whose every row and column is kept)
         or into ``path``; each appears atomically. ``columns`` limits the columns written (the id
-        column is always kept). Returns one summary row per shard: ``stem``, ``path``, ``rows``,
-        ``embedded`` and ``errors`` (when an embedding was computed).
+        column is always kept).
+
+        Re-runs resume: a shard whose file already holds these columns, computed with the same
+        configurations, with every row either computed or given a reason, is skipped without being
+        computed again. ``overwrite=True`` recomputes and rewrites every shard.
+
+        Returns one row per shard: ``stem``, ``path``, ``rows``, ``errors`` (rows with a reason
+        instead of a value) and ``written`` (False where skipped).
         """
         output_root = (path or self.path).rstrip("/")
         selected = self._columns_to_write(columns)
         derived = {c: cfg for c, cfg in self.derived_columns.items() if c in selected}
         info = {"derived_columns": sorted(derived), "configs": derived, "id_col": self.id_col}
-        error_columns = [c for c in derived if c.endswith("_error")]
+        urls = [posixpath.join(output_root, f"{shard.stem}.parquet") for shard in self.shards]
+
+        finished = self._finished_outputs(urls, selected, info) if derived and not overwrite else [None] * len(urls)
+        todo = [i for i, status in enumerate(finished) if status is None]
+        skipped = [
+            {"stem": self.shards[i].stem, "path": urls[i], **status, "written": False}
+            for i, status in enumerate(finished) if status is not None
+        ]
+        summary_meta = pd.DataFrame({"stem": [""], "path": [""], "rows": [0], "errors": [0], "written": [True]}).iloc[:0]
+        if not todo:
+            return pd.DataFrame(skipped, columns=summary_meta.columns).astype(summary_meta.dtypes.to_dict())
+        if skipped:
+            logger.info("%d of %d shards already hold complete output; skipping them", len(skipped), len(urls))
 
         def write(rows: pd.DataFrame, shard: pd.DataFrame) -> pd.DataFrame:
             stem = shard["stem"].iloc[0]
             url = posixpath.join(output_root, f"{stem}.parquet")
-            write_shard_metadata(rows[selected], url, info)
-            errors = int(rows[error_columns].notna().any(axis=1).sum()) if error_columns else 0
-            return pd.DataFrame({"stem": [stem], "path": [url], "rows": [len(rows)], "errors": [errors]})
+            output = rows[selected]
+            write_shard_metadata(output, url, info)
+            summary = {"stem": stem, "path": url, "rows": len(output), "errors": count_rows_with_errors(output, info)}
+            return pd.DataFrame([{**summary, "written": True}])
 
-        summary_meta = pd.DataFrame(
-            {"stem": pd.Series([], dtype=object), "path": pd.Series([], dtype=object),
-             "rows": pd.Series([], dtype="int64"), "errors": pd.Series([], dtype="int64")}
-        )
         written = dd.map_partitions(
-            write, self.metadata, self.shard_frame(), meta=summary_meta, align_dataframes=False, enforce_metadata=False
+            write,
+            self.metadata.partitions[todo],
+            self.shard_frame().partitions[todo],
+            meta=summary_meta,
+            align_dataframes=False,
+            enforce_metadata=False,
         )
-        return self._compute(written)
+        result = pd.concat([self._compute(written), pd.DataFrame(skipped, columns=summary_meta.columns)])
+        order = {shard.stem: i for i, shard in enumerate(self.shards)}
+        result = result.sort_values("stem", key=lambda stems: stems.map(order)).reset_index(drop=True)
+        return result.astype(summary_meta.dtypes.to_dict())
+
+    def _finished_outputs(self, urls: list[str], columns: list[str], info: dict[str, Any]) -> list[dict[str, int] | None]:
+        """Per output file, its ``{"rows", "errors"}`` when it is already complete, else None (checked on the cluster)."""
+        import dask.bag as db
+
+        check = functools.partial(finished_output_summary, columns=columns, info=info)
+        bag = db.from_sequence(urls, npartitions=min(len(urls), 256)).map(check)
+        return list(bag.compute())
 
     def _columns_to_write(self, columns: Sequence[str] | None) -> list[str]:
         available = list(self.metadata.columns)
@@ -148,7 +193,7 @@ class ImageTextPairDataset:
             raise ValueError(f"unknown columns {unknown}; the dataset has {available}")
         return [self.id_col] + [c for c in columns if c != self.id_col]
 
-    def _compute(self, collection: dd.DataFrame) -> pd.DataFrame:
+    def _compute(self, collection: Any) -> Any:
         """Compute on the current Dask client (asking for ``resources`` when its workers offer them)."""
         from distributed import get_client
 

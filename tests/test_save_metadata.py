@@ -30,6 +30,8 @@ def test_round_trip_keeps_every_row_column_and_dtype(embedded: ImageTextPairData
         assert after.schema.field("image_embedding").type == pa.list_(pa.float32(), 32)
         assert after.select(before.column_names).equals(before)  # originals untouched, same order
     assert not list(shards.glob(".*.tmp")), "no temporary file is left behind"
+    plain = pd.read_parquet(shards / "00001.parquet")  # readable by plain pandas, no dask_clip needed
+    assert plain["image_embedding"].dropna().map(len).eq(32).all() and len(plain) == 6
 
     back = ImageTextPairDataset.from_webdataset(str(shards))
     assert back.metadata.dtypes.equals(embedded.metadata.dtypes)

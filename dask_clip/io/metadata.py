@@ -111,6 +111,9 @@ def write_shard_metadata(frame: pd.DataFrame, url: str, info: dict[str, Any]) ->
     """
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
+    # pandas' own metadata would name dtypes such as "fixed_size_list<...>[768][pyarrow]", which
+    # pd.read_parquet cannot parse back: without it, plain pandas reads the file as well as we do.
+    metadata.pop(b"pandas", None)
     metadata[DASK_CLIP_METADATA_KEY] = json.dumps(info, sort_keys=True).encode()
     table = table.replace_schema_metadata(metadata)
 
@@ -125,3 +128,37 @@ def write_shard_metadata(frame: pd.DataFrame, url: str, info: dict[str, Any]) ->
     finally:
         if fs.exists(temporary):
             fs.rm(temporary)
+
+
+def count_rows_with_errors(frame: pd.DataFrame, info: dict[str, Any]) -> int:
+    """Rows with a reason in any derived ``*_error`` column (rows that got no value)."""
+    error_columns = [c for c in info.get("derived_columns", ()) if c.endswith("_error") and c in frame.columns]
+    return int(frame[error_columns].notna().any(axis=1).sum()) if error_columns else 0
+
+
+def finished_output_summary(url: str, columns: list[str], info: dict[str, Any]) -> dict[str, int] | None:
+    """``{"rows", "errors"}`` of the parquet at ``url`` when it is a finished output, else None.
+
+    Finished: it exists and is readable, has exactly ``columns``, its dask_clip configurations
+    equal ``info``'s, and no row has every derived column null (a row never reached).
+    """
+    fs, path = filesystem_of(url)
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "rb") as file:
+            schema = pq.read_schema(file)
+            if schema.names != columns or dask_clip_info(schema).get("configs") != _json_normalised(info["configs"]):
+                return None
+            file.seek(0)
+            derived = pq.read_table(file, columns=list(info["derived_columns"]))
+    except (OSError, pa.ArrowException):
+        return None
+    frame = arrow_to_pandas(derived)
+    if frame.isna().all(axis=1).any():
+        return None
+    return {"rows": len(frame), "errors": count_rows_with_errors(frame, info)}
+
+
+def _json_normalised(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))
