@@ -17,6 +17,7 @@ _LAZY_NAMES = {
     "clear_cache": "dask_clip.distributed.model_cache",
     "ImageTextPairDataset": "dask_clip.dataset",
     "ClipImageEmbedder": "dask_clip.embedders.clip",
+    "TimmImageEmbedder": "dask_clip.embedders.timm",
     "embeddings_to_numpy": "dask_clip.embeddings",
 }
 

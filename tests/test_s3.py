@@ -1,0 +1,84 @@
+"""Shards and outputs on object storage: a real S3-protocol server (moto) on loopback, read with s3fs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+BUCKET = "datasets"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1, configured for s3fs through fsspec's environment variables."""
+    import fsspec.config
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = {"FSSPEC_S3_ENDPOINT_URL": endpoint, "FSSPEC_S3_KEY": "testing", "FSSPEC_S3_SECRET": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+    saved_env, saved_conf = dict(os.environ), {k: dict(v) for k, v in fsspec.config.conf.items()}
+    os.environ.update(settings)
+    fsspec.config.conf.setdefault("s3", {}).update(endpoint_url=endpoint, key="testing", secret="testing")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.1)
+    try:
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(saved_conf)
+
+
+@pytest.mark.slow
+def test_embed_shards_on_s3_and_write_parquet_back(s3_endpoint: str, pristine_shards: Path, tiny_model: Path) -> None:
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, get_client
+
+    s3 = s3fs.S3FileSystem()
+    s3.mkdir(BUCKET)
+    for path in pristine_shards.iterdir():
+        s3.put(str(path), f"{BUCKET}/shards/{path.name}")
+
+    with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0") as client:
+        dataset = ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/shards")
+        assert dataset.tar_files[0] == f"s3://{BUCKET}/shards/00000.tar"
+        summary = ClipImageEmbedder(str(tiny_model), autocast=False)(dataset).save_metadata(f"s3://{BUCKET}/embeddings")
+        client.cluster.close()
+    assert summary["rows"].sum() == 18 and summary["errors"].sum() == 3
+
+    s3.invalidate_cache()
+    assert sorted(s3.ls(f"{BUCKET}/embeddings", detail=False)) == [f"{BUCKET}/embeddings/{s}.parquet" for s in ("00000", "00001", "00003")]
+    with s3.open(f"{BUCKET}/embeddings/00001.parquet", "rb") as file:
+        table = pq.read_table(file)
+    assert table.num_rows == 6 and "image_embedding" in table.column_names
+    back = ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/shards")  # inputs are untouched
+    assert "image_embedding" not in back.metadata.columns
