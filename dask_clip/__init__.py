@@ -15,10 +15,12 @@ _LAZY_NAMES = {
     "get_client": "dask_clip.distributed.client",
     "cache_info": "dask_clip.distributed.model_cache",
     "clear_cache": "dask_clip.distributed.model_cache",
+    "prepare_workers": "dask_clip.distributed.plugins",
     "ImageTextPairDataset": "dask_clip.dataset",
     "ClipImageEmbedder": "dask_clip.embedders.clip",
     "TimmImageEmbedder": "dask_clip.embedders.timm",
     "embeddings_to_numpy": "dask_clip.embeddings",
+    "ExactDeduplicator": "dask_clip.ops.exact_dedup",
 }
 
 __all__ = sorted(_LAZY_NAMES) + ["__version__"]

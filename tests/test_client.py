@@ -20,6 +20,28 @@ def test_address_and_file_together_are_refused() -> None:
         get_client(scheduler_address="tcp://127.0.0.1:8786", scheduler_file="scheduler.json")
 
 
+def test_gpu_memory_options_are_refused_on_cpu() -> None:
+    with pytest.raises(ValueError, match="cluster_type='gpu' only"):
+        get_client("cpu", rmm_pool_size="1GB")
+
+
+def test_gpu_options_reach_the_cuda_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    received = {}
+
+    def fake_cluster(**kwargs):
+        received.update(kwargs)
+        raise RuntimeError("stop here: the options were received")
+
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = fake_cluster
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setattr("dask_clip.distributed.client.count_gpus", lambda: 1)
+    with pytest.raises(RuntimeError, match="stop here"):
+        get_client("gpu", rmm_pool_size="2GB", enable_spilling=True, protocol="ucx")
+    assert received["rmm_pool_size"] == "2GB" and received["enable_cudf_spill"] is True
+    assert received["protocol"] == "ucx" and received["resources"] == {"GPU": 1}
+
+
 def test_no_scheduler_listening_is_a_clear_timeout() -> None:
     with pytest.raises(TimeoutError, match=r"cannot connect to tcp://127\.0\.0\.1:1 within 2s"):
         get_client(scheduler_address="tcp://127.0.0.1:1", timeout=2)

@@ -17,6 +17,8 @@ import pytest
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
 from dask_clip.io.tar_samples import ShardReadError
 
+from .conftest import start_cli_cluster, stop_processes
+
 
 def embed(shards: Path, model: Path, **options) -> ImageTextPairDataset:
     return ClipImageEmbedder(str(model), autocast=False, **options)(ImageTextPairDataset.from_webdataset(str(shards)))
@@ -98,25 +100,6 @@ def test_a_writer_killed_mid_write_leaves_no_file_at_the_final_name(tmp_path: Pa
     assert not list(tmp_path.glob("*.parquet"))
 
 
-def start_cluster(folder: Path) -> tuple[list[subprocess.Popen], Path]:
-    """A scheduler and two workers started with Dask's own command-line tools, on loopback."""
-    scheduler_file = folder / "scheduler.json"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    processes = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                                   "--scheduler-file", str(scheduler_file)], env=env, stderr=subprocess.DEVNULL)]
-    deadline = time.monotonic() + 60
-    while not scheduler_file.exists():
-        assert time.monotonic() < deadline, "the scheduler did not start"
-        time.sleep(0.1)
-    for name in ("w1", "w2"):
-        processes.append(subprocess.Popen([*worker, "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                                           "--name", name, "--host", "127.0.0.1", "--dashboard-address", ":0"],
-                                          env=env, stderr=subprocess.DEVNULL))
-    return processes, scheduler_file
-
-
 @pytest.mark.slow
 def test_killing_a_worker_mid_run_still_completes_with_identical_outputs(tmp_path: Path, tiny_model: Path) -> None:
     from dask_clip import get_client
@@ -124,7 +107,7 @@ def test_killing_a_worker_mid_run_still_completes_with_identical_outputs(tmp_pat
     shards = tmp_path / "shards"
     testing.make_img2dataset_shards(shards, shard_numbers=range(10), samples_per_shard=12)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    processes, scheduler_file = start_cluster(tmp_path)
+    processes, scheduler_file = start_cli_cluster(tmp_path, n_workers=2)
     try:
         with get_client(scheduler_file=str(scheduler_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=60)
@@ -142,10 +125,7 @@ def test_killing_a_worker_mid_run_still_completes_with_identical_outputs(tmp_pat
             summary = run.result(timeout=300)
             assert summary["written"].sum() == 10
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
+        stop_processes(processes)
 
     for stem in (f"{n:05d}" for n in range(10)):
         expected = pq.read_table(clean / f"{stem}.parquet").to_pandas()

@@ -20,6 +20,9 @@ def get_client(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     timeout: float = 60.0,
+    rmm_pool_size: str | int | None = None,
+    enable_spilling: bool = False,
+    protocol: str | None = None,
     **cluster_kwargs: Any,
 ) -> Client:
     """A ``distributed.Client`` whose cluster has at least one connected worker.
@@ -29,6 +32,9 @@ def get_client(
     - Otherwise ``cluster_type="cpu"`` starts a ``LocalCluster`` and ``"gpu"`` a
       ``dask_cuda.LocalCUDACluster`` (one worker per GPU), passing ``n_workers``,
       ``threads_per_worker`` and ``cluster_kwargs`` on.
+    - GPU clusters only: ``rmm_pool_size`` (e.g. ``"24GB"``) pre-allocates an RMM memory pool per
+      GPU, ``enable_spilling`` lets cuDF spill device memory to host; ``protocol`` (``"tcp"``,
+      ``"ucx"``) is passed to either kind of local cluster.
 
     Raises ``TimeoutError`` when no worker has connected within ``timeout`` seconds.
     """
@@ -36,6 +42,13 @@ def get_client(
         raise ValueError(f"cluster_type must be one of {CLUSTER_TYPES}, not {cluster_type!r}")
     if scheduler_address and scheduler_file:
         raise ValueError("give scheduler_address or scheduler_file, not both")
+    gpu_options = {"rmm_pool_size": rmm_pool_size, "enable_cudf_spill": enable_spilling}
+    if cluster_type == "cpu" and (rmm_pool_size is not None or enable_spilling):
+        raise ValueError("rmm_pool_size and enable_spilling apply to cluster_type='gpu' only")
+    if protocol is not None:
+        cluster_kwargs["protocol"] = protocol
+    if cluster_type == "gpu":
+        cluster_kwargs.update({name: value for name, value in gpu_options.items() if value})
 
     if scheduler_address or scheduler_file:
         where = scheduler_address or f"the scheduler in {scheduler_file}"
