@@ -9,13 +9,13 @@ to [0, 1], subtract the mean and divide by the standard deviation per channel.
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 """Images with more pixels than this are refused before they are decoded (decompression bombs)."""
@@ -39,6 +39,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: int = Image.Resampling.BICUBIC
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    draft: bool = False
+    """Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``) when it is at least
+    twice the resized size, before the bicubic resize: about 2x faster, not bit-identical to transformers."""
 
     @classmethod
     def from_processor_dict(cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "PreprocessConfig":
@@ -66,25 +69,54 @@ def _square(size: Any) -> int:
     raise ValueError(f"unsupported image processor size {size!r}: expected shortest_edge or a square")
 
 
+def identify_image(data: bytes) -> ImageFile.ImageFile | None:
+    """Read the header of ``data`` with the first Pillow plugin that accepts it, as ``Image.open`` does
+    but without its decompression-bomb check; ``None`` when no plugin does.
+
+    That check compares with Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` (a warning above it, an
+    error above twice it); ``open_image`` applies ``max_image_pixels`` instead.
+    """
+    Image.preinit()
+    Image.init()
+    prefix = data[:16]
+    for image_format in Image.ID:
+        factory, accept = Image.OPEN[image_format]
+        accepted = accept is None or accept(prefix)
+        if not accepted or isinstance(accepted, str):
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes as "not this format"
+            continue
+    return None
+
+
 def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
     """Open (without decoding the pixels) and refuse empty data, non-images and decompression bombs."""
     if not data:
         raise ImageDecodeError("empty image file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(f"image is over Pillow's own decompression-bomb limit") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageDecodeError(f"not a readable image: {error}") from None
+        image = identify_image(data)
+    except Image.DecompressionBombError as error:  # a few plugins (WebP) check Pillow's limit themselves
+        raise ImageDecodeError(pillow_bomb_reason(error, max_image_pixels)) from None
+    except Exception as error:  # a plugin that accepted the first bytes failed on the header: any type
+        raise ImageDecodeError(f"not a readable image: {str(error) or type(error).__name__}") from None
+    if image is None:
+        raise ImageDecodeError(f"not a readable image: no Pillow format reads it (data starts with {data[:8]!r})")
     width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if width * height > max_image_pixels:
         raise ImageDecodeError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_image_pixels} "
             "(max_image_pixels)"
         )
     return image
+
+
+def pillow_bomb_reason(error: Image.DecompressionBombError, max_image_pixels: int) -> str:
+    """The reason for an image refused by Pillow's own limit, naming ours too."""
+    return f"{error} (Pillow's Image.MAX_IMAGE_PIXELS; max_image_pixels is {max_image_pixels})"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -130,14 +162,24 @@ def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
     raises ``ImageDecodeError`` with a short reason for anything that is not a usable image.
     """
     image = open_image(data, config.max_image_pixels)
+    resized_width, resized_height = resized_size(image.width, image.height, config.shortest_edge)
+    if resized_width * resized_height > config.max_image_pixels:  # e.g. 2x30000: small, but huge once resized
+        raise ImageDecodeError(
+            f"image is {image.width}x{image.height}: resized to {resized_width}x{resized_height} it would be "
+            f"over the limit of {config.max_image_pixels} pixels (max_image_pixels)"
+        )
     try:
-        image = ImageOps.exif_transpose(image) or image
+        if config.draft and image.format == "JPEG":
+            image.draft(image.mode, resized_size(image.width, image.height, config.shortest_edge))
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
         image = to_rgb(image)
         width, height = resized_size(image.width, image.height, config.shortest_edge)
         image = image.resize((width, height), resample=config.resample)
         pixels = np.asarray(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(f"cannot decode image: {error}") from None
+    except Image.DecompressionBombError as error:  # Pillow's limit, checked again by some decoders (TIFF, GIF)
+        raise ImageDecodeError(pillow_bomb_reason(error, config.max_image_pixels)) from None
+    except Exception as error:  # Pillow's decoders raise many types on malformed data (OSError, struct.error, ...)
+        raise ImageDecodeError(f"cannot decode image: {str(error) or type(error).__name__}") from None
     return center_crop(pixels, config.crop_height, config.crop_width)
 
 

@@ -46,6 +46,26 @@ def check_member_name(name: str, url: str) -> None:
         raise ShardReadError(f"{url}: unsafe member name {name!r} (absolute or containing '..')")
 
 
+def tarinfo_recording_header_errors(header_errors: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
+    """A ``TarInfo`` class that appends to ``header_errors`` every member header it cannot read.
+
+    ``tarfile`` ends the member list silently at an unreadable header after the first member, so a
+    tar cut at a member boundary or inside a header looks complete: only a zero block
+    (``EOFHeaderError``) is a real end of archive.
+    """
+
+    class RecordingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(archive)
+            except tarfile.HeaderError as error:
+                header_errors.append(error)
+                raise
+
+    return RecordingTarInfo
+
+
 def iter_tar_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[Sample]:
     """Yield the samples of the tar at ``url`` in file order, one ``Sample`` per key.
 
@@ -55,9 +75,13 @@ def iter_tar_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES)
     fs, path = filesystem_of(url)
     seen: set[str] = set()
     current: Sample | None = None
+    member_name: str | None = None
+    header_errors: list[tarfile.HeaderError] = []
+    tarinfo = tarinfo_recording_header_errors(header_errors)
     try:
-        with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as archive:
+        with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|*", tarinfo=tarinfo) as archive:
             for member in archive:
+                member_name = member.name
                 if member.isdir():
                     continue
                 check_member_name(member.name, url)
@@ -76,7 +100,14 @@ def iter_tar_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES)
                     continue
                 data = archive.extractfile(member)
                 current.members[extension] = data.read() if data is not None else b""
+            end = header_errors[-1] if header_errors else None
+            if not isinstance(end, tarfile.EOFHeaderError):
+                raise ShardReadError(
+                    f"{url}: truncated or corrupt tar: {end} at byte {archive.offset}, after member "
+                    f"{member_name!r}, where the end-of-archive marker or a member header should be"
+                )
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ShardReadError(f"{url}: cannot read tar: {error}") from error
+        where = f"at member {member_name!r}" if member_name is not None else "at its start"
+        raise ShardReadError(f"{url}: cannot read tar ({where}): {error}") from error
     if current is not None:
         yield current
