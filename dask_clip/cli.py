@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     embed.add_argument("--id-col", default="key", help="id column of the parquet files (default: key)")
     embed.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
+    embed.add_argument("--overwrite", action="store_true", help="recompute shards whose output is already complete")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_cluster_options(embed)
 
     demo = commands.add_parser("demo", help="write sample shards from real photos and embed them on a local cluster")
@@ -86,7 +88,7 @@ def _embed(args: argparse.Namespace) -> int:
     with client:
         dataset = ImageTextPairDataset.from_webdataset(args.path, id_col=args.id_col)
         started = time.perf_counter()
-        summary = embedder(dataset).save_metadata(args.output)
+        summary = embedder(dataset).save_metadata(args.output, overwrite=args.overwrite, progress=not args.no_progress)
         _print_summary(summary, time.perf_counter() - started, args.output or args.path)
     return 0
 
@@ -98,9 +100,12 @@ def _dask_log_level(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: "pd.DataFrame", seconds: float, output: str) -> None:
     rows, errors = int(summary["rows"].sum()), int(summary["errors"].sum())
+    skipped = int((~summary["written"]).sum())
+    resumed = f" ({skipped} already complete, skipped)" if skipped else ""
+    computed = int(summary.loc[summary["written"], "rows"].sum() - summary.loc[summary["written"], "errors"].sum())
     print(
-        f"embedded {len(summary)} shards: {rows} rows, {rows - errors} with an embedding, {errors} without "
-        f"(see embedding_error), {seconds:.1f}s ({(rows - errors) / max(seconds, 1e-9):.1f} images/s); "
+        f"embedded {len(summary)} shards{resumed}: {rows} rows, {rows - errors} with an embedding, {errors} without "
+        f"(see embedding_error), {seconds:.1f}s ({computed / max(seconds, 1e-9):.1f} images/s); "
         f"parquet files in {output}"
     )
 

@@ -22,6 +22,7 @@ from dask_clip.io.metadata import (
     read_shard_metadata,
     write_shard_metadata,
 )
+from dask_clip.distributed.progress import compute_shard_summaries, usable_resources
 from dask_clip.io.shards import Shard, discover_shards
 from dask_clip.io.tar_samples import ShardReadError
 
@@ -122,7 +123,8 @@ class ImageTextPairDataset:
         )
 
     def save_metadata(
-        self, path: str | None = None, columns: Sequence[str] | None = None, overwrite: bool = False
+        self, path: str | None = None, columns: Sequence[str] | None = None, overwrite: bool = False,
+        progress: bool = False,
     ) -> pd.DataFrame:
         """Compute and write one parquet per shard, named like the shard (``00042.parquet``).
 
@@ -133,6 +135,8 @@ class ImageTextPairDataset:
         Re-runs resume: a shard whose file already holds these columns, computed with the same
         configurations, with every row either computed or given a reason, is skipped without being
         computed again. ``overwrite=True`` recomputes and rewrites every shard.
+
+        ``progress`` shows a bar (shards done, rows per second) on a distributed client.
 
         Returns one row per shard: ``stem``, ``path``, ``rows``, ``errors`` (rows with a reason
         instead of a value) and ``written`` (False where skipped).
@@ -171,10 +175,41 @@ class ImageTextPairDataset:
             align_dataframes=False,
             enforce_metadata=False,
         )
-        result = pd.concat([self._compute(written), pd.DataFrame(skipped, columns=summary_meta.columns)])
+        computed = compute_shard_summaries(written, dict(self.resources), progress)
+        result = pd.concat([computed, pd.DataFrame(skipped, columns=summary_meta.columns)])
         order = {shard.stem: i for i, shard in enumerate(self.shards)}
         result = result.sort_values("stem", key=lambda stems: stems.map(order)).reset_index(drop=True)
         return result.astype(summary_meta.dtypes.to_dict())
+
+    def to_webdataset(
+        self,
+        path: str,
+        filter_column: str | None = None,
+        samples_per_shard: int = 10_000,
+        max_shards: int = 5,
+        old_id_col: str | None = None,
+    ) -> pd.DataFrame:
+        """Write the rows where ``filter_column`` is True as new shards with new ids (see ``dask_clip.ops.reshard``)."""
+        from dask_clip.ops.reshard import to_webdataset
+
+        return to_webdataset(self, path, filter_column, samples_per_shard, max_shards, old_id_col)
+
+    def search(
+        self, text: str | None = None, image: Any = None, k: int = 10, model_dir: str | None = None,
+        embedding_column: str = "image_embedding",
+    ) -> pd.DataFrame:
+        """Exact top-``k`` rows by cosine similarity to a text or image query (see ``dask_clip.ops.search``)."""
+        from dask_clip.ops.search import search
+
+        return search(self, text, image, k, model_dir, embedding_column)
+
+    def export_clip_retrieval(
+        self, path: str, embedding_column: str = "image_embedding", metadata_columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """Write embeddings in clip-retrieval's ``img_emb/`` + ``metadata/`` layout (see ``dask_clip.ops.export``)."""
+        from dask_clip.ops.export import export_clip_retrieval
+
+        return export_clip_retrieval(self, path, embedding_column, metadata_columns)
 
     def _finished_outputs(self, urls: list[str], columns: list[str], info: dict[str, Any]) -> list[dict[str, int] | None]:
         """Per output file, its ``{"rows", "errors"}`` when it is already complete, else None (checked on the cluster)."""
@@ -201,12 +236,7 @@ class ImageTextPairDataset:
             client = get_client()
         except ValueError:
             return collection.compute()
-        offered = [set(info.get("resources", {})) for info in client.scheduler_info(n_workers=-1)["workers"].values()]
-        wanted = dict(self.resources)
-        if wanted and not any(set(wanted) <= names for names in offered):
-            logger.info("no worker offers resources %s; running without them", wanted)
-            wanted = {}
-        return client.compute(collection, resources=wanted or None).result()
+        return client.compute(collection, resources=usable_resources(client, dict(self.resources)) or None).result()
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,9 @@ def test_embed_writes_parquet_next_to_the_shards(shards: Path, tiny_model: Path)
     assert result.returncode == 0, result.stderr
     assert "embedded 3 shards: 18 rows, 15 with an embedding, 3 without" in result.stdout
     assert "image_embedding" in pq.read_schema(shards / "00001.parquet").names
+    again = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--batch-size", "4", "--n-workers", "1")
+    assert again.returncode == 0, again.stderr
+    assert "embedded 3 shards (3 already complete, skipped): 18 rows" in again.stdout
 
 
 def test_embed_into_output_folder_on_a_running_scheduler(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:

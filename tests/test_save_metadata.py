@@ -67,3 +67,9 @@ def test_shards_of_an_interrupted_run_read_with_null_embeddings(embedded: ImageT
     frame = ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute()
     assert len(frame) == 18
     assert frame.loc[frame["key"].str.startswith("00003"), "image_embedding"].isna().all()
+
+
+def test_progress_bar_counts_shards_and_rows(embedded: ImageTextPairDataset, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    embedded.save_metadata(str(tmp_path / "out"), progress=True)
+    bar = capsys.readouterr().err
+    assert "3/3" in bar and "rows=18" in bar and "rows_per_s=" in bar

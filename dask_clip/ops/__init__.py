@@ -1,0 +1,1 @@
+"""Curation on top of embeddings: deduplication, classifiers, caption scores, search, resharding, export."""
