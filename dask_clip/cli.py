@@ -1,96 +1,121 @@
-"""The ``dask-clip`` command: ``embed`` a folder of shards, or run the ``demo``.
+"""The ``dask-clip`` command: one subcommand per public operation.
 
-Exit codes: 0 done, 1 the run failed, 2 bad arguments or no usable model.
+Every subcommand that computes takes the same cluster options (``--cluster-type``,
+``--scheduler-address``, ``--scheduler-file``, ``--n-workers``) and ends with a one-line summary.
+Exit codes: 0 done, 1 the run failed (the message names the shard or file), 2 bad arguments or no
+usable model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from dask_clip.dataset import ImageTextPairDataset
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+# --- arguments ------------------------------------------------------------------------------------
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--cluster-type", choices=("cpu", "gpu"), default="cpu", help="local cluster to start (default: cpu)")
-    where.add_argument("--scheduler-address", help="connect to a running scheduler, e.g. tcp://host:8786")
-    where.add_argument("--scheduler-file", help="connect to the scheduler described in this JSON file")
-    parser.add_argument("--n-workers", type=int, default=None, help="workers of a local cluster (default: Dask's choice)")
+    where.add_argument("--scheduler-address", help="connect to a running scheduler, e.g. tcp://host:8786 (default: none)")
+    where.add_argument("--scheduler-file", help="connect to the scheduler described in this JSON file (default: none)")
+    parser.add_argument("--n-workers", type=int, default=None, help="workers of a local cluster (default: one per core)")
+
+
+def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="folder (local or fsspec URL) of NNNNN.tar + NNNNN.parquet shards")
+    parser.add_argument("--id-col", default="key", help="id column of the parquet files (default: key)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dask-clip", description="CLIP image embeddings for WebDataset shards on Dask.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log per-shard progress")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="dask-clip",
+        description="CLIP image embeddings and curation for WebDataset shards, on Dask.",
+        epilog="exit codes: 0 done, 1 the run failed, 2 bad arguments or no usable model",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log per-shard progress and Dask's own logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
 
-    embed = commands.add_parser("embed", help="embed every image of a folder of shards")
-    embed.add_argument("path", help="folder (local or fsspec URL) of NNNNN.tar + NNNNN.parquet shards")
-    embed.add_argument("--model-dir", default=DEFAULT_MODEL, help=f"hub id or save_pretrained folder (default: {DEFAULT_MODEL})")
-    embed.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
+    embed = commands.add_parser("embed", help="embed every image of a folder of shards", formatter_class=defaults)
+    _add_dataset_options(embed)
+    embed.add_argument("--model-dir", default=DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model")
+    embed.add_argument("--batch-size", type=int, default=32, help="images per model call")
     embed.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
-    embed.add_argument("--id-col", default="key", help="id column of the parquet files (default: key)")
     embed.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
     embed.add_argument("--overwrite", action="store_true", help="recompute shards whose output is already complete")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_cluster_options(embed)
 
-    demo = commands.add_parser("demo", help="write sample shards from real photos and embed them on a local cluster")
-    demo.add_argument("--model-dir", default=DEFAULT_MODEL, help=f"hub id or save_pretrained folder (default: {DEFAULT_MODEL})")
+    dedup = commands.add_parser("dedup", help="flag duplicate images (keep column) and save the metadata", formatter_class=defaults)
+    _add_dataset_options(dedup)
+    dedup.add_argument("--method", choices=("exact",), default="exact", help="exact: identical image bytes")
+    dedup.add_argument("--keep-column", default="keep", help="boolean column written: False for removed duplicates")
+    dedup.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
+    _add_cluster_options(dedup)
+
+    reshard = commands.add_parser("reshard", help="write kept rows as new shards with new ids", formatter_class=defaults)
+    _add_dataset_options(reshard)
+    reshard.add_argument("output", help="empty folder for the new shards")
+    reshard.add_argument("--filter-column", default=None, help="keep rows where this boolean column is True (default: all)")
+    reshard.add_argument("--samples-per-shard", type=int, default=10_000, help="rows per new shard")
+    reshard.add_argument("--max-shards", type=int, default=5, help="digits of the new shard names")
+    reshard.add_argument("--old-id-col", default=None, help="column that keeps the old id (default: none)")
+    _add_cluster_options(reshard)
+
+    search = commands.add_parser("search", help="top-k images by similarity to a text or an image", formatter_class=defaults)
+    _add_dataset_options(search)
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a caption to search for (needs the model's tokenizer)")
+    query.add_argument("--image", help="an image file to search for")
+    search.add_argument("-k", type=int, default=10, help="how many results")
+    search.add_argument("--model-dir", default=None, help="model for the query (default: the one recorded with the embeddings)")
+    _add_cluster_options(search)
+
+    export = commands.add_parser("export", help="write embeddings in clip-retrieval's layout", formatter_class=defaults)
+    _add_dataset_options(export)
+    export.add_argument("output", help="folder for img_emb/ and metadata/")
+    _add_cluster_options(export)
+
+    demo = commands.add_parser("demo", help="write sample shards from real photos and embed them on a local cluster",
+                               formatter_class=defaults)
+    demo.add_argument("--model-dir", default=DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model")
     demo.add_argument("--random-weights", action="store_true", help="use a small random-weight CLIP (a smoke run: meaningless embeddings)")
-    demo.add_argument("--output", default="demo_output", help="folder for the demo shards and model (default: ./demo_output)")
-    demo.add_argument("--n-workers", type=int, default=2, help="workers of the local cluster (default: 2)")
+    demo.add_argument("--output", default="demo_output", help="folder for the demo shards and model")
+    demo.add_argument("--n-workers", type=int, default=2, help="workers of the local cluster")
     return parser
 
 
+# --- running ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distributed").setLevel(_dask_log_level(args))
     from dask_clip.embedders.clip import ModelLoadError
 
+    command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:
-        if args.command == "embed":
-            return _embed(args)
-        return _demo(args)
+        return command(args)
     except ModelLoadError as error:
         print(f"dask-clip: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError, TimeoutError) as error:
-        print(f"dask-clip: {error}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError, TimeoutError, OSError) as error:
+        print(f"dask-clip {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
-
-
-def _embed(args: argparse.Namespace) -> int:
-    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, get_client
-
-    embedder = ClipImageEmbedder(
-        args.model_dir, model_inference_batch_size=args.batch_size, autocast=not args.no_autocast, verbose=args.verbose
-    )
-    local_options = {} if args.scheduler_address or args.scheduler_file else {"silence_logs": _dask_log_level(args)}
-    client = get_client(
-        args.cluster_type,
-        scheduler_address=args.scheduler_address,
-        scheduler_file=args.scheduler_file,
-        n_workers=args.n_workers,
-        **local_options,
-    )
-    with client:
-        dataset = ImageTextPairDataset.from_webdataset(args.path, id_col=args.id_col)
-        started = time.perf_counter()
-        summary = embedder(dataset).save_metadata(args.output, overwrite=args.overwrite, progress=not args.no_progress)
-        _print_summary(summary, time.perf_counter() - started, args.output or args.path)
-    return 0
 
 
 def _dask_log_level(args: argparse.Namespace) -> int:
@@ -98,11 +123,45 @@ def _dask_log_level(args: argparse.Namespace) -> int:
     return logging.INFO if args.verbose else logging.WARNING
 
 
-def _print_summary(summary: "pd.DataFrame", seconds: float, output: str) -> None:
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """A client for the cluster the options name; a local cluster's dashboard is printed on stderr."""
+    from dask_clip import get_client
+
+    remote = args.scheduler_address or args.scheduler_file
+    options = {} if remote else {"silence_logs": _dask_log_level(args)}
+    with get_client(args.cluster_type, scheduler_address=args.scheduler_address, scheduler_file=args.scheduler_file,
+                    n_workers=args.n_workers, **options) as client:
+        if not remote:
+            print(f"local {args.cluster_type} cluster started; dashboard: {client.dashboard_link}", file=sys.stderr)
+        yield client
+
+
+def _dataset(args: argparse.Namespace) -> "ImageTextPairDataset":
+    from dask_clip import ImageTextPairDataset
+
+    return ImageTextPairDataset.from_webdataset(args.path, id_col=args.id_col)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from dask_clip import ClipImageEmbedder
+
+    embedder = ClipImageEmbedder(
+        args.model_dir, model_inference_batch_size=args.batch_size, autocast=not args.no_autocast, verbose=args.verbose
+    )
+    with _cluster(args):
+        started = time.perf_counter()
+        summary = embedder(_dataset(args)).save_metadata(args.output, overwrite=args.overwrite, progress=not args.no_progress)
+        _print_embed_summary(summary, time.perf_counter() - started, args.output or args.path)
+    return 0
+
+
+def _print_embed_summary(summary: "pd.DataFrame", seconds: float, output: str) -> None:
     rows, errors = int(summary["rows"].sum()), int(summary["errors"].sum())
     skipped = int((~summary["written"]).sum())
     resumed = f" ({skipped} already complete, skipped)" if skipped else ""
-    computed = int(summary.loc[summary["written"], "rows"].sum() - summary.loc[summary["written"], "errors"].sum())
+    written = summary["written"]
+    computed = int(summary.loc[written, "rows"].sum() - summary.loc[written, "errors"].sum())
     print(
         f"embedded {len(summary)} shards{resumed}: {rows} rows, {rows - errors} with an embedding, {errors} without "
         f"(see embedding_error), {seconds:.1f}s ({computed / max(seconds, 1e-9):.1f} images/s); "
@@ -110,8 +169,60 @@ def _print_summary(summary: "pd.DataFrame", seconds: float, output: str) -> None
     )
 
 
+def _dedup(args: argparse.Namespace) -> int:
+    import dask.dataframe as dd
+
+    from dask_clip import ExactDeduplicator
+
+    deduplicator = ExactDeduplicator(keep_column=args.keep_column)
+    with _cluster(args):
+        started = time.perf_counter()
+        summary = deduplicator(_dataset(args)).save_metadata(args.output)
+        kept = dd.read_parquet(summary["path"].tolist(), columns=[args.keep_column])[args.keep_column]
+        removed = int((~kept.astype(bool)).sum().compute())
+    rows = int(summary["rows"].sum())
+    print(
+        f"dedup ({args.method}) over {len(summary)} shards: {rows} rows, {removed} duplicates flagged "
+        f"({args.keep_column}=False), {time.perf_counter() - started:.1f}s; parquet files in {args.output or args.path}"
+    )
+    return 0
+
+
+def _reshard(args: argparse.Namespace) -> int:
+    with _cluster(args):
+        started = time.perf_counter()
+        summary = _dataset(args).to_webdataset(
+            args.output, filter_column=args.filter_column, samples_per_shard=args.samples_per_shard,
+            max_shards=args.max_shards, old_id_col=args.old_id_col,
+        )
+    print(
+        f"resharded into {len(summary)} shards: {int(summary['rows'].sum())} rows, {int(summary['samples'].sum())} "
+        f"samples with members, {time.perf_counter() - started:.1f}s; shards in {args.output}"
+    )
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    image = Path(args.image).read_bytes() if args.image else None
+    with _cluster(args):
+        hits = _dataset(args).search(text=args.text, image=image, k=args.k, model_dir=args.model_dir)
+    print(hits.to_string(index=False))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    with _cluster(args):
+        started = time.perf_counter()
+        summary = _dataset(args).export_clip_retrieval(args.output)
+    print(
+        f"exported {len(summary)} shard pairs: {int(summary['rows'].sum())} embeddings, "
+        f"{time.perf_counter() - started:.1f}s; clip-retrieval layout in {args.output}"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, get_client, testing
+    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
     from dask_clip.embedders.clip import ModelLoadError
 
     output = Path(args.output).resolve()
@@ -133,14 +244,11 @@ def _demo(args: argparse.Namespace) -> int:
     shards = output / "shards"
     testing.make_img2dataset_shards(shards, shard_numbers=(0, 1, 2, 3), samples_per_shard=8)
     print(f"wrote 4 sample shards from scikit-image photos in {shards}")
-    with get_client(
-        "cpu", n_workers=args.n_workers, threads_per_worker=1, silence_logs=_dask_log_level(args)
-    ) as client:
-        print(f"local cluster started; dashboard: {client.dashboard_link}")
-        dataset = ImageTextPairDataset.from_webdataset(str(shards))
+    args.cluster_type, args.scheduler_address, args.scheduler_file = "cpu", None, None
+    with _cluster(args):
         started = time.perf_counter()
-        summary = embedder(dataset).save_metadata()
-        _print_summary(summary, time.perf_counter() - started, str(shards))
+        summary = embedder(ImageTextPairDataset.from_webdataset(str(shards))).save_metadata(overwrite=True)
+        _print_embed_summary(summary, time.perf_counter() - started, str(shards))
     result = ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute()
     vectors = embeddings_to_numpy(result["image_embedding"])
     print(result[["key", "caption", "status", "embedding_error"]].to_string(max_colwidth=40))
@@ -149,6 +257,15 @@ def _demo(args: argparse.Namespace) -> int:
         print("reminder: random weights, so these embeddings are meaningless")
     return 0
 
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "embed": _embed,
+    "dedup": _dedup,
+    "reshard": _reshard,
+    "search": _search,
+    "export": _export,
+    "demo": _demo,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

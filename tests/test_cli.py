@@ -53,3 +53,67 @@ def test_demo_with_random_weights_runs_the_whole_pipeline(tmp_path: Path) -> Non
     assert "MEANINGLESS" in result.stdout
     assert "embedded 4 shards: 32 rows, 28 with an embedding, 4 without" in result.stdout
     assert len(list((tmp_path / "demo" / "shards").glob("*.parquet"))) == 4
+
+
+def test_help_lists_every_command_with_defaults() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("embed", "dedup", "reshard", "search", "export", "demo"):
+        assert command in result.stdout
+    embed_help = run_cli("embed", "--help").stdout
+    assert "(default: 32)" in embed_help and "--scheduler-file" in embed_help
+
+
+def test_curation_commands_chain(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    # a byte-identical copy of one photo under a new key in shard 00003: the duplicate to find
+    copied = tmp_path / "copy"
+    shutil.copytree(shards, copied)
+    duplicate_shard(copied)
+    common = ("--n-workers", "1")
+    assert run_cli("embed", str(copied), "--model-dir", str(tiny_model), *common).returncode == 0
+
+    dedup = run_cli("dedup", str(copied), *common)
+    assert dedup.returncode == 0, dedup.stderr
+    assert "1 duplicates flagged (keep=False)" in dedup.stdout
+
+    reshard = run_cli("reshard", str(copied), str(tmp_path / "kept"), "--filter-column", "keep", "--samples-per-shard", "8", *common)
+    assert reshard.returncode == 0, reshard.stderr
+    assert "resharded into 3 shards: 18 rows" in reshard.stdout
+
+    export = run_cli("export", str(copied), str(tmp_path / "index"), *common)
+    assert export.returncode == 0, export.stderr
+    assert "16 embeddings" in export.stdout
+    assert len(list((tmp_path / "index" / "img_emb").glob("*.npy"))) == 3
+
+    image = next(copied.glob("00000.tar"))
+    query = tmp_path / "query.jpg"
+    import tarfile
+
+    with tarfile.open(image) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+        query.write_bytes(archive.extractfile(member).read())
+    search = run_cli("search", str(copied), "--image", str(query), "-k", "2", *common)
+    assert search.returncode == 0, search.stderr
+    assert member.name[:-4] in search.stdout.splitlines()[1]
+
+
+def duplicate_shard(folder: Path) -> None:
+    """Add a byte-identical copy of 00000's first image as a new row of shard 00003."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    with tarfile.open(folder / "00000.tar") as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+        payload = archive.extractfile(member).read()
+    original = pq.read_table(folder / "00000.parquet").to_pylist()
+    row = dict(next(r for r in original if r["key"] == member.name[:-4]), key="000030099")
+    table = pq.read_table(folder / "00003.parquet")
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([row], schema=table.schema)]), folder / "00003.parquet")
+    with tarfile.open(folder / "00003.tar", "a") as archive:
+        info = tarfile.TarInfo("000030099.jpg")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
