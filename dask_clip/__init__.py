@@ -20,6 +20,12 @@ _LAZY_NAMES = {
     "ClipImageEmbedder": "dask_clip.embedders.clip",
     "TimmImageEmbedder": "dask_clip.embedders.timm",
     "embeddings_to_numpy": "dask_clip.embeddings",
+    "SemanticDeduplicator": "dask_clip.ops.semantic_dedup",
+    "AestheticClassifier": "dask_clip.ops.classifiers",
+    "NsfwClassifier": "dask_clip.ops.classifiers",
+    "keep_by_threshold": "dask_clip.ops.filters",
+    "ClipTextEmbedder": "dask_clip.embedders.clip_text",
+    "clip_score": "dask_clip.ops.clip_score",
     "ExactDeduplicator": "dask_clip.ops.exact_dedup",
 }
 

@@ -39,3 +39,24 @@ def embeddings_to_numpy(column: pd.Series) -> np.ndarray:
     values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     out[valid] = values.reshape(-1, width)
     return out
+
+
+def embedding_width(frame: pd.DataFrame, column: str) -> int:
+    """The width ``D`` of embedding column ``column`` of ``frame`` (e.g. a Dask meta); errors name the column."""
+    if column not in frame.columns:
+        raise KeyError(f"no embedding column {column!r}; the columns are {list(frame.columns)}")
+    dtype = frame[column].dtype
+    if not (isinstance(dtype, pd.ArrowDtype) and pa.types.is_fixed_size_list(dtype.pyarrow_dtype)):
+        raise TypeError(f"column {column!r} is {dtype}, not an embedding column (fixed_size_list<float>)")
+    return dtype.pyarrow_dtype.list_size
+
+
+def unit_embeddings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """An embedding column -> ``bool (N,)`` mask of usable rows and their L2-normalised ``float32 (n, D)`` vectors.
+
+    A row is usable when it has an embedding of finite values with a non-zero norm.
+    """
+    vectors = embeddings_to_numpy(column)
+    norms = np.linalg.norm(vectors, axis=1)
+    valid = np.isfinite(norms) & (norms > 0)
+    return valid, (vectors[valid] / norms[valid, None]).astype(np.float32)

@@ -199,3 +199,45 @@ def save_byte_level_clip_tokenizer(folder: str | Path) -> Path:
     vocab.update({token: len(vocab) + i for i, token in enumerate(alphabet + [c + "</w>" for c in alphabet])})
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
     return Path(folder)
+
+
+def save_tokenizer_for_clip_model(model_dir: str | Path) -> Path:
+    """Save a byte-level ``CLIPTokenizer`` (built offline, no merges) into a CLIP ``save_pretrained`` folder.
+
+    Start and end of text get the ids the model's ``text_config`` names (49406 and 49407 for
+    ``save_random_clip_model``): the text tower pools the hidden state at the end-of-text token, so
+    with any other id every caption would embed alike. Bytes take ids 0-511.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    special = {"<|startoftext|>": text_config["bos_token_id"], "<|endoftext|>": text_config["eos_token_id"]}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    if any(i < len(vocab) for i in special.values()):
+        raise ValueError(f"{model_dir}: special token ids {special} collide with the 512 byte tokens")
+    CLIPTokenizer(vocab={**vocab, **special}, merges=[]).save_pretrained(model_dir)
+    return Path(model_dir)
+
+
+def write_embedding_shards(
+    folder: str | Path, vectors: Mapping[str, np.ndarray | None], rows_per_shard: int, column: str = "image_embedding"
+) -> list[Path]:
+    """Shards (``00000`` ...) whose parquets hold ``key`` and ``column`` (``fixed_size_list<float32>``).
+
+    ``vectors`` maps each key to its vector (None: a null embedding), in row order; the tars are
+    empty. For testing operations on embeddings with vectors of known similarity. Returns the parquets.
+    """
+    dim = len(next(v for v in vectors.values() if v is not None))
+    schema = pa.schema([("key", pa.string()), (column, pa.list_(pa.float32(), dim))])
+    items = list(vectors.items())
+    parquets = []
+    for shard, start in enumerate(range(0, len(items), rows_per_shard)):
+        rows = [
+            {"key": key, column: None if v is None else np.asarray(v, dtype=np.float32).tolist()}
+            for key, v in items[start : start + rows_per_shard]
+        ]
+        parquets.append(write_shard(folder, shard, rows, {}, schema=schema)[1])
+    return parquets

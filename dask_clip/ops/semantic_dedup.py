@@ -1,0 +1,249 @@
+"""Semantic deduplication (SemDeDup): cluster the embeddings, then drop near-duplicates within each cluster.
+
+1. Spherical k-means on the L2-normalised embeddings (``dask_clip.ops.kmeans``, one lazy graph).
+2. Each row goes to its most similar centroid; a Dask shuffle brings every cluster into one partition.
+3. Within a cluster, items are ranked by the keep policy; an item whose cosine similarity to an
+   earlier-ranked item is ``>= 1 - eps`` is a duplicate of the most similar such item.
+4. The decisions go back to their shard (a second shuffle, on the shard number) and join the rows by id.
+
+Rows without an embedding are kept. Similar images that k-means puts in different clusters are
+never compared (the price of clustering); more clusters make that likelier, fewer make clusters
+bigger (pairwise cost grows with the square of a cluster's size).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dask_clip.embeddings import (
+    embedding_dtype, embedding_width, embeddings_to_numpy, to_embedding_array, unit_embeddings,
+)
+from dask_clip.ops.kmeans import fit_spherical_kmeans, nearest_centroids
+
+if TYPE_CHECKING:
+    from dask_clip.dataset import ImageTextPairDataset
+
+KEEP_POLICIES = ("hard", "easy", "random")
+_KEEP = "_dask_clip_keep"
+_DUPLICATE_OF = "_dask_clip_duplicate_of"
+_SIMILARITY = "_dask_clip_similarity"
+_SHARD = "_dask_clip_shard"
+_CLUSTER = "_dask_clip_cluster"
+_CENTROID_COSINE = "_dask_clip_centroid_cosine"
+SIMILARITY_BLOCK = 1024
+"""Items of a cluster compared against all earlier-ranked ones at once (bounds a ``(block, n)`` matrix)."""
+
+
+class SemanticDeduplicator:
+    """``deduplicator(dataset)`` -> a new dataset with a keep, a duplicate-of and a similarity column.
+
+    ``eps``: an item is a duplicate when its cosine similarity to an earlier-ranked item of its
+    cluster is ``>= 1 - eps``. Common choices: ``eps=0.01`` (0.99+: exact copies, re-encodes),
+    ``eps=0.05`` (0.95+: near-duplicates such as crops and resizes), ``eps=0.1`` (0.90+: similar
+    images, which removes much more). Check a sample of removed pairs before trusting a threshold.
+
+    ``which_to_keep``: ``"hard"`` keeps the item farthest from its cluster's centroid first (the
+    SemDeDup default), ``"easy"`` the closest, ``"random"`` a seeded random one.
+
+    Output columns (as ``ExactDeduplicator``'s): ``keep_column`` (``bool``), ``duplicate_of_column``
+    (the id of the most similar earlier-ranked item, same dtype as the id column; that item may
+    itself be a duplicate) and ``similarity_column`` (``float64``, that cosine); both null for kept
+    rows. Existing columns of those names are replaced.
+
+    The result is lazy; computing it runs k-means, so every shard's embeddings are held in cluster
+    memory while it runs. When the embeddings come from an embedder, ``save_metadata`` and read them
+    back first, so the images are not embedded again on every compute.
+    """
+
+    def __init__(
+        self,
+        eps: float = 0.01,
+        n_clusters: int = 1000,
+        which_to_keep: str = "hard",
+        embedding_column: str = "image_embedding",
+        keep_column: str = "keep",
+        seed: int = 0,
+        *,
+        duplicate_of_column: str = "duplicate_of",
+        similarity_column: str = "similarity",
+        max_iter: int = 30,
+    ) -> None:
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps must be in [0, 1), not {eps}")
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be at least 1, not {n_clusters}")
+        if which_to_keep not in KEEP_POLICIES:
+            raise ValueError(f"which_to_keep must be one of {KEEP_POLICIES}, not {which_to_keep!r}")
+        self.eps = eps
+        self.n_clusters = n_clusters
+        self.which_to_keep = which_to_keep
+        self.embedding_column = embedding_column
+        self.keep_column = keep_column
+        self.seed = seed
+        self.duplicate_of_column = duplicate_of_column
+        self.similarity_column = similarity_column
+        self.max_iter = max_iter
+
+    def config(self) -> dict[str, Any]:
+        """The options that determine the output, recorded next to it in the parquet."""
+        return {
+            "class": type(self).__name__, "eps": self.eps, "n_clusters": self.n_clusters,
+            "which_to_keep": self.which_to_keep, "embedding_column": self.embedding_column,
+            "seed": self.seed, "max_iter": self.max_iter,
+        }
+
+    def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
+        """Lazily deduplicate ``dataset``: the result has one partition per shard, rows in their order."""
+        meta = dataset.metadata._meta
+        dim = embedding_width(meta, self.embedding_column)
+        id_col = dataset.id_col
+        parts = dataset.metadata.to_delayed()  # one graph key per shard: each shard is computed once
+        blocks = [dask.delayed(unit_vectors)(part, self.embedding_column) for part in parts]
+        centroids = fit_spherical_kmeans(blocks, self.n_clusters, seed=self.seed, max_iter=self.max_iter)
+
+        assigned_meta = pd.DataFrame(
+            {
+                _SHARD: pd.Series([], dtype="int64"),
+                id_col: meta[id_col].iloc[:0],
+                _CLUSTER: pd.Series([], dtype="int64"),
+                _CENTROID_COSINE: pd.Series([], dtype="float32"),
+                self.embedding_column: pd.Series([], dtype=embedding_dtype(dim)),
+            }
+        )
+        assigned = dd.from_delayed(
+            [
+                dask.delayed(assign_clusters)(part, centroids, shard, id_col, self.embedding_column)
+                for shard, part in enumerate(parts)
+            ],
+            meta=assigned_meta,
+            verify_meta=False,
+        )
+        # tasks shuffles: P2P cannot move fixed_size_list columns and turns pyarrow strings into objects
+        by_cluster = assigned.shuffle(
+            on=_CLUSTER, npartitions=min(self.n_clusters, len(parts)), shuffle_method="tasks"
+        )
+        decisions_meta = decision_frame(assigned_meta, [], np.zeros(0, bool), np.zeros(0), np.zeros(0, np.int64), id_col)
+        decisions = by_cluster.map_partitions(
+            cluster_decisions,
+            threshold=1 - self.eps,
+            which_to_keep=self.which_to_keep,
+            seed=self.seed,
+            id_col=id_col,
+            embedding_column=self.embedding_column,
+            meta=decisions_meta,
+            enforce_metadata=False,
+        )
+        by_shard = decisions.set_index(
+            _SHARD, divisions=list(range(len(parts))) + [len(parts) - 1], shuffle_method="tasks"
+        )
+        rows = dd.from_delayed(parts, meta=meta, verify_meta=False)
+        outputs = (self.keep_column, self.duplicate_of_column, self.similarity_column)
+        output_meta = join_decisions(meta, decisions_meta, id_col, outputs)
+        metadata = dd.map_partitions(
+            join_decisions, rows, by_shard, id_col, outputs,
+            meta=output_meta, align_dataframes=False, enforce_metadata=False,
+        )
+        return dataset.with_metadata(metadata, derived_columns=dict.fromkeys(outputs, self.config()))
+
+
+def unit_vectors(rows: pd.DataFrame, embedding_column: str) -> np.ndarray:
+    """One shard's usable embeddings, L2-normalised: ``float32 (n, D)``."""
+    return unit_embeddings(rows[embedding_column])[1]
+
+
+def assign_clusters(
+    rows: pd.DataFrame, centroids: np.ndarray, shard: int, id_col: str, embedding_column: str
+) -> pd.DataFrame:
+    """The usable rows of one shard with their shard number, cluster, cosine to its centroid and unit vector."""
+    valid, vectors = unit_embeddings(rows[embedding_column])
+    labels, cosines = nearest_centroids(vectors, centroids)
+    return pd.DataFrame(
+        {
+            _SHARD: np.full(len(vectors), shard, dtype=np.int64),
+            id_col: rows[id_col].array[valid],
+            _CLUSTER: labels,
+            _CENTROID_COSINE: cosines,
+            embedding_column: to_embedding_array(vectors, np.ones(len(vectors), dtype=bool)),
+        }
+    )
+
+
+def keep_order(centroid_cosines: np.ndarray, which_to_keep: str, seed: int, cluster: int) -> np.ndarray:
+    """Positions of a cluster's items (sorted by id) in the order the keep policy prefers them."""
+    if which_to_keep == "hard":
+        return np.argsort(centroid_cosines, kind="stable")
+    if which_to_keep == "easy":
+        return np.argsort(-centroid_cosines, kind="stable")
+    return np.random.default_rng([seed, cluster]).permutation(len(centroid_cosines))
+
+
+def best_earlier_match(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For unit vectors ``(n, D)`` in rank order: each one's highest cosine to an earlier row and that row.
+
+    Returns ``float32 (n,)`` (``-inf`` for the first row) and ``int64 (n,)`` (``-1`` for the first row).
+    """
+    n = vectors.shape[0]
+    best = np.full(n, -np.inf, dtype=np.float32)
+    match = np.full(n, -1, dtype=np.int64)
+    for start in range(1, n, SIMILARITY_BLOCK):
+        stop = min(start + SIMILARITY_BLOCK, n)
+        cosines = vectors[start:stop] @ vectors[:stop].T
+        cosines[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf
+        match[start:stop] = np.argmax(cosines, axis=1)
+        best[start:stop] = cosines[np.arange(stop - start), match[start:stop]]
+    return best, match
+
+
+def cluster_decisions(
+    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, embedding_column: str
+) -> pd.DataFrame:
+    """Whole clusters of rows -> one decision per row: shard, id, keep, duplicate_of, similarity."""
+    decided = []
+    for cluster, group in frame.groupby(_CLUSTER, sort=True):
+        group = group.sort_values(id_col, kind="stable")  # the same order whatever order the shuffle gave
+        group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
+        best, match = best_earlier_match(embeddings_to_numpy(group[embedding_column]))
+        duplicate = best >= threshold
+        decided.append(decision_frame(group, group[id_col].array, ~duplicate, best, match, id_col))
+    if not decided:
+        return decision_frame(frame, [], np.zeros(0, bool), np.zeros(0), np.zeros(0, np.int64), id_col)
+    return pd.concat(decided, ignore_index=True)
+
+
+def decision_frame(
+    group: pd.DataFrame, ids: Any, keep: np.ndarray, best: np.ndarray, match: np.ndarray, id_col: str
+) -> pd.DataFrame:
+    """Decisions for ``group``'s rows (in order): removed rows name their match and its cosine."""
+    ids = pd.array(ids, dtype=group[id_col].dtype)
+    similarity = pa.array(np.minimum(best, 1.0).astype(np.float64), mask=keep)
+    return pd.DataFrame(
+        {
+            _SHARD: group[_SHARD].to_numpy(dtype=np.int64),
+            id_col: ids,
+            _KEEP: pd.array(keep, dtype=pd.ArrowDtype(pa.bool_())),
+            _DUPLICATE_OF: ids.take(np.where(keep, -1, match), allow_fill=True),
+            _SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
+        }
+    )
+
+
+def join_decisions(
+    rows: pd.DataFrame, decisions: pd.DataFrame, id_col: str, outputs: tuple[str, str, str]
+) -> pd.DataFrame:
+    """One shard's rows with its decisions joined by id, as ``outputs`` (keep, duplicate-of, similarity).
+
+    Rows without a decision (no usable embedding) are kept.
+    """
+    positions = pd.Index(decisions[id_col]).get_indexer(rows[id_col]) if len(decisions) else np.full(len(rows), -1)
+    joined = {
+        name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index)
+        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _SIMILARITY))
+    }
+    joined[outputs[0]] = joined[outputs[0]].fillna(True)
+    return rows.drop(columns=list(outputs), errors="ignore").assign(**joined)
