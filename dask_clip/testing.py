@@ -185,22 +185,6 @@ def save_random_clip_model(folder: str | Path, shape: str = "tiny", image_size: 
     return folder
 
 
-def save_byte_level_clip_tokenizer(folder: str | Path) -> Path:
-    """Save a ``CLIPTokenizer`` built offline: byte-level BPE with no merges (one token per byte).
-
-    Its 514 ids (256 bytes, the same with ``</w>``, start and end of text) fit any CLIP text tower;
-    real CLIP checkpoints ship their own 49408-token tokenizer. Use it next to ``save_random_clip_model``.
-    """
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({token: len(vocab) + i for i, token in enumerate(alphabet + [c + "</w>" for c in alphabet])})
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
-    return Path(folder)
-
-
 def save_tokenizer_for_clip_model(model_dir: str | Path) -> Path:
     """Save a byte-level ``CLIPTokenizer`` (built offline, no merges) into a CLIP ``save_pretrained`` folder.
 

@@ -18,7 +18,7 @@ from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_num
 def model_with_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random CLIP plus a byte-level tokenizer (no tokenizer can be downloaded here)."""
     folder = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("clip-with-tokenizer") / "model"))
-    return testing.save_byte_level_clip_tokenizer(folder)
+    return testing.save_tokenizer_for_clip_model(folder)
 
 
 @pytest.fixture(scope="module")

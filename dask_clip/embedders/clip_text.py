@@ -45,6 +45,12 @@ class ClipTextModel:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         self.device = torch.device(device)
+        if not has_tokenizer_files(model_dir):
+            # transformers would build an empty tokenizer (every word unknown) without a word of warning
+            raise ModelLoadError(
+                f"cannot load the tokenizer of {model_dir!r}: it has neither tokenizer.json nor vocab.json\n"
+                f"{HOW_TO_PROVIDE_WEIGHTS}"
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError) as error:

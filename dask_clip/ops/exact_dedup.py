@@ -91,11 +91,13 @@ class ExactDeduplicator:
                 SHARD_NUMBER_COLUMN: pd.Series([], dtype="int64"),
             }
         )
-        duplicates = pairs.shuffle(on=self.hash_column).map_partitions(
+        duplicates = pairs.shuffle(on=self.hash_column, shuffle_method="tasks").map_partitions(
             _duplicates_in_groups, id_col, self.hash_column, self.duplicate_of_column, meta=duplicates_meta
         )
         shard_count = metadata.npartitions
-        by_shard = duplicates.set_index(SHARD_NUMBER_COLUMN, divisions=list(range(shard_count + 1)))
+        by_shard = duplicates.set_index(
+            SHARD_NUMBER_COLUMN, divisions=list(range(shard_count + 1)), shuffle_method="tasks"
+        )
 
         flagged_meta = metadata._meta.assign(**self._flag_columns(pd.Series([], dtype=id_dtype), {}))
         flagged = dd.map_partitions(

@@ -132,40 +132,6 @@ def embed_image(image: Any, model_dir: str, config: dict[str, Any]) -> np.ndarra
 
 def embed_text(text: str, model_dir: str) -> np.ndarray:
     """The CLIP text embedding ``float32 (D,)`` of one caption (text tower and tokenizer of ``model_dir``)."""
-    import torch
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    from dask_clip.embedders.clip_text import ClipTextModel
 
-    from dask_clip.embedders.clip import HOW_TO_PROVIDE_WEIGHTS, ModelLoadError, _quiet_transformers
-
-    if not has_tokenizer_files(model_dir):
-        # transformers would build an empty tokenizer (every word unknown) without a word of warning
-        raise ModelLoadError(
-            f"cannot load the tokenizer of {model_dir!r}: it has neither tokenizer.json nor vocab.json\n{HOW_TO_PROVIDE_WEIGHTS}"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load the tokenizer of {model_dir!r}: {error}\n{HOW_TO_PROVIDE_WEIGHTS}") from None
-    try:
-        with _quiet_transformers():
-            model = CLIPTextModelWithProjection.from_pretrained(model_dir, use_safetensors=True).eval()
-    except OSError as error:
-        raise ModelLoadError(f"cannot load the CLIP text tower of {model_dir!r}: {error}\n{HOW_TO_PROVIDE_WEIGHTS}") from None
-    tokens = tokenizer(
-        [text], padding=True, truncation=True, max_length=model.config.max_position_embeddings, return_tensors="pt"
-    )
-    with torch.inference_mode():
-        return model(**tokens).text_embeds[0].float().numpy()
-
-
-def has_tokenizer_files(model_dir: str) -> bool:
-    """Whether ``model_dir`` (local folder or hub id) has a tokenizer: ``tokenizer.json`` or ``vocab.json``."""
-    from transformers.utils import cached_file
-
-    for name in ("tokenizer.json", "vocab.json"):
-        try:
-            if cached_file(model_dir, name) is not None:
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return ClipTextModel(model_dir, "cpu").embed([text])[0]
