@@ -63,10 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     dedup = commands.add_parser("dedup", help="flag duplicate images (keep column) and save the metadata", formatter_class=defaults)
     _add_dataset_options(dedup)
-    dedup.add_argument("--method", choices=("exact",), default="exact", help="exact: identical image bytes")
+    dedup.add_argument("--method", choices=("exact", "semantic"), default="exact",
+                       help="exact: identical image bytes; semantic: SemDeDup on the saved embeddings")
     dedup.add_argument("--keep-column", default="keep", help="boolean column written: False for removed duplicates")
+    dedup.add_argument("--eps", type=float, default=0.01, help="semantic: duplicates have cosine >= 1 - eps")
+    dedup.add_argument("--n-clusters", type=int, default=1000, help="semantic: k-means clusters")
+    dedup.add_argument("--which-to-keep", choices=("hard", "easy", "random"), default="hard",
+                       help="semantic: keep the item farthest from (hard) or closest to (easy) its centroid, or a random one")
+    dedup.add_argument("--seed", type=int, default=0, help="semantic: seed of k-means and of the random policy")
     dedup.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     _add_cluster_options(dedup)
+
+    filter_ = commands.add_parser("filter", help="score rows (aesthetic, NSFW or CLIP score) and mark them kept by threshold",
+                                  formatter_class=defaults)
+    _add_dataset_options(filter_)
+    filter_.add_argument("--by", choices=("aesthetic", "nsfw", "clip-score"), required=True,
+                         help="aesthetic/nsfw: LAION classifier on the image embeddings; clip-score: image-caption cosine")
+    filter_.add_argument("--model-path", default=None, help="aesthetic/nsfw: local checkpoint file of the classifier")
+    filter_.add_argument("--model-dir", default=None, help="clip-score: the CLIP (with tokenizer) that embedded the images")
+    filter_.add_argument("--min", type=float, default=None, help="keep rows scoring at least this (default: no bound)")
+    filter_.add_argument("--max", type=float, default=None, help="keep rows scoring at most this (default: no bound)")
+    filter_.add_argument("--keep-column", default="keep", help="boolean column written (ANDed with an existing one)")
+    filter_.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
+    _add_cluster_options(filter_)
 
     reshard = commands.add_parser("reshard", help="write kept rows as new shards with new ids", formatter_class=defaults)
     _add_dataset_options(reshard)
@@ -113,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"dask-clip: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError, TimeoutError, OSError) as error:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError, TimeoutError, OSError) as error:
         print(f"dask-clip {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -170,20 +189,54 @@ def _print_embed_summary(summary: "pd.DataFrame", seconds: float, output: str) -
 
 
 def _dedup(args: argparse.Namespace) -> int:
-    import dask.dataframe as dd
+    from dask_clip import ExactDeduplicator, SemanticDeduplicator
 
-    from dask_clip import ExactDeduplicator
-
-    deduplicator = ExactDeduplicator(keep_column=args.keep_column)
+    if args.method == "exact":
+        deduplicator: Any = ExactDeduplicator(keep_column=args.keep_column)
+    else:
+        deduplicator = SemanticDeduplicator(eps=args.eps, n_clusters=args.n_clusters, which_to_keep=args.which_to_keep,
+                                            keep_column=args.keep_column, seed=args.seed)
     with _cluster(args):
         started = time.perf_counter()
         summary = deduplicator(_dataset(args)).save_metadata(args.output)
-        kept = dd.read_parquet(summary["path"].tolist(), columns=[args.keep_column])[args.keep_column]
-        removed = int((~kept.astype(bool)).sum().compute())
-    rows = int(summary["rows"].sum())
+        removed = _count_not_kept(summary, args.keep_column)
     print(
-        f"dedup ({args.method}) over {len(summary)} shards: {rows} rows, {removed} duplicates flagged "
-        f"({args.keep_column}=False), {time.perf_counter() - started:.1f}s; parquet files in {args.output or args.path}"
+        f"dedup ({args.method}) over {len(summary)} shards: {int(summary['rows'].sum())} rows, {removed} duplicates "
+        f"flagged ({args.keep_column}=False), {time.perf_counter() - started:.1f}s; "
+        f"parquet files in {args.output or args.path}"
+    )
+    return 0
+
+
+def _count_not_kept(summary: "pd.DataFrame", keep_column: str) -> int:
+    """Rows whose ``keep_column`` is False in the parquet files a ``save_metadata`` summary lists."""
+    import dask.dataframe as dd
+
+    kept = dd.read_parquet(summary["path"].tolist(), columns=[keep_column])[keep_column]
+    return int((~kept.astype(bool)).sum().compute())
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from dask_clip import AestheticClassifier, ClipTextEmbedder, NsfwClassifier, clip_score, keep_by_threshold
+
+    dataset = _dataset(args)
+    if args.by == "clip-score":
+        if not args.model_dir:
+            raise ValueError("--by clip-score needs --model-dir: the CLIP (with its tokenizer) that embedded the images")
+        scored, column = clip_score(ClipTextEmbedder(args.model_dir)(dataset)), "clip_score"
+    else:
+        if not args.model_path:
+            raise ValueError(f"--by {args.by} needs --model-path: a local checkpoint of the classifier")
+        classifier = AestheticClassifier(args.model_path) if args.by == "aesthetic" else NsfwClassifier(args.model_path)
+        scored, column = classifier(dataset), classifier.pred_column
+    filtered = keep_by_threshold(scored, column, min=args.min, max=args.max, keep_column=args.keep_column)
+    with _cluster(args):
+        started = time.perf_counter()
+        summary = filtered.save_metadata(args.output)
+        dropped = _count_not_kept(summary, args.keep_column)
+    print(
+        f"filter by {column} over {len(summary)} shards: {int(summary['rows'].sum())} rows, {dropped} marked "
+        f"{args.keep_column}=False, {time.perf_counter() - started:.1f}s; parquet files in {args.output or args.path}"
     )
     return 0
 
@@ -261,6 +314,7 @@ def _demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "embed": _embed,
     "dedup": _dedup,
+    "filter": _filter,
     "reshard": _reshard,
     "search": _search,
     "export": _export,

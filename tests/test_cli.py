@@ -117,3 +117,31 @@ def duplicate_shard(folder: Path) -> None:
         info = tarfile.TarInfo("000030099.jpg")
         info.size = len(payload)
         archive.addfile(info, io.BytesIO(payload))
+
+
+def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dask_clip import testing
+
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    testing.save_tokenizer_for_clip_model(model)
+    folder = shards  # a private copy already
+    duplicate_shard(folder)
+    common = ("--n-workers", "1")
+    assert run_cli("embed", str(folder), "--model-dir", str(model), *common).returncode == 0
+
+    semantic = run_cli("dedup", str(folder), "--method", "semantic", "--n-clusters", "2", "--eps", "1e-6", *common)
+    assert semantic.returncode == 0, semantic.stderr
+    assert "dedup (semantic) over 3 shards: 19 rows, 1 duplicates flagged" in semantic.stdout
+
+    scored = run_cli("filter", str(folder), "--by", "clip-score", "--model-dir", str(model), "--min", "2", *common)
+    assert scored.returncode == 0, scored.stderr
+    assert "filter by clip_score over 3 shards: 19 rows, 19 marked keep=False" in scored.stdout  # cosine <= 1 < 2
+    assert pq.read_table(folder / "00001.parquet").column("clip_score").null_count == 1  # the failed download
+
+    weights = tmp_path / "aesthetic.safetensors"
+    weights.write_bytes(b"")
+    wrong = run_cli("filter", str(folder), "--by", "aesthetic", "--model-path", str(weights), "--min", "5", *common)
+    assert wrong.returncode == 1
+    assert "takes 768-d embeddings but column 'image_embedding' holds 32-d ones" in wrong.stderr
