@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -62,6 +63,18 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+DECODE_MODES = ("fast", "exact")
+
+
+def resolve_decode_mode(decode_mode: str | None, autocast: bool) -> str:
+    """``None`` -> ``"exact"`` when ``autocast=False`` (the setting that matches transformers), else ``"fast"``."""
+    if decode_mode is None:
+        return "fast" if autocast else "exact"
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None, not {decode_mode!r}")
+    return decode_mode
+
+
 def bf16_is_fast(device: str) -> bool:
     """Whether bfloat16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
     import torch
@@ -105,12 +118,17 @@ def _load_vision_tower(model_dir: str) -> Any:
 class ClipVisionModel(LoadedImageModel):
     """The projection-headed vision tower of a CLIP checkpoint, on one device, in eval mode."""
 
-    def __init__(self, model_dir: str, device: str, autocast: bool, max_image_pixels: int) -> None:
+    def __init__(
+        self, model_dir: str, device: str, autocast: bool, max_image_pixels: int, decode_mode: str = "exact"
+    ) -> None:
         import torch
 
         self.device = torch.device(device)
-        self.preprocess = PreprocessConfig.from_processor_dict(
-            read_model_json(model_dir, "preprocessor_config.json"), max_image_pixels=max_image_pixels
+        self.preprocess = dataclasses.replace(
+            PreprocessConfig.from_processor_dict(
+                read_model_json(model_dir, "preprocessor_config.json"), max_image_pixels=max_image_pixels
+            ),
+            draft=resolve_decode_mode(decode_mode, autocast) == "fast",
         )
         with _quiet_transformers():
             model = _load_vision_tower(model_dir)
@@ -139,6 +157,12 @@ class ClipImageEmbedder(ImageEmbedder):
     ``float32`` vectors of the model's projection size (768 for ViT-L/14), L2-normalised when
     ``normalize_embeddings``. ``device=None`` uses CUDA when the worker has it, else the CPU;
     ``autocast`` runs bf16 where the device computes it natively.
+
+    ``decode_mode="fast"`` decodes a JPEG at 1/2, 1/4 or 1/8 scale (``Image.draft``) when it is at
+    least twice the resized size, then resizes as CLIP does: about 2x faster decoding, embeddings
+    within cosine ~0.999 of the exact ones. ``"exact"`` matches transformers' ``CLIPImageProcessor``
+    bit for bit. ``None`` (default) is ``"exact"`` with ``autocast=False`` (the setting that matches
+    transformers) and ``"fast"`` otherwise (the same accuracy class as bf16 autocast).
     """
 
     def __init__(
@@ -157,6 +181,7 @@ class ClipImageEmbedder(ImageEmbedder):
         on_error: str = "record",
         decode_threads: int = 2,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        decode_mode: str | None = None,
     ) -> None:
         super().__init__(
             batch_size=model_inference_batch_size,
@@ -175,9 +200,11 @@ class ClipImageEmbedder(ImageEmbedder):
         self.autocast = autocast
         self.device = device
         self.max_image_pixels = max_image_pixels
+        self.decode_mode = resolve_decode_mode(decode_mode, autocast)
         self._embedding_dim = projection_dim_of(read_model_json(self.model_dir, "config.json"))
         self._cache_key = make_cache_key(
-            "clip-vision", {"model_dir": self.model_dir, "device": device, "autocast": autocast, "max_image_pixels": max_image_pixels}
+            "clip-vision", {"model_dir": self.model_dir, "device": device, "autocast": autocast, "max_image_pixels": max_image_pixels,
+             "decode_mode": self.decode_mode}
         )
 
     @property
@@ -189,7 +216,10 @@ class ClipImageEmbedder(ImageEmbedder):
         return self._cache_key
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "model_dir": self.model_dir, "autocast": self.autocast, "embedding_dim": self.embedding_dim}
+        return {
+            **super().config(), "model_dir": self.model_dir, "autocast": self.autocast,
+            "decode_mode": self.decode_mode, "embedding_dim": self.embedding_dim,
+        }
 
     def task_resources(self) -> dict[str, float]:
         return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}
@@ -197,4 +227,4 @@ class ClipImageEmbedder(ImageEmbedder):
     def load_model(self) -> ClipVisionModel:
         device = resolve_device(self.device)
         logger.info("loading CLIP vision model %s on %s", self.model_dir, device)
-        return ClipVisionModel(self.model_dir, device, self.autocast, self.max_image_pixels)
+        return ClipVisionModel(self.model_dir, device, self.autocast, self.max_image_pixels, self.decode_mode)
