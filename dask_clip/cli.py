@@ -186,6 +186,9 @@ def _print_embed_summary(summary: "pd.DataFrame", seconds: float, output: str) -
         f"(see embedding_error), {seconds:.1f}s ({computed / max(seconds, 1e-9):.1f} images/s); "
         f"parquet files in {output}"
     )
+    stages = summary.loc[written, ["load_s", "wait_s", "decode_s", "infer_s", "write_s"]].sum()
+    if written.any():
+        print("seconds summed over the shards written: " + ", ".join(f"{name[:-2]} {value:.1f}" for name, value in stages.items()))
 
 
 def _dedup(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import posixpath
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +24,7 @@ from dask_clip.io.metadata import (
     write_shard_metadata,
 )
 from dask_clip.distributed.progress import compute_shard_summaries, usable_resources
+from dask_clip.embedders.base import TIMINGS_ATTR
 from dask_clip.io.shards import Shard, discover_shards
 from dask_clip.io.tar_samples import ShardReadError
 
@@ -32,6 +34,7 @@ IMAGE_BYTES_COLUMN = "image_bytes"
 """Name of the column that holds a sample's image bytes, when the metadata carries them."""
 
 SHARD_COLUMNS = ["stem", "tar_url", "parquet_url"]
+STAGE_COLUMNS = ["load_s", "wait_s", "decode_s", "infer_s", "write_s"]
 
 
 class ShardProcessingError(RuntimeError):
@@ -139,7 +142,9 @@ class ImageTextPairDataset:
         ``progress`` shows a bar (shards done, rows per second) on a distributed client.
 
         Returns one row per shard: ``stem``, ``path``, ``rows``, ``errors`` (rows with a reason
-        instead of a value) and ``written`` (False where skipped).
+        instead of a value), ``written`` (False where skipped) and the shard's stage timings in
+        seconds: ``load_s``, ``wait_s``, ``decode_s``, ``infer_s`` (see ``embedders.base.TIMINGS_ATTR``;
+        NaN where nothing was embedded) and ``write_s``.
         """
         output_root = (path or self.path).rstrip("/")
         selected = self._columns_to_write(columns)
@@ -153,7 +158,9 @@ class ImageTextPairDataset:
             {"stem": self.shards[i].stem, "path": urls[i], **status, "written": False}
             for i, status in enumerate(finished) if status is not None
         ]
-        summary_meta = pd.DataFrame({"stem": [""], "path": [""], "rows": [0], "errors": [0], "written": [True]}).iloc[:0]
+        summary_meta = pd.DataFrame(
+            {"stem": [""], "path": [""], "rows": [0], "errors": [0], "written": [True], **{c: [0.0] for c in STAGE_COLUMNS}}
+        ).iloc[:0]
         if not todo:
             return pd.DataFrame(skipped, columns=summary_meta.columns).astype(summary_meta.dtypes.to_dict())
         if skipped:
@@ -163,9 +170,12 @@ class ImageTextPairDataset:
             stem = shard["stem"].iloc[0]
             url = posixpath.join(output_root, f"{stem}.parquet")
             output = rows[selected]
+            started = time.perf_counter()
             write_shard_metadata(output, url, info)
+            timings = {**dict.fromkeys(STAGE_COLUMNS, float("nan")), **rows.attrs.get(TIMINGS_ATTR, {})}
+            timings["write_s"] = time.perf_counter() - started
             summary = {"stem": stem, "path": url, "rows": len(output), "errors": count_rows_with_errors(output, info)}
-            return pd.DataFrame([{**summary, "written": True}])
+            return pd.DataFrame([{**summary, "written": True, **timings}])
 
         written = dd.map_partitions(
             write,
@@ -176,7 +186,8 @@ class ImageTextPairDataset:
             enforce_metadata=False,
         )
         computed = compute_shard_summaries(written, dict(self.resources), progress)
-        result = pd.concat([computed, pd.DataFrame(skipped, columns=summary_meta.columns)])
+        frames = [computed] + ([pd.DataFrame(skipped, columns=summary_meta.columns)] if skipped else [])
+        result = pd.concat(frames)
         order = {shard.stem: i for i, shard in enumerate(self.shards)}
         result = result.sort_values("stem", key=lambda stems: stems.map(order)).reset_index(drop=True)
         return result.astype(summary_meta.dtypes.to_dict())

@@ -63,13 +63,12 @@ def test_a_failing_shard_is_named_and_finished_shards_are_kept(client, shards: P
     (shards / "00001.tar").write_bytes(good_tar[: len(good_tar) // 2])
     with pytest.raises(ShardReadError, match=r"00001\.tar: cannot read tar"):
         embed(shards, tiny_model, on_error="raise").save_metadata(str(output))
-    finished = {p.name for p in output.glob("*.parquet")}
-    assert "00001.parquet" not in finished
+    # the failure did not stop the other shards: they ran to the end and are on disk
+    assert {p.name for p in output.glob("*.parquet")} == {"00000.parquet", "00003.parquet"}
 
     (shards / "00001.tar").write_bytes(good_tar)
     rerun = embed(shards, tiny_model, on_error="raise").save_metadata(str(output))
-    written = {f"{stem}.parquet" for stem in rerun.loc[rerun["written"], "stem"]}
-    assert written == {"00000.parquet", "00001.parquet", "00003.parquet"} - finished
+    assert rerun.loc[rerun["written"], "stem"].tolist() == ["00001"]
 
 
 WRITER = """

@@ -73,3 +73,13 @@ def test_progress_bar_counts_shards_and_rows(embedded: ImageTextPairDataset, tmp
     embedded.save_metadata(str(tmp_path / "out"), progress=True)
     bar = capsys.readouterr().err
     assert "3/3" in bar and "rows=18" in bar and "rows_per_s=" in bar
+
+
+def test_summary_reports_stage_timings(embedded: ImageTextPairDataset, tmp_path: Path) -> None:
+    summary = embedded.save_metadata(str(tmp_path / "out"))
+    for stage in ("load_s", "wait_s", "decode_s", "infer_s", "write_s"):
+        assert (summary[stage] >= 0).all(), stage
+    assert (summary["infer_s"] > 0).all() and (summary["decode_s"] > 0).all() and (summary["write_s"] > 0).all()
+
+    plain = ImageTextPairDataset.from_webdataset(embedded.path).save_metadata(str(tmp_path / "plain"))
+    assert plain["infer_s"].isna().all() and (plain["write_s"] > 0).all()

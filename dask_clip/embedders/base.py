@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 ERROR_POLICIES = ("record", "raise")
+TIMINGS_ATTR = "dask_clip_timings"
+"""Key in a shard frame's ``attrs`` of its stage timings in seconds: ``load_s`` (model from the
+cache or loaded), ``wait_s`` (inference waiting for decoded images: reading and decoding not hidden
+by the decode threads), ``decode_s`` (decode thread time, summed over threads) and ``infer_s``."""
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -145,6 +149,8 @@ class ImageEmbedder(ABC):
 
         started = time.perf_counter()
         model = get_or_load(self.cache_key, self.load_model)
+        timings = {"load_s": time.perf_counter() - started, "wait_s": 0.0, "decode_s": 0.0, "infer_s": 0.0}
+        decode_seconds: list[float] = []
         positions = {str(key): position for position, key in enumerate(rows[id_col])}
         vectors = np.zeros((len(rows), self.embedding_dim), dtype=np.float32)
         valid = np.zeros(len(rows), dtype=bool)
@@ -153,7 +159,9 @@ class ImageEmbedder(ABC):
         seen = np.zeros(len(rows), dtype=bool)
 
         def record(batch: list[_Decoded]) -> None:
+            inference_started = time.perf_counter()
             embeddings = model.embed([item.pixels for item in batch])
+            timings["infer_s"] += time.perf_counter() - inference_started
             if self.normalize_embeddings:
                 embeddings = l2_normalize(embeddings)
             for item, embedding in zip(batch, embeddings):
@@ -161,7 +169,7 @@ class ImageEmbedder(ABC):
                 valid[positions[item.key]] = True
 
         batch: list[_Decoded] = []
-        for item in self._decoded_samples(tar_url, model.preprocess):
+        for item in self._decoded_samples(tar_url, model.preprocess, decode_seconds):
             if item.key not in positions:
                 unknown_keys.append(item.key)
                 continue
@@ -192,18 +200,34 @@ class ImageEmbedder(ABC):
                 self.error_column: pd.Series(pd.array(errors, dtype=pd.ArrowDtype(pa.string())), index=rows.index),
             }
         )
+        elapsed = time.perf_counter() - started
+        timings["decode_s"] = sum(decode_seconds)
+        timings["wait_s"] = max(0.0, elapsed - timings["load_s"] - timings["infer_s"])
+        result.attrs[TIMINGS_ATTR] = timings
+        logger.debug("%s: stage seconds %s", tar_url, {name: round(value, 3) for name, value in timings.items()})
         if self.verbose:
-            elapsed = time.perf_counter() - started
             logger.info(
                 "%s: %d rows, %d embedded, %d without embedding, %.1fs (%.1f images/s)",
                 tar_url, len(rows), int(valid.sum()), int((~valid).sum()), elapsed, valid.sum() / max(elapsed, 1e-9),
             )
         return result
 
-    def _decoded_samples(self, tar_url: str, preprocess: PreprocessConfig) -> Iterator[_Decoded]:
-        """The shard's samples, decoded on ``decode_threads`` threads a bounded distance ahead."""
+    def _decoded_samples(
+        self, tar_url: str, preprocess: PreprocessConfig, decode_seconds: list[float]
+    ) -> Iterator[_Decoded]:
+        """The shard's samples, decoded on ``decode_threads`` threads a bounded distance ahead.
+
+        Each decode's duration (seconds) is appended to ``decode_seconds``.
+        """
 
         def decode(sample: Sample) -> _Decoded:
+            decode_started = time.perf_counter()
+            try:
+                return decode_one(sample)
+            finally:
+                decode_seconds.append(time.perf_counter() - decode_started)
+
+        def decode_one(sample: Sample) -> _Decoded:
             extension = next((e for e in IMAGE_EXTENSIONS if e in sample.members or e in sample.problems), None)
             if extension is None:
                 return _Decoded(sample.key, None, f"no image member (members: {sorted(sample.members)})")
