@@ -83,7 +83,13 @@ def start_cli_cluster(folder: Path, n_workers: int) -> tuple[list[subprocess.Pop
 
 
 def stop_processes(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
+    """Workers first, then the scheduler (a worker whose scheduler is gone may wait to reconnect);
+    whatever does not stop within 30 s of SIGTERM is killed."""
+    for process in reversed(processes):
         process.terminate()
-    for process in processes:
-        process.wait(timeout=30)
+    for process in reversed(processes):
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
