@@ -15,7 +15,9 @@ from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_num
 from dask_clip.embedders.image_preprocessing import PreprocessConfig, decode_and_preprocess
 
 EXACT = PreprocessConfig()
-FAST = PreprocessConfig(draft=True)
+DRAFT = PreprocessConfig(draft=True)
+TORCH_RESIZE = PreprocessConfig(torch_resize=True)
+FAST = PreprocessConfig(draft=True, torch_resize=True)  # what decode_mode="fast" uses
 
 
 def jpeg(height: int, width: int, orientation: int | None = None, seed: int = 0) -> bytes:
@@ -63,16 +65,35 @@ def test_fast_mode_decodes_large_jpegs_at_reduced_size_and_stays_close(orientati
 
 
 @pytest.mark.parametrize("size", [(300, 400), (447, 800)])
-def test_fast_mode_is_exact_for_jpegs_under_twice_the_target(size: tuple[int, int]) -> None:
+def test_draft_is_a_no_op_for_jpegs_under_twice_the_target(size: tuple[int, int]) -> None:
     data = jpeg(*size)
-    np.testing.assert_array_equal(decode_and_preprocess(data, FAST), decode_and_preprocess(data, EXACT))
+    np.testing.assert_array_equal(decode_and_preprocess(data, DRAFT), decode_and_preprocess(data, EXACT))
 
 
-def test_fast_mode_is_exact_for_png() -> None:
+def test_draft_is_a_no_op_for_png() -> None:
     buffer = io.BytesIO()
     Image.open(io.BytesIO(jpeg(600, 900))).save(buffer, format="PNG")
     data = buffer.getvalue()
-    np.testing.assert_array_equal(decode_and_preprocess(data, FAST), decode_and_preprocess(data, EXACT))
+    np.testing.assert_array_equal(decode_and_preprocess(data, DRAFT), decode_and_preprocess(data, EXACT))
+
+
+@pytest.mark.parametrize("size", [(300, 400), (447, 800), (150, 200), (600, 900)])
+def test_torch_resize_is_within_one_level_of_pillow(size: tuple[int, int]) -> None:
+    data = jpeg(*size)  # downscaled, upscaled (150 px < 224) and both orientations of the long side
+    torch_pixels = decode_and_preprocess(data, TORCH_RESIZE)
+    assert torch_pixels.shape == (224, 224, 3) and torch_pixels.dtype == np.uint8
+    difference = np.abs(torch_pixels.astype(int) - decode_and_preprocess(data, EXACT))
+    assert difference.max() == 1, "torch's resize was not used (or no longer within one level)"
+    assert difference.mean() < 0.05
+
+
+def test_torch_resize_falls_back_to_pillow_for_other_filters() -> None:
+    data = jpeg(600, 900)
+    lanczos = PreprocessConfig(resample=Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(
+        decode_and_preprocess(data, PreprocessConfig(resample=Image.Resampling.LANCZOS, torch_resize=True)),
+        decode_and_preprocess(data, lanczos),
+    )
 
 
 def test_decode_mode_defaults_follow_autocast_and_are_part_of_the_cache_key(tiny_model: Path) -> None:
@@ -82,7 +103,9 @@ def test_decode_mode_defaults_follow_autocast_and_are_part_of_the_cache_key(tiny
     assert default.decode_mode == "fast" and reference.decode_mode == "exact" and exact.decode_mode == "exact"
     assert default.config()["decode_mode"] == "fast" and exact.config()["decode_mode"] == "exact"
     assert default.cache_key != exact.cache_key
-    assert default.load_model().preprocess.draft and not exact.load_model().preprocess.draft
+    fast_config, exact_config = default.load_model().preprocess, exact.load_model().preprocess
+    assert fast_config.draft and fast_config.torch_resize
+    assert not exact_config.draft and not exact_config.torch_resize
     with pytest.raises(ValueError, match="decode_mode must be one of"):
         ClipImageEmbedder(str(tiny_model), decode_mode="quick")
 

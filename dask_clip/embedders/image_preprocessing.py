@@ -42,6 +42,9 @@ class PreprocessConfig:
     draft: bool = False
     """Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``) when it is at least
     twice the resized size, before the bicubic resize: about 2x faster, not bit-identical to transformers."""
+    torch_resize: bool = False
+    """Resize with torch's antialiased uint8 interpolation (bicubic or bilinear; what transformers 5's
+    torchvision backend uses) instead of Pillow's: ~5x faster, within one level of Pillow's pixels."""
 
     @classmethod
     def from_processor_dict(cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "PreprocessConfig":
@@ -174,13 +177,27 @@ def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
         image = to_rgb(image)
         width, height = resized_size(image.width, image.height, config.shortest_edge)
-        image = image.resize((width, height), resample=config.resample)
-        pixels = np.asarray(image)
+        if config.torch_resize and config.resample in TORCH_RESAMPLE:
+            pixels = resize_with_torch(image, width, height, TORCH_RESAMPLE[config.resample])
+        else:
+            pixels = np.asarray(image.resize((width, height), resample=config.resample))
     except Image.DecompressionBombError as error:  # Pillow's limit, checked again by some decoders (TIFF, GIF)
         raise ImageDecodeError(pillow_bomb_reason(error, config.max_image_pixels)) from None
     except Exception as error:  # Pillow's decoders raise many types on malformed data (OSError, struct.error, ...)
         raise ImageDecodeError(f"cannot decode image: {str(error) or type(error).__name__}") from None
     return center_crop(pixels, config.crop_height, config.crop_width)
+
+
+TORCH_RESAMPLE = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
+
+
+def resize_with_torch(image: Image.Image, width: int, height: int, mode: str) -> np.ndarray:
+    """An RGB image resized with torch's antialiased uint8 kernels -> ``uint8 (height, width, 3)``, no float copy."""
+    import torch
+
+    pixels = torch.from_numpy(np.array(image))  # writable (torch warns about read-only arrays): one ~1 MB copy
+    resized = torch.nn.functional.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode=mode, antialias=True)
+    return resized[0].permute(1, 2, 0).numpy()
 
 
 def to_pixel_values(images: Sequence[np.ndarray], config: PreprocessConfig, device: Any, dtype: Any) -> Any:
