@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
 from dask_clip.embedders.image_preprocessing import PreprocessConfig, decode_and_preprocess
+
+from .test_clip_embedder import reference_embeddings
 
 EXACT = PreprocessConfig()
 DRAFT = PreprocessConfig(draft=True)
@@ -108,25 +108,6 @@ def test_decode_mode_defaults_follow_autocast_and_are_part_of_the_cache_key(tiny
     assert not exact_config.draft and not exact_config.torch_resize
     with pytest.raises(ValueError, match="decode_mode must be one of"):
         ClipImageEmbedder(str(tiny_model), decode_mode="quick")
-
-
-def reference_embeddings(model_dir: Path, shard_folder: Path) -> dict[str, np.ndarray]:
-    """transformers' own answer: CLIPImageProcessor + CLIPModel.get_image_features, fp32, normalised."""
-    from transformers import CLIPImageProcessor, CLIPModel
-
-    model = CLIPModel.from_pretrained(model_dir).eval()
-    processor = CLIPImageProcessor.from_pretrained(model_dir)
-    out = {}
-    for tar in sorted(shard_folder.glob("*.tar")):
-        with tarfile.open(tar) as archive:
-            for member in archive.getmembers():
-                if member.name.endswith(".jpg"):
-                    image = Image.open(io.BytesIO(archive.extractfile(member).read()))
-                    with torch.no_grad():
-                        features = model.get_image_features(pixel_values=processor(images=image, return_tensors="pt")["pixel_values"])
-                    vector = getattr(features, "pooler_output", features)[0].numpy()
-                    out[member.name[: -len(".jpg")]] = vector / np.linalg.norm(vector)
-    return out
 
 
 def test_exact_and_fast_modes_against_transformers(client, shards: Path, tiny_model: Path) -> None:

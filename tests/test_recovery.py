@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
+from dask_clip import ClipImageEmbedder, ImageTextPairDataset, testing
 from dask_clip.io.tar_samples import ShardReadError
 
 from .conftest import start_cli_cluster, stop_processes

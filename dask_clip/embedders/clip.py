@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import logging
@@ -16,7 +14,8 @@ import numpy as np
 
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
-from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, to_pixel_values
+from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig
+from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, reuse_freed_memory, run_on_batch
 
 logger = logging.getLogger(__name__)
 
@@ -56,39 +55,7 @@ def projection_dim_of(config: dict[str, Any]) -> int:
     return int(dim)
 
 
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 DECODE_MODES = ("fast", "exact")
-
-MALLOC_MMAP_THRESHOLD = 32 * 2**20
-MALLOC_TRIM_THRESHOLD = 64 * 2**20
-
-
-def reuse_freed_memory() -> bool:
-    """Let glibc's malloc reuse freed memory for the next batch instead of returning it to the OS.
-
-    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes malloc's mmap
-    threshold at 128 KiB: every tensor and decoded image larger than that is then mmap'd and
-    unmapped per operation, and its pages faulted in again each time. That halves the throughput of
-    a small CLIP on one CPU thread and slows decoding by ~25%. Raising both thresholds (to 32 MiB and
-    64 MiB) keeps at most a few tens of MiB more per malloc arena. Returns whether it was applied
-    (only with glibc).
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
-
 
 def resolve_decode_mode(decode_mode: str | None, autocast: bool) -> str:
     """``None`` -> ``"exact"`` when ``autocast=False`` (the setting that matches transformers), else ``"fast"``."""
@@ -106,16 +73,6 @@ def preprocess_config(model_dir: str, max_image_pixels: int, decode_mode: str) -
     )
     fast = resolve_decode_mode(decode_mode, autocast=True) == "fast"
     return dataclasses.replace(config, draft=fast, torch_resize=fast)
-
-
-def bf16_is_fast(device: str) -> bool:
-    """Whether bfloat16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 @contextlib.contextmanager
@@ -161,21 +118,14 @@ class ClipVisionModel(LoadedImageModel):
         with _quiet_transformers():
             model = _load_vision_tower(model_dir)
         self.model = model.to(self.device).eval()
-        self.autocast_dtype = torch.bfloat16 if autocast and bf16_is_fast(device) else None
+        self.autocast_dtype = autocast_dtype_for(device, autocast)
         reuse_freed_memory()  # after the load, so that the load's own temporary buffers are returned
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        import torch
-
-        pixels = to_pixel_values(images, self.preprocess, self.device, torch.float32)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
+        return run_on_batch(
+            lambda pixels: self.model(pixel_values=pixels).image_embeds, images, self.preprocess, self.device,
+            self.autocast_dtype,
         )
-        with torch.inference_mode(), autocast:
-            embeddings = self.model(pixel_values=pixels).image_embeds
-        return embeddings.float().cpu().numpy()
 
 
 class ClipImageEmbedder(ImageEmbedder):

@@ -11,8 +11,9 @@ import pandas as pd
 from dask_clip.distributed.model_cache import get_or_load, make_cache_key
 from dask_clip.embedders.base import l2_normalize
 from dask_clip.embedders.clip import (
-    HOW_TO_PROVIDE_WEIGHTS, ModelLoadError, _quiet_transformers, projection_dim_of, read_model_json, resolve_device,
+    HOW_TO_PROVIDE_WEIGHTS, ModelLoadError, _quiet_transformers, projection_dim_of, read_model_json,
 )
+from dask_clip.embedders.inference import resolve_device
 from dask_clip.embeddings import embedding_dtype, to_embedding_array
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from PIL import Image
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
 from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig
-from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, run_on_batch
+from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, reuse_freed_memory, run_on_batch
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class TimmModel(LoadedImageModel):
         self.model = _create_model(model_name, pretrained, checkpoint_path, model_kwargs).to(device).eval()
         self.preprocess = timm_preprocess_config(timm.data.resolve_model_data_config(self.model), max_image_pixels)
         self.autocast_dtype = autocast_dtype_for(device, autocast)
+        reuse_freed_memory()
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         return run_on_batch(self.model, images, self.preprocess, self.device, self.autocast_dtype)

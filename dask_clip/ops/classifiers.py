@@ -91,7 +91,7 @@ class EmbeddingClassifier(ABC):
         """The module with the checkpoint's weights, on this worker's device; called once per worker."""
         import torch
 
-        from dask_clip.embedders.clip import resolve_device
+        from dask_clip.embedders.inference import resolve_device
         from dask_clip.ops.classifier_models import load_classifier
 
         device = torch.device(resolve_device(self.device))
