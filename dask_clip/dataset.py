@@ -23,6 +23,7 @@ from dask_clip.io.metadata import (
     read_shard_metadata,
     write_shard_metadata,
 )
+from dask_clip.backends import check_backend, convert
 from dask_clip.distributed.progress import compute_shard_summaries, usable_resources
 from dask_clip.embedders.base import TIMINGS_ATTR
 from dask_clip.io.shards import Shard, discover_shards
@@ -48,6 +49,7 @@ class ImageTextPairDataset:
     ``metadata`` has one partition per shard, aligned with ``shards`` (and ``tar_files``); every
     operation returns a new dataset and leaves this one unchanged.
     ``derived_columns`` maps each column that dask_clip computed to the configuration that produced it.
+    ``backend`` is the dataframe library of ``metadata``: ``"pandas"`` or ``"cudf"`` (GPU extra).
     """
 
     path: str
@@ -56,14 +58,17 @@ class ImageTextPairDataset:
     id_col: str = "key"
     derived_columns: Mapping[str, Any] = field(default_factory=dict)
     resources: Mapping[str, float] = field(default_factory=dict)
+    backend: str = "pandas"
 
     @classmethod
-    def from_webdataset(cls, path: str, id_col: str = "key") -> "ImageTextPairDataset":
+    def from_webdataset(cls, path: str, id_col: str = "key", backend: str = "pandas") -> "ImageTextPairDataset":
         """Read the shard pairs of ``path`` (a local folder or any fsspec URL) lazily.
 
         Only the folder listing and the first parquet's footer are read on the client; each shard's
-        parquet is read by its own task, which checks its ids and columns.
+        parquet is read by its own task, which checks its ids and columns. ``backend="cudf"`` (GPU
+        extra) gives a dask_cudf ``metadata``; dask_clip's operations convert to pandas per shard.
         """
+        check_backend(backend)
         shards = tuple(discover_shards(path))
         first_schema = read_parquet_schema(shards[0].parquet_url)
         meta = empty_frame(first_schema)
@@ -75,7 +80,13 @@ class ImageTextPairDataset:
             read, [shard.parquet_url for shard in shards], meta=meta, enforce_metadata=False, label="read-shard-metadata"
         )
         configs = dask_clip_info(first_schema).get("configs", {})
-        return cls(path, metadata, shards, id_col, {column: configs.get(column) for column in derived})
+        derived_configs = {column: configs.get(column) for column in derived}
+        return cls(path, convert(metadata, backend), shards, id_col, derived_configs, backend=backend)
+
+    @property
+    def pandas_metadata(self) -> dd.DataFrame:
+        """``metadata`` on the pandas backend: what dask_clip's operations compute on."""
+        return convert(self.metadata, "pandas")
 
     @property
     def tar_files(self) -> list[str]:
@@ -88,7 +99,7 @@ class ImageTextPairDataset:
         derived_columns: Mapping[str, Any] | None = None,
         resources: Mapping[str, float] | None = None,
     ) -> "ImageTextPairDataset":
-        """A new dataset with ``metadata`` replaced (same shards, one partition each)."""
+        """A new dataset with ``metadata`` replaced (same shards, one partition each), on this dataset's backend."""
         if metadata.npartitions != len(self.shards):
             raise ValueError(
                 f"metadata has {metadata.npartitions} partitions but the dataset has {len(self.shards)} shards: "
@@ -96,7 +107,7 @@ class ImageTextPairDataset:
             )
         return replace(
             self,
-            metadata=metadata,
+            metadata=convert(metadata, self.backend),
             derived_columns={**self.derived_columns, **(derived_columns or {})},
             resources={**self.resources, **(resources or {})},
         )
@@ -122,7 +133,7 @@ class ImageTextPairDataset:
                 raise ShardProcessingError(f"{tar_url}: {type(error).__name__}: {error}") from error
 
         return dd.map_partitions(
-            on_partition, self.metadata, self.shard_frame(), meta=meta, align_dataframes=False, enforce_metadata=False
+            on_partition, self.pandas_metadata, self.shard_frame(), meta=meta, align_dataframes=False, enforce_metadata=False
         )
 
     def save_metadata(
@@ -179,7 +190,7 @@ class ImageTextPairDataset:
 
         written = dd.map_partitions(
             write,
-            self.metadata.partitions[todo],
+            self.pandas_metadata.partitions[todo],
             self.shard_frame().partitions[todo],
             meta=summary_meta,
             align_dataframes=False,

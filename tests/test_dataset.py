@@ -84,3 +84,27 @@ def test_operations_must_keep_one_partition_per_shard(shards: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
     with pytest.raises(ValueError, match="3 shards"):
         dataset.with_metadata(dataset.metadata.repartition(npartitions=1))
+
+
+def test_backend_selection(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    dataset = ImageTextPairDataset.from_webdataset(str(shards), backend="pandas")
+    assert dataset.backend == "pandas" and dataset.pandas_metadata is dataset.metadata
+    with pytest.raises(ValueError, match=r"backend must be one of \('pandas', 'cudf'\), not 'polars'"):
+        ImageTextPairDataset.from_webdataset(str(shards), backend="polars")
+    monkeypatch.setitem(sys.modules, "cudf", None)  # as if the GPU extra were not installed
+    with pytest.raises(ImportError, match=r'backend="cudf" needs cudf and dask-cudf: pip install "dask_clip\[gpu\]"'):
+        ImageTextPairDataset.from_webdataset(str(shards), backend="cudf")
+
+
+@pytest.mark.gpu
+def test_cudf_backend_embeds_and_saves(client, shards: Path, tiny_model: Path) -> None:
+    from dask_clip import ClipImageEmbedder
+
+    dataset = ImageTextPairDataset.from_webdataset(str(shards), backend="cudf")
+    assert type(dataset.metadata._meta).__module__.startswith("cudf")
+    embedded = ClipImageEmbedder(str(tiny_model))(dataset)
+    assert type(embedded.metadata._meta).__module__.startswith("cudf")
+    summary = embedded.save_metadata()
+    assert summary["rows"].sum() == 18 and summary["errors"].sum() == 3

@@ -119,7 +119,7 @@ class ImageEmbedder(ABC):
         """Lazily add ``embedding_column`` and ``error_column`` to every shard of ``dataset``."""
         from dask_clip.dataset import IMAGE_BYTES_COLUMN
 
-        meta = self.output_meta(dataset.metadata._meta)
+        meta = self.output_meta(dataset.pandas_metadata._meta)
         if self.remove_image_data and IMAGE_BYTES_COLUMN in meta.columns:
             meta = meta.drop(columns=[IMAGE_BYTES_COLUMN])
         metadata = dataset.map_shards(self.embed_partition, meta=meta)

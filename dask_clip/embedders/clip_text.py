@@ -123,7 +123,7 @@ class ClipTextEmbedder:
 
     def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
         """Lazily add ``embedding_column`` to every shard."""
-        meta = dataset.metadata._meta
+        meta = dataset.pandas_metadata._meta
         if self.caption_column not in meta.columns:
             raise KeyError(f"no caption column {self.caption_column!r}; the columns are {list(meta.columns)}")
         output_meta = meta.assign(**{self.embedding_column: pd.Series([], dtype=embedding_dtype(self.embedding_dim))})

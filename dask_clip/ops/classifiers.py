@@ -77,13 +77,13 @@ class EmbeddingClassifier(ABC):
 
     def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
         """Lazily add ``pred_column`` (``float32``, null without an embedding) to every shard."""
-        width = embedding_width(dataset.metadata._meta, self.embedding_column)
+        width = embedding_width(dataset.pandas_metadata._meta, self.embedding_column)
         if width != self.embedding_dim:
             raise ValueError(
                 f"{type(self).__name__} takes {self.embedding_dim}-d embeddings but column "
                 f"{self.embedding_column!r} holds {width}-d ones (use the CLIP the classifier was trained on)"
             )
-        meta = dataset.metadata._meta.assign(**{self.pred_column: pd.Series([], dtype=PREDICTION_DTYPE)})
+        meta = dataset.pandas_metadata._meta.assign(**{self.pred_column: pd.Series([], dtype=PREDICTION_DTYPE)})
         metadata = dataset.map_shards(self.predict_partition, meta=meta)
         return dataset.with_metadata(metadata, derived_columns={self.pred_column: self.config()})
 

@@ -26,7 +26,7 @@ def clip_score(
     here). This is the raw cosine; the CLIPScore paper reports ``2.5 * max(cosine, 0)`` and
     torchmetrics ``100 * max(cosine, 0)``. LAION-400M kept pairs with cosine >= 0.3 (ViT-B/32).
     """
-    meta = dataset.metadata._meta
+    meta = dataset.pandas_metadata._meta
     image_width, text_width = embedding_width(meta, image_column), embedding_width(meta, text_column)
     if image_width != text_width:
         raise ValueError(
@@ -46,6 +46,6 @@ def clip_score(
         return rows.assign(**{score_column: pd.Series(values, index=rows.index)})
 
     output_meta = meta.assign(**{score_column: pd.Series([], dtype=pd.ArrowDtype(pa.float32()))})
-    metadata = dataset.metadata.map_partitions(score, meta=output_meta, enforce_metadata=False)
+    metadata = dataset.pandas_metadata.map_partitions(score, meta=output_meta, enforce_metadata=False)
     config = {"function": "clip_score", "image_column": image_column, "text_column": text_column}
     return dataset.with_metadata(metadata, derived_columns={score_column: config})

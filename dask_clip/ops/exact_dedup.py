@@ -67,7 +67,7 @@ class ExactDeduplicator:
     def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
         id_col = dataset.id_col
         outputs = [self.keep_column, self.duplicate_of_column, self.similarity_column]
-        metadata = dataset.metadata.drop(columns=[c for c in outputs if c in dataset.metadata.columns])
+        metadata = dataset.pandas_metadata.drop(columns=[c for c in outputs if c in dataset.pandas_metadata.columns])
         columns = list(metadata.columns)
         derived: dict[str, Any] = {}
         if self.hash_column not in columns:

@@ -40,7 +40,7 @@ def export_clip_retrieval(
     Returns one row per shard: ``stem``, ``index``, ``rows`` (embeddings written, 0 where no pair
     was written), ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
     """
-    columns = list(dataset.metadata.columns)
+    columns = list(dataset.pandas_metadata.columns)
     if embedding_column not in columns:
         raise ValueError(f"no embedding column {embedding_column!r}; the dataset has {columns}")
     if metadata_columns is None:
@@ -80,6 +80,6 @@ def export_clip_retrieval(
         {"stem": [""], "index": [0], "rows": [0], "embeddings_path": [""], "metadata_path": [""]}
     ).iloc[:0]
     written = dd.map_partitions(
-        write, dataset.metadata, dataset.shard_frame(), meta=meta, align_dataframes=False, enforce_metadata=False
+        write, dataset.pandas_metadata, dataset.shard_frame(), meta=meta, align_dataframes=False, enforce_metadata=False
     )
     return dataset._compute(written).reset_index(drop=True)

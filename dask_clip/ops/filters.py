@@ -32,7 +32,7 @@ def keep_by_threshold(
     """
     if min is None and max is None:
         raise ValueError("give min=, max= or both")
-    meta = dataset.metadata._meta
+    meta = dataset.pandas_metadata._meta
     if column not in meta.columns:
         raise KeyError(f"no column {column!r} to filter on; the columns are {list(meta.columns)}")
     if not pd.api.types.is_numeric_dtype(meta[column].dtype):
@@ -51,7 +51,7 @@ def keep_by_threshold(
         return rows.assign(**{keep_column: pd.Series(inside.to_numpy(), index=rows.index, dtype=pd.ArrowDtype(pa.bool_()))})
 
     output_meta = meta.assign(**{keep_column: pd.Series([], dtype=pd.ArrowDtype(pa.bool_()))})
-    metadata = dataset.metadata.map_partitions(mark, meta=output_meta, enforce_metadata=False)
+    metadata = dataset.pandas_metadata.map_partitions(mark, meta=output_meta, enforce_metadata=False)
     config = {
         "function": "keep_by_threshold", "column": column, "min": min, "max": max, "keep_missing": keep_missing,
         "after": dataset.derived_columns.get(keep_column),

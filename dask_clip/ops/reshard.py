@@ -108,7 +108,7 @@ def to_webdataset(
 
     Returns one row per output shard: ``stem``, ``tar_path``, ``parquet_path``, ``rows``, ``samples``.
     """
-    columns = list(dataset.metadata.columns)
+    columns = list(dataset.pandas_metadata.columns)
     _check_arguments(dataset, path, columns, filter_column, samples_per_shard, max_shards, old_id_col)
     output_fs, output_root = filesystem_of(path)
     output_url = path.rstrip("/")
@@ -159,7 +159,7 @@ def _check_arguments(
     if filter_column is not None:
         if filter_column not in columns:
             raise ValueError(f"no filter column {filter_column!r}; the dataset has {columns}")
-        dtype = dataset.metadata.dtypes[filter_column]
+        dtype = dataset.pandas_metadata.dtypes[filter_column]
         if not pd.api.types.is_bool_dtype(dtype):
             raise TypeError(f"filter column {filter_column!r} is {dtype}, not boolean")
     if old_id_col is not None and old_id_col in columns:

@@ -45,9 +45,9 @@ def search(
         raise ValueError("give exactly one of text= or image=")
     if k < 1:
         raise ValueError(f"k must be at least 1, not {k}")
-    dtype = dataset.metadata.dtypes.get(embedding_column)
+    dtype = dataset.pandas_metadata.dtypes.get(embedding_column)
     if dtype is None:
-        raise ValueError(f"no embedding column {embedding_column!r}; the dataset has {list(dataset.metadata.columns)}")
+        raise ValueError(f"no embedding column {embedding_column!r}; the dataset has {list(dataset.pandas_metadata.columns)}")
     if not (isinstance(dtype, pd.ArrowDtype) and pa.types.is_fixed_size_list(dtype.pyarrow_dtype)):
         raise TypeError(f"{embedding_column!r} is {dtype}, not an embedding column (fixed_size_list<float>)")
     width = dtype.pyarrow_dtype.list_size
@@ -66,14 +66,14 @@ def search(
     id_col = dataset.id_col
     meta = pd.DataFrame(
         {
-            id_col: pd.Series([], dtype=dataset.metadata.dtypes[id_col]),
+            id_col: pd.Series([], dtype=dataset.pandas_metadata.dtypes[id_col]),
             "score": pd.Series([], dtype="float32"),
             "stem": pd.Series([], dtype=object),
             "tar_url": pd.Series([], dtype=object),
         }
     )
     hits = dd.map_partitions(
-        top_k_of_shard, dataset.metadata, dataset.shard_frame(), query, k, id_col, embedding_column,
+        top_k_of_shard, dataset.pandas_metadata, dataset.shard_frame(), query, k, id_col, embedding_column,
         meta=meta, align_dataframes=False, enforce_metadata=False,
     )
     merged = dataset._compute(hits)

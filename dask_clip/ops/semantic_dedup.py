@@ -100,10 +100,10 @@ class SemanticDeduplicator:
 
     def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
         """Lazily deduplicate ``dataset``: the result has one partition per shard, rows in their order."""
-        meta = dataset.metadata._meta
+        meta = dataset.pandas_metadata._meta
         dim = embedding_width(meta, self.embedding_column)
         id_col = dataset.id_col
-        parts = dataset.metadata.to_delayed()  # one graph key per shard: each shard is computed once
+        parts = dataset.pandas_metadata.to_delayed()  # one graph key per shard: each shard is computed once
         blocks = [dask.delayed(unit_vectors)(part, self.embedding_column) for part in parts]
         centroids = fit_spherical_kmeans(blocks, self.n_clusters, seed=self.seed, max_iter=self.max_iter)
 
