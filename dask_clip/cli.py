@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=32, help="images per model call")
     embed.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     embed.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
+    embed.add_argument("--decode-mode", choices=("fast", "exact"), default=None,
+                       help="fast: reduced-size JPEG decode + torch resize; exact: as transformers' processor "
+                            "(default: exact with --no-autocast, else fast)")
     embed.add_argument("--overwrite", action="store_true", help="recompute shards whose output is already complete")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_cluster_options(embed)
@@ -166,7 +169,8 @@ def _embed(args: argparse.Namespace) -> int:
     from dask_clip import ClipImageEmbedder
 
     embedder = ClipImageEmbedder(
-        args.model_dir, model_inference_batch_size=args.batch_size, autocast=not args.no_autocast, verbose=args.verbose
+        args.model_dir, model_inference_batch_size=args.batch_size, autocast=not args.no_autocast, verbose=args.verbose,
+        decode_mode=args.decode_mode,
     )
     with _cluster(args):
         started = time.perf_counter()

@@ -61,7 +61,16 @@ def test_help_lists_every_command_with_defaults() -> None:
     for command in ("embed", "dedup", "reshard", "search", "export", "demo"):
         assert command in result.stdout
     embed_help = run_cli("embed", "--help").stdout
-    assert "(default: 32)" in embed_help and "--scheduler-file" in embed_help
+    assert "(default: 32)" in embed_help and "--scheduler-file" in embed_help and "--decode-mode" in embed_help
+
+
+def test_decode_mode_is_recorded_with_the_embeddings(shards: Path, tiny_model: Path) -> None:
+    import json
+
+    result = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--decode-mode", "exact", "--n-workers", "1")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(pq.read_schema(shards / "00000.parquet").metadata[b"dask_clip"])
+    assert info["configs"]["image_embedding"]["decode_mode"] == "exact"
 
 
 def test_curation_commands_chain(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
