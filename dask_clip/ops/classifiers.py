@@ -36,12 +36,15 @@ class EmbeddingClassifier(ABC):
     ``embedding_dim`` (768 for CLIP ViT-L/14); the column's width is checked when the classifier is applied.
     """
 
+    default_pred_column: str
+    """The prediction column when ``pred_column`` is not given."""
+
     def __init__(
         self,
         model_path: str,
-        embedding_column: str,
-        pred_column: str,
-        batch_size: int,
+        embedding_column: str = "image_embedding",
+        pred_column: str | None = None,
+        batch_size: int = 1024,
         *,
         embedding_dim: int = 768,
         device: str | None = None,
@@ -54,7 +57,7 @@ class EmbeddingClassifier(ABC):
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(f"{type(self).__name__}: checkpoint {self.model_path!r} does not exist")
         self.embedding_column = embedding_column
-        self.pred_column = pred_column
+        self.pred_column = pred_column or self.default_pred_column
         self.batch_size = batch_size
         self.embedding_dim = embedding_dim
         self.device = device
@@ -123,17 +126,7 @@ class AestheticClassifier(EmbeddingClassifier):
     LAION-Aesthetics used 5, 6 and 6.5 as cut-offs.
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        embedding_column: str = "image_embedding",
-        pred_column: str = "aesthetic_score",
-        batch_size: int = 1024,
-        *,
-        embedding_dim: int = 768,
-        device: str | None = None,
-    ) -> None:
-        super().__init__(model_path, embedding_column, pred_column, batch_size, embedding_dim=embedding_dim, device=device)
+    default_pred_column = "aesthetic_score"
 
     def build_module(self) -> "torch.nn.Module":
         from dask_clip.ops.classifier_models import AestheticMlp
@@ -149,17 +142,7 @@ class NsfwClassifier(EmbeddingClassifier):
     512, 256, 1), the layout of LAION's PyTorch port of ``clip_autokeras_binary_nsfw``.
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        embedding_column: str = "image_embedding",
-        pred_column: str = "nsfw_score",
-        batch_size: int = 1024,
-        *,
-        embedding_dim: int = 768,
-        device: str | None = None,
-    ) -> None:
-        super().__init__(model_path, embedding_column, pred_column, batch_size, embedding_dim=embedding_dim, device=device)
+    default_pred_column = "nsfw_score"
 
     def build_module(self) -> "torch.nn.Module":
         from dask_clip.ops.classifier_models import NsfwMlp
