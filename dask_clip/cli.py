@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dask_clip.embedders.image_preprocessing import DECODE_MODES
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -57,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=32, help="images per model call")
     embed.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     embed.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
-    embed.add_argument("--decode-mode", choices=("fast", "exact"), default=None,
-                       help="fast: reduced-size JPEG decode + torch resize; exact: as transformers' processor "
+    embed.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
+                       help="fast: reduced-size JPEG decode + torch resize; exact: as transformers' processor; "
+                            "device: JPEGs decoded in batches on the GPU (nvJPEG, needs the gpu extra) "
                             "(default: exact with --no-autocast, else fast)")
     embed.add_argument("--overwrite", action="store_true", help="recompute shards whose output is already complete")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

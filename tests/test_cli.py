@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,13 +65,14 @@ def test_help_lists_every_command_with_defaults() -> None:
     assert "(default: 32)" in embed_help and "--scheduler-file" in embed_help and "--decode-mode" in embed_help
 
 
-def test_decode_mode_is_recorded_with_the_embeddings(shards: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("decode_mode", ["exact", "device"])
+def test_decode_mode_is_recorded_with_the_embeddings(shards: Path, tiny_model: Path, decode_mode: str) -> None:
     import json
 
-    result = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--decode-mode", "exact", "--n-workers", "1")
+    result = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--decode-mode", decode_mode, "--n-workers", "1")
     assert result.returncode == 0, result.stderr
     info = json.loads(pq.read_schema(shards / "00000.parquet").metadata[b"dask_clip"])
-    assert info["configs"]["image_embedding"]["decode_mode"] == "exact"
+    assert info["configs"]["image_embedding"]["decode_mode"] == decode_mode
 
 
 def test_curation_commands_chain(shards: Path, tiny_model: Path, tmp_path: Path) -> None:

@@ -77,3 +77,16 @@ def test_preprocess_config_follows_the_model() -> None:
     assert (config.shortest_edge, config.crop_height, config.mean) == (248, 224, (0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="crop_mode 'squash'"):
         timm_preprocess_config({"input_size": (3, 224, 224), "mean": (0,) * 3, "std": (1,) * 3, "crop_mode": "squash"})
+
+
+def test_device_decode_mode_stays_close_to_timms_transforms(client, shards: Path, checkpoint: Path) -> None:
+    embedder = TimmImageEmbedder(MODEL, checkpoint_path=str(checkpoint), batch_size=4, num_threads_per_worker=1,
+                                 autocast=False, model_kwargs={"num_classes": 24}, decode_mode="device")
+    assert embedder.config()["decode_mode"] == "device"
+    assert embedder.load_model().preprocess.device_decode
+    frame = embedder(ImageTextPairDataset.from_webdataset(str(shards))).metadata.compute()
+    vectors = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"])))
+    cosines = [float(vectors[key] @ expected) for key, expected in timm_reference(checkpoint, shards).items()]
+    assert len(cosines) == 15 and min(cosines) >= 0.999, cosines
+    with pytest.raises(ValueError, match="decode_mode must be one of"):
+        TimmImageEmbedder(MODEL, checkpoint_path=str(checkpoint), decode_mode="gpu")

@@ -21,7 +21,8 @@ import pandas as pd
 import pyarrow as pa
 
 from dask_clip.distributed.model_cache import get_or_load
-from dask_clip.embedders.image_preprocessing import ImageDecodeError, PreprocessConfig, decode_and_preprocess
+from dask_clip.embedders.device_decode import EncodedJpeg, decode_on_device, prepare_image
+from dask_clip.embedders.image_preprocessing import ImageDecodeError, PreprocessConfig
 from dask_clip.embeddings import embedding_dtype, to_embedding_array
 from dask_clip.io.tar_samples import Sample, ShardReadError, iter_tar_samples
 
@@ -35,7 +36,8 @@ ERROR_POLICIES = ("record", "raise")
 TIMINGS_ATTR = "dask_clip_timings"
 """Key in a shard frame's ``attrs`` of its stage timings in seconds: ``load_s`` (model from the
 cache or loaded), ``wait_s`` (inference waiting for decoded images: reading and decoding not hidden
-by the decode threads), ``decode_s`` (decode thread time, summed over threads) and ``infer_s``."""
+by the decode threads), ``decode_s`` (decode thread time, summed over threads, plus decoding on the
+model's device) and ``infer_s``."""
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -44,16 +46,22 @@ class LoadedImageModel(ABC):
     """A model ready on its device: how it wants its pixels, and a batch -> embeddings function."""
 
     preprocess: PreprocessConfig
+    device: Any
+    """The torch device the model runs on (where ``decode_mode="device"`` decodes JPEGs)."""
 
     @abstractmethod
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """``uint8`` images ``(H, W, 3)`` -> raw (unnormalised) embeddings, ``float32 (B, D)``."""
+    def embed(self, images: list[Any]) -> np.ndarray:
+        """Preprocessed ``uint8`` images -> raw (unnormalised) embeddings, ``float32 (B, D)``.
+
+        Each image is a numpy array ``(H, W, 3)`` or a torch tensor ``(3, H, W)`` on ``device``.
+        """
 
 
 @dataclass
 class _Decoded:
     key: str
-    pixels: np.ndarray | None
+    pixels: np.ndarray | EncodedJpeg | Any | None
+    """Preprocessed pixels (numpy, or a tensor on the model's device), or a JPEG still to decode there."""
     error: str | None
 
 
@@ -151,6 +159,7 @@ class ImageEmbedder(ABC):
         model = get_or_load(self.cache_key, self.load_model)
         timings = {"load_s": time.perf_counter() - started, "wait_s": 0.0, "decode_s": 0.0, "infer_s": 0.0}
         decode_seconds: list[float] = []
+        device_decode_seconds: list[float] = []
         positions = {str(key): position for position, key in enumerate(rows[id_col])}
         vectors = np.zeros((len(rows), self.embedding_dim), dtype=np.float32)
         valid = np.zeros(len(rows), dtype=bool)
@@ -158,7 +167,21 @@ class ImageEmbedder(ABC):
         unknown_keys: list[str] = []
         seen = np.zeros(len(rows), dtype=bool)
 
+        def fail(item: _Decoded) -> None:
+            if self.on_error == "raise":
+                raise ShardReadError(f"{tar_url}: sample {item.key!r}: {item.error}")
+            errors[positions[item.key]] = item.error
+
         def record(batch: list[_Decoded]) -> None:
+            device_decode_started = time.perf_counter()
+            batch = self._decode_jpegs_on_device(batch, model)
+            device_decode_seconds.append(time.perf_counter() - device_decode_started)
+            for item in batch:
+                if item.error is not None:
+                    fail(item)
+            batch = [item for item in batch if item.error is None]
+            if not batch:
+                return
             inference_started = time.perf_counter()
             embeddings = model.embed([item.pixels for item in batch])
             timings["infer_s"] += time.perf_counter() - inference_started
@@ -175,9 +198,7 @@ class ImageEmbedder(ABC):
                 continue
             seen[positions[item.key]] = True
             if item.error is not None:
-                if self.on_error == "raise":
-                    raise ShardReadError(f"{tar_url}: sample {item.key!r}: {item.error}")
-                errors[positions[item.key]] = item.error
+                fail(item)
                 continue
             batch.append(item)
             if len(batch) == self.batch_size:
@@ -201,8 +222,8 @@ class ImageEmbedder(ABC):
             }
         )
         elapsed = time.perf_counter() - started
-        timings["decode_s"] = sum(decode_seconds)
-        timings["wait_s"] = max(0.0, elapsed - timings["load_s"] - timings["infer_s"])
+        timings["decode_s"] = sum(decode_seconds) + sum(device_decode_seconds)
+        timings["wait_s"] = max(0.0, elapsed - timings["load_s"] - timings["infer_s"] - sum(device_decode_seconds))
         result.attrs[TIMINGS_ATTR] = timings
         logger.debug("%s: stage seconds %s", tar_url, {name: round(value, 3) for name, value in timings.items()})
         if self.verbose:
@@ -211,6 +232,22 @@ class ImageEmbedder(ABC):
                 tar_url, len(rows), int(valid.sum()), int((~valid).sum()), elapsed, valid.sum() / max(elapsed, 1e-9),
             )
         return result
+
+    @staticmethod
+    def _decode_jpegs_on_device(batch: list[_Decoded], model: LoadedImageModel) -> list[_Decoded]:
+        """``batch`` with every ``EncodedJpeg`` decoded on ``model.device`` (or its decode error set)."""
+        encoded = [item for item in batch if isinstance(item.pixels, EncodedJpeg)]
+        if not encoded:
+            return batch
+        decoded = iter(decode_on_device([item.pixels for item in encoded], model.preprocess, model.device))
+        finished = []
+        for item in batch:
+            if isinstance(item.pixels, EncodedJpeg):
+                result = next(decoded)
+                is_error = isinstance(result, ImageDecodeError)
+                item = _Decoded(item.key, None if is_error else result, str(result) if is_error else None)
+            finished.append(item)
+        return finished
 
     def _decoded_samples(
         self, tar_url: str, preprocess: PreprocessConfig, decode_seconds: list[float]
@@ -234,7 +271,7 @@ class ImageEmbedder(ABC):
             if extension in sample.problems:
                 return _Decoded(sample.key, None, sample.problems[extension])
             try:
-                return _Decoded(sample.key, decode_and_preprocess(sample.members[extension], preprocess), None)
+                return _Decoded(sample.key, prepare_image(sample.members[extension], preprocess), None)
             except ImageDecodeError as error:
                 return _Decoded(sample.key, None, str(error))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -14,7 +13,8 @@ import numpy as np
 
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
-from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig
+from dask_clip.embedders.device_decode import check_device_decode_available
+from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
 from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, reuse_freed_memory, run_on_batch
 
 logger = logging.getLogger(__name__)
@@ -55,24 +55,12 @@ def projection_dim_of(config: dict[str, Any]) -> int:
     return int(dim)
 
 
-DECODE_MODES = ("fast", "exact")
-
-def resolve_decode_mode(decode_mode: str | None, autocast: bool) -> str:
-    """``None`` -> ``"exact"`` when ``autocast=False`` (the setting that matches transformers), else ``"fast"``."""
-    if decode_mode is None:
-        return "fast" if autocast else "exact"
-    if decode_mode not in DECODE_MODES:
-        raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None, not {decode_mode!r}")
-    return decode_mode
-
-
 def preprocess_config(model_dir: str, max_image_pixels: int, decode_mode: str) -> PreprocessConfig:
-    """The model's image processor settings, with the JPEG draft and torch resize of the fast mode."""
+    """The model's image processor settings, with the switches of ``decode_mode`` (see ``DECODE_MODES``)."""
     config = PreprocessConfig.from_processor_dict(
         read_model_json(model_dir, "preprocessor_config.json"), max_image_pixels=max_image_pixels
     )
-    fast = resolve_decode_mode(decode_mode, autocast=True) == "fast"
-    return dataclasses.replace(config, draft=fast, torch_resize=fast)
+    return config.with_decode_mode(decode_mode)
 
 
 @contextlib.contextmanager
@@ -143,7 +131,11 @@ class ClipImageEmbedder(ImageEmbedder):
     cosine ~0.998 of the exact ones on real photos. ``"exact"`` decodes at full size and resizes
     with Pillow, as transformers' ``CLIPImageProcessor`` does (cosine >= 0.9999). ``None``
     (default) is ``"exact"`` with ``autocast=False`` (the setting that matches transformers) and
-    ``"fast"`` otherwise (the same accuracy class as bf16 autocast).
+    ``"fast"`` otherwise (the same accuracy class as bf16 autocast). ``"device"`` is for GPU workers:
+    JPEGs are decoded in batches on the model's device with nvJPEG (through TorchCodec, the ``gpu``
+    extra) and resized there with torch's bicubic; other images, and JPEGs nvJPEG refuses, are
+    decoded by Pillow on the decode threads. Its pixels are those of ``"fast"`` without the reduced-size
+    JPEG decode.
     """
 
     def __init__(
@@ -182,6 +174,8 @@ class ClipImageEmbedder(ImageEmbedder):
         self.device = device
         self.max_image_pixels = max_image_pixels
         self.decode_mode = resolve_decode_mode(decode_mode, autocast)
+        if self.decode_mode == "device":
+            check_device_decode_available()
         self._embedding_dim = projection_dim_of(read_model_json(self.model_dir, "config.json"))
         self._cache_key = make_cache_key(
             "clip-vision", {"model_dir": self.model_dir, "device": device, "autocast": autocast, "max_image_pixels": max_image_pixels,

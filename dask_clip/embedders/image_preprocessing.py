@@ -8,6 +8,7 @@ to [0, 1], subtract the mean and divide by the standard deviation per channel.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DECODE_MODES = ("fast", "exact", "device")
+"""``exact``: Pillow at full size, as transformers' ``CLIPImageProcessor``. ``fast``: JPEG DCT scaling and
+torch's resize on the decode threads. ``device``: JPEGs decoded in batches on the model's device
+(nvJPEG on a GPU) and resized there; other images as in ``fast`` but at full size."""
 
 
 class ImageDecodeError(ValueError):
@@ -45,6 +51,17 @@ class PreprocessConfig:
     torch_resize: bool = False
     """Resize with torch's antialiased uint8 interpolation (bicubic or bilinear; what transformers 5's
     torchvision backend uses) instead of Pillow's: ~5x faster, within one level of Pillow's pixels."""
+    device_decode: bool = False
+    """Leave plain JPEGs encoded on the decode threads (only their headers are checked) and decode them
+    in batches on the model's device (``device_decode.decode_on_device``)."""
+
+    def with_decode_mode(self, decode_mode: str) -> "PreprocessConfig":
+        """This configuration with the switches of one of ``DECODE_MODES``."""
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None, not {decode_mode!r}")
+        return dataclasses.replace(
+            self, draft=decode_mode == "fast", torch_resize=decode_mode != "exact", device_decode=decode_mode == "device"
+        )
 
     @classmethod
     def from_processor_dict(cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "PreprocessConfig":
@@ -62,6 +79,15 @@ class PreprocessConfig:
             resample=int(config.get("resample", Image.Resampling.BICUBIC)),
             max_image_pixels=max_image_pixels,
         )
+
+
+def resolve_decode_mode(decode_mode: str | None, autocast: bool) -> str:
+    """``None`` -> ``"exact"`` when ``autocast=False`` (the setting that matches transformers), else ``"fast"``."""
+    if decode_mode is None:
+        return "fast" if autocast else "exact"
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None, not {decode_mode!r}")
+    return decode_mode
 
 
 def _square(size: Any) -> int:
@@ -164,6 +190,11 @@ def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
     Uses the first frame of animations and multi-page files, applies the EXIF orientation, and
     raises ``ImageDecodeError`` with a short reason for anything that is not a usable image.
     """
+    return preprocess_opened(open_for_preprocessing(data, config), config)
+
+
+def open_for_preprocessing(data: bytes, config: PreprocessConfig) -> ImageFile.ImageFile:
+    """``open_image``, also refusing an image that would be over ``max_image_pixels`` once resized."""
     image = open_image(data, config.max_image_pixels)
     resized_width, resized_height = resized_size(image.width, image.height, config.shortest_edge)
     if resized_width * resized_height > config.max_image_pixels:  # e.g. 2x30000: small, but huge once resized
@@ -171,16 +202,21 @@ def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
             f"image is {image.width}x{image.height}: resized to {resized_width}x{resized_height} it would be "
             f"over the limit of {config.max_image_pixels} pixels (max_image_pixels)"
         )
+    return image
+
+
+def preprocess_opened(image: ImageFile.ImageFile, config: PreprocessConfig) -> np.ndarray:
+    """An image from ``open_for_preprocessing`` -> ``uint8 (crop_height, crop_width, 3)``, decoded by Pillow."""
     try:
         if config.draft and image.format == "JPEG":
             image.draft(image.mode, resized_size(image.width, image.height, config.shortest_edge))
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
-        image = to_rgb(image)
-        width, height = resized_size(image.width, image.height, config.shortest_edge)
+        rgb = to_rgb(image)
+        width, height = resized_size(rgb.width, rgb.height, config.shortest_edge)
         if config.torch_resize and config.resample in TORCH_RESAMPLE:
-            pixels = resize_with_torch(image, width, height, TORCH_RESAMPLE[config.resample])
+            pixels = resize_with_torch(rgb, width, height, TORCH_RESAMPLE[config.resample])
         else:
-            pixels = np.asarray(image.resize((width, height), resample=config.resample))
+            pixels = np.asarray(rgb.resize((width, height), resample=config.resample))
     except Image.DecompressionBombError as error:  # Pillow's limit, checked again by some decoders (TIFF, GIF)
         raise ImageDecodeError(pillow_bomb_reason(error, config.max_image_pixels)) from None
     except Exception as error:  # Pillow's decoders raise many types on malformed data (OSError, struct.error, ...)
@@ -196,19 +232,42 @@ def resize_with_torch(image: Image.Image, width: int, height: int, mode: str) ->
     import torch
 
     pixels = torch.from_numpy(np.array(image))  # writable (torch warns about read-only arrays): one ~1 MB copy
-    resized = torch.nn.functional.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode=mode, antialias=True)
-    return resized[0].permute(1, 2, 0).numpy()
+    return resize_chw(pixels.permute(2, 0, 1), width, height, mode).permute(1, 2, 0).numpy()
 
 
-def to_pixel_values(images: Sequence[np.ndarray], config: PreprocessConfig, device: Any, dtype: Any) -> Any:
-    """Stack ``uint8`` ``(H, W, 3)`` images into normalised pixels: a torch tensor ``(B, 3, H, W)``.
+def resize_chw(pixels: Any, width: int, height: int, mode: str) -> Any:
+    """A ``uint8`` torch tensor ``(3, H, W)`` resized (antialiased) to ``(3, height, width)`` on its own device.
 
-    The uint8 batch is moved to ``device`` first (4x less to copy than floats), then scaled there.
+    On the CPU torch resizes uint8 directly; elsewhere it resizes float32 and rounds back to uint8.
     """
     import torch
 
-    batch = torch.from_numpy(np.stack(images)).to(device, non_blocking=True)
-    pixels = batch.permute(0, 3, 1, 2).to(torch.float32)
+    batch = pixels[None] if pixels.device.type == "cpu" else pixels[None].to(torch.float32)
+    resized = torch.nn.functional.interpolate(batch, size=(height, width), mode=mode, antialias=True)[0]
+    return resized if resized.dtype == torch.uint8 else resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def to_pixel_values(images: Sequence[Any], config: PreprocessConfig, device: Any, dtype: Any) -> Any:
+    """Stack images into normalised pixels: a torch tensor ``(B, 3, H, W)`` on ``device``.
+
+    Each image is a ``uint8`` numpy array ``(H, W, 3)`` (decoded on the host) or a ``uint8`` torch
+    tensor ``(3, H, W)`` already on ``device`` (decoded there). Host images are moved as one uint8
+    batch (4x less to copy than floats), then everything is scaled on ``device``.
+    """
+    import torch
+
+    on_host = [index for index, image in enumerate(images) if isinstance(image, np.ndarray)]
+    if len(on_host) == len(images):
+        batch = torch.from_numpy(np.stack(images)).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    else:
+        batch = torch.empty((len(images), 3, config.crop_height, config.crop_width), dtype=torch.uint8, device=device)
+        if on_host:
+            host_batch = torch.from_numpy(np.stack([images[index] for index in on_host])).to(device, non_blocking=True)
+            batch[on_host] = host_batch.permute(0, 3, 1, 2)
+        for index, image in enumerate(images):
+            if not isinstance(image, np.ndarray):
+                batch[index] = image
+    pixels = batch.to(torch.float32)
     mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255.0
     return ((pixels - mean) / std).to(dtype)

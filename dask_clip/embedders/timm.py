@@ -11,7 +11,8 @@ from PIL import Image
 
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
-from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig
+from dask_clip.embedders.device_decode import check_device_decode_available
+from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
 from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, reuse_freed_memory, run_on_batch
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,12 @@ class TimmModel(LoadedImageModel):
     """A timm model in eval mode on one device; its output (head included) is the embedding."""
 
     def __init__(self, model_name: str, pretrained: bool, checkpoint_path: str | None, model_kwargs: dict[str, Any],
-                 device: str, autocast: bool, max_image_pixels: int) -> None:
+                 device: str, autocast: bool, max_image_pixels: int, decode_mode: str) -> None:
         timm = _import_timm()
         self.device = device
         self.model = _create_model(model_name, pretrained, checkpoint_path, model_kwargs).to(device).eval()
-        self.preprocess = timm_preprocess_config(timm.data.resolve_model_data_config(self.model), max_image_pixels)
+        data_config = timm.data.resolve_model_data_config(self.model)
+        self.preprocess = timm_preprocess_config(data_config, max_image_pixels).with_decode_mode(decode_mode)
         self.autocast_dtype = autocast_dtype_for(device, autocast)
         reuse_freed_memory()
 
@@ -82,7 +84,8 @@ class TimmImageEmbedder(ImageEmbedder):
     ``checkpoint_path`` (safetensors or a state dict); with neither, every worker would draw its
     own random weights, so that is refused. ``model_kwargs`` go to ``timm.create_model`` (e.g.
     ``{"num_classes": 0}`` for pooled features without the head). ``num_threads_per_worker`` sets
-    torch's intra-op threads on each worker.
+    torch's intra-op threads on each worker. ``decode_mode`` is ``"exact"`` (timm's own Pillow
+    transforms) by default; ``"fast"`` and ``"device"`` are as for ``ClipImageEmbedder``.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class TimmImageEmbedder(ImageEmbedder):
         decode_threads: int = 2,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         model_kwargs: dict[str, Any] | None = None,
+        decode_mode: str = "exact",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -126,11 +130,15 @@ class TimmImageEmbedder(ImageEmbedder):
         self.autocast = autocast
         self.device = device
         self.max_image_pixels = max_image_pixels
+        self.decode_mode = resolve_decode_mode(decode_mode, autocast)
+        if self.decode_mode == "device":
+            check_device_decode_available()
         self._embedding_dim = self._output_width()
         self._cache_key = make_cache_key(
             "timm",
             {"model_name": model_name, "pretrained": pretrained, "checkpoint_path": checkpoint_path, "device": device,
-             "autocast": autocast, "max_image_pixels": max_image_pixels, "model_kwargs": self.model_kwargs},
+             "autocast": autocast, "max_image_pixels": max_image_pixels, "model_kwargs": self.model_kwargs,
+             "decode_mode": self.decode_mode},
         )
 
     def _output_width(self) -> int:
@@ -152,7 +160,7 @@ class TimmImageEmbedder(ImageEmbedder):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "model_name": self.model_name, "pretrained": self.pretrained,
                 "checkpoint_path": self.checkpoint_path, "model_kwargs": self.model_kwargs, "autocast": self.autocast,
-                "embedding_dim": self.embedding_dim}
+                "decode_mode": self.decode_mode, "embedding_dim": self.embedding_dim}
 
     def load_model(self) -> TimmModel:
         import torch
@@ -161,4 +169,4 @@ class TimmImageEmbedder(ImageEmbedder):
         device = resolve_device(self.device)
         logger.info("loading timm model %s on %s", self.model_name, device)
         return TimmModel(self.model_name, self.pretrained, self.checkpoint_path, self.model_kwargs, device, self.autocast,
-                         self.max_image_pixels)
+                         self.max_image_pixels, self.decode_mode)
