@@ -345,6 +345,19 @@ def test_unsafe_member_names_are_refused_naming_the_member(client, shards: Path,
         embedded.metadata.partitions[2].compute()
 
 
+def test_a_tar_written_with_tar_cf_dot_keeps_its_keys(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """``tar -cf shard.tar .`` names members ``./key.jpg``: the ``./`` is not part of the key."""
+    import subprocess
+
+    with tarfile.open(shards / "00001.tar") as archive:
+        archive.extractall(tmp_path / "files", filter="data")
+    subprocess.run(["tar", "--sort=name", "-C", str(tmp_path / "files"), "-cf", str(shards / "00001.tar"), "."], check=True)
+    with tarfile.open(shards / "00001.tar") as archive:
+        assert all(name.startswith(".") for name in archive.getnames())
+    frame = ClipImageEmbedder(str(tiny_model))(ImageTextPairDataset.from_webdataset(str(shards))).metadata.compute()
+    assert frame["image_embedding"].notna().sum() == 15 and frame["embedding_error"].notna().sum() == 3
+
+
 def test_an_unreadable_parquet_is_named_on_the_client_or_at_compute(client, shards: Path) -> None:
     (shards / "00003.parquet").write_bytes(b"PAR1 this is not a parquet file" * 4)
     dataset = ImageTextPairDataset.from_webdataset(str(shards))  # only the first shard's footer is read here

@@ -34,7 +34,10 @@ class Sample:
 
 def split_member_name(name: str) -> tuple[str, str]:
     """``"dir/000010005.jpg"`` -> (``"dir/000010005"``, ``"jpg"``): the key ends at the first dot of the
-    file name, as in webdataset, so ``"a.seg.png"`` has the extension ``"seg.png"``."""
+    file name, as in webdataset, so ``"a.seg.png"`` has the extension ``"seg.png"``. A leading ``"./"``
+    (as ``tar -cf shard.tar .`` writes) is not part of the key."""
+    while name.startswith("./"):
+        name = name[2:]
     folder, base = posixpath.split(name)
     stem, _, extension = base.partition(".")
     return posixpath.join(folder, stem) if folder else stem, extension.lower()
