@@ -91,6 +91,16 @@ def test_text_embeddings_match_transformers(client, captioned_shards: Path, mode
     assert (cosines[~np.eye(len(distinct), dtype=bool)] < 0.999).all()
 
 
+def test_a_rerun_keeps_shards_whose_only_nulls_are_null_captions(
+    client, captioned_shards: Path, model_with_tokenizer: Path, tmp_path: Path
+) -> None:
+    embedder = ClipTextEmbedder(str(model_with_tokenizer), batch_size=2)
+    first = embedder(ImageTextPairDataset.from_webdataset(str(captioned_shards))).save_metadata(str(tmp_path))
+    again = embedder(ImageTextPairDataset.from_webdataset(str(captioned_shards))).save_metadata(str(tmp_path))
+    assert list(first["written"]) == [True, True]
+    assert list(again["written"]) == [False, False], "the shard with a null caption was recomputed"
+
+
 def test_clip_score_is_the_cosine_or_null(client, captioned_shards: Path, model_with_tokenizer: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(captioned_shards))
     images = ClipImageEmbedder(str(model_with_tokenizer), autocast=False)(dataset)

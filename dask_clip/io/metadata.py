@@ -140,7 +140,9 @@ def finished_output_summary(url: str, columns: list[str], info: dict[str, Any]) 
     """``{"rows", "errors"}`` of the parquet at ``url`` when it is a finished output, else None.
 
     Finished: it exists and is readable, has exactly ``columns``, its dask_clip configurations
-    equal ``info``'s, and no row has every derived column null (a row never reached).
+    equal ``info``'s, and, where the derived columns include an ``*_error`` column (which holds a
+    reason for every row without a value), no row has every derived column null (a row never
+    reached). Without one, a null is a legitimate result (a text embedding of a null caption).
     """
     fs, path = filesystem_of(url)
     if not fs.exists(path):
@@ -155,7 +157,8 @@ def finished_output_summary(url: str, columns: list[str], info: dict[str, Any]) 
     except (OSError, pa.ArrowException):
         return None
     frame = arrow_to_pandas(derived)
-    if frame.isna().all(axis=1).any():
+    has_error_column = any(column.endswith("_error") for column in frame.columns)
+    if has_error_column and frame.isna().all(axis=1).any():
         return None
     return {"rows": len(frame), "errors": count_rows_with_errors(frame, info)}
 
