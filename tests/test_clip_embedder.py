@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, cache_info, clear_cache, embeddings_to_numpy, testing
+from dask_clip.dataset import ShardProcessingError
 from dask_clip.embedders.clip import ModelLoadError
+from dask_clip.embedders.inference import DeviceUnavailableError, resolve_device
 from dask_clip.io.tar_samples import ShardReadError
 
 
@@ -164,3 +166,13 @@ def test_pickled_checkpoints_are_refused(shards: Path, tmp_path: Path) -> None:
     embedder = ClipImageEmbedder(str(model_dir))
     with pytest.raises(ModelLoadError, match="only safetensors"):
         embedder.load_model()
+
+
+def test_a_cuda_device_the_worker_lacks_is_a_clear_error(client, shards: Path, tiny_model: Path) -> None:
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last visible GPU: cuda:0 on a machine without one
+    with pytest.raises(DeviceUnavailableError, match=rf"device '{missing}' was asked for, but this process on .* sees"):
+        resolve_device(missing)
+    assert resolve_device("cpu") == "cpu"
+    embedded = ClipImageEmbedder(str(tiny_model), device=missing)(ImageTextPairDataset.from_webdataset(str(shards)))
+    with pytest.raises(ShardProcessingError, match=r"0000[013]\.tar: DeviceUnavailableError: device 'cuda:\d+' was asked"):
+        embedded.metadata.compute()

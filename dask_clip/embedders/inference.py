@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -13,12 +14,27 @@ import numpy as np
 from dask_clip.embedders.image_preprocessing import PreprocessConfig, to_pixel_values
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A CUDA device was asked for on a worker that has none; the message names the worker's host."""
+
+
 def resolve_device(device: str | None) -> str:
-    """``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
+    """``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given, once it is
+    checked that a ``"cuda"`` device exists here (else ``DeviceUnavailableError``)."""
     import torch
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        index = torch.device(device).index or 0
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= visible:
+            raise DeviceUnavailableError(
+                f"device {device!r} was asked for, but this process on {socket.gethostname()} sees "
+                f"{visible} CUDA GPU(s) (torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+                "Run on GPU workers (dask cuda worker, or get_client(cluster_type='gpu')), or give "
+                "device=None (the GPU when there is one) or device='cpu'."
+            )
     return device
 
 
