@@ -187,3 +187,18 @@ def test_nvjpeg_decode_is_close_to_the_cpu_decode() -> None:
         assert gpu_pixels.device.type == "cuda"
         difference = np.abs(as_hwc(gpu_pixels).astype(int) - as_hwc(cpu_pixels))
         assert difference.mean() < 1.5 and difference.max() <= 16, (difference.mean(), difference.max())
+
+
+@pytest.mark.gpu
+def test_nvjpeg_embeddings_match_the_cpu_device_path_row_by_row(client, tmp_path: Path, tiny_model: Path) -> None:
+    mixed_shard(tmp_path)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
+    frames = {
+        device: ClipImageEmbedder(str(tiny_model), model_inference_batch_size=3, autocast=False, decode_mode="device",
+                                  device=device)(dataset).metadata.compute().set_index("key")
+        for device in ("cpu", "cuda")
+    }
+    errors = {device: frame["embedding_error"].notna() for device, frame in frames.items()}
+    assert errors["cpu"].equals(errors["cuda"]) and errors["cpu"].sum() == 1
+    cpu, cuda = (embeddings_to_numpy(frames[device].loc[~errors["cpu"], "image_embedding"]) for device in ("cpu", "cuda"))
+    assert (np.einsum("nd,nd->n", cpu, cuda) >= 0.999).all()
