@@ -13,7 +13,8 @@ images per second of:
 
 1. ``model only``: ``ClipVisionModel.embed`` on already-preprocessed uint8 crops, run inside the
    workers of the same cluster as the end-to-end run (same batch size, dtype and torch threads);
-2. ``decode only``: reading the tars and ``decode_and_preprocess`` of every image, one process per core;
+2. ``decode only``: reading the tars and decoding + preprocessing every image as the embedder does
+   (with ``--decode-mode device``, JPEGs in batches on the GPU when there is one), one process per core;
 3. ``end to end``: ``from_webdataset`` -> ``ClipImageEmbedder`` -> ``save_metadata`` on a
    ``LocalCluster`` with default settings (cluster start-up and model load are reported apart);
 4. ``plain loop``: what a user would write: ``CLIPImageProcessor`` + ``CLIPModel.get_image_features``
@@ -135,15 +136,29 @@ def _pool_warm(model_dir: str, seconds: float) -> int:
     return os.getpid()
 
 
-def _decode_shard(tar_url: str, config: Any) -> int:
-    from dask_clip.embedders.image_preprocessing import decode_and_preprocess
+def _decode_shard(tar_url: str, config: Any, batch_size: int) -> int:
+    """Decode and preprocess every image of a shard as the embedder does (``decode_mode="device"``: JPEGs
+    in batches on the GPU when there is one, else on the CPU); returns the number of images."""
+    import torch
+
+    from dask_clip.embedders.device_decode import EncodedJpeg, decode_on_device, prepare_image
+    from dask_clip.embedders.inference import resolve_device
     from dask_clip.io.tar_samples import iter_tar_samples
 
-    count = 0
+    device = resolve_device(None)
+    count, encoded = 0, []
     for sample in iter_tar_samples(tar_url):
         if "jpg" in sample.members:
-            decode_and_preprocess(sample.members["jpg"], config)
+            prepared = prepare_image(sample.members["jpg"], config)
+            encoded += [prepared] if isinstance(prepared, EncodedJpeg) else []
             count += 1
+            if len(encoded) == batch_size:
+                decode_on_device(encoded, config, device)
+                encoded = []
+    if encoded:
+        decode_on_device(encoded, config, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return count
 
 
@@ -622,7 +637,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shapes", default="tiny,vit-b-32", help="model shapes, comma-separated")
     parser.add_argument("--batch-size", type=int, default=32, help="model_inference_batch_size (default: the embedder's)")
     parser.add_argument("--decode-threads", type=int, default=None, help="decode_threads (default: the embedder's)")
-    parser.add_argument("--decode-mode", choices=("fast", "exact"), default=None, help="default: the embedder's")
+    parser.add_argument("--decode-mode", choices=("fast", "exact", "device"), default=None, help="default: the embedder's")
     parser.add_argument("--no-autocast", action="store_true", help="autocast=False (default: the embedder's)")
     parser.add_argument("--workers", type=int, default=None, help="LocalCluster n_workers (default: Dask's)")
     parser.add_argument("--threads-per-worker", type=int, default=None, help="LocalCluster threads_per_worker")
@@ -670,16 +685,18 @@ def main(argv: list[str]) -> dict[str, Any]:
                                          "image_short_side_min": smallest, "image_long_side_max": largest,
                                          "image_short_side_mean": mean_short}
                 probe = ClipImageEmbedder(str(model_dir), **embedder_kwargs(options))
-                configs = {m: _preprocess_config(model_dir, m, probe) for m in ("fast", "exact")}
+                modes = sorted({"exact", "fast", probe.decode_mode})
+                configs = {m: _preprocess_config(model_dir, m, probe) for m in modes}
 
                 list(pool.map(_pool_warm, [str(model_dir)] * cores * 2, [0.3] * cores * 2))
-                rounds: dict[str, list] = {k: [] for k in ("decode_only_exact", "decode_only_fast", "hf_processor_only", "plain_loop")}
+                rounds: dict[str, list] = {k: [] for k in [f"decode_only_{m}" for m in modes] + ["hf_processor_only", "plain_loop"]}
 
                 def each_round() -> None:
                     print(f"[{time.perf_counter() - started:6.0f}s] {shape}: round: decode only, HF processor only, "
                           "plain loop, then model only and end to end on the cluster", flush=True)
-                    for m in ("exact", "fast"):
-                        rounds[f"decode_only_{m}"].append(pool_throughput(pool, _decode_shard, tars, configs[m]))
+                    for m in modes:
+                        rounds[f"decode_only_{m}"].append(
+                            pool_throughput(pool, _decode_shard, tars, configs[m], options.batch_size))
                     rounds["hf_processor_only"].append(
                         pool_throughput(pool, _hf_processor_shard, tars, str(model_dir), options.batch_size))
                     rounds["plain_loop"].append(plain_loop(tars, model_dir, options.batch_size))
