@@ -21,8 +21,13 @@ import pandas as pd
 import pyarrow as pa
 
 from dask_clip.distributed.model_cache import get_or_load
-from dask_clip.embedders.device_decode import EncodedJpeg, decode_on_device, prepare_image
-from dask_clip.embedders.image_preprocessing import ImageDecodeError, PreprocessConfig
+from dask_clip.embedders.device_decode import (
+    EncodedJpeg,
+    check_device_decode_available,
+    decode_on_device,
+    prepare_image,
+)
+from dask_clip.embedders.image_preprocessing import DECODE_MODES, ImageDecodeError, PreprocessConfig
 from dask_clip.embeddings import embedding_dtype, to_embedding_array
 from dask_clip.io.tar_samples import Sample, ShardReadError, iter_tar_samples
 
@@ -83,6 +88,7 @@ class ImageEmbedder(ABC):
         verbose: bool = False,
         decode_threads: int = 2,
         on_error: str = "record",
+        decode_mode: str = "exact",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
@@ -90,6 +96,10 @@ class ImageEmbedder(ABC):
             raise ValueError(f"decode_threads must be at least 1, not {decode_threads}")
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, not {decode_mode!r}")
+        if decode_mode == "device":
+            check_device_decode_available()
         self.batch_size = batch_size
         self.embedding_column = embedding_column
         self.error_column = error_column
@@ -98,6 +108,7 @@ class ImageEmbedder(ABC):
         self.verbose = verbose
         self.decode_threads = decode_threads
         self.on_error = on_error
+        self.decode_mode = decode_mode
 
     # --- what a subclass provides -------------------------------------------------------------
     @property
@@ -116,7 +127,8 @@ class ImageEmbedder(ABC):
 
     def config(self) -> dict[str, Any]:
         """The options that determine the embeddings, recorded next to them in the parquet."""
-        return {"class": type(self).__name__, "normalize_embeddings": self.normalize_embeddings}
+        return {"class": type(self).__name__, "normalize_embeddings": self.normalize_embeddings,
+                "decode_mode": self.decode_mode}
 
     def task_resources(self) -> dict[str, float]:
         """Dask worker resources one shard task needs (none by default)."""

@@ -13,7 +13,6 @@ import numpy as np
 
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
-from dask_clip.embedders.device_decode import check_device_decode_available
 from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
 from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, reuse_freed_memory, run_on_batch
 
@@ -165,6 +164,7 @@ class ClipImageEmbedder(ImageEmbedder):
             verbose=verbose,
             decode_threads=decode_threads,
             on_error=on_error,
+            decode_mode=resolve_decode_mode(decode_mode, autocast),
         )
         if not model_dir:
             raise ValueError("model_dir is empty: give a hub id or a local save_pretrained directory")
@@ -173,9 +173,6 @@ class ClipImageEmbedder(ImageEmbedder):
         self.autocast = autocast
         self.device = device
         self.max_image_pixels = max_image_pixels
-        self.decode_mode = resolve_decode_mode(decode_mode, autocast)
-        if self.decode_mode == "device":
-            check_device_decode_available()
         self._embedding_dim = projection_dim_of(read_model_json(self.model_dir, "config.json"))
         self._cache_key = make_cache_key(
             "clip-vision", {"model_dir": self.model_dir, "device": device, "autocast": autocast, "max_image_pixels": max_image_pixels,
@@ -193,7 +190,7 @@ class ClipImageEmbedder(ImageEmbedder):
     def config(self) -> dict[str, Any]:
         return {
             **super().config(), "model_dir": self.model_dir, "autocast": self.autocast,
-            "decode_mode": self.decode_mode, "embedding_dim": self.embedding_dim,
+            "embedding_dim": self.embedding_dim,
         }
 
     def task_resources(self) -> dict[str, float]:

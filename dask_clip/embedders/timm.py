@@ -11,7 +11,6 @@ from PIL import Image
 
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.embedders.base import ImageEmbedder, LoadedImageModel
-from dask_clip.embedders.device_decode import check_device_decode_available
 from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
 from dask_clip.embedders.inference import autocast_dtype_for, resolve_device, reuse_freed_memory, run_on_batch
 
@@ -115,6 +114,7 @@ class TimmImageEmbedder(ImageEmbedder):
             remove_image_data=False,
             decode_threads=decode_threads,
             on_error=on_error,
+            decode_mode=resolve_decode_mode(decode_mode, autocast),
         )
         if num_threads_per_worker < 1:
             raise ValueError(f"num_threads_per_worker must be at least 1, not {num_threads_per_worker}")
@@ -130,9 +130,6 @@ class TimmImageEmbedder(ImageEmbedder):
         self.autocast = autocast
         self.device = device
         self.max_image_pixels = max_image_pixels
-        self.decode_mode = resolve_decode_mode(decode_mode, autocast)
-        if self.decode_mode == "device":
-            check_device_decode_available()
         self._embedding_dim = self._output_width()
         self._cache_key = make_cache_key(
             "timm",
@@ -160,7 +157,7 @@ class TimmImageEmbedder(ImageEmbedder):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "model_name": self.model_name, "pretrained": self.pretrained,
                 "checkpoint_path": self.checkpoint_path, "model_kwargs": self.model_kwargs, "autocast": self.autocast,
-                "decode_mode": self.decode_mode, "embedding_dim": self.embedding_dim}
+                "embedding_dim": self.embedding_dim}
 
     def load_model(self) -> TimmModel:
         import torch
