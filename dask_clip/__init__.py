@@ -1,7 +1,7 @@
 """dask_clip: CLIP image embeddings for WebDataset image-text shards, computed on Dask.
 
 The top level is lazy: ``import dask_clip`` imports neither torch nor any GPU library; each name
-below is imported on first use.
+below is imported on first use. The error classes (``dask_clip.errors``) are imported at once.
 """
 
 from __future__ import annotations
@@ -11,25 +11,63 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from dask_clip.errors import (
+    CheckpointError,
+    ColumnError,
+    ConfigurationError,
+    DaskClipError,
+    DataError,
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    DeviceUnavailableError,
+    MissingDependencyError,
+    ModelLoadError,
+    ShardError,
+    ShardMetadataError,
+    ShardReadError,
+    UsageError,
+    WriteError,
+)
+
 _LAZY_NAMES = {
     "get_client": "dask_clip.distributed.client",
     "cache_info": "dask_clip.distributed.model_cache",
     "clear_cache": "dask_clip.distributed.model_cache",
-    "prepare_workers": "dask_clip.distributed.plugins",
+    "prepare_workers": "dask_clip.distributed.worker_setup",
     "ImageTextPairDataset": "dask_clip.dataset",
+    "Operation": "dask_clip.operation",
     "ClipImageEmbedder": "dask_clip.embedders.clip",
     "TimmImageEmbedder": "dask_clip.embedders.timm",
-    "embeddings_to_numpy": "dask_clip.embeddings",
+    "ClipTextEmbedder": "dask_clip.embedders.clip_text",
+    "embeddings_to_numpy": "dask_clip.columns",
     "SemanticDeduplicator": "dask_clip.ops.semantic_dedup",
+    "ExactDeduplicator": "dask_clip.ops.exact_dedup",
     "AestheticClassifier": "dask_clip.ops.classifiers",
     "NsfwClassifier": "dask_clip.ops.classifiers",
+    "ThresholdFilter": "dask_clip.ops.filters",
     "keep_by_threshold": "dask_clip.ops.filters",
-    "ClipTextEmbedder": "dask_clip.embedders.clip_text",
+    "ClipScore": "dask_clip.ops.clip_score",
     "clip_score": "dask_clip.ops.clip_score",
-    "ExactDeduplicator": "dask_clip.ops.exact_dedup",
 }
+_ERRORS = [
+    "CheckpointError",
+    "ColumnError",
+    "ConfigurationError",
+    "DaskClipError",
+    "DataError",
+    "DatasetLayoutError",
+    "DatasetNotFoundError",
+    "DeviceUnavailableError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "ShardError",
+    "ShardMetadataError",
+    "ShardReadError",
+    "UsageError",
+    "WriteError",
+]
 
-__all__ = sorted(_LAZY_NAMES) + ["__version__"]
+__all__ = sorted(_LAZY_NAMES) + _ERRORS + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:

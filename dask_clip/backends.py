@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import dask.dataframe as dd
 
+from dask_clip.arguments import one_of
+from dask_clip.optional import require
+
 BACKENDS = ("pandas", "cudf")
-GPU_EXTRA_HINT = 'pip install "dask_clip[gpu]"'
 
 
 def check_backend(backend: str) -> None:
-    """Raise ``ValueError`` for an unknown backend, ``ImportError`` naming the extra when cudf is missing."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    """``UsageError`` for an unknown backend, ``MissingDependencyError`` naming the extra when cudf is missing."""
+    one_of("backend", backend, BACKENDS)
     if backend == "cudf":
-        try:
-            import cudf  # noqa: F401
-            import dask_cudf  # noqa: F401
-        except ImportError as error:
-            raise ImportError(f'backend="cudf" needs cudf and dask-cudf: {GPU_EXTRA_HINT} ({error})') from error
+        require("cudf", "gpu", 'backend="cudf"')
+        require("dask_cudf", "gpu", 'backend="cudf"')
 
 
 def convert(frame: dd.DataFrame, backend: str) -> dd.DataFrame:

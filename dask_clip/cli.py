@@ -2,8 +2,9 @@
 
 Every subcommand that computes takes the same cluster options (``--cluster-type``,
 ``--scheduler-address``, ``--scheduler-file``, ``--n-workers``) and ends with a one-line summary.
-Exit codes: 0 done, 1 the run failed (the message names the shard or file), 2 bad arguments or no
-usable model.
+Exit codes follow the error classes (``dask_clip.errors``): 0 done; 1 the run failed on the data
+(``DataError``: the message names the shard or file) or the cluster; 2 bad arguments, a missing
+dependency or a model that cannot be loaded (``ConfigurationError``). The cause is printed once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dask_clip.embedders.image_preprocessing import DECODE_MODES
+from dask_clip.errors import ConfigurationError, DaskClipError
+from dask_clip.images.preprocess import DECODE_MODES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,15 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distributed").setLevel(_dask_log_level(args))
-    from dask_clip.embedders.clip import ModelLoadError
-
     command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:
         return command(args)
-    except ModelLoadError as error:
-        print(f"dask-clip: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError, TimeoutError, OSError) as error:
+    except DaskClipError as error:
+        print(f"dask-clip {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigurationError) else EXIT_FAILED
+    except (OSError, TimeoutError) as error:  # the cluster: a scheduler that cannot be reached, a lost worker
         print(f"dask-clip {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -172,7 +172,10 @@ def _embed(args: argparse.Namespace) -> int:
     from dask_clip import ClipImageEmbedder
 
     embedder = ClipImageEmbedder(
-        args.model_dir, model_inference_batch_size=args.batch_size, autocast=not args.no_autocast, verbose=args.verbose,
+        args.model_dir,
+        batch_size=args.batch_size,
+        autocast=not args.no_autocast,
+        verbose=args.verbose,
         decode_mode=args.decode_mode,
     )
     with _cluster(args):
@@ -204,8 +207,13 @@ def _dedup(args: argparse.Namespace) -> int:
     if args.method == "exact":
         deduplicator: Any = ExactDeduplicator(keep_column=args.keep_column)
     else:
-        deduplicator = SemanticDeduplicator(eps=args.eps, n_clusters=args.n_clusters, which_to_keep=args.which_to_keep,
-                                            keep_column=args.keep_column, seed=args.seed)
+        deduplicator = SemanticDeduplicator(
+            eps=args.eps,
+            n_clusters=args.n_clusters,
+            which_to_keep=args.which_to_keep,
+            keep_column=args.keep_column,
+            seed=args.seed,
+        )
     with _cluster(args):
         started = time.perf_counter()
         summary = deduplicator(_dataset(args)).save_metadata(args.output)
@@ -227,16 +235,16 @@ def _count_not_kept(summary: "pd.DataFrame", keep_column: str) -> int:
 
 
 def _filter(args: argparse.Namespace) -> int:
-    from dask_clip import AestheticClassifier, ClipTextEmbedder, NsfwClassifier, clip_score, keep_by_threshold
+    from dask_clip import AestheticClassifier, ClipTextEmbedder, NsfwClassifier, UsageError, clip_score, keep_by_threshold
 
     dataset = _dataset(args)
     if args.by == "clip-score":
         if not args.model_dir:
-            raise ValueError("--by clip-score needs --model-dir: the CLIP (with its tokenizer) that embedded the images")
+            raise UsageError("--by clip-score needs --model-dir: the CLIP (with its tokenizer) that embedded the images")
         scored, column = clip_score(ClipTextEmbedder(args.model_dir)(dataset)), "clip_score"
     else:
         if not args.model_path:
-            raise ValueError(f"--by {args.by} needs --model-path: a local checkpoint of the classifier")
+            raise UsageError(f"--by {args.by} needs --model-path: a local checkpoint of the classifier")
         classifier = AestheticClassifier(args.model_path) if args.by == "aesthetic" else NsfwClassifier(args.model_path)
         scored, column = classifier(dataset), classifier.pred_column
     filtered = keep_by_threshold(scored, column, min=args.min, max=args.max, keep_column=args.keep_column)
@@ -285,8 +293,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
-    from dask_clip.embedders.clip import ModelLoadError
+    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, ModelLoadError, embeddings_to_numpy, testing
 
     output = Path(args.output).resolve()
     model_dir = args.model_dir
@@ -294,7 +301,7 @@ def _demo(args: argparse.Namespace) -> int:
         model_dir = str(testing.save_random_clip_model(output / "random-clip", shape="tiny"))
         print(f"random-weight CLIP saved in {model_dir}: THE EMBEDDINGS OF THIS RUN ARE MEANINGLESS (a smoke run)")
     try:
-        embedder = ClipImageEmbedder(model_dir, model_inference_batch_size=8)
+        embedder = ClipImageEmbedder(model_dir, batch_size=8)
     except ModelLoadError as error:
         print(
             f"dask-clip demo: the model {model_dir!r} is not available here ({str(error).splitlines()[0]}).\n"

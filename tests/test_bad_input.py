@@ -24,9 +24,10 @@ import pytest
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
-from dask_clip.embedders.image_preprocessing import ImageDecodeError, PreprocessConfig, decode_and_preprocess
-from dask_clip.io.metadata import ShardMetadataError
-from dask_clip.io.tar_samples import ShardReadError
+from dask_clip.errors import ImageDecodeError
+from dask_clip.images.preprocess import PreprocessConfig, decode_and_preprocess
+from dask_clip.errors import ShardMetadataError
+from dask_clip.errors import ShardReadError
 
 EXIF_ORIENTATION = 0x0112
 BOMB_REASON = "image is 30000x30000 = 900000000 pixels, over the limit of 64000000 (max_image_pixels)"

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from dask_clip import (
     AestheticClassifier, ImageTextPairDataset, NsfwClassifier, cache_info, clear_cache, keep_by_threshold, testing,
 )
-from dask_clip.dataset import ShardProcessingError
-from dask_clip.ops.classifier_models import AestheticMlp, CheckpointError, NsfwMlp, read_state_dict
+from dask_clip.errors import CheckpointError, ColumnError
+from dask_clip.models.classifiers import AestheticMlp, NsfwMlp, read_state_dict
 
 
 def random_vectors(count: int, dim: int, seed: int, missing: tuple[int, ...] = ()) -> dict[str, np.ndarray | None]:
@@ -113,21 +113,22 @@ def test_wrong_embedding_size_names_both_sizes(tmp_path: Path) -> None:
     torch.save(AestheticMlp().state_dict(), path)
     with pytest.raises(ValueError, match=r"768-d.*'image_embedding' holds 32-d"):
         AestheticClassifier(str(path))(small)
-    with pytest.raises(KeyError, match="'clip_embedding'"):
+    with pytest.raises(ColumnError, match="'clip_embedding'"):
         AestheticClassifier(str(path), embedding_column="clip_embedding")(small)
 
 
-def test_bad_checkpoints_are_errors_naming_the_file(client, dataset, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+def test_bad_checkpoints_are_errors_naming_the_file(tmp_path: Path) -> None:
+    """Checked when the classifier is built, on the client: nothing runs on a worker."""
+    with pytest.raises(CheckpointError, match="missing.pth"):
         AestheticClassifier(str(tmp_path / "missing.pth"))
     wrong = tmp_path / "nsfw-as-aesthetic.pth"
     torch.save(NsfwMlp().state_dict(), wrong)
-    with pytest.raises(ShardProcessingError, match="nsfw-as-aesthetic.pth.*does not fit AestheticMlp"):
-        AestheticClassifier(str(wrong))(dataset).metadata.compute()
+    with pytest.raises(CheckpointError, match="nsfw-as-aesthetic.pth.*does not fit AestheticMlp"):
+        AestheticClassifier(str(wrong))
     pickled = tmp_path / "whole-module.pth"
     torch.save(AestheticMlp(), pickled)  # a pickled module, not a state dict: refused by weights_only=True
-    with pytest.raises(ShardProcessingError, match="whole-module.pth"):
-        AestheticClassifier(str(pickled))(dataset).metadata.compute()
+    with pytest.raises(CheckpointError, match="whole-module.pth"):
+        AestheticClassifier(str(pickled))
     with pytest.raises(CheckpointError, match="weights_only"):
         read_state_dict(str(pickled))
 
@@ -154,5 +155,5 @@ def test_keep_by_threshold_marks_and_chains(client, tmp_path: Path) -> None:
     assert both.derived_columns["keep"]["after"]["column"] == "score"
     with pytest.raises(ValueError, match="min=, max="):
         keep_by_threshold(scored, "score")
-    with pytest.raises(TypeError, match="'key'"):
+    with pytest.raises(ColumnError, match="'key'"):
         keep_by_threshold(scored, "key", min=1)

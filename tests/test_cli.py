@@ -151,8 +151,15 @@ def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Pa
     assert "filter by clip_score over 3 shards: 19 rows, 19 marked keep=False" in scored.stdout  # cosine <= 1 < 2
     assert pq.read_table(folder / "00001.parquet").column("clip_score").null_count == 1  # the failed download
 
-    weights = tmp_path / "aesthetic.safetensors"
-    weights.write_bytes(b"")
+    import torch
+
+    from dask_clip.models.classifiers import AestheticMlp
+
+    weights = tmp_path / "aesthetic.pth"
+    torch.save(AestheticMlp(768).state_dict(), weights)
     wrong = run_cli("filter", str(folder), "--by", "aesthetic", "--model-path", str(weights), "--min", "5", *common)
-    assert wrong.returncode == 1
+    assert wrong.returncode == 2  # a configuration error: the classifier does not fit these embeddings
     assert "takes 768-d embeddings but column 'image_embedding' holds 32-d ones" in wrong.stderr
+    weights.write_bytes(b"")
+    unreadable = run_cli("filter", str(folder), "--by", "aesthetic", "--model-path", str(weights), "--min", "5", *common)
+    assert unreadable.returncode == 2 and "cannot load classifier checkpoint" in unreadable.stderr

@@ -14,7 +14,7 @@ import torch
 from dask_clip import (
     ClipImageEmbedder, ClipTextEmbedder, ImageTextPairDataset, clip_score, embeddings_to_numpy, testing,
 )
-from dask_clip.embedders.clip import ModelLoadError
+from dask_clip.errors import ColumnError, ModelLoadError
 
 LONG_PREFIX = "a very long caption " * 10  # 200 characters: one token per byte, so far beyond 77 tokens
 CAPTIONS = {
@@ -128,7 +128,7 @@ def test_clip_score_needs_matching_widths(tmp_path: Path) -> None:
     wider = dataset.with_metadata(dataset.metadata.map_partitions(lambda rows: rows, meta=meta))  # never computed
     with pytest.raises(ValueError, match=r"'image_embedding' holds 4-d .* 'text_embedding' holds 6-d"):
         clip_score(wider)
-    with pytest.raises(KeyError, match="'text_embedding'"):
+    with pytest.raises(ColumnError, match="'text_embedding'"):
         clip_score(dataset)
 
 
@@ -137,5 +137,5 @@ def test_missing_tokenizer_and_caption_column_are_errors(tiny_model: Path, model
         ClipTextEmbedder(str(tiny_model))
     testing.write_embedding_shards(tmp_path, {"a": np.ones(4)}, rows_per_shard=1)
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
-    with pytest.raises(KeyError, match="'caption'"):
+    with pytest.raises(ColumnError, match="'caption'"):
         ClipTextEmbedder(str(model_with_tokenizer))(dataset)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dask_clip import ImageTextPairDataset
-from dask_clip.io.metadata import ShardMetadataError
+from dask_clip.errors import ShardMetadataError
 
 
 def test_one_partition_per_shard_paired_by_stem(shards: Path) -> None:
@@ -94,7 +94,7 @@ def test_backend_selection(shards: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match=r"backend must be one of \('pandas', 'cudf'\), not 'polars'"):
         ImageTextPairDataset.from_webdataset(str(shards), backend="polars")
     monkeypatch.setitem(sys.modules, "cudf", None)  # as if the GPU extra were not installed
-    with pytest.raises(ImportError, match=r'backend="cudf" needs cudf and dask-cudf: pip install "dask_clip\[gpu\]"'):
+    with pytest.raises(ImportError, match=r'backend="cudf" needs cudf: pip install "dask_clip\[gpu\]"'):
         ImageTextPairDataset.from_webdataset(str(shards), backend="cudf")
 
 

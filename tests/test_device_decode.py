@@ -17,15 +17,16 @@ import torch
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
-from dask_clip.embedders import device_decode
-from dask_clip.embedders.device_decode import (
+from dask_clip.images import device_decode
+from dask_clip.images.device_decode import (
     EncodedJpeg,
     chunks_by_pixels,
     decode_on_device,
     import_decode_jpeg,
     prepare_image,
 )
-from dask_clip.embedders.image_preprocessing import ImageDecodeError, PreprocessConfig, decode_and_preprocess
+from dask_clip.errors import ImageDecodeError
+from dask_clip.images.preprocess import PreprocessConfig, decode_and_preprocess
 
 from .test_clip_embedder import reference_embeddings
 from .test_fast_decode import jpeg
@@ -125,10 +126,10 @@ def test_without_torchcodec_the_error_names_what_to_install(monkeypatch, tiny_mo
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchcodec" else real_find_spec(name, *a))
-    with pytest.raises(ImportError, match=r"pip install 'dask_clip\[gpu\]'"):
+    with pytest.raises(ImportError, match=r'pip install "dask_clip\[gpu\]"'):
         ClipImageEmbedder(str(tiny_model), decode_mode="device")
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
-    with pytest.raises(ImportError, match=r"pip install 'dask_clip\[gpu\]'"):
+    with pytest.raises(ImportError, match=r'pip install "dask_clip\[gpu\]"'):
         import_decode_jpeg()
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy
+from dask_clip import ClipImageEmbedder, ColumnError, ImageTextPairDataset, embeddings_to_numpy
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_a_shard_without_embeddings_writes_no_pair(embedded: ImageTextPairDatase
 
 
 def test_unknown_columns_are_named(embedded: ImageTextPairDataset, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no embedding column 'clip'"):
+    with pytest.raises(ColumnError, match=r"export_clip_retrieval reads columns \['clip'\]"):
         embedded.export_clip_retrieval(str(tmp_path), embedding_column="clip")
-    with pytest.raises(ValueError, match=r"unknown metadata columns \['title'\]"):
+    with pytest.raises(ColumnError, match=r"unknown metadata columns \['title'\]"):
         embedded.export_clip_retrieval(str(tmp_path), metadata_columns=["title"])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
-from dask_clip.embedders.image_preprocessing import PreprocessConfig, decode_and_preprocess
+from dask_clip.images.preprocess import PreprocessConfig, decode_and_preprocess
 
 from .test_clip_embedder import reference_embeddings
 
@@ -102,7 +102,7 @@ def test_decode_mode_defaults_follow_autocast_and_are_part_of_the_cache_key(tiny
     exact = ClipImageEmbedder(str(tiny_model), decode_mode="exact")
     assert default.decode_mode == "fast" and reference.decode_mode == "exact" and exact.decode_mode == "exact"
     assert default.config()["decode_mode"] == "fast" and exact.config()["decode_mode"] == "exact"
-    assert default.cache_key != exact.cache_key
+    assert default.model.cache_key != exact.model.cache_key
     fast_config, exact_config = default.load_model().preprocess, exact.load_model().preprocess
     assert fast_config.draft and fast_config.torch_resize
     assert not exact_config.draft and not exact_config.torch_resize

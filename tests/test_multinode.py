@@ -44,10 +44,10 @@ def test_workers_that_join_late_get_the_model(cli_cluster, tiny_model: Path) -> 
     embedder = ClipImageEmbedder(str(tiny_model))
     with get_client(scheduler_file=str(scheduler_file)) as client:
         prepare_workers(embedder, client)
-        assert [counts for counts in cache_info(client).values()] == [{embedder.cache_key: 1}]
+        assert [counts for counts in cache_info(client).values()] == [{embedder.model.cache_key: 1}]
         processes.append(start_cli_worker(scheduler_file, "late"))
         client.wait_for_workers(2, timeout=60)
         deadline = time.monotonic() + 60
-        while list(cache_info(client).values()) != [{embedder.cache_key: 1}] * 2:
+        while list(cache_info(client).values()) != [{embedder.model.cache_key: 1}] * 2:
             assert time.monotonic() < deadline, cache_info(client)
             time.sleep(0.2)

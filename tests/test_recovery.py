@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, testing
-from dask_clip.io.tar_samples import ShardReadError
+from dask_clip.errors import ShardReadError
 
 from .conftest import start_cli_cluster, stop_processes
 
@@ -72,7 +72,7 @@ def test_a_failing_shard_is_named_and_finished_shards_are_kept(client, shards: P
 
 WRITER = """
 import sys, numpy as np, pandas as pd
-from dask_clip.embeddings import to_embedding_array
+from dask_clip.columns import to_embedding_array
 from dask_clip.io.metadata import write_shard_metadata
 rows = 400_000
 vectors = np.random.default_rng(0).standard_normal((rows, 256), dtype=np.float32)

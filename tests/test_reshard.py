@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
-from dask_clip import ImageTextPairDataset, testing
+from dask_clip import ColumnError, ImageTextPairDataset, UsageError, testing
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -153,11 +153,11 @@ def test_argument_errors_name_the_problem(shards: Path, tmp_path: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
     with pytest.raises(ValueError, match="no filter column 'keep'"):
         dataset.to_webdataset(str(tmp_path / "a"), filter_column="keep")
-    with pytest.raises(TypeError, match="filter column 'url' is .*not boolean"):
+    with pytest.raises(ColumnError, match="filter column 'url' is .*not boolean"):
         dataset.to_webdataset(str(tmp_path / "a"), filter_column="url")
     with pytest.raises(ValueError, match="'caption' is already a column"):
         dataset.to_webdataset(str(tmp_path / "a"), old_id_col="caption")
-    with pytest.raises(FileExistsError, match="already holds shard files"):
+    with pytest.raises(UsageError, match="already holds shard files"):
         dataset.to_webdataset(str(shards.parent / "shards"))
     with pytest.raises(ValueError, match=r"need 18 shards of 1, more than max_shards=1 digits can name"):
         dataset.to_webdataset(str(tmp_path / "b"), samples_per_shard=1, max_shards=1)
@@ -165,7 +165,7 @@ def test_argument_errors_name_the_problem(shards: Path, tmp_path: Path) -> None:
 
 
 def test_output_shards_span_input_shards_by_prefix_counts() -> None:
-    from dask_clip.ops.reshard import Segment, plan_output_shards
+    from dask_clip.dataset.reshard import Segment, plan_output_shards
 
     assert plan_output_shards([0, 5, 3, 0, 4], 4) == [
         [Segment(1, 0, 4)],
@@ -176,7 +176,7 @@ def test_output_shards_span_input_shards_by_prefix_counts() -> None:
 
 
 def test_an_unreadable_tar_is_named_and_leaves_no_staging(client, shards: Path, tmp_path: Path) -> None:
-    from dask_clip.io.tar_samples import ShardReadError
+    from dask_clip.errors import ShardReadError
 
     (shards / "00001.tar").write_bytes(b"not a tar at all" * 100)
     output = tmp_path / "out"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
+from dask_clip import ClipImageEmbedder, ColumnError, ImageTextPairDataset, embeddings_to_numpy, testing
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_errors_name_the_problem(embedded: ImageTextPairDataset, tiny_model: Pat
         embedded.search(text="a cat", image=np.ones(32))
     with pytest.raises(ValueError, match=r"query embedding has shape \(8,\); 'image_embedding' holds vectors of 32"):
         embedded.search(image=np.ones(8))
-    with pytest.raises(ValueError, match="no embedding column 'clip'"):
+    with pytest.raises(ColumnError, match=r"search reads columns \['clip'\]"):
         embedded.search(image=np.ones(32), embedding_column="clip")
     with pytest.raises(OSError, match="cannot load the tokenizer"):
         embedded.search(text="a cat", model_dir=str(tiny_model))  # saved without tokenizer files

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, SemanticDeduplicator, embeddings_to_numpy, testing
+from dask_clip.errors import ColumnError
+from dask_clip.execution import ShardTask, map_shards
 from dask_clip.ops.kmeans import fit_spherical_kmeans
 
 
@@ -233,11 +235,11 @@ def test_each_shard_is_computed_once_and_nothing_runs_before_compute(client, tmp
     marks = tmp_path / "marks"
     marks.mkdir()
 
-    def mark(rows: pd.DataFrame, tar_url: str, id_col: str) -> pd.DataFrame:
-        (marks / f"{Path(tar_url).stem}-{np.random.default_rng().integers(1 << 60)}").touch()
+    def mark(rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
+        (marks / f"{task.shard.stem}-{np.random.default_rng().integers(1 << 60)}").touch()
         return rows
 
-    counted = dataset.with_metadata(dataset.map_shards(mark, meta=dataset.metadata._meta))
+    counted = dataset.with_metadata(map_shards(mark, dataset.metadata, dataset.shards, dataset.meta, id_col="key"))
     result = SemanticDeduplicator(n_clusters=2)(counted)
     assert list(marks.iterdir()) == []
     result.metadata.compute()
@@ -250,9 +252,9 @@ def test_bad_arguments_and_columns(tmp_path: Path, group_with_known_ranks) -> No
         SemanticDeduplicator(which_to_keep="first")
     with pytest.raises(ValueError, match="eps"):
         SemanticDeduplicator(eps=1.5)
-    with pytest.raises(KeyError, match="'text_embedding'"):
+    with pytest.raises(ColumnError, match="'text_embedding'"):
         SemanticDeduplicator(embedding_column="text_embedding")(dataset)
-    with pytest.raises(TypeError, match="'key'"):
+    with pytest.raises(ColumnError, match="'key'"):
         SemanticDeduplicator(embedding_column="key")(dataset)
 
 

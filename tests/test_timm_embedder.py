@@ -69,14 +69,17 @@ def test_unknown_model_and_bad_threads_are_clear() -> None:
 
 
 def test_preprocess_config_follows_the_model() -> None:
-    from dask_clip.embedders.timm import timm_preprocess_config
+    from dask_clip.models.timm import timm_preprocess_config
 
     config = timm_preprocess_config(
-        {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}
+        {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9},
+        max_image_pixels=64_000_000,
     )
     assert (config.shortest_edge, config.crop_height, config.mean) == (248, 224, (0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="crop_mode 'squash'"):
-        timm_preprocess_config({"input_size": (3, 224, 224), "mean": (0,) * 3, "std": (1,) * 3, "crop_mode": "squash"})
+        timm_preprocess_config(
+            {"input_size": (3, 224, 224), "mean": (0,) * 3, "std": (1,) * 3, "crop_mode": "squash"}, max_image_pixels=1
+        )
 
 
 def test_device_decode_mode_stays_close_to_timms_transforms(client, shards: Path, checkpoint: Path) -> None:

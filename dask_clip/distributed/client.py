@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 from distributed import Client, LocalCluster
 
+from dask_clip.arguments import one_of
+from dask_clip.errors import DeviceUnavailableError, UsageError
+from dask_clip.optional import require
+
 logger = logging.getLogger(__name__)
 
 CLUSTER_TYPES = ("cpu", "gpu")
-GPU_EXTRA_HINT = 'pip install "dask_clip[gpu]"'
+
+
+def current_client() -> Client | None:
+    """The Dask client of this context (the one a user created, or the worker's own), or None."""
+    from distributed import get_client as distributed_get_client
+
+    try:
+        return distributed_get_client()
+    except ValueError:
+        return None
 
 
 def get_client(
@@ -36,15 +50,15 @@ def get_client(
       GPU, ``enable_spilling`` lets cuDF spill device memory to host; ``protocol`` (``"tcp"``,
       ``"ucx"``) is passed to either kind of local cluster.
 
-    Raises ``TimeoutError`` when no worker has connected within ``timeout`` seconds.
+    Raises ``UsageError`` for contradictory arguments and ``TimeoutError`` when no worker has connected
+    within ``timeout`` seconds.
     """
-    if cluster_type not in CLUSTER_TYPES:
-        raise ValueError(f"cluster_type must be one of {CLUSTER_TYPES}, not {cluster_type!r}")
+    one_of("cluster_type", cluster_type, CLUSTER_TYPES)
     if scheduler_address and scheduler_file:
-        raise ValueError("give scheduler_address or scheduler_file, not both")
+        raise UsageError("give scheduler_address or scheduler_file, not both")
     gpu_options = {"rmm_pool_size": rmm_pool_size, "enable_cudf_spill": enable_spilling}
     if cluster_type == "cpu" and (rmm_pool_size is not None or enable_spilling):
-        raise ValueError("rmm_pool_size and enable_spilling apply to cluster_type='gpu' only")
+        raise UsageError("rmm_pool_size and enable_spilling apply to cluster_type='gpu' only")
     if protocol is not None:
         cluster_kwargs["protocol"] = protocol
     if cluster_type == "gpu":
@@ -73,23 +87,15 @@ def get_client(
 def _start_local_cluster(cluster_type: str, n_workers: int | None, threads_per_worker: int | None, **kwargs: Any) -> Any:
     if cluster_type == "cpu":
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
-    local_cuda_cluster = _import_local_cuda_cluster()
+    local_cuda_cluster = require("dask_cuda", "gpu", "cluster_type='gpu'").LocalCUDACluster
     gpu_count = count_gpus()
     if gpu_count == 0:
-        raise RuntimeError(
-            "cluster_type='gpu' but no GPU was found (NVML sees no device); "
+        raise DeviceUnavailableError(
+            f"cluster_type='gpu' but no GPU was found on {socket.gethostname()} (NVML sees no device); "
             "use cluster_type='cpu' or run on a machine with an NVIDIA GPU and driver"
         )
     kwargs.setdefault("resources", {"GPU": 1})
     return local_cuda_cluster(n_workers=n_workers, threads_per_worker=threads_per_worker or 1, **kwargs)
-
-
-def _import_local_cuda_cluster() -> Any:
-    try:
-        from dask_cuda import LocalCUDACluster
-    except ImportError as error:
-        raise ImportError(f"cluster_type='gpu' needs dask-cuda: {GPU_EXTRA_HINT} ({error})") from error
-    return LocalCUDACluster
 
 
 def count_gpus() -> int:

@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from dask_clip.distributed.client import current_client
+
 _models: dict[str, Any] = {}
 _load_counts: Counter[str] = Counter()
 _key_locks: dict[str, threading.Lock] = {}
@@ -65,23 +67,12 @@ def clear_local_cache() -> list[str]:
     return dropped
 
 
-def _client_or_none(client: Any) -> Any:
-    if client is not None:
-        return client
-    from distributed import get_client
-
-    try:
-        return get_client()
-    except ValueError:
-        return None
-
-
 def cache_info(client: Any = None) -> dict[str, dict[str, int]]:
     """Per worker address, the cached model keys and how many times each was loaded.
 
     ``client=None`` uses the current Dask client; with none, the local process, under ``"local"``.
     """
-    client = _client_or_none(client)
+    client = client or current_client()
     if client is None:
         return {"local": local_cache_info()}
     return client.run(local_cache_info)
@@ -89,7 +80,7 @@ def cache_info(client: Any = None) -> dict[str, dict[str, int]]:
 
 def clear_cache(client: Any = None) -> dict[str, list[str]]:
     """Free every cached model on every worker (or locally); returns the keys dropped per worker."""
-    client = _client_or_none(client)
+    client = client or current_client()
     if client is None:
         return {"local": clear_local_cache()}
     return client.run(clear_local_cache)

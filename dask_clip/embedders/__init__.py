@@ -1,1 +1,1 @@
-"""Image embedders: a shared base (shards -> batches -> rows) and the CLIP vision tower."""
+"""Embedders: the shared image machinery (shards -> batches -> rows), CLIP and timm image towers, CLIP text."""

@@ -11,21 +11,17 @@ metadata under ``dask_clip``, together with the configuration that produced them
 from __future__ import annotations
 
 import json
-import posixpath
-import uuid
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dask_clip.errors import ShardMetadataError
+from dask_clip.io.atomic import atomic_write
 from dask_clip.io.shards import filesystem_of
 
 DASK_CLIP_METADATA_KEY = b"dask_clip"
-
-
-class ShardMetadataError(ValueError):
-    """A shard's parquet cannot be used as it is; the message names the file."""
 
 
 def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
@@ -104,30 +100,15 @@ def check_ids(frame: pd.DataFrame, id_col: str, url: str) -> None:
 
 
 def write_shard_metadata(frame: pd.DataFrame, url: str, info: dict[str, Any]) -> None:
-    """Write ``frame`` as a parquet at ``url`` atomically, with ``info`` in its key-value metadata.
-
-    The file is written under a temporary name in the same folder and renamed into place, so the
-    final name never holds a half-written file.
-    """
+    """Write ``frame`` as a parquet at ``url`` atomically (``io.atomic``), with ``info`` in its key-value metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
     # pandas' own metadata would name dtypes such as "fixed_size_list<...>[768][pyarrow]", which
     # pd.read_parquet cannot parse back: without it, plain pandas reads the file as well as we do.
     metadata.pop(b"pandas", None)
     metadata[DASK_CLIP_METADATA_KEY] = json.dumps(info, sort_keys=True).encode()
-    table = table.replace_schema_metadata(metadata)
-
-    fs, path = filesystem_of(url)
-    folder, name = posixpath.split(path)
-    fs.makedirs(folder, exist_ok=True)
-    temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with fs.open(temporary, "wb") as file:
-            pq.write_table(table, file)
-        fs.mv(temporary, path)
-    finally:
-        if fs.exists(temporary):
-            fs.rm(temporary)
+    with atomic_write(url) as file:
+        pq.write_table(table.replace_schema_metadata(metadata), file)
 
 
 def count_rows_with_errors(frame: pd.DataFrame, info: dict[str, Any]) -> int:

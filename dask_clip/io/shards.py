@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.core import url_to_fs
 
+from dask_clip.errors import DatasetLayoutError, DatasetNotFoundError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -52,12 +54,12 @@ def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
 def discover_shards(url: str) -> list[Shard]:
     """List the shard pairs in the folder ``url`` (local path or any fsspec URL), sorted by stem.
 
-    Raises ``FileNotFoundError`` when the folder does not exist and ``ValueError`` when it holds no
-    shard, or a tar without its parquet (or the reverse), naming each orphan file.
+    Raises ``DatasetNotFoundError`` when the folder does not exist and ``DatasetLayoutError`` when it
+    holds no shard, or a tar without its parquet (or the reverse), naming each orphan file.
     """
     fs, root = filesystem_of(url)
     if not fs.isdir(root):
-        raise FileNotFoundError(f"{url}: no such directory of WebDataset shards")
+        raise DatasetNotFoundError(f"{url}: no such directory of WebDataset shards")
     tars: dict[str, str] = {}
     parquets: dict[str, str] = {}
     for entry in fs.ls(root, detail=False):
@@ -68,11 +70,11 @@ def discover_shards(url: str) -> list[Shard]:
         elif extension == "parquet":
             parquets[stem] = entry
     if not tars and not parquets:
-        raise ValueError(f"{url}: no shards found (expected pairs like 00000.tar + 00000.parquet)")
+        raise DatasetLayoutError(f"{url}: no shards found (expected pairs like 00000.tar + 00000.parquet)")
     orphans = [f"{tars[s]} has no {s}.parquet" for s in sorted(tars.keys() - parquets.keys())]
     orphans += [f"{parquets[s]} has no {s}.tar" for s in sorted(parquets.keys() - tars.keys())]
     if orphans:
         listed = "; ".join(orphans[:10]) + (f"; and {len(orphans) - 10} more" if len(orphans) > 10 else "")
-        raise ValueError(f"{url}: unpaired shard files: {listed}")
+        raise DatasetLayoutError(f"{url}: unpaired shard files: {listed}")
     protocol = protocol_of(fs)
     return [Shard(stem, tars[stem], parquets[stem], protocol) for stem in sorted(tars)]

@@ -11,13 +11,12 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from dask_clip.errors import ShardReadError
 from dask_clip.io.shards import filesystem_of
 
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
-
-
-class ShardReadError(ValueError):
-    """A shard's tar cannot be read as WebDataset; the message names the file and the member."""
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+"""Extensions of image members, in the order one is chosen when a sample has several."""
 
 
 @dataclass
@@ -30,6 +29,11 @@ class Sample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+
+    def image_member(self) -> str | None:
+        """The extension of the sample's image member (read, or refused with a reason in ``problems``):
+        the first of ``IMAGE_EXTENSIONS`` it has; None when it has no image member."""
+        return next((e for e in IMAGE_EXTENSIONS if e in self.members or e in self.problems), None)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -1,1 +1,1 @@
-"""Curation on top of embeddings: deduplication, classifiers, caption scores, search, resharding, export."""
+"""Operations on a dataset's columns: deduplication, classifiers, CLIP score and threshold filters."""

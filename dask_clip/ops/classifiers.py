@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from dask_clip.distributed.model_cache import get_or_load, make_cache_key
-from dask_clip.embeddings import embedding_width, unit_embeddings
+from dask_clip.arguments import at_least
+from dask_clip.columns import FLOAT32, embedding_width, empty_column, nullable, unit_embeddings
+from dask_clip.distributed.model_cache import make_cache_key
+from dask_clip.errors import CheckpointError, ColumnError, UsageError
+from dask_clip.execution import ShardTask
+from dask_clip.models.device import resolve_device
+from dask_clip.operation import ModelSpec, Operation
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_DTYPE = pd.ArrowDtype(pa.float32())
 
-
-class EmbeddingClassifier(ABC):
+class EmbeddingClassifier(Operation):
     """Base: a torch module applied in batches to the L2-normalised embeddings of ``embedding_column``.
 
     Rows without an embedding get a null prediction. The embedding width must equal
@@ -42,80 +45,85 @@ class EmbeddingClassifier(ABC):
     def __init__(
         self,
         model_path: str,
+        *,
         embedding_column: str = "image_embedding",
         pred_column: str | None = None,
         batch_size: int = 1024,
-        *,
         embedding_dim: int = 768,
         device: str | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, not {batch_size}")
         if not model_path:
-            raise ValueError(f"{type(self).__name__} needs model_path: a local checkpoint file")
+            raise UsageError(f"{self.name} needs model_path: a local checkpoint file")
         self.model_path = os.path.abspath(os.path.expanduser(str(model_path)))
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"{type(self).__name__}: checkpoint {self.model_path!r} does not exist")
+            raise CheckpointError(f"{self.name}: checkpoint {self.model_path!r} does not exist")
         self.embedding_column = embedding_column
         self.pred_column = pred_column or self.default_pred_column
-        self.batch_size = batch_size
-        self.embedding_dim = embedding_dim
+        self.batch_size = at_least("batch_size", batch_size)
+        self.embedding_dim = at_least("embedding_dim", embedding_dim)
         self.device = device
+        self.check_checkpoint()
         stat = os.stat(self.model_path)
-        self._cache_key = make_cache_key(
-            type(self).__name__,
-            {"path": self.model_path, "mtime": stat.st_mtime_ns, "size": stat.st_size, "dim": embedding_dim, "device": device},
-        )
+        identity = {"path": self.model_path, "mtime": stat.st_mtime_ns, "size": stat.st_size, "dim": embedding_dim}
+        self.model = ModelSpec(make_cache_key(self.name, {**identity, "device": device}), self.load_model)
 
     @abstractmethod
-    def build_module(self) -> "torch.nn.Module":
+    def build_module(self) -> torch.nn.Module:
         """The architecture with freshly initialised weights (the checkpoint is loaded into it)."""
+
+    def check_checkpoint(self) -> None:
+        """On the client: ``CheckpointError`` unless the checkpoint loads into the architecture (a small file)."""
+        from dask_clip.models.classifiers import load_classifier
+
+        load_classifier(self.build_module(), self.model_path)
 
     def config(self) -> dict[str, Any]:
         """The options that determine the predictions, recorded next to them in the parquet."""
         return {
-            "class": type(self).__name__, "model_path": self.model_path,
-            "embedding_column": self.embedding_column, "embedding_dim": self.embedding_dim,
+            "class": self.name,
+            "model_path": self.model_path,
+            "embedding_column": self.embedding_column,
+            "embedding_dim": self.embedding_dim,
         }
 
-    def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
-        """Lazily add ``pred_column`` (``float32``, null without an embedding) to every shard."""
-        width = embedding_width(dataset.pandas_metadata._meta, self.embedding_column)
+    def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
+        return [self.embedding_column]
+
+    def check_inputs(self, dataset: ImageTextPairDataset) -> None:
+        width = embedding_width(dataset.meta, self.embedding_column, self.name)
         if width != self.embedding_dim:
-            raise ValueError(
-                f"{type(self).__name__} takes {self.embedding_dim}-d embeddings but column "
+            raise ColumnError(
+                f"{self.name} takes {self.embedding_dim}-d embeddings but column "
                 f"{self.embedding_column!r} holds {width}-d ones (use the CLIP the classifier was trained on)"
             )
-        meta = dataset.pandas_metadata._meta.assign(**{self.pred_column: pd.Series([], dtype=PREDICTION_DTYPE)})
-        metadata = dataset.map_shards(self.predict_partition, meta=meta)
-        return dataset.with_metadata(metadata, derived_columns={self.pred_column: self.config()})
 
-    def load_model(self) -> tuple["torch.nn.Module", "torch.device"]:
+    def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
+        return {self.pred_column: empty_column(FLOAT32)}
+
+    def load_model(self) -> tuple[torch.nn.Module, torch.device]:
         """The module with the checkpoint's weights, on this worker's device; called once per worker."""
         import torch
 
-        from dask_clip.embedders.inference import resolve_device
-        from dask_clip.ops.classifier_models import load_classifier
+        from dask_clip.models.classifiers import load_classifier
 
         device = torch.device(resolve_device(self.device))
-        logger.info("loading %s from %s on %s", type(self).__name__, self.model_path, device)
+        logger.info("loading %s from %s on %s", self.name, self.model_path, device)
         return load_classifier(self.build_module(), self.model_path).to(device), device
 
-    def predict_partition(self, rows: pd.DataFrame, tar_url: str, id_col: str) -> pd.DataFrame:
-        """One shard's rows plus ``pred_column``."""
+    def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
+        """``pred_column`` for one shard's rows."""
         import torch
 
-        module, device = get_or_load(self._cache_key, self.load_model)
+        module, device = model
         valid, vectors = unit_embeddings(rows[self.embedding_column])
         predictions = np.zeros(len(vectors), dtype=np.float32)
-        with torch.inference_mode():
+        with task.timed("infer_s"), torch.inference_mode():
             for start in range(0, len(vectors), self.batch_size):
                 batch = torch.from_numpy(vectors[start : start + self.batch_size]).to(device)
                 predictions[start : start + len(batch)] = module(batch)[:, 0].float().cpu().numpy()
         column = np.zeros(len(rows), dtype=np.float32)
         column[valid] = predictions
-        values = pd.arrays.ArrowExtensionArray(pa.array(column, mask=~valid))
-        return rows.assign(**{self.pred_column: pd.Series(values, index=rows.index)})
+        return {self.pred_column: nullable(column, valid, FLOAT32)}
 
 
 class AestheticClassifier(EmbeddingClassifier):
@@ -128,8 +136,8 @@ class AestheticClassifier(EmbeddingClassifier):
 
     default_pred_column = "aesthetic_score"
 
-    def build_module(self) -> "torch.nn.Module":
-        from dask_clip.ops.classifier_models import AestheticMlp
+    def build_module(self) -> torch.nn.Module:
+        from dask_clip.models.classifiers import AestheticMlp
 
         return AestheticMlp(self.embedding_dim)
 
@@ -144,7 +152,7 @@ class NsfwClassifier(EmbeddingClassifier):
 
     default_pred_column = "nsfw_score"
 
-    def build_module(self) -> "torch.nn.Module":
-        from dask_clip.ops.classifier_models import NsfwMlp
+    def build_module(self) -> torch.nn.Module:
+        from dask_clip.models.classifiers import NsfwMlp
 
         return NsfwMlp(self.embedding_dim)

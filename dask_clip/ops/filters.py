@@ -6,54 +6,91 @@ the verdict is a boolean column. Select the kept rows with ``dataset.metadata[da
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
-import pyarrow as pa
+
+from dask_clip.columns import BOOL, empty_column
+from dask_clip.errors import ColumnError, UsageError
+from dask_clip.execution import ShardTask
+from dask_clip.operation import Operation
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 
-def keep_by_threshold(
-    dataset: "ImageTextPairDataset",
-    column: str,
-    min: float | None = None,
-    max: float | None = None,
-    keep_column: str = "keep",
-    keep_missing: bool = False,
-) -> "ImageTextPairDataset":
-    """A new dataset whose ``keep_column`` (``bool``) is False where ``column`` is outside ``[min, max]``.
+class ThresholdFilter(Operation):
+    """Sets ``keep_column`` (``bool``) to False where ``column`` is outside ``[min, max]``.
 
     Both bounds are inclusive; ``None`` leaves that side open. A null score counts as inside when
     ``keep_missing``, else outside. When ``keep_column`` exists already (a deduplication or another
     filter), the verdicts combine with AND, so filters chain: a row is kept only when every step keeps
     it. Deduplicators replace ``keep_column``: run them before the filters.
     """
-    if min is None and max is None:
-        raise ValueError("give min=, max= or both")
-    meta = dataset.pandas_metadata._meta
-    if column not in meta.columns:
-        raise KeyError(f"no column {column!r} to filter on; the columns are {list(meta.columns)}")
-    if not pd.api.types.is_numeric_dtype(meta[column].dtype):
-        raise TypeError(f"column {column!r} is {meta[column].dtype}, not a numeric score")
 
-    def mark(rows: pd.DataFrame) -> pd.DataFrame:
-        scores = rows[column].astype("float64")
+    def __init__(
+        self,
+        column: str,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+        keep_column: str = "keep",
+        keep_missing: bool = False,
+    ) -> None:
+        if min is None and max is None:
+            raise UsageError("give min=, max= or both")
+        self.column = column
+        self.min = min
+        self.max = max
+        self.keep_column = keep_column
+        self.keep_missing = keep_missing
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "function": "keep_by_threshold",
+            "column": self.column,
+            "min": self.min,
+            "max": self.max,
+            "keep_missing": self.keep_missing,
+        }
+
+    def record(self, dataset: ImageTextPairDataset) -> dict[str, Any]:
+        """The configuration, and the record of the ``keep_column`` it was ANDed with (``after``)."""
+        return {**self.config(), "after": dataset.derived_columns.get(self.keep_column)}
+
+    def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
+        return [self.column] + ([self.keep_column] if self.keep_column in dataset.meta.columns else [])
+
+    def check_inputs(self, dataset: ImageTextPairDataset) -> None:
+        dtype = dataset.meta[self.column].dtype
+        if not pd.api.types.is_numeric_dtype(dtype):
+            raise ColumnError(f"column {self.column!r} is {dtype}, not a numeric score")
+
+    def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
+        return {self.keep_column: empty_column(BOOL)}
+
+    def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
+        scores = rows[self.column].astype("float64")
         inside = pd.Series(True, index=rows.index)
-        if min is not None:
-            inside &= scores >= min
-        if max is not None:
-            inside &= scores <= max
-        inside = inside.where(scores.notna(), keep_missing).astype(bool)
-        if keep_column in rows.columns:
-            inside &= rows[keep_column].fillna(True).astype(bool)
-        return rows.assign(**{keep_column: pd.Series(inside.to_numpy(), index=rows.index, dtype=pd.ArrowDtype(pa.bool_()))})
+        if self.min is not None:
+            inside &= scores >= self.min
+        if self.max is not None:
+            inside &= scores <= self.max
+        inside = inside.where(scores.notna(), self.keep_missing).astype(bool)
+        if self.keep_column in rows.columns:
+            inside &= rows[self.keep_column].fillna(True).astype(bool)
+        return {self.keep_column: pd.array(np.asarray(inside, dtype=bool), dtype=BOOL)}
 
-    output_meta = meta.assign(**{keep_column: pd.Series([], dtype=pd.ArrowDtype(pa.bool_()))})
-    metadata = dataset.pandas_metadata.map_partitions(mark, meta=output_meta, enforce_metadata=False)
-    config = {
-        "function": "keep_by_threshold", "column": column, "min": min, "max": max, "keep_missing": keep_missing,
-        "after": dataset.derived_columns.get(keep_column),
-    }
-    return dataset.with_metadata(metadata, derived_columns={keep_column: config})
+
+def keep_by_threshold(
+    dataset: ImageTextPairDataset,
+    column: str,
+    min: float | None = None,
+    max: float | None = None,
+    keep_column: str = "keep",
+    keep_missing: bool = False,
+) -> ImageTextPairDataset:
+    """A new dataset whose ``keep_column`` is False where ``column`` is outside ``[min, max]`` (``ThresholdFilter``)."""
+    return ThresholdFilter(column, min=min, max=max, keep_column=keep_column, keep_missing=keep_missing)(dataset)

@@ -21,9 +21,20 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dask_clip.embeddings import (
-    embedding_dtype, embedding_width, embeddings_to_numpy, to_embedding_array, unit_embeddings,
+from dask_clip.arguments import at_least, one_of
+from dask_clip.columns import (
+    BOOL,
+    FLOAT64,
+    embedding_dtype,
+    embedding_width,
+    embeddings_to_numpy,
+    empty_column,
+    to_embedding_array,
+    unit_embeddings,
 )
+from dask_clip.errors import UsageError
+from dask_clip.execution import ShardRef, ShardTask, failures_named, map_shards, shuffle_to_shards
+from dask_clip.ops.deduplicator import Deduplicator
 from dask_clip.ops.kmeans import fit_spherical_kmeans, nearest_centroids
 
 if TYPE_CHECKING:
@@ -40,7 +51,7 @@ SIMILARITY_BLOCK = 1024
 """Items of a cluster compared against all earlier-ranked ones at once (bounds a ``(block, n)`` matrix)."""
 
 
-class SemanticDeduplicator:
+class SemanticDeduplicator(Deduplicator):
     """``deduplicator(dataset)`` -> a new dataset with a keep, a duplicate-of and a similarity column.
 
     ``eps``: an item is a duplicate when its cosine similarity to an earlier-ranked item of its
@@ -51,10 +62,8 @@ class SemanticDeduplicator:
     ``which_to_keep``: ``"hard"`` keeps the item farthest from its cluster's centroid first (the
     SemDeDup default), ``"easy"`` the closest, ``"random"`` a seeded random one.
 
-    Output columns (as ``ExactDeduplicator``'s): ``keep_column`` (``bool``), ``duplicate_of_column``
-    (the id of the most similar earlier-ranked item, same dtype as the id column; that item may
-    itself be a duplicate) and ``similarity_column`` (``float64``, that cosine); both null for kept
-    rows. Existing columns of those names are replaced.
+    Writes the ``Deduplicator`` columns (their names are keyword-only options): a removed row names
+    the most similar earlier-ranked item (which may itself be a duplicate) and their cosine.
 
     The result is lazy; computing it runs k-means, so every shard's embeddings are held in cluster
     memory while it runs. When the embeddings come from an embedder, ``save_metadata`` and read them
@@ -63,32 +72,24 @@ class SemanticDeduplicator:
 
     def __init__(
         self,
+        *,
         eps: float = 0.01,
         n_clusters: int = 1000,
         which_to_keep: str = "hard",
         embedding_column: str = "image_embedding",
-        keep_column: str = "keep",
         seed: int = 0,
-        *,
-        duplicate_of_column: str = "duplicate_of",
-        similarity_column: str = "similarity",
         max_iter: int = 30,
+        **columns: str,
     ) -> None:
+        super().__init__(**columns)
         if not 0 <= eps < 1:
-            raise ValueError(f"eps must be in [0, 1), not {eps}")
-        if n_clusters < 1:
-            raise ValueError(f"n_clusters must be at least 1, not {n_clusters}")
-        if which_to_keep not in KEEP_POLICIES:
-            raise ValueError(f"which_to_keep must be one of {KEEP_POLICIES}, not {which_to_keep!r}")
+            raise UsageError(f"eps must be in [0, 1), not {eps}")
         self.eps = eps
-        self.n_clusters = n_clusters
-        self.which_to_keep = which_to_keep
+        self.n_clusters = at_least("n_clusters", n_clusters)
+        self.which_to_keep = one_of("which_to_keep", which_to_keep, KEEP_POLICIES)
         self.embedding_column = embedding_column
-        self.keep_column = keep_column
         self.seed = seed
-        self.duplicate_of_column = duplicate_of_column
-        self.similarity_column = similarity_column
-        self.max_iter = max_iter
+        self.max_iter = at_least("max_iter", max_iter)
 
     def config(self) -> dict[str, Any]:
         """The options that determine the output, recorded next to it in the parquet."""
@@ -98,13 +99,20 @@ class SemanticDeduplicator:
             "seed": self.seed, "max_iter": self.max_iter,
         }
 
-    def __call__(self, dataset: "ImageTextPairDataset") -> "ImageTextPairDataset":
-        """Lazily deduplicate ``dataset``: the result has one partition per shard, rows in their order."""
-        meta = dataset.pandas_metadata._meta
+    def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
+        return [self.embedding_column]
+
+    def check_inputs(self, dataset: ImageTextPairDataset) -> None:
+        embedding_width(dataset.meta, self.embedding_column, self.name)
+
+    def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
+        """Cluster, decide within clusters, and join the decisions back to each shard's rows."""
+        meta = dataset.meta
         dim = embedding_width(meta, self.embedding_column)
         id_col = dataset.id_col
         parts = dataset.pandas_metadata.to_delayed()  # one graph key per shard: each shard is computed once
-        blocks = [dask.delayed(unit_vectors)(part, self.embedding_column) for part in parts]
+        shards = [ShardRef.of(index, shard) for index, shard in enumerate(dataset.shards)]
+        blocks = [dask.delayed(unit_vectors)(part, shard, self.embedding_column) for part, shard in zip(parts, shards)]
         centroids = fit_spherical_kmeans(blocks, self.n_clusters, seed=self.seed, max_iter=self.max_iter)
 
         assigned_meta = pd.DataFrame(
@@ -119,7 +127,7 @@ class SemanticDeduplicator:
         assigned = dd.from_delayed(
             [
                 dask.delayed(assign_clusters)(part, centroids, shard, id_col, self.embedding_column)
-                for shard, part in enumerate(parts)
+                for shard, part in zip(shards, parts)
             ],
             meta=assigned_meta,
             verify_meta=False,
@@ -139,33 +147,31 @@ class SemanticDeduplicator:
             meta=decisions_meta,
             enforce_metadata=False,
         )
-        by_shard = decisions.set_index(
-            _SHARD, divisions=list(range(len(parts))) + [len(parts) - 1], shuffle_method="tasks"
-        )
+        by_shard = shuffle_to_shards(decisions, _SHARD, len(parts))
         rows = dd.from_delayed(parts, meta=meta, verify_meta=False)
         outputs = (self.keep_column, self.duplicate_of_column, self.similarity_column)
-        output_meta = join_decisions(meta, decisions_meta, id_col, outputs)
-        metadata = dd.map_partitions(
-            join_decisions, rows, by_shard, id_col, outputs,
-            meta=output_meta, align_dataframes=False, enforce_metadata=False,
+        return map_shards(
+            join_decisions, rows, dataset.shards, output_meta, by_shard, id_col=id_col, label=self.name,
+            outputs=outputs,
         )
-        return dataset.with_metadata(metadata, derived_columns=dict.fromkeys(outputs, self.config()))
 
 
-def unit_vectors(rows: pd.DataFrame, embedding_column: str) -> np.ndarray:
+def unit_vectors(rows: pd.DataFrame, shard: ShardRef, embedding_column: str) -> np.ndarray:
     """One shard's usable embeddings, L2-normalised: ``float32 (n, D)``."""
-    return unit_embeddings(rows[embedding_column])[1]
+    with failures_named(shard.tar_url):
+        return unit_embeddings(rows[embedding_column])[1]
 
 
 def assign_clusters(
-    rows: pd.DataFrame, centroids: np.ndarray, shard: int, id_col: str, embedding_column: str
+    rows: pd.DataFrame, centroids: np.ndarray, shard: ShardRef, id_col: str, embedding_column: str
 ) -> pd.DataFrame:
     """The usable rows of one shard with their shard number, cluster, cosine to its centroid and unit vector."""
-    valid, vectors = unit_embeddings(rows[embedding_column])
-    labels, cosines = nearest_centroids(vectors, centroids)
+    with failures_named(shard.tar_url):
+        valid, vectors = unit_embeddings(rows[embedding_column])
+        labels, cosines = nearest_centroids(vectors, centroids)
     return pd.DataFrame(
         {
-            _SHARD: np.full(len(vectors), shard, dtype=np.int64),
+            _SHARD: np.full(len(vectors), shard.index, dtype=np.int64),
             id_col: rows[id_col].array[valid],
             _CLUSTER: labels,
             _CENTROID_COSINE: cosines,
@@ -226,7 +232,7 @@ def decision_frame(
         {
             _SHARD: group[_SHARD].to_numpy(dtype=np.int64),
             id_col: ids,
-            _KEEP: pd.array(keep, dtype=pd.ArrowDtype(pa.bool_())),
+            _KEEP: pd.array(keep, dtype=BOOL),
             _DUPLICATE_OF: ids.take(np.where(keep, -1, match), allow_fill=True),
             _SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
         }
@@ -234,16 +240,17 @@ def decision_frame(
 
 
 def join_decisions(
-    rows: pd.DataFrame, decisions: pd.DataFrame, id_col: str, outputs: tuple[str, str, str]
+    rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame, outputs: tuple[str, str, str]
 ) -> pd.DataFrame:
     """One shard's rows with its decisions joined by id, as ``outputs`` (keep, duplicate-of, similarity).
 
     Rows without a decision (no usable embedding) are kept.
     """
+    id_col = task.id_col
     positions = pd.Index(decisions[id_col]).get_indexer(rows[id_col]) if len(decisions) else np.full(len(rows), -1)
     joined = {
         name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index)
         for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _SIMILARITY))
     }
     joined[outputs[0]] = joined[outputs[0]].fillna(True)
-    return rows.drop(columns=list(outputs), errors="ignore").assign(**joined)
+    return rows.assign(**joined)

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from dask_clip.arguments import one_of
+from dask_clip.errors import ImageDecodeError
+
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 """Images with more pixels than this are refused before they are decoded (decompression bombs)."""
 
@@ -28,10 +31,6 @@ DECODE_MODES = ("fast", "exact", "device")
 """``exact``: Pillow at full size, as transformers' ``CLIPImageProcessor``. ``fast``: JPEG DCT scaling and
 torch's resize on the decode threads. ``device``: JPEGs decoded in batches on the model's device
 (nvJPEG on a GPU) and resized there; other images as in ``fast`` but at full size."""
-
-
-class ImageDecodeError(ValueError):
-    """The bytes of one sample cannot be made into an image; the message is the row's reason."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,7 @@ class PreprocessConfig:
 
     def with_decode_mode(self, decode_mode: str) -> "PreprocessConfig":
         """This configuration with the switches of one of ``DECODE_MODES``."""
-        if decode_mode not in DECODE_MODES:
-            raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None, not {decode_mode!r}")
+        one_of("decode_mode", decode_mode, DECODE_MODES)
         return dataclasses.replace(
             self, draft=decode_mode == "fast", torch_resize=decode_mode != "exact", device_decode=decode_mode == "device"
         )
@@ -85,9 +83,7 @@ def resolve_decode_mode(decode_mode: str | None, autocast: bool) -> str:
     """``None`` -> ``"exact"`` when ``autocast=False`` (the setting that matches transformers), else ``"fast"``."""
     if decode_mode is None:
         return "fast" if autocast else "exact"
-    if decode_mode not in DECODE_MODES:
-        raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None, not {decode_mode!r}")
-    return decode_mode
+    return one_of("decode_mode", decode_mode, DECODE_MODES)
 
 
 def _square(size: Any) -> int:

@@ -11,20 +11,23 @@ import io
 import os
 from typing import TYPE_CHECKING, Any
 
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from dask_clip.embeddings import embeddings_to_numpy
+from dask_clip.arguments import at_least
+from dask_clip.columns import embedding_width, embeddings_to_numpy, l2_normalize
+from dask_clip.errors import UsageError
+from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
 from dask_clip.io.shards import filesystem_of
+from dask_clip.models.clip import ClipTextModel, ClipVisionModel, describe_image_model
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 
 def search(
-    dataset: "ImageTextPairDataset",
+    dataset: ImageTextPairDataset,
     text: str | None = None,
     image: Any = None,
     k: int = 10,
@@ -42,26 +45,20 @@ def search(
     of the shard holding the row.
     """
     if (text is None) == (image is None):
-        raise ValueError("give exactly one of text= or image=")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, not {k}")
-    dtype = dataset.pandas_metadata.dtypes.get(embedding_column)
-    if dtype is None:
-        raise ValueError(f"no embedding column {embedding_column!r}; the dataset has {list(dataset.pandas_metadata.columns)}")
-    if not (isinstance(dtype, pd.ArrowDtype) and pa.types.is_fixed_size_list(dtype.pyarrow_dtype)):
-        raise TypeError(f"{embedding_column!r} is {dtype}, not an embedding column (fixed_size_list<float>)")
-    width = dtype.pyarrow_dtype.list_size
+        raise UsageError("give exactly one of text= or image=")
+    at_least("k", k)
+    width = embedding_width(dataset.pandas_metadata._meta, embedding_column, "search")
     config = dict(dataset.derived_columns.get(embedding_column) or {})
     if isinstance(image, np.ndarray):
         query = np.asarray(image, dtype=np.float32).reshape(-1)
     else:
         model_dir = model_dir or config.get("model_dir")
         if model_dir is None:
-            raise ValueError(f"no model_dir given and none is recorded with {embedding_column!r}: pass model_dir=")
+            raise UsageError(f"no model_dir given and none is recorded with {embedding_column!r}: pass model_dir=")
         query = embed_text(text, model_dir) if text is not None else embed_image(image, model_dir, config)
     if query.shape != (width,):
-        raise ValueError(f"the query embedding has shape {query.shape}; {embedding_column!r} holds vectors of {width}")
-    query = query / max(float(np.linalg.norm(query)), 1e-12)
+        raise UsageError(f"the query embedding has shape {query.shape}; {embedding_column!r} holds vectors of {width}")
+    query = l2_normalize(query[None, :])[0]
 
     id_col = dataset.id_col
     meta = pd.DataFrame(
@@ -72,30 +69,34 @@ def search(
             "tar_url": pd.Series([], dtype=object),
         }
     )
-    hits = dd.map_partitions(
-        top_k_of_shard, dataset.pandas_metadata, dataset.shard_frame(), query, k, id_col, embedding_column,
-        meta=meta, align_dataframes=False, enforce_metadata=False,
+    hits = map_shards(
+        top_k_of_shard,
+        dataset.pandas_metadata,
+        dataset.shards,
+        meta,
+        id_col=id_col,
+        label="search",
+        query=query,
+        k=k,
+        embedding_column=embedding_column,
     )
-    merged = dataset._compute(hits)
+    merged = compute(hits, dataset.resources)
     return merged.sort_values(["score", id_col], ascending=[False, True], kind="stable").head(k).reset_index(drop=True)
 
 
 def top_k_of_shard(
-    rows: pd.DataFrame, shard: pd.DataFrame, query: np.ndarray, k: int, id_col: str, embedding_column: str
+    rows: pd.DataFrame, task: ShardTask, query: np.ndarray, k: int, embedding_column: str
 ) -> pd.DataFrame:
     """One shard's ``k`` best rows for the unit ``float32 (D,)`` query (cosine with each L2-normalised row)."""
-    vectors = embeddings_to_numpy(rows[embedding_column])
     present = np.flatnonzero(rows[embedding_column].notna().to_numpy(dtype=bool))
-    vectors = vectors[present]
-    norms = np.linalg.norm(vectors, axis=1)
-    scores = (vectors @ query) / np.where(norms == 0, 1, norms)
+    scores = l2_normalize(embeddings_to_numpy(rows[embedding_column])[present]) @ query
     best = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
     return pd.DataFrame(
         {
-            id_col: rows[id_col].iloc[present[best]].reset_index(drop=True),
+            task.id_col: rows[task.id_col].iloc[present[best]].reset_index(drop=True),
             "score": scores[best].astype(np.float32),
-            "stem": shard["stem"].iloc[0],
-            "tar_url": shard["tar_url"].iloc[0],
+            "stem": task.shard.stem,
+            "tar_url": task.shard.tar_url,
         }
     )
 
@@ -114,24 +115,18 @@ def read_image_query(image: Any) -> bytes:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
         return buffer.getvalue()
-    raise TypeError(f"image must be a path, bytes, a PIL image or a numpy vector, not {type(image).__name__}")
+    raise UsageError(f"image must be a path, bytes, a PIL image or a numpy vector, not {type(image).__name__}")
 
 
 def embed_image(image: Any, model_dir: str, config: dict[str, Any]) -> np.ndarray:
-    """The CLIP image embedding ``float32 (D,)`` of one query image, preprocessed as the embedder did."""
-    from dask_clip.embedders.clip import ClipVisionModel
-    from dask_clip.embedders.image_preprocessing import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
-
-    model = ClipVisionModel(
-        model_dir, "cpu", autocast=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-        decode_mode=config.get("decode_mode") or "exact",
-    )
-    pixels = decode_and_preprocess(read_image_query(image), model.preprocess)
-    return model.embed([pixels])[0]
+    """The CLIP image embedding ``float32 (D,)`` of one query image, preprocessed as the embedder did
+    (its decode mode; a ``device`` mode query is decoded on the host with the same pixels)."""
+    _, preprocess = describe_image_model(model_dir, DEFAULT_MAX_IMAGE_PIXELS)
+    preprocess = preprocess.with_decode_mode(config.get("decode_mode") or "exact")
+    model = ClipVisionModel(model_dir, "cpu", autocast=False, preprocess=preprocess)
+    return model.embed([decode_and_preprocess(read_image_query(image), preprocess)])[0]
 
 
 def embed_text(text: str, model_dir: str) -> np.ndarray:
     """The CLIP text embedding ``float32 (D,)`` of one caption (text tower and tokenizer of ``model_dir``)."""
-    from dask_clip.embedders.clip_text import ClipTextModel
-
     return ClipTextModel(model_dir, "cpu").embed([text])[0]

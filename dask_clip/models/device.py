@@ -1,21 +1,16 @@
-"""Running a torch vision model on a batch of preprocessed images, shared by every embedder."""
+"""Choosing a model's device and dtype, and running a torch vision model on a batch of preprocessed images."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from dask_clip.embedders.image_preprocessing import PreprocessConfig, to_pixel_values
-
-
-class DeviceUnavailableError(RuntimeError):
-    """A CUDA device was asked for on a worker that has none; the message names the worker's host."""
+from dask_clip.errors import DeviceUnavailableError
+from dask_clip.images.preprocess import PreprocessConfig, to_pixel_values
 
 
 def resolve_device(device: str | None) -> str:
@@ -68,26 +63,3 @@ def run_on_batch(
     with torch.inference_mode(), autocast:
         embeddings = forward(pixels)
     return embeddings.float().cpu().numpy()
-
-
-MALLOC_MMAP_THRESHOLD = 32 * 2**20
-MALLOC_TRIM_THRESHOLD = 64 * 2**20
-
-
-def reuse_freed_memory() -> bool:
-    """Let glibc's malloc reuse freed memory for the next batch instead of returning it to the OS.
-
-    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes malloc's mmap
-    threshold at 128 KiB: every tensor and decoded image larger than that is then mmap'd and
-    unmapped per operation, and its pages faulted in again each time. That halves the throughput of
-    a small CLIP on one CPU thread and slows decoding by ~25%. Raising both thresholds (to 32 MiB and
-    64 MiB) keeps at most a few tens of MiB more per malloc arena. Called once a model is loaded;
-    returns whether it was applied (only with glibc).
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))

@@ -23,7 +23,7 @@ import posixpath
 import tarfile
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -32,9 +32,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dask_clip.arguments import at_least
+from dask_clip.columns import STRING
+from dask_clip.errors import ColumnError, ShardReadError, UsageError
+from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
+from dask_clip.io.atomic import atomic_write
 from dask_clip.io.metadata import arrow_to_pandas, write_shard_metadata
 from dask_clip.io.shards import filesystem_of
-from dask_clip.io.tar_samples import ShardReadError, iter_tar_samples
+from dask_clip.io.tar_samples import iter_tar_samples
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -89,7 +94,7 @@ def plan_output_shards(counts: Sequence[int], samples_per_shard: int) -> list[li
 
 
 def to_webdataset(
-    dataset: "ImageTextPairDataset",
+    dataset: ImageTextPairDataset,
     path: str,
     filter_column: str | None = None,
     samples_per_shard: int = 10_000,
@@ -118,7 +123,7 @@ def to_webdataset(
         counts = _stage_kept_rows(dataset, staging, filter_column)
         plan = plan_output_shards(counts, samples_per_shard)
         if len(plan) > 10**max_shards:
-            raise ValueError(
+            raise UsageError(
                 f"{sum(counts)} kept rows need {len(plan)} shards of {samples_per_shard}, more than "
                 f"max_shards={max_shards} digits can name"
             )
@@ -128,20 +133,26 @@ def to_webdataset(
         offsets = [0, *itertools.accumulate(counts)][:-1]
         pieces = {
             i: dask.delayed(write_tar_pieces, pure=False)(
-                _staged_url(staging, shard.stem), shard.tar_url, offsets[i], keys, staging,
-                dataset.id_col, old_id_col,
+                ShardRef.of(i, shard), staging, offsets[i], keys, dataset.id_col, old_id_col
             )
-            for i, shard in enumerate(dataset.shards) if counts[i]
+            for i, shard in enumerate(dataset.shards)
+            if counts[i]
         }
         outputs = [
             dask.delayed(write_output_shard, pure=False)(
-                number, [(_staged_url(staging, dataset.shards[s.input_index].stem), s.start, s.stop) for s in segments],
-                [pieces[s.input_index] for s in segments], output_url, keys, dataset.id_col, old_id_col, info,
+                number,
+                [(_staged_url(staging, dataset.shards[s.input_index].stem), s.start, s.stop) for s in segments],
+                [pieces[s.input_index] for s in segments],
+                output_url,
+                keys,
+                dataset.id_col,
+                old_id_col,
+                info,
             )
             for number, segments in enumerate(plan)
         ]
         # copying bytes needs none of the resources (GPUs) the rows may have needed
-        summary = replace(dataset, resources={})._compute(dask.delayed(pd.DataFrame)(outputs, columns=list(SUMMARY_COLUMNS)))
+        summary = compute(dask.delayed(pd.DataFrame)(outputs, columns=list(SUMMARY_COLUMNS)))
     finally:
         if output_fs.exists(filesystem_of(staging)[1]):
             output_fs.rm(filesystem_of(staging)[1], recursive=True)
@@ -149,47 +160,45 @@ def to_webdataset(
 
 
 def _check_arguments(
-    dataset: "ImageTextPairDataset", path: str, columns: list[str], filter_column: str | None,
+    dataset: ImageTextPairDataset, path: str, columns: list[str], filter_column: str | None,
     samples_per_shard: int, max_shards: int, old_id_col: str | None,
 ) -> None:
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be at least 1, not {samples_per_shard}")
-    if max_shards < 1:
-        raise ValueError(f"max_shards must be at least 1, not {max_shards}")
+    at_least("samples_per_shard", samples_per_shard)
+    at_least("max_shards", max_shards)
     if filter_column is not None:
         if filter_column not in columns:
-            raise ValueError(f"no filter column {filter_column!r}; the dataset has {columns}")
+            raise ColumnError(f"no filter column {filter_column!r}; the dataset has {columns}")
         dtype = dataset.pandas_metadata.dtypes[filter_column]
         if not pd.api.types.is_bool_dtype(dtype):
-            raise TypeError(f"filter column {filter_column!r} is {dtype}, not boolean")
+            raise ColumnError(f"filter column {filter_column!r} is {dtype}, not boolean")
     if old_id_col is not None and old_id_col in columns:
-        raise ValueError(f"old_id_col {old_id_col!r} is already a column of the dataset")
+        raise UsageError(f"old_id_col {old_id_col!r} is already a column of the dataset")
     fs, root = filesystem_of(path)
     if fs.isdir(root):
         existing = [p for p in fs.ls(root, detail=False) if p.endswith((".tar", ".parquet"))]
         if existing:
-            raise FileExistsError(f"{path}: already holds shard files (e.g. {existing[0]}); write into an empty folder")
+            raise UsageError(f"{path}: already holds shard files (e.g. {existing[0]}); write into an empty folder")
     input_root = filesystem_of(dataset.path)[1]
     if root == input_root:
-        raise ValueError(f"{path}: the output folder is the dataset's own folder; choose another one")
+        raise UsageError(f"{path}: the output folder is the dataset's own folder; choose another one")
 
 
 def _staged_url(staging: str, stem: str) -> str:
     return posixpath.join(staging, f"rows-{stem}.parquet")
 
 
-def _stage_kept_rows(dataset: "ImageTextPairDataset", staging: str, filter_column: str | None) -> list[int]:
+def _stage_kept_rows(dataset: ImageTextPairDataset, staging: str, filter_column: str | None) -> list[int]:
     """Pass 1: every input shard writes its kept rows to the staging folder; returns the kept counts, in shard order."""
 
-    def stage(rows: pd.DataFrame, tar_url: str, id_col: str) -> pd.DataFrame:
+    def stage(rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
         if filter_column is not None:
             rows = rows[np.asarray(rows[filter_column].fillna(False), dtype=bool)]
-        stem = posixpath.basename(tar_url).partition(".")[0]
-        write_shard_metadata(rows.reset_index(drop=True), _staged_url(staging, stem), {})
-        return pd.DataFrame({"tar_url": [tar_url], "kept": [len(rows)]})
+        write_shard_metadata(rows.reset_index(drop=True), _staged_url(staging, task.shard.stem), {})
+        return pd.DataFrame({"kept": [len(rows)]})
 
-    meta = pd.DataFrame({"tar_url": pd.Series([], dtype=object), "kept": pd.Series([], dtype="int64")})
-    counts = dataset._compute(dataset.map_shards(stage, meta=meta))
+    meta = pd.DataFrame({"kept": pd.Series([], dtype="int64")})
+    staged = map_shards(stage, dataset.pandas_metadata, dataset.shards, meta, id_col=dataset.id_col, label="reshard-stage")
+    counts = compute(staged, dataset.resources)
     return [int(n) for n in counts["kept"]]
 
 
@@ -218,38 +227,38 @@ def rewrite_sidecar(payload: bytes, id_col: str, new_id: str, old_id_col: str | 
 
 
 def write_tar_pieces(
-    staged_url: str, tar_url: str, offset: int, keys: KeyFormat, staging: str, id_col: str, old_id_col: str | None
+    shard: ShardRef, staging: str, offset: int, keys: KeyFormat, id_col: str, old_id_col: str | None
 ) -> dict[int, tuple[str, int]]:
     """Pass 3a, one input shard: stream its tar once, appending each kept sample under its new key to
     the piece of the output shard it goes to. Returns ``{output shard: (piece url, samples)}``."""
-    fs, staged_path = filesystem_of(staged_url)
-    with fs.open(staged_path, "rb") as file:
-        ids = pq.read_table(file, columns=[id_col]).column(id_col).to_pylist()
-    positions = {str(value): position for position, value in enumerate(ids)}
-    stem = posixpath.basename(tar_url).partition(".")[0]
-    files: dict[int, Any] = {}
-    written: dict[int, tuple[str, int]] = {}
-    try:
-        for sample in iter_tar_samples(tar_url, max_member_bytes=UNLIMITED_MEMBER_BYTES):
-            position = positions.get(sample.key)
-            if position is None:
-                continue
-            shard = (offset + position) // keys.samples_per_shard
-            new_key = keys.key(offset + position)
-            if shard not in files:
-                url = posixpath.join(staging, f"piece-{keys.stem(shard)}-{stem}.tar")
-                files[shard] = fs.open(filesystem_of(url)[1], "wb")
-                written[shard] = (url, 0)
-            for extension, payload in sample.members.items():
-                if extension == "json":
-                    where = f"{tar_url}: sample {sample.key!r}"
-                    payload = rewrite_sidecar(payload, id_col, new_key, old_id_col, sample.key, where)
-                files[shard].write(tar_member(f"{new_key}.{extension}", payload))
-            written[shard] = (written[shard][0], written[shard][1] + 1)
-    finally:
-        for file in files.values():
-            file.close()
-    return written
+    with failures_named(shard.tar_url):
+        fs, staged_path = filesystem_of(_staged_url(staging, shard.stem))
+        with fs.open(staged_path, "rb") as file:
+            ids = pq.read_table(file, columns=[id_col]).column(id_col).to_pylist()
+        positions = {str(value): position for position, value in enumerate(ids)}
+        files: dict[int, Any] = {}
+        written: dict[int, tuple[str, int]] = {}
+        try:
+            for sample in iter_tar_samples(shard.tar_url, max_member_bytes=UNLIMITED_MEMBER_BYTES):
+                position = positions.get(sample.key)
+                if position is None:
+                    continue
+                output = (offset + position) // keys.samples_per_shard
+                new_key = keys.key(offset + position)
+                if output not in files:
+                    url = posixpath.join(staging, f"piece-{keys.stem(output)}-{shard.stem}.tar")
+                    files[output] = fs.open(filesystem_of(url)[1], "wb")
+                    written[output] = (url, 0)
+                for extension, payload in sample.members.items():
+                    if extension == "json":
+                        where = f"{shard.tar_url}: sample {sample.key!r}"
+                        payload = rewrite_sidecar(payload, id_col, new_key, old_id_col, sample.key, where)
+                    files[output].write(tar_member(f"{new_key}.{extension}", payload))
+                written[output] = (written[output][0], written[output][1] + 1)
+        finally:
+            for file in files.values():
+                file.close()
+        return written
 
 
 def write_output_shard(
@@ -264,44 +273,38 @@ def write_output_shard(
 ) -> dict[str, Any]:
     """Pass 3b, one output shard: its parquet from the staged rows of ``segments`` (staged url, start,
     stop), with new ids, and its tar from its pieces of each input shard, in input order."""
-    frames = []
-    for staged_url, start, stop in segments:
-        fs, staged_path = filesystem_of(staged_url)
-        with fs.open(staged_path, "rb") as file:
-            frames.append(arrow_to_pandas(pq.read_table(file).slice(start, stop - start)))
-    rows = pd.concat(frames, ignore_index=True)
-    first = number * keys.samples_per_shard
-    new_ids = pd.array([keys.key(first + i) for i in range(len(rows))], dtype=pd.ArrowDtype(pa.string()))
-    if old_id_col is not None:
-        rows.insert(rows.columns.get_loc(id_col) + 1, old_id_col, rows[id_col])
-    rows[id_col] = new_ids
-
     stem = keys.stem(number)
-    parquet_url = posixpath.join(output_url, f"{stem}.parquet")
-    write_shard_metadata(rows, parquet_url, info)
     tar_url = posixpath.join(output_url, f"{stem}.tar")
-    own_pieces = [piece[number] for piece in pieces if number in piece]
-    concatenate_tar_pieces([url for url, _ in own_pieces], tar_url)
-    samples = sum(count for _, count in own_pieces)
+    with failures_named(tar_url):
+        frames = []
+        for staged_url, start, stop in segments:
+            fs, staged_path = filesystem_of(staged_url)
+            with fs.open(staged_path, "rb") as file:
+                frames.append(arrow_to_pandas(pq.read_table(file).slice(start, stop - start)))
+        rows = pd.concat(frames, ignore_index=True)
+        first = number * keys.samples_per_shard
+        new_ids = pd.array([keys.key(first + i) for i in range(len(rows))], dtype=STRING)
+        if old_id_col is not None:
+            rows.insert(rows.columns.get_loc(id_col) + 1, old_id_col, rows[id_col])
+        rows[id_col] = new_ids
+
+        parquet_url = posixpath.join(output_url, f"{stem}.parquet")
+        write_shard_metadata(rows, parquet_url, info)
+        own_pieces = [piece[number] for piece in pieces if number in piece]
+        concatenate_tar_pieces([url for url, _ in own_pieces], tar_url)
+        samples = sum(count for _, count in own_pieces)
     return {"stem": stem, "tar_path": tar_url, "parquet_path": parquet_url, "rows": len(rows), "samples": samples}
 
 
 def concatenate_tar_pieces(piece_urls: Iterable[str], tar_url: str) -> None:
-    """Write ``tar_url`` (atomically: a temporary name, then renamed) as the pieces followed by the tar end blocks."""
-    fs, path = filesystem_of(tar_url)
-    folder, name = posixpath.split(path)
-    temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with fs.open(temporary, "wb") as out:
-            size = 0
-            for url in piece_urls:
-                with fs.open(filesystem_of(url)[1], "rb") as piece:
-                    while chunk := piece.read(1 << 22):
-                        out.write(chunk)
-                        size += len(chunk)
-            size += 2 * tarfile.BLOCKSIZE
-            out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))
-        fs.mv(temporary, path)
-    finally:
-        if fs.exists(temporary):
-            fs.rm(temporary)
+    """Write ``tar_url`` (atomically, ``io.atomic``) as the pieces followed by the tar end blocks."""
+    fs = filesystem_of(tar_url)[0]
+    with atomic_write(tar_url) as out:
+        size = 0
+        for url in piece_urls:
+            with fs.open(filesystem_of(url)[1], "rb") as piece:
+                while chunk := piece.read(1 << 22):
+                    out.write(chunk)
+                    size += len(chunk)
+        size += 2 * tarfile.BLOCKSIZE
+        out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))

@@ -10,7 +10,6 @@ this module on machines without a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,19 +18,20 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags
 
-from dask_clip.embedders.image_preprocessing import (
+from dask_clip.errors import ImageDecodeError
+from dask_clip.images.preprocess import (
     TORCH_RESAMPLE,
-    ImageDecodeError,
     PreprocessConfig,
     open_for_preprocessing,
     preprocess_opened,
     resize_chw,
     resized_size,
 )
+from dask_clip.optional import check_installed, require
 
 logger = logging.getLogger(__name__)
 
-TORCHCODEC_HINT = "decode_mode='device' needs TorchCodec: pip install 'dask_clip[gpu]' (or pip install torchcodec)"
+DEVICE_DECODE = "decode_mode='device'"
 DEVICE_DECODE_PIXELS_PER_CALL = 128_000_000
 """At most this many decoded pixels (3 bytes each) are held on the device by one decode call."""
 DEVICE_DECODE_MODES = ("RGB", "L")
@@ -90,18 +90,13 @@ def decode_on_device(
 
 
 def check_device_decode_available() -> None:
-    """Raise the ImportError of ``import_decode_jpeg`` here, without importing torch, if TorchCodec is missing."""
-    if importlib.util.find_spec("torchcodec") is None:
-        raise ImportError(TORCHCODEC_HINT)
+    """``MissingDependencyError`` naming the gpu extra, without importing torch, if TorchCodec is missing."""
+    check_installed("torchcodec", "gpu", DEVICE_DECODE)
 
 
 def import_decode_jpeg() -> Callable[..., Any]:
-    """TorchCodec's ``decode_jpeg``, or an ImportError naming the package to install."""
-    try:
-        from torchcodec.decoders import decode_jpeg
-    except ImportError as error:
-        raise ImportError(TORCHCODEC_HINT) from error
-    return decode_jpeg
+    """TorchCodec's ``decode_jpeg``, or a ``MissingDependencyError`` naming the gpu extra."""
+    return require("torchcodec.decoders", "gpu", DEVICE_DECODE).decode_jpeg
 
 
 def chunks_by_pixels(jpegs: Sequence[EncodedJpeg], max_pixels: int) -> Iterator[Sequence[EncodedJpeg]]:

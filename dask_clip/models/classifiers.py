@@ -11,9 +11,7 @@ import os
 import torch
 from torch import nn
 
-
-class CheckpointError(OSError):
-    """A classifier checkpoint is missing, unsafe to load or does not fit the architecture; names the file."""
+from dask_clip.errors import CheckpointError
 
 
 class AestheticMlp(nn.Module):

@@ -1,0 +1,115 @@
+"""ImageTextPairDataset: the metadata of a folder of WebDataset shards, one Dask partition per shard."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+
+from dask_clip.backends import check_backend, convert
+from dask_clip.dataset.export import export_clip_retrieval
+from dask_clip.dataset.reshard import to_webdataset
+from dask_clip.dataset.save import save_metadata
+from dask_clip.dataset.search import search
+from dask_clip.errors import ColumnError
+from dask_clip.io.metadata import dask_clip_info, empty_frame, read_parquet_schema, read_shard_metadata
+from dask_clip.io.shards import Shard, discover_shards
+
+
+@dataclass(frozen=True, eq=False)
+class ImageTextPairDataset:
+    """A folder of image-text shards: the metadata frame, the shards it came from and the id column.
+
+    ``metadata`` has one partition per shard, aligned with ``shards`` (and ``tar_files``); every
+    operation returns a new dataset and leaves this one unchanged.
+    ``derived_columns`` maps each column that dask_clip computed to the configuration that produced it.
+    ``resources`` are the Dask worker resources the computations of its columns ask for.
+    ``backend`` is the dataframe library of ``metadata``: ``"pandas"`` or ``"cudf"`` (GPU extra).
+    Two datasets are equal only when they are the same object (``==`` is identity).
+    """
+
+    path: str
+    metadata: dd.DataFrame
+    shards: tuple[Shard, ...]
+    id_col: str = "key"
+    derived_columns: Mapping[str, Any] = field(default_factory=dict)
+    resources: Mapping[str, float] = field(default_factory=dict)
+    backend: str = "pandas"
+
+    @classmethod
+    def from_webdataset(cls, path: str, id_col: str = "key", backend: str = "pandas") -> ImageTextPairDataset:
+        """Read the shard pairs of ``path`` (a local folder or any fsspec URL) lazily.
+
+        Only the folder listing and the first parquet's footer are read on the client; each shard's
+        parquet is read by its own task, which checks its ids and columns. ``backend="cudf"`` (GPU
+        extra) gives a dask_cudf ``metadata``; dask_clip's operations convert to pandas per shard.
+        """
+        check_backend(backend)
+        shards = tuple(discover_shards(path))
+        first_schema = read_parquet_schema(shards[0].parquet_url)
+        meta = empty_frame(first_schema)
+        if id_col not in meta.columns:
+            raise ColumnError(f"{shards[0].parquet_url}: no id column {id_col!r}; columns are {list(meta.columns)}")
+        info = dask_clip_info(first_schema)
+        derived = set(info.get("derived_columns", ()))
+        read = functools.partial(read_shard_metadata, id_col=id_col, meta=meta, derived_columns=frozenset(derived))
+        metadata = dd.from_map(
+            read, [shard.parquet_url for shard in shards], meta=meta, enforce_metadata=False, label="read-shard-metadata"
+        )
+        configs = info.get("configs", {})
+        derived_configs = {column: configs.get(column) for column in derived}
+        return cls(path, convert(metadata, backend), shards, id_col, derived_configs, backend=backend)
+
+    @property
+    def pandas_metadata(self) -> dd.DataFrame:
+        """``metadata`` on the pandas backend: what dask_clip's operations compute on."""
+        return convert(self.metadata, "pandas")
+
+    @property
+    def meta(self) -> pd.DataFrame:
+        """An empty pandas frame with the columns and dtypes of ``metadata`` on the pandas backend."""
+        return self.pandas_metadata._meta
+
+    @property
+    def tar_files(self) -> list[str]:
+        """The tar of each partition, in partition order."""
+        return [shard.tar_url for shard in self.shards]
+
+    def with_metadata(
+        self,
+        metadata: dd.DataFrame,
+        derived_columns: Mapping[str, Any] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> ImageTextPairDataset:
+        """A new dataset with ``metadata`` replaced (same shards, one partition each), on this dataset's backend.
+
+        ``derived_columns`` (column -> configuration) are recorded for the columns an operation wrote;
+        ``resources`` are added to those the computation asks for.
+        """
+        if metadata.npartitions != len(self.shards):
+            raise ValueError(
+                f"metadata has {metadata.npartitions} partitions but the dataset has {len(self.shards)} shards: "
+                "an operation must keep one partition per shard"
+            )
+        return replace(
+            self,
+            metadata=convert(metadata, self.backend),
+            derived_columns={**self.derived_columns, **(derived_columns or {})},
+            resources={**self.resources, **(resources or {})},
+        )
+
+    # What a dataset does with itself, each in its own module (``dataset.save`` and so on), as methods.
+    save_metadata = save_metadata
+    to_webdataset = to_webdataset
+    search = search
+    export_clip_retrieval = export_clip_retrieval
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTextPairDataset(path={self.path!r}, shards={len(self.shards)}, id_col={self.id_col!r}, "
+            f"columns={list(self.metadata.columns)})"
+        )

@@ -1,0 +1,92 @@
+"""Export embeddings in clip-retrieval's layout: ``img_emb/img_emb_{i}.npy`` + ``metadata/metadata_{i}.parquet``.
+
+One pair per shard, written by the shard's own task. ``i`` is the shard's position in the dataset,
+zero-padded as clip-retrieval pads it (to the number of digits of the shard count). Only rows with
+an embedding are written, in the same order in both files; a shard with none writes no pair (as
+clip-retrieval skips an empty partition).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dask_clip.columns import embedding_width, embeddings_to_numpy
+from dask_clip.errors import ColumnError
+from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.io.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from dask_clip.dataset import ImageTextPairDataset
+
+DEFAULT_METADATA_COLUMNS = ("caption", "url")
+SUMMARY_META = pd.DataFrame(
+    {"stem": [""], "index": [0], "rows": [0], "embeddings_path": [""], "metadata_path": [""]}
+).iloc[:0]
+
+
+def export_clip_retrieval(
+    dataset: ImageTextPairDataset,
+    path: str,
+    embedding_column: str = "image_embedding",
+    metadata_columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Write each shard's embeddings as ``float16 (N, D)`` ``.npy`` and its ids (plus ``metadata_columns``,
+    by default ``caption`` and ``url`` when present) as a parquet of ``N`` rows, in the same order.
+
+    Returns one row per shard: ``stem``, ``index``, ``rows`` (embeddings written, 0 where no pair
+    was written), ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
+    """
+    meta = dataset.pandas_metadata._meta
+    embedding_width(meta, embedding_column, "export_clip_retrieval")
+    columns = list(meta.columns)
+    if metadata_columns is None:
+        extra = [c for c in DEFAULT_METADATA_COLUMNS if c in columns]
+    else:
+        unknown = [c for c in metadata_columns if c not in columns]
+        if unknown:
+            raise ColumnError(f"unknown metadata columns {unknown}; the dataset has {columns}")
+        extra = [c for c in metadata_columns if c != dataset.id_col]
+    written = map_shards(
+        _write_pair,
+        dataset.pandas_metadata,
+        dataset.shards,
+        SUMMARY_META,
+        id_col=dataset.id_col,
+        label="export-clip-retrieval",
+        root=path.rstrip("/"),
+        embedding_column=embedding_column,
+        columns=[dataset.id_col, *extra],
+        digits=len(str(len(dataset.shards))),
+    )
+    return compute(written, dataset.resources).reset_index(drop=True)
+
+
+def _write_pair(
+    rows: pd.DataFrame, task: ShardTask, root: str, embedding_column: str, columns: list[str], digits: int
+) -> pd.DataFrame:
+    """One shard's ``.npy`` + ``.parquet`` pair (none when it has no embedding) -> its summary row."""
+    index = task.shard.index
+    vectors = embeddings_to_numpy(rows[embedding_column])
+    present = rows[embedding_column].notna().to_numpy(dtype=bool)
+    summary = {"stem": task.shard.stem, "index": index, "rows": int(present.sum()), "embeddings_path": "",
+               "metadata_path": ""}
+    if present.any():
+        name = f"{index:0{digits}d}"
+        summary["embeddings_path"] = posixpath.join(root, "img_emb", f"img_emb_{name}.npy")
+        summary["metadata_path"] = posixpath.join(root, "metadata", f"metadata_{name}.parquet")
+        with atomic_write(summary["embeddings_path"]) as file:
+            buffer = io.BytesIO()
+            np.save(buffer, vectors[present].astype(np.float16))
+            file.write(buffer.getvalue())
+        table = pa.Table.from_pandas(rows.loc[present, columns], preserve_index=False)
+        with atomic_write(summary["metadata_path"]) as file:
+            pq.write_table(table.replace_schema_metadata(None), file)
+    return pd.DataFrame([summary])

@@ -1,0 +1,84 @@
+"""Every error dask_clip raises on purpose, in one hierarchy.
+
+Two branches tell a user what to do next, and the CLI maps them to its exit codes:
+
+- ``ConfigurationError`` (exit 2): fix the call. Bad arguments, a missing column, a model that cannot be
+  loaded, a missing optional dependency, a device that is not there.
+- ``DataError`` (exit 1): fix (or skip) the data. A shard that cannot be read or processed, a write that
+  failed. The message starts with the file it concerns.
+
+Each class also derives from the builtin exception that callers caught before this hierarchy existed
+(``ValueError``, ``OSError``, ``ImportError``), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class DaskClipError(Exception):
+    """Base of every error dask_clip raises on purpose."""
+
+
+class ConfigurationError(DaskClipError):
+    """The call cannot work as given; nothing was computed (CLI exit code 2)."""
+
+
+class UsageError(ConfigurationError, ValueError):
+    """An argument is out of range, unknown or contradicts another one."""
+
+
+class ColumnError(UsageError):
+    """A column an operation reads is missing or has the wrong type; the message names the column."""
+
+
+class DatasetNotFoundError(UsageError, FileNotFoundError):
+    """The folder given as a dataset does not exist."""
+
+
+class MissingDependencyError(ConfigurationError, ImportError):
+    """An optional dependency is not installed; the message names the pip extra that installs it."""
+
+
+class ModelLoadError(ConfigurationError, OSError):
+    """A model's configuration or weights cannot be found, or are not safe to load."""
+
+
+class CheckpointError(ModelLoadError):
+    """A classifier checkpoint is missing, unsafe to load or does not fit the architecture; names the file."""
+
+
+class DeviceUnavailableError(ConfigurationError, RuntimeError):
+    """A device was asked for where there is none (a GPU cluster without a GPU, ``device="cuda"`` on a CPU
+    worker); the message names the host."""
+
+
+class DataError(DaskClipError, ValueError):
+    """The data cannot be processed as it is (CLI exit code 1); the message starts with the file."""
+
+
+class DatasetLayoutError(DataError):
+    """A folder of shards is empty, or holds a tar without its parquet (or the reverse)."""
+
+
+class ShardError(DataError):
+    """A failure while processing one shard. The message starts with the shard's tar (or parquet), and
+    ``__cause__`` holds the original error when there was one."""
+
+
+class ShardReadError(ShardError):
+    """A shard's tar cannot be read as WebDataset; the message names the file and the member."""
+
+
+class ShardMetadataError(ShardError):
+    """A shard's parquet cannot be used as it is; the message names the file."""
+
+
+class WriteError(DataError, OSError):
+    """A file could not be written (disk full, permissions, ...); the message starts with its path."""
+
+
+class ImageDecodeError(DataError):
+    """One sample's bytes cannot be made into an image; the message is the row's reason.
+
+    Never raised out of a shard on its own: it becomes the row's ``embedding_error``, or, with
+    ``on_error="raise"``, a ``ShardReadError`` naming the tar and the key.
+    """

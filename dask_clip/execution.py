@@ -1,0 +1,282 @@
+"""The only place that maps work over shards and computes it.
+
+- ``map_shards`` runs a function on each shard's rows, handing it a ``ShardTask``: the shard's small
+  reference (index, stem, tar and parquet URLs, never the list of all shards) and a clock for its stage
+  timings. Any failure inside becomes a ``ShardError`` that names the shard's file and keeps the original
+  error as its cause; dask_clip's own errors, which say what they concern already, pass unchanged.
+- ``compute`` runs a collection on the current Dask client, or on the threaded scheduler when there is
+  none (never on processes, which would re-import the user's script).
+- ``compute_per_shard`` computes one summary row per shard with a progress bar, and decides what a
+  failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
+  shard lets the others finish, then the first failure is raised.
+- ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
+  partition of their own shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import pandas as pd
+
+from dask_clip.distributed.client import current_client
+from dask_clip.distributed.worker_setup import MemoryTuningPlugin
+from dask_clip.errors import ConfigurationError, DaskClipError, ShardError
+from dask_clip.io.shards import Shard
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("load_s", "wait_s", "decode_s", "infer_s", "write_s")
+"""Stage timings a shard's summary reports, in seconds: ``load_s`` (model from the cache or loaded),
+``wait_s`` (inference waiting for decoded images), ``decode_s`` (decode-thread time summed over threads,
+plus decoding on the model's device), ``infer_s`` and ``write_s``."""
+_TIMINGS_ATTR = "dask_clip.stage_seconds"
+_REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object}
+_prepared_clients: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """What a task knows of its shard: its position in the dataset, its stem and its two files."""
+
+    index: int
+    stem: str
+    tar_url: str
+    parquet_url: str
+
+    @classmethod
+    def of(cls, index: int, shard: Shard) -> ShardRef:
+        """The reference of ``shard``, at position ``index`` of its dataset."""
+        return cls(index, shard.stem, shard.tar_url, shard.parquet_url)
+
+
+@dataclass
+class ShardTask:
+    """Handed to the function ``map_shards`` runs: the shard, the id column of its rows, and the seconds
+    spent in each stage."""
+
+    shard: ShardRef
+    id_col: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        """Count ``seconds`` towards ``stage`` (one of ``STAGES``)."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Count the time the block takes towards ``stage``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_seconds(stage, time.perf_counter() - started)
+
+
+def stage_timings(frame: pd.DataFrame) -> dict[str, float]:
+    """The stage seconds recorded by every ``map_shards`` step that produced ``frame`` (NaN for stages none ran)."""
+    return {**dict.fromkeys(STAGES, float("nan")), **frame.attrs.get(_TIMINGS_ATTR, {})}
+
+
+def _with_timings(result: pd.DataFrame, inputs: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
+    merged = dict(inputs.attrs.get(_TIMINGS_ATTR, {}))
+    for stage, seconds in task.seconds.items():
+        merged[stage] = merged.get(stage, 0.0) + seconds
+    result.attrs[_TIMINGS_ATTR] = merged
+    return result
+
+
+def _shard_references(shards: Sequence[Shard], indices: Sequence[int]) -> dd.DataFrame:
+    """A Dask frame of one row per shard (its ``ShardRef`` fields), one partition each."""
+    rows = [
+        pd.DataFrame([[index, shard.stem, shard.tar_url, shard.parquet_url]], columns=list(_REFERENCE_COLUMNS))
+        for index, shard in zip(indices, shards)
+    ]
+    meta = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in _REFERENCE_COLUMNS.items()})
+    return dd.from_map(_identity, rows, meta=meta, label="shard-references", enforce_metadata=False)
+
+
+def _identity(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
+
+
+@contextlib.contextmanager
+def failures_named(url: str) -> Iterator[None]:
+    """Turn any failure in the block that is not one of dask_clip's own errors into a ``ShardError`` starting
+    with ``url`` (the shard's tar, or the file being made), with the original error as its cause."""
+    try:
+        yield
+    except DaskClipError:
+        raise  # names its file already, or is about the configuration rather than this shard
+    except Exception as error:
+        raise ShardError(f"{url}: {type(error).__name__}: {error}") from error
+
+
+def map_shards(
+    function: Callable[..., pd.DataFrame],
+    metadata: dd.DataFrame,
+    shards: Sequence[Shard],
+    meta: pd.DataFrame,
+    *aligned: dd.DataFrame,
+    id_col: str,
+    label: str = "shard",
+    indices: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> dd.DataFrame:
+    """``function(rows, task, *aligned_parts, **kwargs)`` on each shard -> a frame like ``meta``, one partition per shard.
+
+    ``metadata`` (whose rows are identified by ``id_col``) and every frame in ``aligned`` have one
+    partition per shard, in the order of ``shards``; ``task`` is the shard's ``ShardTask``. ``indices`` are the shards' positions in their dataset when
+    ``shards`` is a subset of it (default: ``0, 1, ...``). Stage seconds the function records travel with
+    its result (``stage_timings``), added to those of the steps before it.
+    """
+
+    def on_shard(rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
+        task = ShardTask(ShardRef(**{name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}), id_col)
+        with failures_named(task.shard.tar_url):
+            result = function(rows, task, *parts, **kwargs)
+        return _with_timings(result, rows, task)
+
+    for frame in (metadata, *aligned):
+        if frame.npartitions != len(shards):
+            raise ValueError(f"a frame has {frame.npartitions} partitions for {len(shards)} shards: expected one per shard")
+    return dd.map_partitions(
+        on_shard,
+        metadata,
+        _shard_references(shards, range(len(shards)) if indices is None else indices),
+        *aligned,
+        meta=meta,
+        align_dataframes=False,
+        enforce_metadata=False,
+        token=label,
+    )
+
+
+def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) -> dd.DataFrame:
+    """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``shard_column`` is ``i``
+    (``shard_count`` partitions, the column becomes the index), ready to be passed to ``map_shards`` as aligned.
+
+    A tasks shuffle: Dask's P2P shuffle cannot move fixed-size list columns.
+    """
+    return frame.set_index(shard_column, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
+
+
+def usable_resources(client: Any, wanted: Mapping[str, float] | None) -> dict[str, float]:
+    """``wanted`` when some worker of ``client`` offers all of those resources, else ``{}`` (logged)."""
+    if not wanted:
+        return {}
+    offered = [set(info.get("resources", {})) for info in client.scheduler_info(n_workers=-1)["workers"].values()]
+    if any(set(wanted) <= names for names in offered):
+        return dict(wanted)
+    logger.info("no worker offers resources %s; running without them", dict(wanted))
+    return {}
+
+
+def _prepare(client: Any) -> None:
+    """Register the worker set-up plugin (memory tuning) once per client."""
+    if client.id not in _prepared_clients:
+        client.register_plugin(MemoryTuningPlugin())
+        _prepared_clients.add(client.id)
+
+
+def compute(collection: Any, resources: Mapping[str, float] | None = None) -> Any:
+    """Compute ``collection`` on the current client (asking for ``resources`` where workers offer them), or
+    on the threaded scheduler of this process when there is no client."""
+    client = current_client()
+    if client is None:
+        return dask.compute(collection, scheduler="threads")[0]
+    _prepare(client)
+    return client.gather(client.compute(collection, resources=usable_resources(client, resources) or None))
+
+
+def compute_per_shard(
+    summaries: dd.DataFrame, resources: Mapping[str, float] | None = None, progress: bool = False
+) -> pd.DataFrame:
+    """Compute a frame of one summary row per shard (with a ``rows`` column), shard by shard.
+
+    On a distributed client each shard is its own future: a progress bar (``tqdm``, a widget in
+    notebooks) advances as shards finish, showing rows per second; a failing shard lets the others
+    finish (their output is kept), then the first failure is raised and the others are logged; a
+    configuration error (e.g. a worker cannot load the model) cancels the remaining shards and is
+    raised at once. Without a client the threaded scheduler computes every shard and stops at the first failure.
+    """
+    from tqdm.auto import tqdm
+
+    parts = summaries.to_delayed()
+    with tqdm(total=len(parts), unit="shard", disable=not progress, desc="shards") as bar:
+        counter = _ShardCounter(bar)
+        client = current_client()
+        if client is None:
+            with _LocalProgress({part.key for part in parts}, counter):
+                results = dask.compute(*parts, scheduler="threads")
+            return pd.concat(results) if results else summaries._meta
+        _prepare(client)
+        futures = client.compute(parts, resources=usable_resources(client, resources) or None)
+        return _gather_shard_by_shard(futures, counter, summaries._meta)
+
+
+class _ShardCounter:
+    """Shards done, rows and failures so far, shown on a progress bar."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.rows, self.failed, self.started = bar, 0, 0, time.perf_counter()
+
+    def done(self, part: pd.DataFrame | None) -> None:
+        if part is None:
+            self.failed += 1
+        else:
+            self.rows += int(part["rows"].sum())
+        rate = self.rows / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(rows=self.rows, failed=self.failed, rows_per_s=f"{rate:.1f}")
+        self.bar.update(1)
+
+
+def _gather_shard_by_shard(futures: list[Any], counter: _ShardCounter, meta: pd.DataFrame) -> pd.DataFrame:
+    from distributed import as_completed
+
+    parts, failures = [], []
+    for future in as_completed(futures):
+        if future.status != "error":
+            parts.append(future.result())
+            counter.done(parts[-1])
+            continue
+        error = future.exception()
+        counter.done(None)
+        if isinstance(error, ConfigurationError):
+            for other in futures:
+                other.cancel()
+            raise error
+        failures.append(error)
+    if failures:
+        for error in failures[1:]:
+            logger.error("shard failed: %s", error)
+        if len(failures) > 1:
+            logger.error("%d of %d shards failed; raising the first", len(failures), len(futures))
+        raise failures[0]
+    return pd.concat(parts) if parts else meta
+
+
+class _LocalProgress:
+    """Advance a ``_ShardCounter`` as the threaded scheduler finishes each task of ``final_keys``."""
+
+    def __init__(self, final_keys: set[Any], counter: _ShardCounter) -> None:
+        from dask.callbacks import Callback
+
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if key in final_keys:
+                counter.done(result)
+
+        self.callback = Callback(posttask=posttask)
+
+    def __enter__(self) -> None:
+        self.callback.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.callback.__exit__(*exc)

@@ -1,0 +1,118 @@
+"""The operation protocol: what every step that adds columns to a dataset declares, and how it is applied.
+
+An operation says
+
+- ``config()``: everything that changes its output (recorded next to the columns it writes);
+- ``input_columns(dataset)``: the columns it reads, checked before anything runs;
+- ``output_columns(dataset)``: the columns it writes, with their types (for the Dask ``meta``);
+- ``cross_shard``: whether its output for one shard depends on other shards (deduplication);
+- ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache;
+- ``process_shard(rows, task, model)``: for a per-shard operation, its new columns for one shard.
+
+``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
+through ``execution.map_shards``. A cross-shard operation overrides ``build`` instead of ``process_shard``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import dask.dataframe as dd
+import pandas as pd
+
+from dask_clip.columns import require_columns
+from dask_clip.distributed.model_cache import get_or_load
+from dask_clip.execution import ShardTask, map_shards
+
+if TYPE_CHECKING:
+    from dask_clip.dataset import ImageTextPairDataset
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker gets an operation's model: ``load()`` once per worker process and ``cache_key``.
+
+    The key is fixed when the operation is built on the client, so every copy of the operation that
+    reaches a worker finds the same cached model.
+    """
+
+    cache_key: str
+    load: Callable[[], Any]
+
+    def get(self) -> Any:
+        """The model from this process's cache, loading it on first use."""
+        return get_or_load(self.cache_key, self.load)
+
+
+class Operation(ABC):
+    """A step that adds (or replaces) columns of a dataset: ``operation(dataset) -> new dataset``."""
+
+    cross_shard: ClassVar[bool] = False
+    model: ModelSpec | None = None
+
+    @property
+    def name(self) -> str:
+        """How errors and task names refer to this operation."""
+        return type(self).__name__
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything that changes this operation's output, JSON-serialisable."""
+
+    @abstractmethod
+    def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
+        """The columns this operation reads from ``dataset``."""
+
+    @abstractmethod
+    def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
+        """The columns it writes to ``dataset``, as empty columns of their types."""
+
+    def check_inputs(self, dataset: ImageTextPairDataset) -> None:
+        """Further checks of the input columns' types (after their presence is checked); none by default."""
+
+    def task_resources(self) -> dict[str, float]:
+        """Dask worker resources one shard task needs (none by default)."""
+        return {}
+
+    def record(self, dataset: ImageTextPairDataset) -> dict[str, Any]:
+        """What is recorded with the written columns: ``config()`` by default."""
+        return self.config()
+
+    def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
+        """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""
+        raise NotImplementedError(f"{self.name} is a cross-shard operation: it overrides build()")
+
+    def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
+        """The new metadata frame, one partition per shard (by default ``process_shard`` on each shard)."""
+        return map_shards(
+            self._run_on_shard,
+            dataset.pandas_metadata,
+            dataset.shards,
+            output_meta,
+            id_col=dataset.id_col,
+            label=self.name,
+        )
+
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        """Lazily add this operation's columns to every shard of ``dataset``; columns of the same names are replaced."""
+        require_columns(dataset.meta, self.input_columns(dataset), self.name)
+        self.check_inputs(dataset)
+        outputs = self.output_columns(dataset)
+        frame = self.build(dataset, dataset.meta.assign(**outputs))
+        return dataset.with_metadata(frame, dict.fromkeys(outputs, self.record(dataset)), self.task_resources())
+
+    def _run_on_shard(self, rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
+        model = None
+        if self.model is not None:
+            with task.timed("load_s"):
+                model = self.model.get()
+        columns = self.process_shard(rows, task, model)
+        return rows.assign(**{name: _aligned(values, rows.index) for name, values in columns.items()})
+
+
+def _aligned(values: Any, index: pd.Index) -> pd.Series:
+    """``values`` (an array, or a Series in the rows' order) as a column on ``index``."""
+    return pd.Series(values.array if isinstance(values, pd.Series) else values, index=index)
