@@ -1,7 +1,7 @@
 """dask_clip: CLIP image embeddings for WebDataset image-text shards, computed on Dask.
 
 The top level is lazy: ``import dask_clip`` imports neither torch nor any GPU library; each name
-below is imported on first use. The error classes (``dask_clip.errors``) are imported at once.
+below (the error classes of ``dask_clip.errors`` included) is imported on first use.
 """
 
 from __future__ import annotations
@@ -10,24 +10,6 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-
-from dask_clip.errors import (
-    CheckpointError,
-    ColumnError,
-    ConfigurationError,
-    DaskClipError,
-    DataError,
-    DatasetLayoutError,
-    DatasetNotFoundError,
-    DeviceUnavailableError,
-    MissingDependencyError,
-    ModelLoadError,
-    ShardError,
-    ShardMetadataError,
-    ShardReadError,
-    UsageError,
-    WriteError,
-)
 
 _LAZY_NAMES = {
     "get_client": "dask_clip.distributed.client",
@@ -48,26 +30,29 @@ _LAZY_NAMES = {
     "keep_by_threshold": "dask_clip.ops.filters",
     "ClipScore": "dask_clip.ops.clip_score",
     "clip_score": "dask_clip.ops.clip_score",
+    **dict.fromkeys(
+        [
+            "CheckpointError",
+            "ColumnError",
+            "ConfigurationError",
+            "DaskClipError",
+            "DataError",
+            "DatasetLayoutError",
+            "DatasetNotFoundError",
+            "DeviceUnavailableError",
+            "MissingDependencyError",
+            "ModelLoadError",
+            "ShardError",
+            "ShardMetadataError",
+            "ShardReadError",
+            "UsageError",
+            "WriteError",
+        ],
+        "dask_clip.errors",
+    ),
 }
-_ERRORS = [
-    "CheckpointError",
-    "ColumnError",
-    "ConfigurationError",
-    "DaskClipError",
-    "DataError",
-    "DatasetLayoutError",
-    "DatasetNotFoundError",
-    "DeviceUnavailableError",
-    "MissingDependencyError",
-    "ModelLoadError",
-    "ShardError",
-    "ShardMetadataError",
-    "ShardReadError",
-    "UsageError",
-    "WriteError",
-]
 
-__all__ = sorted(_LAZY_NAMES) + _ERRORS + ["__version__"]
+__all__ = [*sorted(_LAZY_NAMES), "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -34,10 +34,16 @@ EXIT_USAGE = 2
 # --- arguments ------------------------------------------------------------------------------------
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--cluster-type", choices=("cpu", "gpu"), default="cpu", help="local cluster to start (default: cpu)")
-    where.add_argument("--scheduler-address", help="connect to a running scheduler, e.g. tcp://host:8786 (default: none)")
+    where.add_argument(
+        "--cluster-type", choices=("cpu", "gpu"), default="cpu", help="local cluster to start (default: cpu)"
+    )
+    where.add_argument(
+        "--scheduler-address", help="connect to a running scheduler, e.g. tcp://host:8786 (default: none)"
+    )
     where.add_argument("--scheduler-file", help="connect to the scheduler described in this JSON file (default: none)")
-    parser.add_argument("--n-workers", type=int, default=None, help="workers of a local cluster (default: one per core)")
+    parser.add_argument(
+        "--n-workers", type=int, default=None, help="workers of a local cluster (default: one per core)"
+    )
 
 
 def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
@@ -61,56 +67,87 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=32, help="images per model call")
     embed.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     embed.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
-    embed.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
-                       help="fast: reduced-size JPEG decode + torch resize; exact: as transformers' processor; "
-                            "device: JPEGs decoded in batches on the GPU (nvJPEG, needs the gpu extra) "
-                            "(default: exact with --no-autocast, else fast)")
+    embed.add_argument(
+        "--decode-mode",
+        choices=DECODE_MODES,
+        default=None,
+        help="fast: reduced-size JPEG decode + torch resize; exact: as transformers' processor; "
+        "device: JPEGs decoded in batches on the GPU (nvJPEG, needs the gpu extra) "
+        "(default: exact with --no-autocast, else fast)",
+    )
     embed.add_argument("--overwrite", action="store_true", help="recompute shards whose output is already complete")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_cluster_options(embed)
 
-    dedup = commands.add_parser("dedup", help="flag duplicate images (keep column) and save the metadata", formatter_class=defaults)
+    dedup = commands.add_parser(
+        "dedup", help="flag duplicate images (keep column) and save the metadata", formatter_class=defaults
+    )
     _add_dataset_options(dedup)
-    dedup.add_argument("--method", choices=("exact", "semantic"), default="exact",
-                       help="exact: identical image bytes; semantic: SemDeDup on the saved embeddings")
+    dedup.add_argument(
+        "--method",
+        choices=("exact", "semantic"),
+        default="exact",
+        help="exact: identical image bytes; semantic: SemDeDup on the saved embeddings",
+    )
     dedup.add_argument("--keep-column", default="keep", help="boolean column written: False for removed duplicates")
     dedup.add_argument("--eps", type=float, default=0.01, help="semantic: duplicates have cosine >= 1 - eps")
     dedup.add_argument("--n-clusters", type=int, default=1000, help="semantic: k-means clusters")
-    dedup.add_argument("--which-to-keep", choices=("hard", "easy", "random"), default="hard",
-                       help="semantic: keep the item farthest from (hard) or closest to (easy) its centroid, or a random one")
+    dedup.add_argument(
+        "--which-to-keep",
+        choices=("hard", "easy", "random"),
+        default="hard",
+        help="semantic: keep the item farthest from (hard) or closest to (easy) its centroid, or a random one",
+    )
     dedup.add_argument("--seed", type=int, default=0, help="semantic: seed of k-means and of the random policy")
     dedup.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     _add_cluster_options(dedup)
 
-    filter_ = commands.add_parser("filter", help="score rows (aesthetic, NSFW or CLIP score) and mark them kept by threshold",
-                                  formatter_class=defaults)
+    filter_ = commands.add_parser(
+        "filter",
+        help="score rows (aesthetic, NSFW or CLIP score) and mark them kept by threshold",
+        formatter_class=defaults,
+    )
     _add_dataset_options(filter_)
-    filter_.add_argument("--by", choices=("aesthetic", "nsfw", "clip-score"), required=True,
-                         help="aesthetic/nsfw: LAION classifier on the image embeddings; clip-score: image-caption cosine")
+    filter_.add_argument(
+        "--by",
+        choices=("aesthetic", "nsfw", "clip-score"),
+        required=True,
+        help="aesthetic/nsfw: LAION classifier on the image embeddings; clip-score: image-caption cosine",
+    )
     filter_.add_argument("--model-path", default=None, help="aesthetic/nsfw: local checkpoint file of the classifier")
-    filter_.add_argument("--model-dir", default=None, help="clip-score: the CLIP (with tokenizer) that embedded the images")
+    filter_.add_argument(
+        "--model-dir", default=None, help="clip-score: the CLIP (with tokenizer) that embedded the images"
+    )
     filter_.add_argument("--min", type=float, default=None, help="keep rows scoring at least this (default: no bound)")
     filter_.add_argument("--max", type=float, default=None, help="keep rows scoring at most this (default: no bound)")
     filter_.add_argument("--keep-column", default="keep", help="boolean column written (ANDed with an existing one)")
     filter_.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     _add_cluster_options(filter_)
 
-    reshard = commands.add_parser("reshard", help="write kept rows as new shards with new ids", formatter_class=defaults)
+    reshard = commands.add_parser(
+        "reshard", help="write kept rows as new shards with new ids", formatter_class=defaults
+    )
     _add_dataset_options(reshard)
     reshard.add_argument("output", help="empty folder for the new shards")
-    reshard.add_argument("--filter-column", default=None, help="keep rows where this boolean column is True (default: all)")
+    reshard.add_argument(
+        "--filter-column", default=None, help="keep rows where this boolean column is True (default: all)"
+    )
     reshard.add_argument("--samples-per-shard", type=int, default=10_000, help="rows per new shard")
     reshard.add_argument("--max-shards", type=int, default=5, help="digits of the new shard names")
     reshard.add_argument("--old-id-col", default=None, help="column that keeps the old id (default: none)")
     _add_cluster_options(reshard)
 
-    search = commands.add_parser("search", help="top-k images by similarity to a text or an image", formatter_class=defaults)
+    search = commands.add_parser(
+        "search", help="top-k images by similarity to a text or an image", formatter_class=defaults
+    )
     _add_dataset_options(search)
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a caption to search for (needs the model's tokenizer)")
     query.add_argument("--image", help="an image file to search for")
     search.add_argument("-k", type=int, default=10, help="how many results")
-    search.add_argument("--model-dir", default=None, help="model for the query (default: the one recorded with the embeddings)")
+    search.add_argument(
+        "--model-dir", default=None, help="model for the query (default: the one recorded with the embeddings)"
+    )
     _add_cluster_options(search)
 
     export = commands.add_parser("export", help="write embeddings in clip-retrieval's layout", formatter_class=defaults)
@@ -118,10 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="folder for img_emb/ and metadata/")
     _add_cluster_options(export)
 
-    demo = commands.add_parser("demo", help="write sample shards from real photos and embed them on a local cluster",
-                               formatter_class=defaults)
+    demo = commands.add_parser(
+        "demo", help="write sample shards from real photos and embed them on a local cluster", formatter_class=defaults
+    )
     demo.add_argument("--model-dir", default=DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model")
-    demo.add_argument("--random-weights", action="store_true", help="use a small random-weight CLIP (a smoke run: meaningless embeddings)")
+    demo.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="use a small random-weight CLIP (a smoke run: meaningless embeddings)",
+    )
     demo.add_argument("--output", default="demo_output", help="folder for the demo shards and model")
     demo.add_argument("--n-workers", type=int, default=2, help="workers of the local cluster")
     return parser
@@ -130,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --- running ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("distributed").setLevel(_dask_log_level(args))
     command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:
@@ -155,14 +199,19 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
 
     remote = args.scheduler_address or args.scheduler_file
     options = {} if remote else {"silence_logs": _dask_log_level(args)}
-    with get_client(args.cluster_type, scheduler_address=args.scheduler_address, scheduler_file=args.scheduler_file,
-                    n_workers=args.n_workers, **options) as client:
+    with get_client(
+        args.cluster_type,
+        scheduler_address=args.scheduler_address,
+        scheduler_file=args.scheduler_file,
+        n_workers=args.n_workers,
+        **options,
+    ) as client:
         if not remote:
             print(f"local {args.cluster_type} cluster started; dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
 
 
-def _dataset(args: argparse.Namespace) -> "ImageTextPairDataset":
+def _dataset(args: argparse.Namespace) -> ImageTextPairDataset:
     from dask_clip import ImageTextPairDataset
 
     return ImageTextPairDataset.from_webdataset(args.path, id_col=args.id_col)
@@ -180,12 +229,14 @@ def _embed(args: argparse.Namespace) -> int:
     )
     with _cluster(args):
         started = time.perf_counter()
-        summary = embedder(_dataset(args)).save_metadata(args.output, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = embedder(_dataset(args)).save_metadata(
+            args.output, overwrite=args.overwrite, progress=not args.no_progress
+        )
         _print_embed_summary(summary, time.perf_counter() - started, args.output or args.path)
     return 0
 
 
-def _print_embed_summary(summary: "pd.DataFrame", seconds: float, output: str) -> None:
+def _print_embed_summary(summary: pd.DataFrame, seconds: float, output: str) -> None:
     rows, errors = int(summary["rows"].sum()), int(summary["errors"].sum())
     skipped = int((~summary["written"]).sum())
     resumed = f" ({skipped} already complete, skipped)" if skipped else ""
@@ -198,7 +249,10 @@ def _print_embed_summary(summary: "pd.DataFrame", seconds: float, output: str) -
     )
     stages = summary.loc[written, ["load_s", "wait_s", "decode_s", "infer_s", "write_s"]].sum()
     if written.any():
-        print("seconds summed over the shards written: " + ", ".join(f"{name[:-2]} {value:.1f}" for name, value in stages.items()))
+        print(
+            "seconds summed over the shards written: "
+            + ", ".join(f"{name[:-2]} {value:.1f}" for name, value in stages.items())
+        )
 
 
 def _dedup(args: argparse.Namespace) -> int:
@@ -226,7 +280,7 @@ def _dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count_not_kept(summary: "pd.DataFrame", keep_column: str) -> int:
+def _count_not_kept(summary: pd.DataFrame, keep_column: str) -> int:
     """Rows whose ``keep_column`` is False in the parquet files a ``save_metadata`` summary lists."""
     import dask.dataframe as dd
 
@@ -235,12 +289,21 @@ def _count_not_kept(summary: "pd.DataFrame", keep_column: str) -> int:
 
 
 def _filter(args: argparse.Namespace) -> int:
-    from dask_clip import AestheticClassifier, ClipTextEmbedder, NsfwClassifier, UsageError, clip_score, keep_by_threshold
+    from dask_clip import (
+        AestheticClassifier,
+        ClipTextEmbedder,
+        NsfwClassifier,
+        UsageError,
+        clip_score,
+        keep_by_threshold,
+    )
 
     dataset = _dataset(args)
     if args.by == "clip-score":
         if not args.model_dir:
-            raise UsageError("--by clip-score needs --model-dir: the CLIP (with its tokenizer) that embedded the images")
+            raise UsageError(
+                "--by clip-score needs --model-dir: the CLIP (with its tokenizer) that embedded the images"
+            )
         scored, column = clip_score(ClipTextEmbedder(args.model_dir)(dataset)), "clip_score"
     else:
         if not args.model_path:
@@ -263,8 +326,11 @@ def _reshard(args: argparse.Namespace) -> int:
     with _cluster(args):
         started = time.perf_counter()
         summary = _dataset(args).to_webdataset(
-            args.output, filter_column=args.filter_column, samples_per_shard=args.samples_per_shard,
-            max_shards=args.max_shards, old_id_col=args.old_id_col,
+            args.output,
+            filter_column=args.filter_column,
+            samples_per_shard=args.samples_per_shard,
+            max_shards=args.max_shards,
+            old_id_col=args.old_id_col,
         )
     print(
         f"resharded into {len(summary)} shards: {int(summary['rows'].sum())} rows, {int(summary['samples'].sum())} "

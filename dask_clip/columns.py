@@ -47,7 +47,9 @@ def require_columns(frame: pd.DataFrame, columns: list[str], purpose: str) -> No
     """``ColumnError`` naming ``purpose`` and the missing columns unless ``frame`` (e.g. a Dask meta) has them all."""
     missing = [column for column in columns if column not in frame.columns]
     if missing:
-        raise ColumnError(f"{purpose} reads columns {missing}, which the dataset lacks; its columns are {list(frame.columns)}")
+        raise ColumnError(
+            f"{purpose} reads columns {missing}, which the dataset lacks; its columns are {list(frame.columns)}"
+        )
 
 
 def embedding_width(frame: pd.DataFrame, column: str, purpose: str = "this operation") -> int:

@@ -97,7 +97,7 @@ def _shard_references(shards: Sequence[Shard], indices: Sequence[int]) -> dd.Dat
     """A Dask frame of one row per shard (its ``ShardRef`` fields), one partition each."""
     rows = [
         pd.DataFrame([[index, shard.stem, shard.tar_url, shard.parquet_url]], columns=list(_REFERENCE_COLUMNS))
-        for index, shard in zip(indices, shards)
+        for index, shard in zip(indices, shards, strict=True)
     ]
     meta = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in _REFERENCE_COLUMNS.items()})
     return dd.from_map(_identity, rows, meta=meta, label="shard-references", enforce_metadata=False)
@@ -130,12 +130,13 @@ def map_shards(
     indices: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> dd.DataFrame:
-    """``function(rows, task, *aligned_parts, **kwargs)`` on each shard -> a frame like ``meta``, one partition per shard.
+    """``function(rows, task, *aligned_parts, **kwargs)`` on each shard -> a frame like ``meta``, one per shard.
 
     ``metadata`` (whose rows are identified by ``id_col``) and every frame in ``aligned`` have one
-    partition per shard, in the order of ``shards``; ``task`` is the shard's ``ShardTask``. ``indices`` are the shards' positions in their dataset when
-    ``shards`` is a subset of it (default: ``0, 1, ...``). Stage seconds the function records travel with
-    its result (``stage_timings``), added to those of the steps before it.
+    partition per shard, in the order of ``shards``; ``task`` is the shard's ``ShardTask``. ``indices``
+    are the shards' positions in their dataset when ``shards`` is a subset of it (default: ``0, 1, ...``).
+    Stage seconds the function records travel with its result (``stage_timings``), added to those of the
+    steps before it.
     """
 
     def on_shard(rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
@@ -146,7 +147,9 @@ def map_shards(
 
     for frame in (metadata, *aligned):
         if frame.npartitions != len(shards):
-            raise ValueError(f"a frame has {frame.npartitions} partitions for {len(shards)} shards: expected one per shard")
+            raise ValueError(
+                f"a frame has {frame.npartitions} partitions for {len(shards)} shards: expected one per shard"
+            )
     return dd.map_partitions(
         on_shard,
         metadata,

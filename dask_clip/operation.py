@@ -70,7 +70,7 @@ class Operation(ABC):
     def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
         """The columns it writes to ``dataset``, as empty columns of their types."""
 
-    def check_inputs(self, dataset: ImageTextPairDataset) -> None:
+    def check_inputs(self, dataset: ImageTextPairDataset) -> None:  # noqa: B027 - an optional hook
         """Further checks of the input columns' types (after their presence is checked); none by default."""
 
     def task_resources(self) -> dict[str, float]:

@@ -22,22 +22,57 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 PHOTO_NAMES = (
-    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-    "camera", "coins", "moon", "page", "clock", "colorwheel", "brick", "grass", "gravel", "retina",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "clock",
+    "colorwheel",
+    "brick",
+    "grass",
+    "gravel",
+    "retina",
 )
 
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # a model whose cost is negligible next to decoding
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=32, projection_dim=32),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=32,
+        projection_dim=32,
+    ),
     # the shape (not the weights) of OpenAI's ViT-B/32
-    "vit-b-32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32, projection_dim=512),
+    "vit-b-32": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        patch_size=32,
+        projection_dim=512,
+    ),
 }
 
 IMG2DATASET_SCHEMA = pa.schema(
     [
-        ("url", pa.string()), ("caption", pa.string()), ("key", pa.string()), ("status", pa.string()),
-        ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-        ("original_width", pa.int64()), ("original_height", pa.int64()), ("exif", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("exif", pa.string()),
         ("sha256", pa.string()),
     ]
 )
@@ -136,7 +171,14 @@ def make_img2dataset_shards(
             jpeg = encode_jpeg(pixels)
             height, width = pixels.shape[:2]
             rows.append(_row(url, caption, key, "success", None, width, height, hashlib.sha256(jpeg).hexdigest()))
-            sidecar = {"url": url, "caption": caption, "key": key, "status": "success", "width": width, "height": height}
+            sidecar = {
+                "url": url,
+                "caption": caption,
+                "key": key,
+                "status": "success",
+                "width": width,
+                "height": height,
+            }
             members[key] = {"jpg": jpeg, "txt": caption.encode(), "json": json.dumps(sidecar).encode()}
         order = list(members)
         rng.shuffle(order)
@@ -145,12 +187,28 @@ def make_img2dataset_shards(
     return tars
 
 
-def _row(url: str, caption: str, key: str, status: str, error: str | None, width: int | None = None,
-         height: int | None = None, sha256: str | None = None) -> dict[str, Any]:
+def _row(
+    url: str,
+    caption: str,
+    key: str,
+    status: str,
+    error: str | None,
+    width: int | None = None,
+    height: int | None = None,
+    sha256: str | None = None,
+) -> dict[str, Any]:
     return {
-        "url": url, "caption": caption, "key": key, "status": status, "error_message": error,
-        "width": width, "height": height, "original_width": width, "original_height": height,
-        "exif": "{}" if status == "success" else None, "sha256": sha256,
+        "url": url,
+        "caption": caption,
+        "key": key,
+        "status": status,
+        "error_message": error,
+        "width": width,
+        "height": height,
+        "original_width": width,
+        "original_height": height,
+        "exif": "{}" if status == "success" else None,
+        "sha256": sha256,
     }
 
 

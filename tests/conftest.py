@@ -63,16 +63,40 @@ def client():
 
 def start_cli_worker(scheduler_file: Path, name: str) -> subprocess.Popen:
     """A worker started with ``dask worker`` (as ``python -m``), one thread, on loopback."""
-    command = [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-               "--nthreads", "1", "--name", name, "--host", "127.0.0.1", "--dashboard-address", ":0"]
+    command = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        "--scheduler-file",
+        str(scheduler_file),
+        "--nthreads",
+        "1",
+        "--name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--dashboard-address",
+        ":0",
+    ]
     return subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
 
 
 def start_cli_cluster(folder: Path, n_workers: int) -> tuple[list[subprocess.Popen], Path]:
     """A scheduler and ``n_workers`` workers started with Dask's own command-line tools, on loopback."""
     scheduler_file = folder / "scheduler.json"
-    command = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-               "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--dashboard-address",
+        ":0",
+        "--scheduler-file",
+        str(scheduler_file),
+    ]
     processes = [subprocess.Popen(command, stderr=subprocess.DEVNULL)]
     deadline = time.monotonic() + 60
     while not scheduler_file.exists():

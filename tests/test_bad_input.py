@@ -24,10 +24,8 @@ import pytest
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
-from dask_clip.errors import ImageDecodeError
+from dask_clip.errors import ImageDecodeError, ShardMetadataError, ShardReadError
 from dask_clip.images.preprocess import PreprocessConfig, decode_and_preprocess
-from dask_clip.errors import ShardMetadataError
-from dask_clip.errors import ShardReadError
 
 EXIF_ORIENTATION = 0x0112
 BOMB_REASON = "image is 30000x30000 = 900000000 pixels, over the limit of 64000000 (max_image_pixels)"
@@ -110,17 +108,29 @@ def bad_and_clean_samples() -> tuple[dict[str, dict[str, bytes]], dict[str, byte
     transparent = Image.fromarray(cat).quantize(64)
     transparent.info["transparency"] = int(np.asarray(transparent)[height // 2, width // 2])
     transparent_palette = encode(transparent, "PNG")
-    usable("palette_transparent", "png", transparent_palette,
-           png(on_white(np.asarray(Image.open(io.BytesIO(transparent_palette)).convert("RGBA")))))
+    usable(
+        "palette_transparent",
+        "png",
+        transparent_palette,
+        png(on_white(np.asarray(Image.open(io.BytesIO(transparent_palette)).convert("RGBA")))),
+    )
     rgba = np.concatenate([cat, alpha_ramp(height, width)], axis=-1)
     usable("rgba", "png", encode(Image.fromarray(rgba), "PNG"), png(on_white(rgba)))
     grey_alpha = np.concatenate([grey[..., None], alpha_ramp(height, width)], axis=-1)
-    usable("grey_alpha", "png", encode(Image.fromarray(grey_alpha, "LA"), "PNG"),
-           png(on_white(np.concatenate([np.repeat(grey[..., None], 3, axis=-1), alpha_ramp(height, width)], -1))))
+    usable(
+        "grey_alpha",
+        "png",
+        encode(Image.fromarray(grey_alpha, "LA"), "PNG"),
+        png(on_white(np.concatenate([np.repeat(grey[..., None], 3, axis=-1), alpha_ramp(height, width)], -1))),
+    )
     cmyk = encode(Image.fromarray(cat).convert("CMYK"), "JPEG", quality=95)
     usable("cmyk_jpeg", "jpg", cmyk, png(decoded_rgb(cmyk)))
-    usable("sixteen_bit", "png", encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
-           png(np.repeat(grey[..., None], 3, axis=-1)))
+    usable(
+        "sixteen_bit",
+        "png",
+        encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        png(np.repeat(grey[..., None], 3, axis=-1)),
+    )
     # EXIF 6: the stored pixels must turn 90 degrees clockwise to be upright; 8: counter-clockwise
     for orientation, quarter_turns in ((6, -1), (8, 1)):
         upright = testing.encode_jpeg(np.rot90(coffee, k=quarter_turns).copy(), quality=95)
@@ -181,7 +191,7 @@ def embedded(client, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def vectors_by_key(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    return dict(zip(frame.index, embeddings_to_numpy(frame["image_embedding"])))
+    return dict(zip(frame.index, embeddings_to_numpy(frame["image_embedding"]), strict=True))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -255,7 +265,7 @@ def test_max_image_pixels_raised_lets_a_large_image_through_and_lowered_refuses_
         embedder = ClipImageEmbedder(str(tiny_model), autocast=False, max_image_pixels=max_image_pixels)
         frame = embedder(dataset).metadata.compute()
         assert (frame["image_embedding"].isna() == frame["embedding_error"].notna()).all()
-        return dict(zip(frame["key"], frame["embedding_error"].replace({pd.NA: None})))
+        return dict(zip(frame["key"], frame["embedding_error"].replace({pd.NA: None}), strict=True))
 
     over = "image is 8200x8000 = 65600000 pixels, over the limit of 64000000 (max_image_pixels)"
     assert reasons(64_000_000) == {"large": over, "photo": None}
@@ -352,7 +362,9 @@ def test_a_tar_written_with_tar_cf_dot_keeps_its_keys(client, shards: Path, tiny
 
     with tarfile.open(shards / "00001.tar") as archive:
         archive.extractall(tmp_path / "files", filter="data")
-    subprocess.run(["tar", "--sort=name", "-C", str(tmp_path / "files"), "-cf", str(shards / "00001.tar"), "."], check=True)
+    subprocess.run(
+        ["tar", "--sort=name", "-C", str(tmp_path / "files"), "-cf", str(shards / "00001.tar"), "."], check=True
+    )
     with tarfile.open(shards / "00001.tar") as archive:
         assert all(name.startswith(".") for name in archive.getnames())
     frame = ClipImageEmbedder(str(tiny_model))(ImageTextPairDataset.from_webdataset(str(shards))).metadata.compute()

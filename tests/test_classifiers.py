@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 from dask_clip import (
-    AestheticClassifier, ImageTextPairDataset, NsfwClassifier, cache_info, clear_cache, keep_by_threshold, testing,
+    AestheticClassifier,
+    ImageTextPairDataset,
+    NsfwClassifier,
+    cache_info,
+    clear_cache,
+    keep_by_threshold,
+    testing,
 )
 from dask_clip.errors import CheckpointError, ColumnError
 from dask_clip.models.classifiers import AestheticMlp, NsfwMlp, read_state_dict
@@ -51,7 +57,7 @@ def reference(module: torch.nn.Module, vectors: dict[str, np.ndarray | None]) ->
 def assert_predictions(frame: pd.DataFrame, column: str, expected: dict[str, float | None]) -> None:
     assert frame["key"].tolist() == list(expected)
     assert str(frame[column].dtype) == "float[pyarrow]"
-    for key, value in zip(frame["key"], frame[column]):
+    for key, value in zip(frame["key"], frame[column], strict=True):
         if expected[key] is None:
             assert pd.isna(value), key
         else:
@@ -102,7 +108,9 @@ def test_model_loads_once_per_worker(client, dataset, tmp_path: Path) -> None:
     classifier = AestheticClassifier(str(path))
     classifier(dataset).metadata.compute()
     classifier(dataset).metadata.compute()
-    counts = [n for per_worker in cache_info(client).values() for key, n in per_worker.items() if key.startswith("Aesthetic")]
+    counts = [
+        n for per_worker in cache_info(client).values() for key, n in per_worker.items() if key.startswith("Aesthetic")
+    ]
     assert counts and all(n == 1 for n in counts)
 
 
@@ -119,15 +127,15 @@ def test_wrong_embedding_size_names_both_sizes(tmp_path: Path) -> None:
 
 def test_bad_checkpoints_are_errors_naming_the_file(tmp_path: Path) -> None:
     """Checked when the classifier is built, on the client: nothing runs on a worker."""
-    with pytest.raises(CheckpointError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match=r"missing\.pth"):
         AestheticClassifier(str(tmp_path / "missing.pth"))
     wrong = tmp_path / "nsfw-as-aesthetic.pth"
     torch.save(NsfwMlp().state_dict(), wrong)
-    with pytest.raises(CheckpointError, match="nsfw-as-aesthetic.pth.*does not fit AestheticMlp"):
+    with pytest.raises(CheckpointError, match=r"nsfw-as-aesthetic\.pth.*does not fit AestheticMlp"):
         AestheticClassifier(str(wrong))
     pickled = tmp_path / "whole-module.pth"
     torch.save(AestheticMlp(), pickled)  # a pickled module, not a state dict: refused by weights_only=True
-    with pytest.raises(CheckpointError, match="whole-module.pth"):
+    with pytest.raises(CheckpointError, match=r"whole-module\.pth"):
         AestheticClassifier(str(pickled))
     with pytest.raises(CheckpointError, match="weights_only"):
         read_state_dict(str(pickled))

@@ -27,10 +27,20 @@ def test_embed_writes_parquet_next_to_the_shards(shards: Path, tiny_model: Path)
     assert "embedded 3 shards (3 already complete, skipped): 18 rows" in again.stdout
 
 
-def test_embed_into_output_folder_on_a_running_scheduler(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_embed_into_output_folder_on_a_running_scheduler(
+    client, shards: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "out"
-    result = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--output", str(output),
-                     "--scheduler-address", client.scheduler.address)
+    result = run_cli(
+        "embed",
+        str(shards),
+        "--model-dir",
+        str(tiny_model),
+        "--output",
+        str(output),
+        "--scheduler-address",
+        client.scheduler.address,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in output.glob("*.parquet")) == ["00000.parquet", "00001.parquet", "00003.parquet"]
 
@@ -69,7 +79,9 @@ def test_help_lists_every_command_with_defaults() -> None:
 def test_decode_mode_is_recorded_with_the_embeddings(shards: Path, tiny_model: Path, decode_mode: str) -> None:
     import json
 
-    result = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--decode-mode", decode_mode, "--n-workers", "1")
+    result = run_cli(
+        "embed", str(shards), "--model-dir", str(tiny_model), "--decode-mode", decode_mode, "--n-workers", "1"
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(pq.read_schema(shards / "00000.parquet").metadata[b"dask_clip"])
     assert info["configs"]["image_embedding"]["decode_mode"] == decode_mode
@@ -89,7 +101,9 @@ def test_curation_commands_chain(shards: Path, tiny_model: Path, tmp_path: Path)
     assert dedup.returncode == 0, dedup.stderr
     assert "1 duplicates flagged (keep=False)" in dedup.stdout
 
-    reshard = run_cli("reshard", str(copied), str(tmp_path / "kept"), "--filter-column", "keep", "--samples-per-shard", "8", *common)
+    reshard = run_cli(
+        "reshard", str(copied), str(tmp_path / "kept"), "--filter-column", "keep", "--samples-per-shard", "8", *common
+    )
     assert reshard.returncode == 0, reshard.stderr
     assert "resharded into 3 shards: 18 rows" in reshard.stdout
 
@@ -123,7 +137,9 @@ def duplicate_shard(folder: Path) -> None:
     original = pq.read_table(folder / "00000.parquet").to_pylist()
     row = dict(next(r for r in original if r["key"] == member.name[:-4]), key="000030099")
     table = pq.read_table(folder / "00003.parquet")
-    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([row], schema=table.schema)]), folder / "00003.parquet")
+    pq.write_table(
+        pa.concat_tables([table, pa.Table.from_pylist([row], schema=table.schema)]), folder / "00003.parquet"
+    )
     with tarfile.open(folder / "00003.tar", "a") as archive:
         info = tarfile.TarInfo("000030099.jpg")
         info.size = len(payload)
@@ -161,5 +177,7 @@ def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Pa
     assert wrong.returncode == 2  # a configuration error: the classifier does not fit these embeddings
     assert "takes 768-d embeddings but column 'image_embedding' holds 32-d ones" in wrong.stderr
     weights.write_bytes(b"")
-    unreadable = run_cli("filter", str(folder), "--by", "aesthetic", "--model-path", str(weights), "--min", "5", *common)
+    unreadable = run_cli(
+        "filter", str(folder), "--by", "aesthetic", "--model-path", str(weights), "--min", "5", *common
+    )
     assert unreadable.returncode == 2 and "cannot load classifier checkpoint" in unreadable.stderr

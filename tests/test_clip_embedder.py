@@ -13,11 +13,8 @@ import torch
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, cache_info, clear_cache, embeddings_to_numpy, testing
-from dask_clip.errors import ShardError
-from dask_clip.errors import ModelLoadError
-from dask_clip.errors import DeviceUnavailableError
+from dask_clip.errors import DeviceUnavailableError, ModelLoadError, ShardReadError
 from dask_clip.models.device import resolve_device
-from dask_clip.errors import ShardReadError
 
 
 def reference_embeddings(model_dir: Path, shard_folder: Path) -> dict[str, np.ndarray]:
@@ -48,7 +45,7 @@ def test_embeddings_match_transformers_reference_per_key(client, shards: Path, t
     vectors = embeddings_to_numpy(frame["image_embedding"])
     reference = reference_embeddings(tiny_model, shards)
     assert len(reference) == 15
-    by_key = dict(zip(frame["key"], vectors))
+    by_key = dict(zip(frame["key"], vectors, strict=True))
     for key, expected in reference.items():
         cosine = float(by_key[key] @ expected / np.linalg.norm(by_key[key]))
         assert cosine >= 0.9999, (key, cosine)
@@ -69,7 +66,9 @@ def test_rows_are_never_dropped_and_failed_downloads_get_a_reason(client, shards
     assert frame.loc[~failed, "embedding_error"].isna().all()
 
 
-def test_unnormalised_embeddings_and_vision_only_checkpoints(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_unnormalised_embeddings_and_vision_only_checkpoints(
+    client, shards: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     vision_only = tmp_path / "vision"
@@ -134,7 +133,9 @@ def test_tar_keys_that_the_parquet_lacks_are_reported(client, shards: Path, tiny
         info.size = len(payload)
         archive.addfile(info, io.BytesIO(payload))
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
-    with pytest.raises(ShardReadError, match=r"00001\.tar: 1 samples have keys that the shard's parquet lacks .*999999999"):
+    with pytest.raises(
+        ShardReadError, match=r"00001\.tar: 1 samples have keys that the shard's parquet lacks .*999999999"
+    ):
         ClipImageEmbedder(str(tiny_model))(dataset).metadata.compute()
 
 

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from dask_clip import (
-    ClipImageEmbedder, ClipTextEmbedder, ImageTextPairDataset, clip_score, embeddings_to_numpy, testing,
+    ClipImageEmbedder,
+    ClipTextEmbedder,
+    ImageTextPairDataset,
+    clip_score,
+    embeddings_to_numpy,
+    testing,
 )
 from dask_clip.errors import ColumnError, ModelLoadError
 
@@ -39,7 +44,7 @@ def captioned_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two shards of real photos with the captions above, plus a failed download (caption, no image)."""
     folder = tmp_path_factory.mktemp("captioned")
     photos = testing.sample_photos(["astronaut", "coffee", "chelsea", "rocket", "camera"])
-    names = list(CAPTIONS) + ["failed"]
+    names = [*list(CAPTIONS), "failed"]
     for shard, batch in enumerate([names[:4], names[4:]]):
         rows, members = [], {}
         for index, name in enumerate(batch):
@@ -76,12 +81,12 @@ def test_text_embeddings_match_transformers(client, captioned_shards: Path, mode
     assert embedded.metadata.npartitions == 2
     assert str(embedded.metadata.dtypes["text_embedding"]) == "fixed_size_list<item: float>[32][pyarrow]"
     frame = embedded.metadata.compute().set_index("url")
-    vectors = dict(zip(frame.index, embeddings_to_numpy(frame["text_embedding"])))
+    vectors = dict(zip(frame.index, embeddings_to_numpy(frame["text_embedding"]), strict=True))
 
     assert np.isnan(vectors["camera"]).all()  # null caption -> null embedding
     present = [name for name in frame.index if name != "camera"]
     reference = transformers_text_features(model_with_tokenizer, [frame.loc[name, "caption"] for name in present])
-    for name, expected in zip(present, reference):
+    for name, expected in zip(present, reference, strict=True):
         assert float(vectors[name] @ expected) >= 0.9999, name
         assert np.linalg.norm(vectors[name]) == pytest.approx(1, abs=1e-5)
     # truncation at 77 tokens: captions that differ only after the cut embed alike, others differ
@@ -132,7 +137,9 @@ def test_clip_score_needs_matching_widths(tmp_path: Path) -> None:
         clip_score(dataset)
 
 
-def test_missing_tokenizer_and_caption_column_are_errors(tiny_model: Path, model_with_tokenizer: Path, tmp_path: Path) -> None:
+def test_missing_tokenizer_and_caption_column_are_errors(
+    tiny_model: Path, model_with_tokenizer: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ModelLoadError, match="no tokenizer"):
         ClipTextEmbedder(str(tiny_model))
     testing.write_embedding_shards(tmp_path, {"a": np.ones(4)}, rows_per_shard=1)

@@ -19,7 +19,7 @@ def test_one_partition_per_shard_paired_by_stem(shards: Path) -> None:
     assert dataset.metadata.npartitions == 3
     assert dataset.tar_files == [str(shards / f"{stem}.tar") for stem in ("00000", "00001", "00003")]
     frames = [dataset.metadata.get_partition(i).compute() for i in range(3)]
-    for frame, stem in zip(frames, ("00000", "00001", "00003")):
+    for frame, stem in zip(frames, ("00000", "00001", "00003"), strict=True):
         assert len(frame) == 6
         assert all(key.startswith(stem) for key in frame["key"])
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
+from dask_clip.errors import ImageDecodeError
 from dask_clip.images import device_decode
 from dask_clip.images.device_decode import (
     EncodedJpeg,
@@ -25,7 +26,6 @@ from dask_clip.images.device_decode import (
     import_decode_jpeg,
     prepare_image,
 )
-from dask_clip.errors import ImageDecodeError
 from dask_clip.images.preprocess import PreprocessConfig, decode_and_preprocess
 
 from .test_clip_embedder import reference_embeddings
@@ -101,7 +101,8 @@ def test_a_jpeg_the_device_refuses_is_decoded_by_pillow_and_the_others_keep_thei
         if refused in sources:
             raise RuntimeError("decode_jpegs, DecodeJpeg.cu:12, nvjpeg refuses this one")
         decoded = [real_decode(item, **options) for item in sources]
-        decoded = [image.transpose(1, 2) if item == transposed else image for item, image in zip(sources, decoded)]
+        pairs = zip(sources, decoded, strict=True)
+        decoded = [image.transpose(1, 2) if item == transposed else image for item, image in pairs]
         return decoded if isinstance(source, list) else decoded[0]
 
     monkeypatch.setattr(device_decode, "import_decode_jpeg", lambda: fussy_decoder)
@@ -109,7 +110,7 @@ def test_a_jpeg_the_device_refuses_is_decoded_by_pillow_and_the_others_keep_thei
     results = decode_on_device([prepare_image(data, DEVICE) for data in datas], DEVICE, "cpu")
     assert calls == [4, 1, 1, 1, 1], "one batched call, then one call per JPEG after it failed"
     assert [type(result).__name__ for result in results] == ["Tensor", "ndarray", "ndarray", "Tensor"]
-    for data, result in zip(datas, results):
+    for data, result in zip(datas, results, strict=True):
         np.testing.assert_array_equal(as_hwc(result), decode_and_preprocess(data, HOST))
 
 
@@ -125,7 +126,9 @@ def test_without_torchcodec_the_error_names_what_to_install(monkeypatch, tiny_mo
     import sys
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchcodec" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchcodec" else real_find_spec(name, *a)
+    )
     with pytest.raises(ImportError, match=r'pip install "dask_clip\[gpu\]"'):
         ClipImageEmbedder(str(tiny_model), decode_mode="device")
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
@@ -172,7 +175,7 @@ def test_device_mode_embeds_every_row_as_the_host_path_would(client, tmp_path: P
 def test_device_mode_agrees_with_transformers(client, shards: Path, tiny_model: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
     frame = ClipImageEmbedder(str(tiny_model), autocast=False, decode_mode="device")(dataset).metadata.compute()
-    by_key = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"])))
+    by_key = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"]), strict=True))
     reference = reference_embeddings(tiny_model, shards)
     cosines = np.array([float(by_key[key] @ vector) for key, vector in reference.items()])
     assert len(cosines) == 15 and cosines.min() >= 0.999, cosines
@@ -184,7 +187,7 @@ def test_nvjpeg_decode_is_close_to_the_cpu_decode() -> None:
     encoded = [prepare_image(data, DEVICE) for data in datas]
     on_gpu = decode_on_device(encoded, DEVICE, "cuda")
     on_cpu = decode_on_device(encoded, DEVICE, "cpu")
-    for gpu_pixels, cpu_pixels in zip(on_gpu, on_cpu):
+    for gpu_pixels, cpu_pixels in zip(on_gpu, on_cpu, strict=True):
         assert gpu_pixels.device.type == "cuda"
         difference = np.abs(as_hwc(gpu_pixels).astype(int) - as_hwc(cpu_pixels))
         assert difference.mean() < 1.5 and difference.max() <= 16, (difference.mean(), difference.max())
@@ -195,11 +198,16 @@ def test_nvjpeg_embeddings_match_the_cpu_device_path_row_by_row(client, tmp_path
     mixed_shard(tmp_path)
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
     frames = {
-        device: ClipImageEmbedder(str(tiny_model), model_inference_batch_size=3, autocast=False, decode_mode="device",
-                                  device=device)(dataset).metadata.compute().set_index("key")
+        device: ClipImageEmbedder(
+            str(tiny_model), model_inference_batch_size=3, autocast=False, decode_mode="device", device=device
+        )(dataset)
+        .metadata.compute()
+        .set_index("key")
         for device in ("cpu", "cuda")
     }
     errors = {device: frame["embedding_error"].notna() for device, frame in frames.items()}
     assert errors["cpu"].equals(errors["cuda"]) and errors["cpu"].sum() == 1
-    cpu, cuda = (embeddings_to_numpy(frames[device].loc[~errors["cpu"], "image_embedding"]) for device in ("cpu", "cuda"))
+    cpu, cuda = (
+        embeddings_to_numpy(frames[device].loc[~errors["cpu"], "image_embedding"]) for device in ("cpu", "cuda")
+    )
     assert (np.einsum("nd,nd->n", cpu, cuda) >= 0.999).all()

@@ -20,8 +20,10 @@ LAYOUT = {
 }
 # removed key -> the key it duplicates (the smallest key of its group)
 EXPECTED_DUPLICATES = {
-    "000010001": "000000000", "000020000": "000000000",  # astronaut in three shards
-    "000010002": "000000001", "000020003": "000000001",  # coffee
+    "000010001": "000000000",
+    "000020000": "000000000",  # astronaut in three shards
+    "000010002": "000000001",
+    "000020003": "000000001",  # coffee
     "000030001": "000000003",  # camera
     "000030003": "000030002",  # moon twice in one shard
 }
@@ -42,8 +44,15 @@ def duplicated_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 rows.append({"url": f"file:///missing/{key}.jpg", "key": key, "status": "failed_to_download"})
                 continue
             jpeg = encoded[name]
-            rows.append({"url": f"file:///{name}/{key}.jpg", "caption": name, "key": key, "status": "success",
-                         "sha256": hashlib.sha256(jpeg).hexdigest()})
+            rows.append(
+                {
+                    "url": f"file:///{name}/{key}.jpg",
+                    "caption": name,
+                    "key": key,
+                    "status": "success",
+                    "sha256": hashlib.sha256(jpeg).hexdigest(),
+                }
+            )
             members[key] = {"jpg": jpeg, "txt": name.encode(), "json": json.dumps({"key": key}).encode()}
         testing.write_shard(folder, shard, rows, members, tar_order=list(reversed(members)))
     return folder
@@ -56,7 +65,7 @@ def check_flags(dataset: ImageTextPairDataset) -> None:
         assert frame["key"].tolist() == [testing.img2dataset_key(shard, i) for i in range(4)]
     frame = dataset.metadata.compute()
     removed = frame[~frame["keep"]]
-    assert dict(zip(removed["key"], removed["duplicate_of"])) == EXPECTED_DUPLICATES
+    assert dict(zip(removed["key"], removed["duplicate_of"], strict=True)) == EXPECTED_DUPLICATES
     assert (removed["similarity"] == 1.0).all()
     kept = frame[frame["keep"]]
     assert kept["duplicate_of"].isna().all() and kept["similarity"].isna().all()
@@ -72,7 +81,9 @@ def test_duplicates_found_across_shards_from_the_sha256_column(client, duplicate
     assert set(deduplicated.derived_columns) == {"keep", "duplicate_of", "similarity"}
 
 
-def test_hash_computed_from_the_tars_when_the_column_is_missing(client, duplicated_shards: Path, tmp_path: Path) -> None:
+def test_hash_computed_from_the_tars_when_the_column_is_missing(
+    client, duplicated_shards: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "no-hash"
     folder.mkdir()
     for path in duplicated_shards.iterdir():

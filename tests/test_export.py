@@ -26,9 +26,13 @@ def test_pairs_hold_the_embedded_rows_in_the_same_order(embedded: ImageTextPairD
     summary = embedded.export_clip_retrieval(str(tmp_path / "index"))
 
     assert summary[["stem", "index", "rows"]].values.tolist() == [["00000", 0, 5], ["00001", 1, 5], ["00003", 2, 5]]
-    assert sorted(p.name for p in (tmp_path / "index" / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
+    assert sorted(p.name for p in (tmp_path / "index" / "img_emb").iterdir()) == [
+        "img_emb_0.npy",
+        "img_emb_1.npy",
+        "img_emb_2.npy",
+    ]
     frame = embedded.metadata.compute()
-    by_key = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"])))
+    by_key = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"]), strict=True))
     for i, stem in enumerate(("00000", "00001", "00003")):
         vectors = np.load(tmp_path / "index" / "img_emb" / f"img_emb_{i}.npy")
         metadata = pd.read_parquet(tmp_path / "index" / "metadata" / f"metadata_{i}.parquet")
@@ -44,13 +48,18 @@ def test_pairs_hold_the_embedded_rows_in_the_same_order(embedded: ImageTextPairD
 def test_a_shard_without_embeddings_writes_no_pair(embedded: ImageTextPairDataset, tmp_path: Path) -> None:
     def drop_shard_one(rows: pd.DataFrame) -> pd.DataFrame:
         column = rows["image_embedding"]
-        nulls = pd.Series(pa.nulls(len(rows), column.dtype.pyarrow_dtype).to_pandas(types_mapper=pd.ArrowDtype), index=rows.index)
+        nulls = pd.Series(
+            pa.nulls(len(rows), column.dtype.pyarrow_dtype).to_pandas(types_mapper=pd.ArrowDtype), index=rows.index
+        )
         return rows.assign(image_embedding=column.where(~rows["key"].str.startswith("00001"), nulls))
 
     dataset = embedded.with_metadata(embedded.metadata.map_partitions(drop_shard_one, meta=embedded.metadata._meta))
     summary = dataset.export_clip_retrieval(str(tmp_path / "index"), metadata_columns=["url"])
     assert summary["rows"].tolist() == [5, 0, 5] and summary["embeddings_path"].iloc[1] == ""
-    assert sorted(p.name for p in (tmp_path / "index" / "metadata").iterdir()) == ["metadata_0.parquet", "metadata_2.parquet"]
+    assert sorted(p.name for p in (tmp_path / "index" / "metadata").iterdir()) == [
+        "metadata_0.parquet",
+        "metadata_2.parquet",
+    ]
     assert pq.read_schema(tmp_path / "index" / "metadata" / "metadata_2.parquet").names == ["key", "url"]
 
 

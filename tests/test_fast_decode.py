@@ -38,8 +38,11 @@ def straightforward(data: bytes, config: PreprocessConfig) -> np.ndarray:
     """CLIP's preprocessing written plainly: full decode, EXIF transpose, bicubic resize, centre crop."""
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     width, height = image.size
-    size = (config.shortest_edge, int(config.shortest_edge * height / width)) if width <= height else (
-        int(config.shortest_edge * width / height), config.shortest_edge)
+    size = (
+        (config.shortest_edge, int(config.shortest_edge * height / width))
+        if width <= height
+        else (int(config.shortest_edge * width / height), config.shortest_edge)
+    )
     image = image.resize(size, resample=Image.Resampling.BICUBIC)
     left, top = (size[0] - config.crop_width) // 2, (size[1] - config.crop_height) // 2
     return np.asarray(image.crop((left, top, left + config.crop_width, top + config.crop_height)))
@@ -117,7 +120,7 @@ def test_exact_and_fast_modes_against_transformers(client, shards: Path, tiny_mo
     for mode in ("exact", "fast"):
         embedder = ClipImageEmbedder(str(tiny_model), autocast=False, decode_mode=mode, embedding_column="e")
         frame = embedder(dataset).metadata.compute()
-        by_key = dict(zip(frame["key"], embeddings_to_numpy(frame["e"])))
+        by_key = dict(zip(frame["key"], embeddings_to_numpy(frame["e"]), strict=True))
         cosines[mode] = np.array([float(by_key[key] @ vector) for key, vector in reference.items()])
     assert len(reference) == 15
     assert cosines["exact"].min() >= 0.9999, cosines["exact"]

@@ -23,10 +23,20 @@ def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows.append({"url": f"file://{root}/missing.png", "caption": "a missing photo", "source": "nowhere"})
     pd.DataFrame(rows).to_parquet(root / "urls.parquet")
     img2dataset.download(
-        url_list=str(root / "urls.parquet"), input_format="parquet", url_col="url", caption_col="caption",
-        save_additional_columns=["source"], output_folder=str(root / "shards"), output_format="webdataset",
-        processes_count=1, thread_count=2, number_sample_per_shard=6, image_size=256, resize_mode="keep_ratio",
-        distributor="multiprocessing", enable_wandb=False,
+        url_list=str(root / "urls.parquet"),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=["source"],
+        output_folder=str(root / "shards"),
+        output_format="webdataset",
+        processes_count=1,
+        thread_count=2,
+        number_sample_per_shard=6,
+        image_size=256,
+        resize_mode="keep_ratio",
+        distributor="multiprocessing",
+        enable_wandb=False,
     )
     return root / "shards"
 

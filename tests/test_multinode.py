@@ -22,7 +22,9 @@ def cli_cluster(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_python_api_and_cli_on_a_scheduler_file_cluster(cli_cluster, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_python_api_and_cli_on_a_scheduler_file_cluster(
+    cli_cluster, shards: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     _, scheduler_file = cli_cluster
     with get_client(scheduler_file=str(scheduler_file)) as client:
         assert len(client.scheduler_info()["workers"]) == 1
@@ -31,11 +33,21 @@ def test_python_api_and_cli_on_a_scheduler_file_cluster(cli_cluster, shards: Pat
         )
     assert summary["written"].all()
 
-    result = run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--output", str(tmp_path / "cli"),
-                     "--scheduler-file", str(scheduler_file))
+    result = run_cli(
+        "embed",
+        str(shards),
+        "--model-dir",
+        str(tiny_model),
+        "--output",
+        str(tmp_path / "cli"),
+        "--scheduler-file",
+        str(scheduler_file),
+    )
     assert result.returncode == 0, result.stderr
     for stem in ("00000", "00001", "00003"):
-        assert pq.read_table(tmp_path / "cli" / f"{stem}.parquet").equals(pq.read_table(tmp_path / "api" / f"{stem}.parquet"))
+        assert pq.read_table(tmp_path / "cli" / f"{stem}.parquet").equals(
+            pq.read_table(tmp_path / "api" / f"{stem}.parquet")
+        )
 
 
 @pytest.mark.slow

@@ -19,5 +19,7 @@ def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
     book = nbformat.read(notebook, as_version=4)
     assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), "outputs are not committed"
     shutil.copy(notebook, tmp_path)
-    client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()

@@ -31,7 +31,7 @@ def test_resume_recomputes_only_the_missing_shard(client, shards: Path, tiny_mod
     (output / "00001.parquet").unlink()
 
     again = embed(shards, tiny_model).save_metadata(str(output))
-    assert dict(zip(again["stem"], again["written"])) == {"00000": False, "00001": True, "00003": False}
+    assert dict(zip(again["stem"], again["written"], strict=True)) == {"00000": False, "00001": True, "00003": False}
     assert again[["rows", "errors"]].equals(first[["rows", "errors"]])
     assert all((output / name).stat().st_mtime_ns == mtime for name, mtime in mtimes.items() if name != "00001.parquet")
 
@@ -51,12 +51,14 @@ def test_in_place_resume_after_an_interrupted_run(client, shards: Path, tiny_mod
     embed(shards, tiny_model).save_metadata()
     pq.write_table(untouched, shards / "00003.parquet")  # as if the run died before this shard
     again = embed(shards, tiny_model).save_metadata()
-    assert dict(zip(again["stem"], again["written"])) == {"00000": False, "00001": False, "00003": True}
+    assert dict(zip(again["stem"], again["written"], strict=True)) == {"00000": False, "00001": False, "00003": True}
     frame = ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute()
     assert frame["image_embedding"].notna().sum() == 15
 
 
-def test_a_failing_shard_is_named_and_finished_shards_are_kept(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_a_failing_shard_is_named_and_finished_shards_are_kept(
+    client, shards: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "out"
     good_tar = (shards / "00001.tar").read_bytes()
     (shards / "00001.tar").write_bytes(good_tar[: len(good_tar) // 2])
@@ -130,7 +132,8 @@ def test_killing_a_worker_mid_run_still_completes_with_identical_outputs(tmp_pat
         actual = pq.read_table(killed / f"{stem}.parquet").to_pandas()
         assert actual["key"].tolist() == expected["key"].tolist()
         np.testing.assert_array_equal(
-            np.stack(actual["image_embedding"].dropna().to_numpy()), np.stack(expected["image_embedding"].dropna().to_numpy())
+            np.stack(actual["image_embedding"].dropna().to_numpy()),
+            np.stack(expected["image_embedding"].dropna().to_numpy()),
         )
         assert actual["embedding_error"].tolist() == expected["embedding_error"].tolist()
 

@@ -72,19 +72,22 @@ def test_all_rows_reshard_into_new_ids_with_members_copied(client, shards: Path,
     assert summary["samples"].sum() == 15 and summary["samples"].tolist() == [
         sum(o in before for o in original["key"][i : i + 4]) for i in range(0, 18, 4)
     ]
-    assert sorted(p.name for p in output.iterdir()) == sorted(f"{s:03d}.{e}" for s in range(5) for e in ("tar", "parquet"))
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        f"{s:03d}.{e}" for s in range(5) for e in ("tar", "parquet")
+    )
 
     resharded = ImageTextPairDataset.from_webdataset(str(output))
     frame = resharded.metadata.compute()
     assert frame["old_key"].tolist() == original["key"].tolist()  # every row, in input order
     assert frame["key"].tolist() == [testing.img2dataset_key(i // 4, i % 4, 3, 1) for i in range(18)]
     pd.testing.assert_frame_equal(
-        frame.drop(columns=["key", "old_key"]).reset_index(drop=True), original.drop(columns=["key"]).reset_index(drop=True)
+        frame.drop(columns=["key", "old_key"]).reset_index(drop=True),
+        original.drop(columns=["key"]).reset_index(drop=True),
     )
 
     after = input_samples(output)
     assert len(after) == 15
-    for new_key, old_key in zip(frame["key"], frame["old_key"]):
+    for new_key, old_key in zip(frame["key"], frame["old_key"], strict=True):
         if old_key not in before:  # a failed download: a row without tar members
             assert new_key not in after
             continue
@@ -118,7 +121,7 @@ def test_filter_keeps_true_rows_only_and_an_input_shard_can_vanish(client, shard
     assert frame["keep"].all()
     assert frame["url"].tolist() == original.set_index("key").loc[expected_old, "url"].tolist()
     assert frame["key"].tolist() == [testing.img2dataset_key(i // 2, i % 2, 2, 1) for i in range(6)]
-    keys_with_image = {k for k, status in zip(frame["key"], frame["status"]) if status == "success"}
+    keys_with_image = {k for k, status in zip(frame["key"], frame["status"], strict=True) if status == "success"}
 
     # the webdataset library reads the output, and every sample is a kept row with an image
     urls = [str(output / f"{stem}.tar") for stem in summary["stem"]]
@@ -138,7 +141,9 @@ def test_nothing_kept_writes_nothing(client, shards: Path, tmp_path: Path) -> No
 
 
 def test_only_failed_downloads_kept_gives_a_valid_empty_tar(client, shards: Path, tmp_path: Path) -> None:
-    failed = set(ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute().query("status != 'success'")["key"])
+    failed = set(
+        ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute().query("status != 'success'")["key"]
+    )
     dataset = with_keep_column(ImageTextPairDataset.from_webdataset(str(shards)), lambda key: key in failed)
     output = tmp_path / "failed-only"
     summary = dataset.to_webdataset(str(output), filter_column="keep", old_id_col="old_key")
@@ -153,7 +158,7 @@ def test_argument_errors_name_the_problem(shards: Path, tmp_path: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
     with pytest.raises(ValueError, match="no filter column 'keep'"):
         dataset.to_webdataset(str(tmp_path / "a"), filter_column="keep")
-    with pytest.raises(ColumnError, match="filter column 'url' is .*not boolean"):
+    with pytest.raises(ColumnError, match=r"filter column 'url' is .*not boolean"):
         dataset.to_webdataset(str(tmp_path / "a"), filter_column="url")
     with pytest.raises(ValueError, match="'caption' is already a column"):
         dataset.to_webdataset(str(tmp_path / "a"), old_id_col="caption")

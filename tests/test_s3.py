@@ -29,11 +29,18 @@ def s3_endpoint():
     import fsspec.config
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    settings = {"FSSPEC_S3_ENDPOINT_URL": endpoint, "FSSPEC_S3_KEY": "testing", "FSSPEC_S3_SECRET": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+    settings = {
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_KEY": "testing",
+        "FSSPEC_S3_SECRET": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved_env, saved_conf = dict(os.environ), {k: dict(v) for k, v in fsspec.config.conf.items()}
     os.environ.update(settings)
     fsspec.config.conf.setdefault("s3", {}).update(endpoint_url=endpoint, key="testing", secret="testing")
@@ -76,7 +83,9 @@ def test_embed_shards_on_s3_and_write_parquet_back(s3_endpoint: str, pristine_sh
     assert summary["rows"].sum() == 18 and summary["errors"].sum() == 3
 
     s3.invalidate_cache()
-    assert sorted(s3.ls(f"{BUCKET}/embeddings", detail=False)) == [f"{BUCKET}/embeddings/{s}.parquet" for s in ("00000", "00001", "00003")]
+    assert sorted(s3.ls(f"{BUCKET}/embeddings", detail=False)) == [
+        f"{BUCKET}/embeddings/{s}.parquet" for s in ("00000", "00001", "00003")
+    ]
     with s3.open(f"{BUCKET}/embeddings/00001.parquet", "rb") as file:
         table = pq.read_table(file)
     assert table.num_rows == 6 and "image_embedding" in table.column_names

@@ -36,12 +36,16 @@ def test_round_trip_keeps_every_row_column_and_dtype(embedded: ImageTextPairData
     back = ImageTextPairDataset.from_webdataset(str(shards))
     assert back.metadata.dtypes.equals(embedded.metadata.dtypes)
     frame = back.metadata.compute()
-    np.testing.assert_array_equal(embeddings_to_numpy(frame["image_embedding"]), embeddings_to_numpy(expected["image_embedding"]))
+    np.testing.assert_array_equal(
+        embeddings_to_numpy(frame["image_embedding"]), embeddings_to_numpy(expected["image_embedding"])
+    )
     pd.testing.assert_series_equal(frame["embedding_error"], expected["embedding_error"])
     assert back.derived_columns["image_embedding"]["model_dir"].endswith("tiny-clip0")
 
 
-def test_save_into_another_folder_with_selected_columns(embedded: ImageTextPairDataset, shards: Path, tmp_path: Path) -> None:
+def test_save_into_another_folder_with_selected_columns(
+    embedded: ImageTextPairDataset, shards: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "embeddings"
     embedded.save_metadata(str(output), columns=["image_embedding", "embedding_error"])
     assert sorted(p.name for p in output.iterdir()) == ["00000.parquet", "00001.parquet", "00003.parquet"]
@@ -52,7 +56,9 @@ def test_save_into_another_folder_with_selected_columns(embedded: ImageTextPairD
         embedded.save_metadata(str(output), columns=["nope"])
 
 
-def test_reembedding_saved_shards_replaces_the_column(embedded: ImageTextPairDataset, shards: Path, tiny_model: Path) -> None:
+def test_reembedding_saved_shards_replaces_the_column(
+    embedded: ImageTextPairDataset, shards: Path, tiny_model: Path
+) -> None:
     embedded.save_metadata()
     again = ClipImageEmbedder(str(tiny_model), autocast=False)(ImageTextPairDataset.from_webdataset(str(shards)))
     assert list(again.metadata.columns).count("image_embedding") == 1
@@ -69,7 +75,9 @@ def test_shards_of_an_interrupted_run_read_with_null_embeddings(embedded: ImageT
     assert frame.loc[frame["key"].str.startswith("00003"), "image_embedding"].isna().all()
 
 
-def test_progress_bar_counts_shards_and_rows(embedded: ImageTextPairDataset, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_progress_bar_counts_shards_and_rows(
+    embedded: ImageTextPairDataset, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     embedded.save_metadata(str(tmp_path / "out"), progress=True)
     bar = capsys.readouterr().err
     assert "3/3" in bar and "rows=18" in bar and "rows_per_s=" in bar

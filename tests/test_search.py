@@ -35,7 +35,7 @@ def brute_force(dataset: ImageTextPairDataset, query: np.ndarray) -> list[tuple[
     vectors = embeddings_to_numpy(frame["image_embedding"])
     present = ~np.isnan(vectors).any(axis=1)
     scores = vectors[present] @ (query / np.linalg.norm(query))
-    return sorted(zip(frame["key"][present], scores.tolist()), key=lambda pair: (-pair[1], pair[0]))
+    return sorted(zip(frame["key"][present], scores.tolist(), strict=True), key=lambda pair: (-pair[1], pair[0]))
 
 
 def test_vector_query_matches_brute_force(embedded: ImageTextPairDataset) -> None:
@@ -44,7 +44,7 @@ def test_vector_query_matches_brute_force(embedded: ImageTextPairDataset) -> Non
     expected = brute_force(embedded, query)[:4]
     assert hits["key"].tolist() == [key for key, _ in expected]
     np.testing.assert_allclose(hits["score"], [score for _, score in expected], atol=1e-5)
-    for key, stem, tar_url in zip(hits["key"], hits["stem"], hits["tar_url"]):
+    for key, stem, tar_url in zip(hits["key"], hits["stem"], hits["tar_url"], strict=True):
         assert key.startswith(stem) and tar_url == str(Path(embedded.path) / f"{stem}.tar")
 
 
@@ -67,7 +67,9 @@ def test_image_query_finds_itself_first_whatever_its_form(embedded: ImageTextPai
     assert pil_hits["key"].iloc[0] == key and pil_hits["score"].iloc[0] > 0.999
 
 
-def test_text_query_matches_transformers_text_features(embedded: ImageTextPairDataset, model_with_tokenizer: Path) -> None:
+def test_text_query_matches_transformers_text_features(
+    embedded: ImageTextPairDataset, model_with_tokenizer: Path
+) -> None:
     from transformers import AutoTokenizer, CLIPModel
 
     text = "a photo of an astronaut"

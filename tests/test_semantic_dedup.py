@@ -22,13 +22,17 @@ def unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def write_vector_shards(folder: Path, vectors: dict[str, np.ndarray | None], rows_per_shard: int) -> ImageTextPairDataset:
+def write_vector_shards(
+    folder: Path, vectors: dict[str, np.ndarray | None], rows_per_shard: int
+) -> ImageTextPairDataset:
     """Shards whose parquets hold ``key`` and ``image_embedding`` (None -> null), in the given order; tars empty."""
     testing.write_embedding_shards(folder, vectors, rows_per_shard)
     return ImageTextPairDataset.from_webdataset(str(folder))
 
 
-def reference_decisions(vectors: dict[str, np.ndarray], order: list[str], threshold: float) -> dict[str, tuple[str, float] | None]:
+def reference_decisions(
+    vectors: dict[str, np.ndarray], order: list[str], threshold: float
+) -> dict[str, tuple[str, float] | None]:
     """Brute force, one cluster: each item's most similar earlier-ranked item when that cosine >= threshold."""
     result: dict[str, tuple[str, float] | None] = {}
     for i, key in enumerate(order):
@@ -40,7 +44,9 @@ def reference_decisions(vectors: dict[str, np.ndarray], order: list[str], thresh
 
 def decisions_of(frame: pd.DataFrame) -> dict[str, tuple[str, float] | None]:
     out = {}
-    for key, keep, duplicate_of, similarity in frame[["key", "keep", "duplicate_of", "similarity"]].itertuples(index=False):
+    for key, keep, duplicate_of, similarity in frame[["key", "keep", "duplicate_of", "similarity"]].itertuples(
+        index=False
+    ):
         out[key] = None if keep else (duplicate_of, similarity)
     return out
 
@@ -68,9 +74,7 @@ def group_with_known_ranks() -> dict[str, np.ndarray | None]:
     return vectors
 
 
-@pytest.mark.parametrize(
-    "which_to_keep, expected_kept", [("hard", "k5"), ("easy", "k0")]
-)
+@pytest.mark.parametrize("which_to_keep, expected_kept", [("hard", "k5"), ("easy", "k0")])
 def test_keep_policies_match_a_brute_force_reference(
     client, tmp_path: Path, group_with_known_ranks, which_to_keep: str, expected_kept: str
 ) -> None:
@@ -173,7 +177,9 @@ def test_kmeans_finds_separated_clusters(client) -> None:
 
     rng = np.random.default_rng(0)
     centres = np.eye(6, dtype=np.float32)[:3]
-    points = np.concatenate([unit_rows(centre + 0.05 * rng.normal(size=(40, 6))) for centre in centres]).astype(np.float32)
+    points = np.concatenate([unit_rows(centre + 0.05 * rng.normal(size=(40, 6))) for centre in centres]).astype(
+        np.float32
+    )
     blocks = [dask.delayed(points[i : i + 25]) for i in range(0, len(points), 25)]  # clusters straddle blocks
     centroids = fit_spherical_kmeans(blocks, n_clusters=3, seed=0).compute()
     assert centroids.shape == (3, 6)
@@ -199,11 +205,16 @@ def test_photo_copies_plumbing(client, tmp_path: Path, tiny_model: Path) -> None
         "astronaut_cropped": testing.encode_jpeg(np.ascontiguousarray(astronaut[40:-40, 40:-40])),
         **{name: testing.encode_jpeg(pixels) for name, pixels in photos.items() if name != "astronaut"},
     }
-    names = list(variants) + ["failed"]
-    keys = {name: testing.img2dataset_key(shard, i) for shard in range(3) for i, name in enumerate(names) if i // 4 == shard}
+    names = [*list(variants), "failed"]
+    keys = {
+        name: testing.img2dataset_key(shard, i) for shard in range(3) for i, name in enumerate(names) if i // 4 == shard
+    }
     for shard in range(3):
         batch = [name for i, name in enumerate(names) if i // 4 == shard]
-        rows = [{"key": keys[n], "caption": n, "status": "failed_to_download" if n == "failed" else "success"} for n in batch]
+        rows = [
+            {"key": keys[n], "caption": n, "status": "failed_to_download" if n == "failed" else "success"}
+            for n in batch
+        ]
         members = {keys[n]: {"jpg": variants[n]} for n in batch if n != "failed"}
         testing.write_shard(tmp_path, shard, rows, members)
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
@@ -230,7 +241,9 @@ def test_photo_copies_plumbing(client, tmp_path: Path, tiny_model: Path) -> None
     assert reread["duplicate_of"].tolist() == frame["duplicate_of"].tolist()
 
 
-def test_each_shard_is_computed_once_and_nothing_runs_before_compute(client, tmp_path: Path, group_with_known_ranks) -> None:
+def test_each_shard_is_computed_once_and_nothing_runs_before_compute(
+    client, tmp_path: Path, group_with_known_ranks
+) -> None:
     dataset = write_vector_shards(tmp_path / "shards", group_with_known_ranks, rows_per_shard=3)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -259,7 +272,9 @@ def test_bad_arguments_and_columns(tmp_path: Path, group_with_known_ranks) -> No
 
 
 def test_rows_without_a_usable_embedding_are_kept(client, tmp_path: Path) -> None:
-    dataset = write_vector_shards(tmp_path, {"a": None, "zero": np.zeros(4), "b": None, "c": np.ones(4)}, rows_per_shard=2)
+    dataset = write_vector_shards(
+        tmp_path, {"a": None, "zero": np.zeros(4), "b": None, "c": np.ones(4)}, rows_per_shard=2
+    )
     frame = SemanticDeduplicator(n_clusters=3)(dataset).metadata.compute()
     assert frame["keep"].tolist() == [True] * 4
     assert frame["duplicate_of"].isna().all() and frame["similarity"].isna().all()

@@ -47,11 +47,17 @@ def timm_reference(checkpoint: Path, shards: Path) -> dict[str, np.ndarray]:
 
 
 def test_matches_timm_transforms_and_forward(client, shards: Path, checkpoint: Path) -> None:
-    embedder = TimmImageEmbedder(MODEL, checkpoint_path=str(checkpoint), batch_size=4, num_threads_per_worker=1,
-                                 autocast=False, model_kwargs={"num_classes": 24})
+    embedder = TimmImageEmbedder(
+        MODEL,
+        checkpoint_path=str(checkpoint),
+        batch_size=4,
+        num_threads_per_worker=1,
+        autocast=False,
+        model_kwargs={"num_classes": 24},
+    )
     assert embedder.embedding_dim == 24
     frame = embedder(ImageTextPairDataset.from_webdataset(str(shards))).metadata.compute()
-    vectors = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"])))
+    vectors = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"]), strict=True))
     reference = timm_reference(checkpoint, shards)
     assert len(reference) == 15
     for key, expected in reference.items():
@@ -72,7 +78,13 @@ def test_preprocess_config_follows_the_model() -> None:
     from dask_clip.models.timm import timm_preprocess_config
 
     config = timm_preprocess_config(
-        {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9},
+        {
+            "input_size": (3, 224, 224),
+            "interpolation": "bicubic",
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+            "crop_pct": 0.9,
+        },
         max_image_pixels=64_000_000,
     )
     assert (config.shortest_edge, config.crop_height, config.mean) == (248, 224, (0.5, 0.5, 0.5))
@@ -83,12 +95,19 @@ def test_preprocess_config_follows_the_model() -> None:
 
 
 def test_device_decode_mode_stays_close_to_timms_transforms(client, shards: Path, checkpoint: Path) -> None:
-    embedder = TimmImageEmbedder(MODEL, checkpoint_path=str(checkpoint), batch_size=4, num_threads_per_worker=1,
-                                 autocast=False, model_kwargs={"num_classes": 24}, decode_mode="device")
+    embedder = TimmImageEmbedder(
+        MODEL,
+        checkpoint_path=str(checkpoint),
+        batch_size=4,
+        num_threads_per_worker=1,
+        autocast=False,
+        model_kwargs={"num_classes": 24},
+        decode_mode="device",
+    )
     assert embedder.config()["decode_mode"] == "device"
     assert embedder.load_model().preprocess.device_decode
     frame = embedder(ImageTextPairDataset.from_webdataset(str(shards))).metadata.compute()
-    vectors = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"])))
+    vectors = dict(zip(frame["key"], embeddings_to_numpy(frame["image_embedding"]), strict=True))
     cosines = [float(vectors[key] @ expected) for key, expected in timm_reference(checkpoint, shards).items()]
     assert len(cosines) == 15 and min(cosines) >= 0.999, cosines
     with pytest.raises(ValueError, match="decode_mode must be one of"):

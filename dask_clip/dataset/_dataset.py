@@ -58,7 +58,11 @@ class ImageTextPairDataset:
         derived = set(info.get("derived_columns", ()))
         read = functools.partial(read_shard_metadata, id_col=id_col, meta=meta, derived_columns=frozenset(derived))
         metadata = dd.from_map(
-            read, [shard.parquet_url for shard in shards], meta=meta, enforce_metadata=False, label="read-shard-metadata"
+            read,
+            [shard.parquet_url for shard in shards],
+            meta=meta,
+            enforce_metadata=False,
+            label="read-shard-metadata",
         )
         configs = info.get("configs", {})
         derived_configs = {column: configs.get(column) for column in derived}

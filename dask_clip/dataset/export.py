@@ -76,8 +76,13 @@ def _write_pair(
     index = task.shard.index
     vectors = embeddings_to_numpy(rows[embedding_column])
     present = rows[embedding_column].notna().to_numpy(dtype=bool)
-    summary = {"stem": task.shard.stem, "index": index, "rows": int(present.sum()), "embeddings_path": "",
-               "metadata_path": ""}
+    summary = {
+        "stem": task.shard.stem,
+        "index": index,
+        "rows": int(present.sum()),
+        "embeddings_path": "",
+        "metadata_path": "",
+    }
     if present.any():
         name = f"{index:0{digits}d}"
         summary["embeddings_path"] = posixpath.join(root, "img_emb", f"img_emb_{name}.npy")

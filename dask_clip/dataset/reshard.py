@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dask_clip.arguments import at_least
@@ -160,8 +159,13 @@ def to_webdataset(
 
 
 def _check_arguments(
-    dataset: ImageTextPairDataset, path: str, columns: list[str], filter_column: str | None,
-    samples_per_shard: int, max_shards: int, old_id_col: str | None,
+    dataset: ImageTextPairDataset,
+    path: str,
+    columns: list[str],
+    filter_column: str | None,
+    samples_per_shard: int,
+    max_shards: int,
+    old_id_col: str | None,
 ) -> None:
     at_least("samples_per_shard", samples_per_shard)
     at_least("max_shards", max_shards)
@@ -197,7 +201,9 @@ def _stage_kept_rows(dataset: ImageTextPairDataset, staging: str, filter_column:
         return pd.DataFrame({"kept": [len(rows)]})
 
     meta = pd.DataFrame({"kept": pd.Series([], dtype="int64")})
-    staged = map_shards(stage, dataset.pandas_metadata, dataset.shards, meta, id_col=dataset.id_col, label="reshard-stage")
+    staged = map_shards(
+        stage, dataset.pandas_metadata, dataset.shards, meta, id_col=dataset.id_col, label="reshard-stage"
+    )
     counts = compute(staged, dataset.resources)
     return [int(n) for n in counts["kept"]]
 

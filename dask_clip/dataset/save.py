@@ -95,12 +95,19 @@ def _write_shard(
     started = time.perf_counter()
     write_shard_metadata(output, url, info)
     timings = {**stage_timings(rows), "write_s": time.perf_counter() - started}
-    summary = {"stem": task.shard.stem, "path": url, "rows": len(output), "errors": count_rows_with_errors(output, info)}
+    summary = {
+        "stem": task.shard.stem,
+        "path": url,
+        "rows": len(output),
+        "errors": count_rows_with_errors(output, info),
+    }
     return pd.DataFrame([{**summary, "written": True, **timings}])
 
 
 def _finished_outputs(urls: list[str], columns: list[str], info: dict[str, Any]) -> list[dict[str, int] | None]:
-    """Per output file, its ``{"rows", "errors"}`` when it is already complete, else None (footers read on the cluster)."""
+    """Per output file, its ``{"rows", "errors"}`` when it is already complete, else None.
+
+    Read on the cluster (or this process's threads), ``RESUME_CHECKS_PER_TASK`` files a task."""
     chunks = [urls[i : i + RESUME_CHECKS_PER_TASK] for i in range(0, len(urls), RESUME_CHECKS_PER_TASK)]
     checks = [dask.delayed(_check_outputs)(chunk, columns, info) for chunk in chunks]
     return [status for chunk in compute(checks) for status in chunk]

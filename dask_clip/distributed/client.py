@@ -84,7 +84,9 @@ def get_client(
     return client
 
 
-def _start_local_cluster(cluster_type: str, n_workers: int | None, threads_per_worker: int | None, **kwargs: Any) -> Any:
+def _start_local_cluster(
+    cluster_type: str, n_workers: int | None, threads_per_worker: int | None, **kwargs: Any
+) -> Any:
     if cluster_type == "cpu":
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
     local_cuda_cluster = require("dask_cuda", "gpu", "cluster_type='gpu'").LocalCUDACluster

@@ -103,8 +103,13 @@ class ImageEmbedder(Operation):
             check_device_decode_available()
         self.embedding_dim, preprocess = self.describe_model()
         self.preprocess = preprocess.with_decode_mode(self.decode_mode)
-        loaded = {**self.model_options(), "device": device, "autocast": autocast, "max_image_pixels": max_image_pixels,
-                  "decode_mode": self.decode_mode}
+        loaded = {
+            **self.model_options(),
+            "device": device,
+            "autocast": autocast,
+            "max_image_pixels": max_image_pixels,
+            "decode_mode": self.decode_mode,
+        }
         self.model = ModelSpec(make_cache_key(self.name, loaded), self.load_model)
 
     # --- what a subclass provides -------------------------------------------------------------
@@ -181,7 +186,7 @@ class ImageEmbedder(Operation):
                 embeddings = model.embed([item.pixels for item in batch])
             if self.normalize_embeddings:
                 embeddings = l2_normalize(embeddings)
-            for item, embedding in zip(batch, embeddings):
+            for item, embedding in zip(batch, embeddings, strict=True):
                 vectors[positions[item.key]] = embedding
                 valid[positions[item.key]] = True
 
@@ -215,7 +220,12 @@ class ImageEmbedder(Operation):
         if self.verbose:
             logger.info(
                 "%s: %d rows, %d embedded, %d without embedding, %.1fs (%.1f images/s)",
-                tar_url, len(rows), int(valid.sum()), int((~valid).sum()), elapsed, valid.sum() / max(elapsed, 1e-9),
+                tar_url,
+                len(rows),
+                int(valid.sum()),
+                int((~valid).sum()),
+                elapsed,
+                valid.sum() / max(elapsed, 1e-9),
             )
         return {
             self.embedding_column: to_embedding_array(vectors, valid),
@@ -294,4 +304,3 @@ def ordered_bounded_map(
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-

@@ -50,7 +50,9 @@ class ClipTextEmbedder(Operation):
         self.normalize_embeddings = normalize_embeddings
         self.device = device
         self.embedding_dim = describe_text_model(self.model_dir)
-        self.model = ModelSpec(make_cache_key(self.name, {"model_dir": self.model_dir, "device": device}), self.load_model)
+        self.model = ModelSpec(
+            make_cache_key(self.name, {"model_dir": self.model_dir, "device": device}), self.load_model
+        )
 
     def config(self) -> dict[str, Any]:
         """The options that determine the embeddings, recorded next to them in the parquet."""

@@ -69,6 +69,11 @@ class TimmImageEmbedder(ImageEmbedder):
         device = resolve_device(self.device)
         logger.info("loading timm model %s on %s", self.model_name, device)
         return TimmModel(
-            self.model_name, self.pretrained, self.checkpoint_path, self.model_kwargs, device, self.autocast,
+            self.model_name,
+            self.pretrained,
+            self.checkpoint_path,
+            self.model_kwargs,
+            device,
+            self.autocast,
             self.preprocess,
         )

@@ -63,8 +63,11 @@ def is_plain_jpeg(image: Any, data: bytes, config: PreprocessConfig) -> bool:
     marker (a truncated file goes to Pillow, which reports it), and resized with a filter torch has.
     """
     return (
-        image.format == "JPEG" and image.mode in DEVICE_DECODE_MODES and data.endswith(b"\xff\xd9")
-        and config.resample in TORCH_RESAMPLE and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+        image.format == "JPEG"
+        and image.mode in DEVICE_DECODE_MODES
+        and data.endswith(b"\xff\xd9")
+        and config.resample in TORCH_RESAMPLE
+        and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
     )
 
 
@@ -81,7 +84,7 @@ def decode_on_device(
     decode_jpeg = import_decode_jpeg()
     results: list[Any | np.ndarray | ImageDecodeError] = []
     for chunk in chunks_by_pixels(jpegs, DEVICE_DECODE_PIXELS_PER_CALL):
-        for jpeg, decoded in zip(chunk, _decode_chunk(decode_jpeg, chunk, device)):
+        for jpeg, decoded in zip(chunk, _decode_chunk(decode_jpeg, chunk, device), strict=True):
             if decoded is not None and tuple(decoded.shape) == (3, jpeg.height, jpeg.width):
                 results.append(finish_on_device(decoded, config))
             else:

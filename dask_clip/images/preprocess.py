@@ -54,18 +54,25 @@ class PreprocessConfig:
     """Leave plain JPEGs encoded on the decode threads (only their headers are checked) and decode them
     in batches on the model's device (``device_decode.decode_on_device``)."""
 
-    def with_decode_mode(self, decode_mode: str) -> "PreprocessConfig":
+    def with_decode_mode(self, decode_mode: str) -> PreprocessConfig:
         """This configuration with the switches of one of ``DECODE_MODES``."""
         one_of("decode_mode", decode_mode, DECODE_MODES)
         return dataclasses.replace(
-            self, draft=decode_mode == "fast", torch_resize=decode_mode != "exact", device_decode=decode_mode == "device"
+            self,
+            draft=decode_mode == "fast",
+            torch_resize=decode_mode != "exact",
+            device_decode=decode_mode == "device",
         )
 
     @classmethod
-    def from_processor_dict(cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "PreprocessConfig":
+    def from_processor_dict(
+        cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> PreprocessConfig:
         """Read a ``preprocessor_config.json`` as written by transformers' ``CLIPImageProcessor``."""
         size = config.get("size", {"shortest_edge": 224})
-        shortest_edge = size["shortest_edge"] if isinstance(size, Mapping) and "shortest_edge" in size else _square(size)
+        shortest_edge = (
+            size["shortest_edge"] if isinstance(size, Mapping) and "shortest_edge" in size else _square(size)
+        )
         crop = config.get("crop_size", shortest_edge)
         crop_height, crop_width = (crop["height"], crop["width"]) if isinstance(crop, Mapping) else (crop, crop)
         return cls(
@@ -124,7 +131,7 @@ def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
         image = identify_image(data)
     except Image.DecompressionBombError as error:  # a few plugins (WebP) check Pillow's limit themselves
         raise ImageDecodeError(pillow_bomb_reason(error, max_image_pixels)) from None
-    except Exception as error:  # a plugin that accepted the first bytes failed on the header: any type
+    except Exception as error:  # noqa: BLE001 - a plugin that accepted the first bytes failed on its header: any type
         raise ImageDecodeError(f"not a readable image: {str(error) or type(error).__name__}") from None
     if image is None:
         raise ImageDecodeError(f"not a readable image: no Pillow format reads it (data starts with {data[:8]!r})")
@@ -215,7 +222,7 @@ def preprocess_opened(image: ImageFile.ImageFile, config: PreprocessConfig) -> n
             pixels = np.asarray(rgb.resize((width, height), resample=config.resample))
     except Image.DecompressionBombError as error:  # Pillow's limit, checked again by some decoders (TIFF, GIF)
         raise ImageDecodeError(pillow_bomb_reason(error, config.max_image_pixels)) from None
-    except Exception as error:  # Pillow's decoders raise many types on malformed data (OSError, struct.error, ...)
+    except Exception as error:  # noqa: BLE001 - Pillow's decoders raise many types on malformed data
         raise ImageDecodeError(f"cannot decode image: {str(error) or type(error).__name__}") from None
     return center_crop(pixels, config.crop_height, config.crop_width)
 

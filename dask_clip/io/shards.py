@@ -64,7 +64,7 @@ def discover_shards(url: str) -> list[Shard]:
     parquets: dict[str, str] = {}
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
-        stem, dot, extension = name.partition(".")
+        stem, _, extension = name.partition(".")
         if extension == "tar":
             tars[stem] = entry
         elif extension == "parquet":

@@ -103,7 +103,9 @@ def iter_tar_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES)
                     seen.add(key)
                     current = Sample(key)
                 if member.size > max_member_bytes:
-                    current.problems[extension] = f"{extension} member is {member.size} bytes (limit {max_member_bytes})"
+                    current.problems[extension] = (
+                        f"{extension} member is {member.size} bytes (limit {max_member_bytes})"
+                    )
                     continue
                 data = archive.extractfile(member)
                 current.members[extension] = data.read() if data is not None else b""

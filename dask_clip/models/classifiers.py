@@ -84,7 +84,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable or unsafe file
+    except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file
         raise CheckpointError(
             f"cannot load classifier checkpoint {path!r} (a safetensors file or a torch state dict of tensors "
             f"saved with torch.save, loaded with weights_only=True): {type(error).__name__}: {error}"

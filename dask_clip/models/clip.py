@@ -45,7 +45,7 @@ def describe_image_model(model_dir: str, max_image_pixels: int) -> tuple[int, Pr
 
 
 def describe_text_model(model_dir: str) -> int:
-    """On the client: the text embedding width of ``model_dir``, once its weights and tokenizer are known to be there."""
+    """On the client: the text embedding width of ``model_dir``, once its weights and tokenizer are found."""
     width = projection_dim_of(read_model_json(model_dir, "config.json"))
     check_safetensors_weights(model_dir)
     check_tokenizer_files(model_dir)

@@ -51,14 +51,20 @@ def autocast_dtype_for(device: str, autocast: bool) -> Any:
 
 
 def run_on_batch(
-    forward: Callable[[Any], Any], images: list[np.ndarray], preprocess: PreprocessConfig, device: Any, autocast_dtype: Any
+    forward: Callable[[Any], Any],
+    images: list[np.ndarray],
+    preprocess: PreprocessConfig,
+    device: Any,
+    autocast_dtype: Any,
 ) -> np.ndarray:
     """``uint8 (H, W, 3)`` images -> ``forward(pixels)`` as ``float32 (B, D)`` numpy, under inference mode."""
     import torch
 
     pixels = to_pixel_values(images, preprocess, device, torch.float32)
     autocast = (
-        torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
     )
     with torch.inference_mode(), autocast:
         embeddings = forward(pixels)

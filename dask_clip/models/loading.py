@@ -34,7 +34,9 @@ def read_model_json(model_dir: str, filename: str) -> dict[str, Any]:
     try:
         path = cached_file(model_dir, filename)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot read {filename} of model {model_dir!r}: {error}\n{HOW_TO_PROVIDE_WEIGHTS}") from None
+        raise ModelLoadError(
+            f"cannot read {filename} of model {model_dir!r}: {error}\n{HOW_TO_PROVIDE_WEIGHTS}"
+        ) from None
     if path is None:
         raise ModelLoadError(f"model {model_dir!r} has no {filename}.\n{HOW_TO_PROVIDE_WEIGHTS}")
     try:

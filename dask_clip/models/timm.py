@@ -46,11 +46,15 @@ def timm_preprocess_config(data_config: dict[str, Any], max_image_pixels: int) -
     )
 
 
-def create_timm_model(model_name: str, pretrained: bool, checkpoint_path: str | None, model_kwargs: dict[str, Any]) -> Any:
+def create_timm_model(
+    model_name: str, pretrained: bool, checkpoint_path: str | None, model_kwargs: dict[str, Any]
+) -> Any:
     """``timm.create_model``; an unknown name is a ``UsageError``, unloadable weights a ``ModelLoadError``."""
     timm = import_timm()
     try:
-        return timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **model_kwargs)
+        return timm.create_model(
+            model_name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **model_kwargs
+        )
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise UsageError(f"unknown timm model {model_name!r}") from None

@@ -26,7 +26,11 @@ class ClipScore(Operation):
     """
 
     def __init__(
-        self, *, image_column: str = "image_embedding", text_column: str = "text_embedding", score_column: str = "clip_score"
+        self,
+        *,
+        image_column: str = "image_embedding",
+        text_column: str = "text_embedding",
+        score_column: str = "clip_score",
     ) -> None:
         self.image_column = image_column
         self.text_column = text_column

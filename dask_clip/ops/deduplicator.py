@@ -22,7 +22,11 @@ class Deduplicator(Operation):
     cross_shard = True
 
     def __init__(
-        self, *, keep_column: str = "keep", duplicate_of_column: str = "duplicate_of", similarity_column: str = "similarity"
+        self,
+        *,
+        keep_column: str = "keep",
+        duplicate_of_column: str = "duplicate_of",
+        similarity_column: str = "similarity",
     ) -> None:
         self.keep_column = keep_column
         self.duplicate_of_column = duplicate_of_column

@@ -66,7 +66,12 @@ class ExactDeduplicator(Deduplicator):
         if self.hash_column not in metadata.columns:
             hashed_meta = metadata._meta.assign(**{self.hash_column: empty_column(STRING)})
             metadata = map_shards(
-                image_sha256, metadata, dataset.shards, hashed_meta, id_col=id_col, label="image-sha256",
+                image_sha256,
+                metadata,
+                dataset.shards,
+                hashed_meta,
+                id_col=id_col,
+                label="image-sha256",
                 hash_column=self.hash_column,
             )
         id_dtype = metadata.dtypes[id_col]
@@ -78,7 +83,12 @@ class ExactDeduplicator(Deduplicator):
             }
         )
         pairs = map_shards(
-            _hashed_rows, metadata, dataset.shards, pairs_meta, id_col=id_col, label="hashed-rows",
+            _hashed_rows,
+            metadata,
+            dataset.shards,
+            pairs_meta,
+            id_col=id_col,
+            label="hashed-rows",
             hash_column=self.hash_column,
         )
         duplicates_meta = pd.DataFrame(
@@ -98,7 +108,7 @@ class ExactDeduplicator(Deduplicator):
 
     def _flag_rows(self, rows: pd.DataFrame, task: ShardTask, duplicates: pd.DataFrame) -> pd.DataFrame:
         """One shard's rows plus the flag columns, from the duplicates found in this shard."""
-        kept_ids = dict(zip(duplicates[task.id_col], duplicates[self.duplicate_of_column]))
+        kept_ids = dict(zip(duplicates[task.id_col], duplicates[self.duplicate_of_column], strict=True))
         ids = rows[task.id_col]
         duplicate_of = pd.array([kept_ids.get(i) for i in ids], dtype=ids.dtype)
         removed = np.asarray(pd.notna(duplicate_of), dtype=bool)

@@ -24,11 +24,9 @@ import pyarrow as pa
 from dask_clip.arguments import at_least, one_of
 from dask_clip.columns import (
     BOOL,
-    FLOAT64,
     embedding_dtype,
     embedding_width,
     embeddings_to_numpy,
-    empty_column,
     to_embedding_array,
     unit_embeddings,
 )
@@ -94,9 +92,13 @@ class SemanticDeduplicator(Deduplicator):
     def config(self) -> dict[str, Any]:
         """The options that determine the output, recorded next to it in the parquet."""
         return {
-            "class": type(self).__name__, "eps": self.eps, "n_clusters": self.n_clusters,
-            "which_to_keep": self.which_to_keep, "embedding_column": self.embedding_column,
-            "seed": self.seed, "max_iter": self.max_iter,
+            "class": type(self).__name__,
+            "eps": self.eps,
+            "n_clusters": self.n_clusters,
+            "which_to_keep": self.which_to_keep,
+            "embedding_column": self.embedding_column,
+            "seed": self.seed,
+            "max_iter": self.max_iter,
         }
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
@@ -112,7 +114,10 @@ class SemanticDeduplicator(Deduplicator):
         id_col = dataset.id_col
         parts = dataset.pandas_metadata.to_delayed()  # one graph key per shard: each shard is computed once
         shards = [ShardRef.of(index, shard) for index, shard in enumerate(dataset.shards)]
-        blocks = [dask.delayed(unit_vectors)(part, shard, self.embedding_column) for part, shard in zip(parts, shards)]
+        blocks = [
+            dask.delayed(unit_vectors)(part, shard, self.embedding_column)
+            for part, shard in zip(parts, shards, strict=True)
+        ]
         centroids = fit_spherical_kmeans(blocks, self.n_clusters, seed=self.seed, max_iter=self.max_iter)
 
         assigned_meta = pd.DataFrame(
@@ -127,16 +132,16 @@ class SemanticDeduplicator(Deduplicator):
         assigned = dd.from_delayed(
             [
                 dask.delayed(assign_clusters)(part, centroids, shard, id_col, self.embedding_column)
-                for shard, part in zip(shards, parts)
+                for shard, part in zip(shards, parts, strict=True)
             ],
             meta=assigned_meta,
             verify_meta=False,
         )
         # tasks shuffles: P2P cannot move fixed_size_list columns and turns pyarrow strings into objects
-        by_cluster = assigned.shuffle(
-            on=_CLUSTER, npartitions=min(self.n_clusters, len(parts)), shuffle_method="tasks"
+        by_cluster = assigned.shuffle(on=_CLUSTER, npartitions=min(self.n_clusters, len(parts)), shuffle_method="tasks")
+        decisions_meta = decision_frame(
+            assigned_meta, [], np.zeros(0, bool), np.zeros(0), np.zeros(0, np.int64), id_col
         )
-        decisions_meta = decision_frame(assigned_meta, [], np.zeros(0, bool), np.zeros(0), np.zeros(0, np.int64), id_col)
         decisions = by_cluster.map_partitions(
             cluster_decisions,
             threshold=1 - self.eps,
@@ -151,7 +156,13 @@ class SemanticDeduplicator(Deduplicator):
         rows = dd.from_delayed(parts, meta=meta, verify_meta=False)
         outputs = (self.keep_column, self.duplicate_of_column, self.similarity_column)
         return map_shards(
-            join_decisions, rows, dataset.shards, output_meta, by_shard, id_col=id_col, label=self.name,
+            join_decisions,
+            rows,
+            dataset.shards,
+            output_meta,
+            by_shard,
+            id_col=id_col,
+            label=self.name,
             outputs=outputs,
         )
 
@@ -250,7 +261,7 @@ def join_decisions(
     positions = pd.Index(decisions[id_col]).get_indexer(rows[id_col]) if len(decisions) else np.full(len(rows), -1)
     joined = {
         name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index)
-        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _SIMILARITY))
+        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _SIMILARITY), strict=True)
     }
     joined[outputs[0]] = joined[outputs[0]].fillna(True)
     return rows.assign(**joined)
