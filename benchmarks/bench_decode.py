@@ -20,27 +20,19 @@ Each mode runs ``--repeat`` interleaved rounds and keeps its fastest; JSON goes 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import harness  # first: puts the checkout on sys.path
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from dask_clip import testing  # noqa: E402
-from dask_clip.embedders.device_decode import EncodedJpeg, decode_on_device, prepare_image  # noqa: E402
-from dask_clip.embedders.image_preprocessing import DECODE_MODES, PreprocessConfig, to_pixel_values  # noqa: E402
-
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+from dask_clip import testing
+from dask_clip.images.device_decode import EncodedJpeg, decode_on_device, prepare_image
+from dask_clip.images.preprocess import DECODE_MODES, PreprocessConfig, to_pixel_values
 
 
 def jpegs_at(long_side: int) -> list[bytes]:
@@ -67,7 +59,9 @@ def preprocess_batch(jpegs: list[bytes], config: PreprocessConfig, device: str) 
     return pixels, [crop.permute(1, 2, 0).cpu().numpy() if isinstance(crop, torch.Tensor) else crop for crop in crops]
 
 
-def measure(jpegs: list[bytes], config: PreprocessConfig, device: str, batch_size: int, min_seconds: float) -> dict[str, float]:
+def measure(
+    jpegs: list[bytes], config: PreprocessConfig, device: str, batch_size: int, min_seconds: float
+) -> dict[str, float]:
     """Images/s and host CPU ms per image over whole passes of ``jpegs`` until ``min_seconds`` have passed."""
     images, wall_started, cpu_started = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - wall_started < min_seconds:
@@ -81,19 +75,27 @@ def measure(jpegs: list[bytes], config: PreprocessConfig, device: str, batch_siz
 def main(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--long-sides", default="0,1024,2048", help="JPEG long sides in px, 0 = original (default: 0,1024,2048)")
+    parser.add_argument(
+        "--long-sides", default="0,1024,2048", help="JPEG long sides in px, 0 = original (default: 0,1024,2048)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds per mode, best kept (default: 3)")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per round (default: 3)")
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     configs = {mode: PreprocessConfig().with_decode_mode(mode) for mode in DECODE_MODES}
-    results: dict[str, Any] = {"options": vars(options), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                               "device_name": torch.cuda.get_device_name() if options.device.startswith("cuda") else "cpu",
-                               "sizes": {}}
+    results: dict[str, Any] = {
+        "options": vars(options),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "device_name": torch.cuda.get_device_name() if options.device.startswith("cuda") else "cpu",
+        "sizes": {},
+    }
     for long_side in [int(side) for side in options.long_sides.split(",")]:
         jpegs = jpegs_at(long_side)
-        crops = {mode: np.concatenate(preprocess_batch(jpegs, config, options.device)[1]) for mode, config in configs.items()}
+        crops = {
+            mode: np.concatenate(preprocess_batch(jpegs, config, options.device)[1]) for mode, config in configs.items()
+        }
         rounds: dict[str, list[dict[str, float]]] = {mode: [] for mode in configs}
         for _ in range(options.repeat):
             for mode, config in configs.items():
@@ -109,12 +111,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         print(f"long side {long_side or 'original'} ({len(jpegs)} JPEGs, {options.device}):")
         for mode in configs:
             row = entry[mode]
-            print(f"  {mode:6s} {row['images_per_s']:8.1f} images/s  x{row['ratio_vs_exact']:.2f} vs exact  "
-                  f"host {row['host_ms']:6.2f} ms/image  mean |crop - exact| {row['mean_abs_vs_exact']:.3f}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"bench_decode-{options.device.replace(':', '')}-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+            print(
+                f"  {mode:6s} {row['images_per_s']:8.1f} images/s  x{row['ratio_vs_exact']:.2f} vs exact  "
+                f"host {row['host_ms']:6.2f} ms/image  mean |crop - exact| {row['mean_abs_vs_exact']:.3f}"
+            )
+    harness.write_results(f"bench_decode-{options.device.replace(':', '')}", results)
     return results
 
 
