@@ -175,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    import distributed  # noqa: F401 - it sets its loggers' levels when first imported: import it before ours
+
     logging.getLogger("distributed").setLevel(_dask_log_level(args))
     command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:
@@ -188,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dask_log_level(args: argparse.Namespace) -> int:
-    """Dask's own cluster logs are noise unless the user asked for verbose output."""
-    return logging.INFO if args.verbose else logging.WARNING
+    """Dask's own logs are noise unless the user asked for verbose output: a failing task is reported once,
+    by this command, not again by every worker that ran it."""
+    return logging.INFO if args.verbose else logging.CRITICAL
 
 
 @contextlib.contextmanager

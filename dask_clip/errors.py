@@ -8,7 +8,9 @@ Two branches tell a user what to do next, and the CLI maps them to its exit code
   failed. The message starts with the file it concerns.
 
 Each class also derives from the builtin exception that callers caught before this hierarchy existed
-(``ValueError``, ``OSError``, ``ImportError``), so ``except ValueError`` keeps working.
+(``ValueError``, ``OSError``, ``ImportError``), so ``except ValueError`` keeps working. Where that builtin
+is an ``OSError``, it comes first among the bases: an error raised on a worker must unpickle on the
+client, and only ``OSError``'s own constructor can rebuild such an instance.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class ColumnError(UsageError):
     """A column an operation reads is missing or has the wrong type; the message names the column."""
 
 
-class DatasetNotFoundError(UsageError, FileNotFoundError):
+class DatasetNotFoundError(FileNotFoundError, UsageError):
     """The folder given as a dataset does not exist."""
 
 
@@ -72,7 +74,7 @@ class ShardMetadataError(ShardError):
     """A shard's parquet cannot be used as it is; the message names the file."""
 
 
-class WriteError(DataError, OSError):
+class WriteError(OSError, DataError):
     """A file could not be written (disk full, permissions, ...); the message starts with its path."""
 
 
