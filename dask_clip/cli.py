@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dedup.add_argument("--seed", type=int, default=0, help="semantic: seed of k-means and of the random policy")
     dedup.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
+    dedup.add_argument(
+        "--overwrite", action="store_true", help="decide again even where the saved decisions are current"
+    )
     _add_cluster_options(dedup)
 
     filter_ = commands.add_parser(
@@ -122,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     filter_.add_argument("--max", type=float, default=None, help="keep rows scoring at most this (default: no bound)")
     filter_.add_argument("--keep-column", default="keep", help="boolean column written (ANDed with an existing one)")
     filter_.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
+    filter_.add_argument("--overwrite", action="store_true", help="score again even where the saved scores are current")
     _add_cluster_options(filter_)
 
     reshard = commands.add_parser(
         "reshard", help="write kept rows as new shards with new ids", formatter_class=defaults
     )
     _add_dataset_options(reshard)
-    reshard.add_argument("output", help="empty folder for the new shards")
+    reshard.add_argument("output", help="folder for the new shards (must be empty, or see --overwrite)")
+    reshard.add_argument("--overwrite", action="store_true", help="replace the output folder and all it holds")
     reshard.add_argument(
         "--filter-column", default=None, help="keep rows where this boolean column is True (default: all)"
     )
@@ -152,8 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write embeddings in clip-retrieval's layout", formatter_class=defaults)
     _add_dataset_options(export)
-    export.add_argument("output", help="folder for img_emb/ and metadata/")
+    export.add_argument("output", help="folder for img_emb/ and metadata/ (must be empty, or see --overwrite)")
+    export.add_argument("--overwrite", action="store_true", help="replace the output folder and all it holds")
     _add_cluster_options(export)
+
+    info = commands.add_parser(
+        "info",
+        help="which configuration produced each derived column, in how many shards, and which shards disagree",
+        formatter_class=defaults,
+    )
+    _add_dataset_options(info)
+    _add_cluster_options(info)
 
     demo = commands.add_parser(
         "demo", help="write sample shards from real photos and embed them on a local cluster", formatter_class=defaults
@@ -273,7 +287,7 @@ def _dedup(args: argparse.Namespace) -> int:
         )
     with _cluster(args):
         started = time.perf_counter()
-        summary = deduplicator(_dataset(args)).save_metadata(args.output)
+        summary = deduplicator(_dataset(args)).save_metadata(args.output, overwrite=args.overwrite)
         removed = _count_not_kept(summary, args.keep_column)
     print(
         f"dedup ({args.method}) over {len(summary)} shards: {int(summary['rows'].sum())} rows, {removed} duplicates "
@@ -316,7 +330,7 @@ def _filter(args: argparse.Namespace) -> int:
     filtered = keep_by_threshold(scored, column, min=args.min, max=args.max, keep_column=args.keep_column)
     with _cluster(args):
         started = time.perf_counter()
-        summary = filtered.save_metadata(args.output)
+        summary = filtered.save_metadata(args.output, overwrite=args.overwrite)
         dropped = _count_not_kept(summary, args.keep_column)
     print(
         f"filter by {column} over {len(summary)} shards: {int(summary['rows'].sum())} rows, {dropped} marked "
@@ -334,6 +348,7 @@ def _reshard(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard,
             max_shards=args.max_shards,
             old_id_col=args.old_id_col,
+            overwrite=args.overwrite,
         )
     print(
         f"resharded into {len(summary)} shards: {int(summary['rows'].sum())} rows, {int(summary['samples'].sum())} "
@@ -353,12 +368,45 @@ def _search(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     with _cluster(args):
         started = time.perf_counter()
-        summary = _dataset(args).export_clip_retrieval(args.output)
+        summary = _dataset(args).export_clip_retrieval(args.output, overwrite=args.overwrite)
     print(
         f"exported {len(summary)} shard pairs: {int(summary['rows'].sum())} embeddings, "
         f"{time.perf_counter() - started:.1f}s; clip-retrieval layout in {args.output}"
     )
     return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with _cluster(args):
+        dataset = _dataset(args)
+        table = dataset.info()
+    print(f"{args.path}: {len(dataset.shards)} shards")
+    if table.empty:
+        print("no derived columns recorded")
+    for column, group in table.groupby("column", sort=False):
+        mixed = " (produced differently in different shards)" if len(group) > 1 else ""
+        print(f"{column}{mixed}")
+        for row in group.itertuples():
+            stems = ", ".join(row.stems[:5]) + (f" and {len(row.stems) - 5} more" if len(row.stems) > 5 else "")
+            print(f"  {_describe(row.operation)}")
+            print(
+                f"    {row.shards} shards ({stems}): {row.rows} rows, {row.with_value} with a value, "
+                f"{row.with_reason} with a reason, {row.missing} with neither; {row.stale} stale"
+            )
+    return 0
+
+
+def _describe(operation: dict[str, Any] | None) -> str:
+    """A configuration on one line: its class or function, then its options."""
+    if operation is None:
+        return "(no configuration recorded: an older dask_clip, or shards of several configurations moved together)"
+    from dask_clip.io.provenance import digest
+
+    name = operation.get("class") or operation.get("function") or "?"
+    first = [key for key in ("model_dir", "model_name", "model_path") if key in operation]
+    rest = sorted(key for key in operation if key not in (*first, "class", "function"))
+    shown = {key: digest(operation[key])[:8] if key.endswith("_version") else operation[key] for key in first + rest}
+    return f"{name}(" + ", ".join(f"{key}={value!r}" for key, value in shown.items()) + ")"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -404,6 +452,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "reshard": _reshard,
     "search": _search,
     "export": _export,
+    "info": _info,
     "demo": _demo,
 }
 

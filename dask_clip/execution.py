@@ -15,16 +15,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 import dask.dataframe as dd
 import pandas as pd
+from dask.local import get_sync
 
 from dask_clip.distributed.client import current_client
 from dask_clip.distributed.worker_setup import MemoryTuningPlugin
@@ -38,7 +42,7 @@ STAGES = ("load_s", "wait_s", "decode_s", "infer_s", "write_s")
 ``wait_s`` (inference waiting for decoded images), ``decode_s`` (decode-thread time summed over threads,
 plus decoding on the model's device), ``infer_s`` and ``write_s``."""
 _TIMINGS_ATTR = "dask_clip.stage_seconds"
-_REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object}
+_REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object, "payload": object}
 _prepared_clients: set[str] = set()
 
 
@@ -59,11 +63,12 @@ class ShardRef:
 
 @dataclass
 class ShardTask:
-    """Handed to the function ``map_shards`` runs: the shard, the id column of its rows, and the seconds
-    spent in each stage."""
+    """Handed to the function ``map_shards`` runs: the shard, the id column of its rows, this shard's own
+    ``payload`` (a string the caller gave for it, e.g. JSON) and the seconds spent in each stage."""
 
     shard: ShardRef
     id_col: str
+    payload: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def add_seconds(self, stage: str, seconds: float) -> None:
@@ -93,11 +98,11 @@ def _with_timings(result: pd.DataFrame, inputs: pd.DataFrame, task: ShardTask) -
     return result
 
 
-def _shard_references(shards: Sequence[Shard], indices: Sequence[int]) -> dd.DataFrame:
-    """A Dask frame of one row per shard (its ``ShardRef`` fields), one partition each."""
+def _shard_references(shards: Sequence[Shard], indices: Sequence[int], payloads: Sequence[str]) -> dd.DataFrame:
+    """A Dask frame of one row per shard (its ``ShardRef`` fields and payload), one partition each."""
     rows = [
-        pd.DataFrame([[index, shard.stem, shard.tar_url, shard.parquet_url]], columns=list(_REFERENCE_COLUMNS))
-        for index, shard in zip(indices, shards, strict=True)
+        pd.DataFrame([[index, shard.stem, shard.tar_url, shard.parquet_url, payload]], columns=list(_REFERENCE_COLUMNS))
+        for index, shard, payload in zip(indices, shards, payloads, strict=True)
     ]
     meta = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in _REFERENCE_COLUMNS.items()})
     return dd.from_map(_identity, rows, meta=meta, label="shard-references", enforce_metadata=False)
@@ -128,19 +133,26 @@ def map_shards(
     id_col: str,
     label: str = "shard",
     indices: Sequence[int] | None = None,
+    payloads: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> dd.DataFrame:
     """``function(rows, task, *aligned_parts, **kwargs)`` on each shard -> a frame like ``meta``, one per shard.
 
     ``metadata`` (whose rows are identified by ``id_col``) and every frame in ``aligned`` have one
     partition per shard, in the order of ``shards``; ``task`` is the shard's ``ShardTask``. ``indices``
-    are the shards' positions in their dataset when ``shards`` is a subset of it (default: ``0, 1, ...``).
+    are the shards' positions in their dataset when ``shards`` is a subset of it (default: ``0, 1, ...``);
+    ``payloads`` one string per shard, handed to that shard's task only (``task.payload``).
     Stage seconds the function records travel with its result (``stage_timings``), added to those of the
     steps before it.
     """
 
     def on_shard(rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
-        task = ShardTask(ShardRef(**{name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}), id_col)
+        fields = {name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}
+        task = ShardTask(
+            ShardRef(**{name: fields[name] for name in ("index", "stem", "tar_url", "parquet_url")}),
+            id_col,
+            str(fields["payload"]),
+        )
         with failures_named(task.shard.tar_url):
             result = function(rows, task, *parts, **kwargs)
         return _with_timings(result, rows, task)
@@ -153,7 +165,11 @@ def map_shards(
     return dd.map_partitions(
         on_shard,
         metadata,
-        _shard_references(shards, range(len(shards)) if indices is None else indices),
+        _shard_references(
+            shards,
+            range(len(shards)) if indices is None else indices,
+            [""] * len(shards) if payloads is None else payloads,
+        ),
         *aligned,
         meta=meta,
         align_dataframes=False,
@@ -204,11 +220,13 @@ def compute_per_shard(
 ) -> pd.DataFrame:
     """Compute a frame of one summary row per shard (with a ``rows`` column), shard by shard.
 
-    On a distributed client each shard is its own future: a progress bar (``tqdm``, a widget in
-    notebooks) advances as shards finish, showing rows per second; a failing shard lets the others
-    finish (their output is kept), then the first failure is raised and the others are logged; a
-    configuration error (e.g. a worker cannot load the model) cancels the remaining shards and is
-    raised at once. Without a client the threaded scheduler computes every shard and stops at the first failure.
+    Each shard is computed on its own: a progress bar (``tqdm``, a widget in notebooks) advances as shards
+    finish, showing rows per second; a failing shard lets the others finish (their output is kept), then
+    the first failure is raised and the others are logged; a configuration error (e.g. a worker cannot
+    load the model) stops the remaining shards and is raised at once. On a distributed client each shard
+    is a future. Without a client, shards whose work is independent run on a pool of threads of this
+    process; when they share work (a deduplication decides across shards), the threaded scheduler runs
+    them together and stops at the first failure.
     """
     from tqdm.auto import tqdm
 
@@ -216,13 +234,64 @@ def compute_per_shard(
     with tqdm(total=len(parts), unit="shard", disable=not progress, desc="shards") as bar:
         counter = _ShardCounter(bar)
         client = current_client()
-        if client is None:
+        if client is not None:
+            _prepare(client)
+            futures = client.compute(parts, resources=usable_resources(client, resources) or None)
+            return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=lambda: _cancel(futures))
+        graphs = _independent_graphs(parts)
+        if graphs is None:
             with _LocalProgress({part.key for part in parts}, counter):
                 results = dask.compute(*parts, scheduler="threads")
             return pd.concat(results) if results else summaries._meta
-        _prepare(client)
-        futures = client.compute(parts, resources=usable_resources(client, resources) or None)
-        return _gather_shard_by_shard(futures, counter, summaries._meta)
+        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dask_clip-shard") as pool:
+            pending = [pool.submit(get_sync, graph, key) for graph, key in graphs]
+            return _collect(_finished_local(pending), counter, summaries._meta, cancel=lambda: _cancel(pending))
+
+
+def _independent_graphs(parts: list[Any]) -> list[tuple[dict[Any, Any], Any]] | None:
+    """Each part's own task graph and key when no task is shared between parts, else None."""
+    from dask.core import get_dependencies
+
+    if not parts:
+        return []
+    graph: dict[Any, Any] = {}
+    for layered in {id(part.dask): part.dask for part in parts}.values():  # parts usually share one graph
+        graph.update(layered)
+    owners: dict[Any, int] = {}
+    graphs = []
+    for index, part in enumerate(parts):
+        keys, stack = set(), [part.key]
+        while stack:
+            key = stack.pop()
+            if key in keys:
+                continue
+            if owners.setdefault(key, index) != index:
+                return None
+            keys.add(key)
+            stack.extend(get_dependencies(graph, key))
+        graphs.append(({key: graph[key] for key in keys}, part.key))
+    return graphs
+
+
+def as_completed_futures(futures: list[Any]) -> Iterator[tuple[Any, BaseException | None]]:
+    """Each distributed future's result or exception, as they finish."""
+    from distributed import as_completed
+
+    for future in as_completed(futures):
+        yield (None, future.exception()) if future.status == "error" else (future.result(), None)
+
+
+def _finished_local(pending: list[Future[Any]]) -> Iterator[tuple[Any, BaseException | None]]:
+    for future in concurrent.futures.as_completed(pending):
+        if future.cancelled():
+            continue
+        error = future.exception()
+        yield (None, error) if error is not None else (future.result(), None)
+
+
+def _cancel(futures: list[Any]) -> None:
+    for future in futures:
+        future.cancel()
 
 
 class _ShardCounter:
@@ -241,27 +310,26 @@ class _ShardCounter:
         self.bar.update(1)
 
 
-def _gather_shard_by_shard(futures: list[Any], counter: _ShardCounter, meta: pd.DataFrame) -> pd.DataFrame:
-    from distributed import as_completed
-
+def _collect(
+    outcomes: Iterator[tuple[Any, BaseException | None]], counter: _ShardCounter, meta: pd.DataFrame, cancel: Any
+) -> pd.DataFrame:
+    """Gather shard results as they finish: a configuration error cancels the rest and is raised at once;
+    other failures are raised once every shard has finished (the first; the others are logged)."""
     parts, failures = [], []
-    for future in as_completed(futures):
-        if future.status != "error":
-            parts.append(future.result())
-            counter.done(parts[-1])
+    for result, error in outcomes:
+        counter.done(result if error is None else None)
+        if error is None:
+            parts.append(result)
             continue
-        error = future.exception()
-        counter.done(None)
         if isinstance(error, ConfigurationError):
-            for other in futures:
-                other.cancel()
+            cancel()
             raise error
         failures.append(error)
     if failures:
         for error in failures[1:]:
             logger.error("shard failed: %s", error)
         if len(failures) > 1:
-            logger.error("%d of %d shards failed; raising the first", len(failures), len(futures))
+            logger.error("%d of %d shards failed; raising the first", len(failures), counter.bar.total)
         raise failures[0]
     return pd.concat(parts) if parts else meta
 

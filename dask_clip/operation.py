@@ -2,8 +2,11 @@
 
 An operation says
 
-- ``config()``: everything that changes its output (recorded next to the columns it writes);
-- ``input_columns(dataset)``: the columns it reads, checked before anything runs;
+- ``config()``: everything that changes its output (recorded next to the columns it writes), and
+  nothing that does not (threads, batch sizes: a re-run with other values keeps its results);
+- ``input_columns(dataset)``: the columns it reads, checked before anything runs, and
+  ``reads_tar(dataset)``: whether it reads the shards' tars;
+- ``reasons()``: which column gives the reason where one it writes is null;
 - ``output_columns(dataset)``: the columns it writes, with their types (for the Dask ``meta``);
 - ``cross_shard``: whether its output for one shard depends on other shards (deduplication);
 - ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache;
@@ -26,6 +29,7 @@ import pandas as pd
 from dask_clip.columns import require_columns
 from dask_clip.distributed.model_cache import get_or_load
 from dask_clip.execution import ShardTask, map_shards
+from dask_clip.io.provenance import Computed, Plain
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -77,9 +81,18 @@ class Operation(ABC):
         """Dask worker resources one shard task needs (none by default)."""
         return {}
 
-    def record(self, dataset: ImageTextPairDataset) -> dict[str, Any]:
-        """What is recorded with the written columns: ``config()`` by default."""
-        return self.config()
+    def reads_tar(self, dataset: ImageTextPairDataset) -> bool:
+        """Whether this operation reads the shards' tars (then a tar's identity is part of its inputs)."""
+        return False
+
+    def reasons(self) -> dict[str, str]:
+        """For each column it writes that may be null, the column that then holds the reason (none by default)."""
+        return {}
+
+    def source(self, dataset: ImageTextPairDataset) -> Computed:
+        """The provenance of the columns this operation writes to ``dataset``."""
+        reads = {column: dataset.provenance.get(column) or Plain(column) for column in self.input_columns(dataset)}
+        return Computed(self.config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons())
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""
@@ -102,7 +115,7 @@ class Operation(ABC):
         self.check_inputs(dataset)
         outputs = self.output_columns(dataset)
         frame = self.build(dataset, dataset.meta.assign(**outputs))
-        return dataset.with_metadata(frame, dict.fromkeys(outputs, self.record(dataset)), self.task_resources())
+        return dataset.with_metadata(frame, dict.fromkeys(outputs, self.source(dataset)), self.task_resources())
 
     def _run_on_shard(self, rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
         model = None

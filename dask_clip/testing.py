@@ -218,8 +218,12 @@ def _distinct_crop(pixels: np.ndarray, counter: int) -> np.ndarray:
     return np.ascontiguousarray(pixels[trim * (counter % 3) :, : pixels.shape[1] - trim])
 
 
-def save_random_clip_model(folder: str | Path, shape: str = "tiny", image_size: int = 224, seed: int = 0) -> Path:
+def save_random_clip_model(
+    folder: str | Path, shape: str = "tiny", image_size: int = 224, seed: int = 0, projection_dim: int | None = None
+) -> Path:
     """Save a random-weight CLIP of ``shape`` (``"tiny"`` or ``"vit-b-32"``) with ``save_pretrained``.
+
+    ``projection_dim`` overrides the shape's embedding width.
 
     Writes a full ``CLIPModel`` as safetensors, ``config.json`` and the OpenAI
     ``preprocessor_config.json``. The embeddings are meaningless: use it to test plumbing, never to judge similarity.
@@ -230,6 +234,8 @@ def save_random_clip_model(folder: str | Path, shape: str = "tiny", image_size: 
     if shape not in MODEL_SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; choose from {sorted(MODEL_SHAPES)}")
     vision = dict(MODEL_SHAPES[shape], image_size=image_size)
+    if projection_dim is not None:
+        vision["projection_dim"] = projection_dim
     text = {k: v for k, v in vision.items() if k not in ("patch_size", "image_size")}
     text.update(vocab_size=49408, max_position_embeddings=77)
     config = CLIPConfig(projection_dim=vision["projection_dim"], vision_config=vision, text_config=text)

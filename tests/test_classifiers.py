@@ -80,7 +80,7 @@ def test_aesthetic_scores_match_the_module(client, dataset, vectors, tmp_path: P
     expected = reference(module, vectors)
     assert_predictions(frame, "aesthetic_score", expected)
     assert len({round(v, 4) for v in expected.values() if v is not None}) > 5
-    assert scored.derived_columns["aesthetic_score"]["class"] == "AestheticClassifier"
+    assert scored.provenance["aesthetic_score"].operation["class"] == "AestheticClassifier"
 
 
 def test_nsfw_probabilities_with_keras_shaped_normalisation(client, dataset, vectors, tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_keep_by_threshold_marks_and_chains(client, tmp_path: Path) -> None:
     both = keep_by_threshold(pretty, "nsfw", max=0.6)  # ANDed with the earlier verdict
     assert both.metadata.npartitions == 3
     assert both.metadata.compute()["keep"].tolist() == [False, True, False, False, True, False]
-    assert both.derived_columns["keep"]["after"]["column"] == "score"
+    assert both.provenance["keep"].reads["keep"] is pretty.provenance["keep"]  # the verdict it was ANDed with
     with pytest.raises(ValueError, match="min=, max="):
         keep_by_threshold(scored, "score")
     with pytest.raises(ColumnError, match="'key'"):

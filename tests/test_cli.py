@@ -84,7 +84,7 @@ def test_decode_mode_is_recorded_with_the_embeddings(shards: Path, tiny_model: P
     )
     assert result.returncode == 0, result.stderr
     info = json.loads(pq.read_schema(shards / "00000.parquet").metadata[b"dask_clip"])
-    assert info["configs"]["image_embedding"]["decode_mode"] == decode_mode
+    assert info["columns"]["image_embedding"]["operation"]["decode_mode"] == decode_mode
 
 
 def test_curation_commands_chain(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
@@ -181,3 +181,15 @@ def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Pa
         "filter", str(folder), "--by", "aesthetic", "--model-path", str(weights), "--min", "5", *common
     )
     assert unreadable.returncode == 2 and "cannot load classifier checkpoint" in unreadable.stderr
+
+
+def test_info_names_each_configuration_and_dedup_can_decide_again(shards: Path, tiny_model: Path) -> None:
+    assert run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--n-workers", "1").returncode == 0
+    info = run_cli("info", str(shards), "--n-workers", "1")
+    assert info.returncode == 0, info.stderr
+    assert "image_embedding\n  ClipImageEmbedder(model_dir=" in info.stdout
+    assert "3 shards (00000, 00001, 00003): 18 rows, 15 with a value, 3 with a reason, 0 with neither" in info.stdout
+    first = run_cli("dedup", str(shards), "--n-workers", "1")
+    again = run_cli("dedup", str(shards), "--n-workers", "1", "--overwrite")
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert "0 duplicates flagged" in again.stdout

@@ -123,7 +123,7 @@ def test_clip_score_is_the_cosine_or_null(client, captioned_shards: Path, model_
         else:
             assert value == pytest.approx(float(image_vectors[position] @ text_vectors[position]), abs=1e-5), name
     assert frame["clip_score"].notna().sum() == 6
-    assert scored.derived_columns["clip_score"]["text_column"] == "text_embedding"
+    assert scored.provenance["clip_score"].operation["text_column"] == "text_embedding"
 
 
 def test_clip_score_needs_matching_widths(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def test_duplicates_found_across_shards_from_the_sha256_column(client, duplicate
     dataset = ImageTextPairDataset.from_webdataset(str(duplicated_shards))
     deduplicated = ExactDeduplicator()(dataset)
     check_flags(deduplicated)
-    assert set(deduplicated.derived_columns) == {"keep", "duplicate_of", "similarity"}
+    assert set(deduplicated.provenance) == {"keep", "duplicate_of", "similarity"}
 
 
 def test_hash_computed_from_the_tars_when_the_column_is_missing(

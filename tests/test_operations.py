@@ -54,7 +54,7 @@ def test_an_operation_adds_its_columns_shard_by_shard(shards: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
     numbered = RowNumber()(dataset)
     assert numbered.metadata.npartitions == 3
-    assert numbered.derived_columns["row_number"] == {"class": "RowNumber"}
+    assert numbered.provenance["row_number"].operation == {"class": "RowNumber"}
     frame = numbered.metadata.compute()
     assert frame["row_number"].tolist() == [float(i) for _ in range(3) for i in range(6)]
     assert frame.drop(columns="row_number").equals(dataset.metadata.compute())

@@ -76,12 +76,13 @@ WRITER = """
 import sys, numpy as np, pandas as pd
 from dask_clip.columns import to_embedding_array
 from dask_clip.io.metadata import write_shard_metadata
+from dask_clip.io.provenance import FileRecords
 rows = 400_000
 vectors = np.random.default_rng(0).standard_normal((rows, 256), dtype=np.float32)
 frame = pd.DataFrame({"key": np.arange(rows).astype(str)})
 frame["image_embedding"] = to_embedding_array(vectors, np.ones(rows, dtype=bool))
 print("ready", flush=True)
-write_shard_metadata(frame, sys.argv[1], {"derived_columns": []})
+write_shard_metadata(frame, sys.argv[1], FileRecords())
 """
 
 

@@ -162,11 +162,16 @@ def test_argument_errors_name_the_problem(shards: Path, tmp_path: Path) -> None:
         dataset.to_webdataset(str(tmp_path / "a"), filter_column="url")
     with pytest.raises(ValueError, match="'caption' is already a column"):
         dataset.to_webdataset(str(tmp_path / "a"), old_id_col="caption")
-    with pytest.raises(UsageError, match="already holds shard files"):
-        dataset.to_webdataset(str(shards.parent / "shards"))
+    with pytest.raises(UsageError, match="the output folder is the dataset's own folder"):
+        dataset.to_webdataset(str(shards.parent / "shards"), overwrite=True)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("someone's")
+    with pytest.raises(UsageError, match=r"used: is not empty .*notes\.txt.*overwrite=True"):
+        dataset.to_webdataset(str(tmp_path / "used"))
     with pytest.raises(ValueError, match=r"need 18 shards of 1, more than max_shards=1 digits can name"):
         dataset.to_webdataset(str(tmp_path / "b"), samples_per_shard=1, max_shards=1)
-    assert not [p for p in (tmp_path / "b").iterdir()]
+    assert not (tmp_path / "b").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "used"]  # no half-made folder left behind
 
 
 def test_output_shards_span_input_shards_by_prefix_counts() -> None:
@@ -187,4 +192,4 @@ def test_an_unreadable_tar_is_named_and_leaves_no_staging(client, shards: Path, 
     output = tmp_path / "out"
     with pytest.raises(ShardReadError, match=r"00001\.tar"):
         ImageTextPairDataset.from_webdataset(str(shards)).to_webdataset(str(output))
-    assert not [p for p in output.iterdir() if p.name.startswith(".dask_clip-staging")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no output, staging or half-made folder

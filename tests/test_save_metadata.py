@@ -40,7 +40,7 @@ def test_round_trip_keeps_every_row_column_and_dtype(embedded: ImageTextPairData
         embeddings_to_numpy(frame["image_embedding"]), embeddings_to_numpy(expected["image_embedding"])
     )
     pd.testing.assert_series_equal(frame["embedding_error"], expected["embedding_error"])
-    assert back.derived_columns["image_embedding"]["model_dir"].endswith("tiny-clip0")
+    assert back.operation_config("image_embedding")["model_dir"].endswith("tiny-clip0")
 
 
 def test_save_into_another_folder_with_selected_columns(

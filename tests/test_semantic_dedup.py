@@ -234,7 +234,7 @@ def test_photo_copies_plumbing(client, tmp_path: Path, tiny_model: Path) -> None
     vectors = embeddings_to_numpy(frame["image_embedding"])
     assert np.array_equal(vectors[0], vectors[1])
     assert str(result.metadata.dtypes["keep"]) == "bool[pyarrow]"
-    assert set(result.derived_columns) >= {"keep", "duplicate_of", "similarity"}
+    assert set(result.provenance) >= {"keep", "duplicate_of", "similarity"}
     result.save_metadata()
     reread = ImageTextPairDataset.from_webdataset(str(tmp_path)).metadata.compute()
     assert reread["keep"].tolist() == frame["keep"].tolist()

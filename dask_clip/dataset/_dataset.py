@@ -12,11 +12,13 @@ import pandas as pd
 
 from dask_clip.backends import check_backend, convert
 from dask_clip.dataset.export import export_clip_retrieval
+from dask_clip.dataset.info import info
 from dask_clip.dataset.reshard import to_webdataset
 from dask_clip.dataset.save import save_metadata
 from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
-from dask_clip.io.metadata import dask_clip_info, empty_frame, read_parquet_schema, read_shard_metadata
+from dask_clip.io.metadata import empty_frame, read_parquet_schema, read_shard_metadata
+from dask_clip.io.provenance import Computed, FileRecords, Source, Stored
 from dask_clip.io.shards import Shard, discover_shards
 
 
@@ -26,7 +28,8 @@ class ImageTextPairDataset:
 
     ``metadata`` has one partition per shard, aligned with ``shards`` (and ``tar_files``); every
     operation returns a new dataset and leaves this one unchanged.
-    ``derived_columns`` maps each column that dask_clip computed to the configuration that produced it.
+    ``provenance`` maps each derived column to its source: ``Stored`` in the shards' files (each shard's
+    file records its own provenance), or ``Computed`` by an operation of this run (``io.provenance``).
     ``resources`` are the Dask worker resources the computations of its columns ask for.
     ``backend`` is the dataframe library of ``metadata``: ``"pandas"`` or ``"cudf"`` (GPU extra).
     Two datasets are equal only when they are the same object (``==`` is identity).
@@ -36,7 +39,7 @@ class ImageTextPairDataset:
     metadata: dd.DataFrame
     shards: tuple[Shard, ...]
     id_col: str = "key"
-    derived_columns: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Source] = field(default_factory=dict)
     resources: Mapping[str, float] = field(default_factory=dict)
     backend: str = "pandas"
 
@@ -45,7 +48,8 @@ class ImageTextPairDataset:
         """Read the shard pairs of ``path`` (a local folder or any fsspec URL) lazily.
 
         Only the folder listing and the first parquet's footer are read on the client; each shard's
-        parquet is read by its own task, which checks its ids and columns. ``backend="cudf"`` (GPU
+        parquet is read by its own task, which checks its ids and columns. The derived columns are those
+        the first shard's file records; each shard's file records its own provenance for them. ``backend="cudf"`` (GPU
         extra) gives a dask_cudf ``metadata``; dask_clip's operations convert to pandas per shard.
         """
         check_backend(backend)
@@ -54,8 +58,7 @@ class ImageTextPairDataset:
         meta = empty_frame(first_schema)
         if id_col not in meta.columns:
             raise ColumnError(f"{shards[0].parquet_url}: no id column {id_col!r}; columns are {list(meta.columns)}")
-        info = dask_clip_info(first_schema)
-        derived = set(info.get("derived_columns", ()))
+        derived = [c for c in FileRecords.from_schema(first_schema).columns if c in meta.columns]
         read = functools.partial(read_shard_metadata, id_col=id_col, meta=meta, derived_columns=frozenset(derived))
         metadata = dd.from_map(
             read,
@@ -64,9 +67,8 @@ class ImageTextPairDataset:
             enforce_metadata=False,
             label="read-shard-metadata",
         )
-        configs = info.get("configs", {})
-        derived_configs = {column: configs.get(column) for column in derived}
-        return cls(path, convert(metadata, backend), shards, id_col, derived_configs, backend=backend)
+        provenance = {column: Stored(column) for column in derived}
+        return cls(path, convert(metadata, backend), shards, id_col, provenance, backend=backend)
 
     @property
     def pandas_metadata(self) -> dd.DataFrame:
@@ -78,6 +80,28 @@ class ImageTextPairDataset:
         """An empty pandas frame with the columns and dtypes of ``metadata`` on the pandas backend."""
         return self.pandas_metadata._meta
 
+    def operation_config(self, column: str) -> dict[str, Any] | None:
+        """The configuration of the operation that produced derived ``column``: the operation computing it in
+        this run, or the one its first shard's file records (``info()`` shows whether every shard agrees)."""
+        source = self.provenance.get(column)
+        if isinstance(source, Computed):
+            return source.operation
+        if isinstance(source, Stored):
+            record = FileRecords.from_schema(read_parquet_schema(self.shards[0].parquet_url)).columns.get(column)
+            return (record or {}).get("operation")
+        return None
+
+    def reason_column(self, column: str) -> str | None:
+        """The column that holds the reason where derived ``column`` is null (``embedding_error`` for
+        ``image_embedding``), as its operation or its first shard's file records; None when there is none."""
+        source = self.provenance.get(column)
+        if isinstance(source, Computed):
+            return source.reasons.get(column)
+        if isinstance(source, Stored):
+            record = FileRecords.from_schema(read_parquet_schema(self.shards[0].parquet_url)).columns.get(column)
+            return (record or {}).get("reasons", {}).get(column)
+        return None
+
     @property
     def tar_files(self) -> list[str]:
         """The tar of each partition, in partition order."""
@@ -86,13 +110,13 @@ class ImageTextPairDataset:
     def with_metadata(
         self,
         metadata: dd.DataFrame,
-        derived_columns: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Source] | None = None,
         resources: Mapping[str, float] | None = None,
     ) -> ImageTextPairDataset:
         """A new dataset with ``metadata`` replaced (same shards, one partition each), on this dataset's backend.
 
-        ``derived_columns`` (column -> configuration) are recorded for the columns an operation wrote;
-        ``resources`` are added to those the computation asks for.
+        ``provenance`` gives the sources of the columns an operation wrote; ``resources`` are added to
+        those the computation asks for. Derived columns that ``metadata`` no longer has are forgotten.
         """
         if metadata.npartitions != len(self.shards):
             raise ValueError(
@@ -102,7 +126,11 @@ class ImageTextPairDataset:
         return replace(
             self,
             metadata=convert(metadata, self.backend),
-            derived_columns={**self.derived_columns, **(derived_columns or {})},
+            provenance={
+                column: source
+                for column, source in {**self.provenance, **(provenance or {})}.items()
+                if column in metadata.columns
+            },
             resources={**self.resources, **(resources or {})},
         )
 
@@ -111,6 +139,7 @@ class ImageTextPairDataset:
     to_webdataset = to_webdataset
     search = search
     export_clip_retrieval = export_clip_retrieval
+    info = info
 
     def __repr__(self) -> str:
         return (

@@ -21,14 +21,14 @@ import pyarrow.parquet as pq
 from dask_clip.columns import embedding_width, embeddings_to_numpy
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask, compute, map_shards
-from dask_clip.io.atomic import atomic_write
+from dask_clip.io.atomic import atomic_write, replacing_folder
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 DEFAULT_METADATA_COLUMNS = ("caption", "url")
 SUMMARY_META = pd.DataFrame(
-    {"stem": [""], "index": [0], "rows": [0], "embeddings_path": [""], "metadata_path": [""]}
+    {"stem": [""], "index": [0], "rows": [0], "not_finite": [0], "embeddings_path": [""], "metadata_path": [""]}
 ).iloc[:0]
 
 
@@ -37,12 +37,18 @@ def export_clip_retrieval(
     path: str,
     embedding_column: str = "image_embedding",
     metadata_columns: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Write each shard's embeddings as ``float16 (N, D)`` ``.npy`` and its ids (plus ``metadata_columns``,
     by default ``caption`` and ``url`` when present) as a parquet of ``N`` rows, in the same order.
 
+    A vector that is null, or holds a NaN or an infinity (in float16 too), is not an embedding: its row is
+    left out of both files and counted in ``not_finite`` (nulls are not counted). ``path`` is written as a
+    whole: a folder that is not empty is refused unless ``overwrite=True``, which replaces it once the
+    export is complete (no file of an earlier export survives).
+
     Returns one row per shard: ``stem``, ``index``, ``rows`` (embeddings written, 0 where no pair
-    was written), ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
+    was written), ``not_finite``, ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
     """
     meta = dataset.pandas_metadata._meta
     embedding_width(meta, embedding_column, "export_clip_retrieval")
@@ -54,44 +60,55 @@ def export_clip_retrieval(
         if unknown:
             raise ColumnError(f"unknown metadata columns {unknown}; the dataset has {columns}")
         extra = [c for c in metadata_columns if c != dataset.id_col]
-    written = map_shards(
-        _write_pair,
-        dataset.pandas_metadata,
-        dataset.shards,
-        SUMMARY_META,
-        id_col=dataset.id_col,
-        label="export-clip-retrieval",
-        root=path.rstrip("/"),
-        embedding_column=embedding_column,
-        columns=[dataset.id_col, *extra],
-        digits=len(str(len(dataset.shards))),
-    )
-    return compute(written, dataset.resources).reset_index(drop=True)
+    root = path.rstrip("/")
+    with replacing_folder(root, overwrite) as fresh:
+        written = map_shards(
+            _write_pair,
+            dataset.pandas_metadata,
+            dataset.shards,
+            SUMMARY_META,
+            id_col=dataset.id_col,
+            label="export-clip-retrieval",
+            folder=fresh,
+            root=root,
+            embedding_column=embedding_column,
+            columns=[dataset.id_col, *extra],
+            digits=len(str(len(dataset.shards))),
+        )
+        summary = compute(written, dataset.resources).reset_index(drop=True)
+    return summary
 
 
 def _write_pair(
-    rows: pd.DataFrame, task: ShardTask, root: str, embedding_column: str, columns: list[str], digits: int
+    rows: pd.DataFrame,
+    task: ShardTask,
+    folder: str,
+    root: str,
+    embedding_column: str,
+    columns: list[str],
+    digits: int,
 ) -> pd.DataFrame:
-    """One shard's ``.npy`` + ``.parquet`` pair (none when it has no embedding) -> its summary row."""
+    """One shard's ``.npy`` + ``.parquet`` pair in ``folder`` (none when it has no embedding) -> its summary
+    row, naming the files as they will be in ``root``."""
     index = task.shard.index
-    vectors = embeddings_to_numpy(rows[embedding_column])
+    vectors = embeddings_to_numpy(rows[embedding_column]).astype(np.float16)
     present = rows[embedding_column].notna().to_numpy(dtype=bool)
+    usable = present & np.isfinite(vectors).all(axis=1)
+    name = f"{index:0{digits}d}"
+    files = {"embeddings_path": f"img_emb/img_emb_{name}.npy", "metadata_path": f"metadata/metadata_{name}.parquet"}
     summary = {
         "stem": task.shard.stem,
         "index": index,
-        "rows": int(present.sum()),
-        "embeddings_path": "",
-        "metadata_path": "",
+        "rows": int(usable.sum()),
+        "not_finite": int((present & ~usable).sum()),
     }
-    if present.any():
-        name = f"{index:0{digits}d}"
-        summary["embeddings_path"] = posixpath.join(root, "img_emb", f"img_emb_{name}.npy")
-        summary["metadata_path"] = posixpath.join(root, "metadata", f"metadata_{name}.parquet")
-        with atomic_write(summary["embeddings_path"]) as file:
-            buffer = io.BytesIO()
-            np.save(buffer, vectors[present].astype(np.float16))
-            file.write(buffer.getvalue())
-        table = pa.Table.from_pandas(rows.loc[present, columns], preserve_index=False)
-        with atomic_write(summary["metadata_path"]) as file:
-            pq.write_table(table.replace_schema_metadata(None), file)
-    return pd.DataFrame([summary])
+    if not usable.any():
+        return pd.DataFrame([{**summary, **dict.fromkeys(files, "")}])
+    with atomic_write(posixpath.join(folder, files["embeddings_path"])) as file:
+        buffer = io.BytesIO()
+        np.save(buffer, vectors[usable])
+        file.write(buffer.getvalue())
+    table = pa.Table.from_pandas(rows.loc[usable, columns], preserve_index=False)
+    with atomic_write(posixpath.join(folder, files["metadata_path"])) as file:
+        pq.write_table(table.replace_schema_metadata(None), file)
+    return pd.DataFrame([{**summary, **{key: posixpath.join(root, value) for key, value in files.items()}}])

@@ -2,16 +2,18 @@
 
 Three parallel passes, no loop over samples on the client:
 
-1. each input shard's task writes its kept rows (``filter_column`` True) to a staging parquet and
-   returns how many it kept;
+1. each input shard's task writes its rows, marked kept (``filter_column`` True) or not, to a staging
+   parquet that also records the provenance of its derived columns, and returns how many it kept;
 2. the client turns the counts into global offsets: kept row ``g`` becomes row ``g % samples_per_shard``
    of output shard ``g // samples_per_shard``;
-3. each input shard's task streams its own tar once and appends every kept sample, renamed to its new
-   key, to one tar *piece* per output shard it feeds; then each output shard's task writes its parquet
-   from the staged rows and its tar by concatenating its pieces (raw tar blocks, in input order).
+3. each input shard's task streams its own tar once and appends every kept sample's members, renamed to
+   the new key, to one tar *piece* per output shard it feeds (a member at a time, never a whole sample in
+   memory); then each output shard's task writes its parquet from the staged rows and its tar by
+   concatenating its pieces (raw tar blocks, in input order).
 
-The staging folder is a hidden folder inside the output folder, removed at the end, so the output
-folder must be visible to every worker (a shared filesystem or object storage).
+Everything is written into a fresh hidden sibling of the output folder, which replaces the output folder
+as a whole at the end (``io.atomic.replacing_folder``): the output folder must be visible to every worker
+(a shared filesystem or object storage).
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ import itertools
 import json
 import math
 import posixpath
-import tarfile
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,22 +32,23 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from dask_clip.arguments import at_least
-from dask_clip.columns import STRING
+from dask_clip.columns import BOOL, STRING
+from dask_clip.dataset.plan import expected_records
 from dask_clip.errors import ColumnError, ShardReadError, UsageError
 from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
-from dask_clip.io.atomic import atomic_write
-from dask_clip.io.metadata import arrow_to_pandas, write_shard_metadata
+from dask_clip.io.atomic import replacing_folder
+from dask_clip.io.metadata import arrow_to_pandas, shard_identity, write_shard_metadata
+from dask_clip.io.provenance import FileRecords, digest, file_identity
 from dask_clip.io.shards import filesystem_of
-from dask_clip.io.tar_samples import iter_tar_samples
+from dask_clip.io.tar_samples import DEFAULT_MAX_SAMPLE_BYTES, RowKeys, iter_tar_members
+from dask_clip.io.tar_writing import concatenate_tar_pieces, copy_member, write_member
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
-UNLIMITED_MEMBER_BYTES = 1 << 62
-"""Members are copied whatever their size (the embedder's size limit does not apply to a copy)."""
-
-MEMBER_MTIME = 1_700_000_000
-SUMMARY_COLUMNS = {"stem": "", "tar_path": "", "parquet_path": "", "rows": 0, "samples": 0}
+SUMMARY_COLUMNS = {"stem": "", "tar_path": "", "parquet_path": "", "rows": 0, "samples": 0, "unparsed_json": 0}
+KEPT = "_dask_clip_kept"
+"""The staging column that marks the rows kept."""
 
 
 @dataclass(frozen=True)
@@ -99,27 +100,34 @@ def to_webdataset(
     samples_per_shard: int = 10_000,
     max_shards: int = 5,
     old_id_col: str | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Write the rows where ``filter_column`` is True (all rows when None; null counts as False) to ``path``.
 
     Output shards hold ``samples_per_shard`` rows each (the last one fewer), are named with
     ``max_shards`` digits (``00000.tar`` + ``00000.parquet``), and give row ``i`` of shard ``s`` the new
     id ``f"{s:05d}{i:04d}"`` (digits from ``max_shards`` and ``samples_per_shard``) in the id column;
-    ``old_id_col`` keeps the old id. Rows keep every column, in input order. Each kept sample's tar
-    members are copied byte for byte under the new key, except ``.json``, whose id field (named like
-    the id column) is set to the new id (and ``old_id_col`` to the old one). A kept row without
-    a sample in the tar (a failed download) stays in the parquet with no tar members.
+    ``old_id_col`` keeps the old id. Rows keep every column, in input order, and each derived column
+    keeps its provenance (noting that it was moved). Each kept sample's tar members are copied byte for
+    byte under the new key (the extension as written), except ``.json``, whose id field (named like the
+    id column) is set to the new id (and ``old_id_col`` to the old one); a ``.json`` that is not a JSON
+    object is copied unchanged and counted in ``unparsed_json``. A kept row without a sample in the tar
+    (a failed download) stays in the parquet with no tar members. Tar keys are matched to rows as the
+    embedder matches them: a key no row has is an error naming the tar.
 
-    Returns one row per output shard: ``stem``, ``tar_path``, ``parquet_path``, ``rows``, ``samples``.
+    ``path`` is written as a whole: a folder that is not empty is refused unless ``overwrite=True``,
+    which replaces it once the new shards are complete.
+
+    Returns one row per output shard: ``stem``, ``tar_path``, ``parquet_path``, ``rows``, ``samples``,
+    ``unparsed_json``.
     """
-    columns = list(dataset.pandas_metadata.columns)
+    columns = list(dataset.meta.columns)
     _check_arguments(dataset, path, columns, filter_column, samples_per_shard, max_shards, old_id_col)
-    output_fs, output_root = filesystem_of(path)
+    records = expected_records(dataset, columns)
     output_url = path.rstrip("/")
-    staging = posixpath.join(output_url, f".dask_clip-staging-{uuid.uuid4().hex}")
-    output_fs.makedirs(output_root, exist_ok=True)
-    try:
-        counts = _stage_kept_rows(dataset, staging, filter_column)
+    with replacing_folder(output_url, overwrite) as fresh:
+        staging = posixpath.join(fresh, ".staging")
+        counts = _stage_rows(dataset, staging, filter_column, records)
         plan = plan_output_shards(counts, samples_per_shard)
         if len(plan) > 10**max_shards:
             raise UsageError(
@@ -127,8 +135,6 @@ def to_webdataset(
                 f"max_shards={max_shards} digits can name"
             )
         keys = KeyFormat(samples_per_shard, max_shards)
-        derived = {c: cfg for c, cfg in dataset.derived_columns.items() if c in columns}
-        info = {"derived_columns": sorted(derived), "configs": derived, "id_col": dataset.id_col}
         offsets = [0, *itertools.accumulate(counts)][:-1]
         pieces = {
             i: dask.delayed(write_tar_pieces, pure=False)(
@@ -142,19 +148,18 @@ def to_webdataset(
                 number,
                 [(_staged_url(staging, dataset.shards[s.input_index].stem), s.start, s.stop) for s in segments],
                 [pieces[s.input_index] for s in segments],
+                fresh,
                 output_url,
                 keys,
                 dataset.id_col,
                 old_id_col,
-                info,
             )
             for number, segments in enumerate(plan)
         ]
         # copying bytes needs none of the resources (GPUs) the rows may have needed
         summary = compute(dask.delayed(pd.DataFrame)(outputs, columns=list(SUMMARY_COLUMNS)))
-    finally:
-        if output_fs.exists(filesystem_of(staging)[1]):
-            output_fs.rm(filesystem_of(staging)[1], recursive=True)
+        fs, staging_path = filesystem_of(staging)
+        fs.rm(staging_path, recursive=True)
     return summary.astype({c: type(v) for c, v in SUMMARY_COLUMNS.items()})
 
 
@@ -172,18 +177,12 @@ def _check_arguments(
     if filter_column is not None:
         if filter_column not in columns:
             raise ColumnError(f"no filter column {filter_column!r}; the dataset has {columns}")
-        dtype = dataset.pandas_metadata.dtypes[filter_column]
+        dtype = dataset.meta[filter_column].dtype
         if not pd.api.types.is_bool_dtype(dtype):
             raise ColumnError(f"filter column {filter_column!r} is {dtype}, not boolean")
     if old_id_col is not None and old_id_col in columns:
         raise UsageError(f"old_id_col {old_id_col!r} is already a column of the dataset")
-    fs, root = filesystem_of(path)
-    if fs.isdir(root):
-        existing = [p for p in fs.ls(root, detail=False) if p.endswith((".tar", ".parquet"))]
-        if existing:
-            raise UsageError(f"{path}: already holds shard files (e.g. {existing[0]}); write into an empty folder")
-    input_root = filesystem_of(dataset.path)[1]
-    if root == input_root:
+    if filesystem_of(path)[1] == filesystem_of(dataset.path)[1]:
         raise UsageError(f"{path}: the output folder is the dataset's own folder; choose another one")
 
 
@@ -191,41 +190,43 @@ def _staged_url(staging: str, stem: str) -> str:
     return posixpath.join(staging, f"rows-{stem}.parquet")
 
 
-def _stage_kept_rows(dataset: ImageTextPairDataset, staging: str, filter_column: str | None) -> list[int]:
-    """Pass 1: every input shard writes its kept rows to the staging folder; returns the kept counts, in shard order."""
+def _stage_rows(
+    dataset: ImageTextPairDataset, staging: str, filter_column: str | None, records: list[FileRecords]
+) -> list[int]:
+    """Pass 1: every input shard writes its rows, marked kept or not, with its records, to the staging folder;
+    returns the kept counts, in shard order."""
 
     def stage(rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
+        kept = np.ones(len(rows), dtype=bool)
         if filter_column is not None:
-            rows = rows[np.asarray(rows[filter_column].fillna(False), dtype=bool)]
-        write_shard_metadata(rows.reset_index(drop=True), _staged_url(staging, task.shard.stem), {})
-        return pd.DataFrame({"kept": [len(rows)]})
+            kept = np.asarray(rows[filter_column].fillna(False), dtype=bool)
+        staged = rows.reset_index(drop=True).assign(**{KEPT: pd.array(kept, dtype=BOOL)})
+        write_shard_metadata(staged, _staged_url(staging, task.shard.stem), FileRecords.from_json(task.payload))
+        return pd.DataFrame({"kept": [int(kept.sum())]})
 
     meta = pd.DataFrame({"kept": pd.Series([], dtype="int64")})
     staged = map_shards(
-        stage, dataset.pandas_metadata, dataset.shards, meta, id_col=dataset.id_col, label="reshard-stage"
+        stage,
+        dataset.pandas_metadata,
+        dataset.shards,
+        meta,
+        id_col=dataset.id_col,
+        payloads=[shard_records.to_json().decode() for shard_records in records],
+        label="reshard-stage",
     )
     counts = compute(staged, dataset.resources)
     return [int(n) for n in counts["kept"]]
 
 
-def tar_member(name: str, payload: bytes) -> bytes:
-    """One tar member as raw blocks (PAX header, data, zero padding): pieces concatenate into a tar."""
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = MEMBER_MTIME
-    info.mode = 0o644
-    padding = -len(payload) % tarfile.BLOCKSIZE
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + payload + tarfile.NUL * padding
-
-
-def rewrite_sidecar(payload: bytes, id_col: str, new_id: str, old_id_col: str | None, old_id: str, where: str) -> bytes:
-    """A sample's ``.json`` with its id set to ``new_id`` (and ``old_id_col`` to ``old_id``)."""
+def rewrite_sidecar(payload: bytes, id_col: str, new_id: str, old_id_col: str | None, old_id: str) -> bytes | None:
+    """A sample's ``.json`` with its id set to ``new_id`` (and ``old_id_col`` to ``old_id``); None when it is
+    not a JSON object (it is then copied as it is)."""
     try:
         record = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShardReadError(f"{where}: .json member is not valid JSON: {error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
     if not isinstance(record, dict):
-        raise ShardReadError(f"{where}: .json member is not a JSON object")
+        return None
     record[id_col] = new_id
     if old_id_col is not None:
         record[old_id_col] = old_id
@@ -234,83 +235,121 @@ def rewrite_sidecar(payload: bytes, id_col: str, new_id: str, old_id_col: str | 
 
 def write_tar_pieces(
     shard: ShardRef, staging: str, offset: int, keys: KeyFormat, id_col: str, old_id_col: str | None
-) -> dict[int, tuple[str, int]]:
-    """Pass 3a, one input shard: stream its tar once, appending each kept sample under its new key to
-    the piece of the output shard it goes to. Returns ``{output shard: (piece url, samples)}``."""
+) -> dict[int, tuple[str, int, int]]:
+    """Pass 3a, one input shard: stream its tar once, appending each kept sample's members under the new key
+    to the piece of the output shard it goes to. Returns ``{output shard: (piece url, samples, unparsed json)}``."""
     with failures_named(shard.tar_url):
         fs, staged_path = filesystem_of(_staged_url(staging, shard.stem))
         with fs.open(staged_path, "rb") as file:
-            ids = pq.read_table(file, columns=[id_col]).column(id_col).to_pylist()
-        positions = {str(value): position for position, value in enumerate(ids)}
+            staged = arrow_to_pandas(pq.read_table(file, columns=[id_col, KEPT]))
+        rows = RowKeys(staged[id_col], shard.tar_url)
+        kept = np.asarray(staged[KEPT], dtype=bool)
+        kept_positions = np.cumsum(kept) - 1  # a kept row's position among the kept rows
         files: dict[int, Any] = {}
-        written: dict[int, tuple[str, int]] = {}
+        written: dict[int, list[Any]] = {}
+        unknown: dict[str, None] = {}
+        sample_bytes: dict[str, int] = {}
         try:
-            for sample in iter_tar_samples(shard.tar_url, max_member_bytes=UNLIMITED_MEMBER_BYTES):
-                position = positions.get(sample.key)
+            for member in iter_tar_members(shard.tar_url):
+                position = rows.position(member.key)
                 if position is None:
+                    unknown[member.key] = None
                     continue
-                output = (offset + position) // keys.samples_per_shard
-                new_key = keys.key(offset + position)
+                if not kept[position]:
+                    continue
+                sample_bytes[member.key] = sample_bytes.get(member.key, 0) + member.size
+                if sample_bytes[member.key] > DEFAULT_MAX_SAMPLE_BYTES:
+                    raise ShardReadError(
+                        f"{shard.tar_url}: sample {member.key!r}: its members hold more than "
+                        f"{DEFAULT_MAX_SAMPLE_BYTES} bytes (counting sparse members in full)"
+                    )
+                global_position = offset + int(kept_positions[position])
+                output = global_position // keys.samples_per_shard
+                new_key = keys.key(global_position)
                 if output not in files:
                     url = posixpath.join(staging, f"piece-{keys.stem(output)}-{shard.stem}.tar")
                     files[output] = fs.open(filesystem_of(url)[1], "wb")
-                    written[output] = (url, 0)
-                for extension, payload in sample.members.items():
-                    if extension == "json":
-                        where = f"{shard.tar_url}: sample {sample.key!r}"
-                        payload = rewrite_sidecar(payload, id_col, new_key, old_id_col, sample.key, where)
-                    files[output].write(tar_member(f"{new_key}.{extension}", payload))
-                written[output] = (written[output][0], written[output][1] + 1)
+                    written[output] = [url, set(), 0]
+                name = f"{new_key}.{member.extension}"
+                if member.extension.lower() == "json":
+                    payload = member.read()
+                    rewritten = rewrite_sidecar(payload, id_col, new_key, old_id_col, member.key)
+                    write_member(files[output], name, payload if rewritten is None else rewritten)
+                    written[output][2] += rewritten is None
+                else:
+                    copy_member(files[output], name, member.size, member)
+                written[output][1].add(member.key)
         finally:
             for file in files.values():
                 file.close()
-        return written
+        if unknown:
+            raise rows.unknown_keys_error(list(unknown), id_col)
+        return {output: (url, len(samples), unparsed) for output, (url, samples, unparsed) in written.items()}
 
 
 def write_output_shard(
     number: int,
     segments: list[tuple[str, int, int]],
-    pieces: list[dict[int, tuple[str, int]]],
-    output_url: str,
+    pieces: list[dict[int, tuple[str, int, int]]],
+    folder: str,
+    final_folder: str,
     keys: KeyFormat,
     id_col: str,
     old_id_col: str | None,
-    info: dict[str, Any],
 ) -> dict[str, Any]:
-    """Pass 3b, one output shard: its parquet from the staged rows of ``segments`` (staged url, start,
-    stop), with new ids, and its tar from its pieces of each input shard, in input order."""
+    """Pass 3b, one output shard: its parquet from the kept staged rows of ``segments`` (staged url, start,
+    stop), with new ids and their moved provenance, and its tar from its pieces of each input shard, in
+    input order. Written into ``folder``; the paths returned are those in ``final_folder``."""
     stem = keys.stem(number)
-    tar_url = posixpath.join(output_url, f"{stem}.tar")
-    with failures_named(tar_url):
-        frames = []
+    tar_url = posixpath.join(folder, f"{stem}.tar")
+    with failures_named(posixpath.join(final_folder, f"{stem}.tar")):
+        frames, sources = [], []
         for staged_url, start, stop in segments:
             fs, staged_path = filesystem_of(staged_url)
             with fs.open(staged_path, "rb") as file:
-                frames.append(arrow_to_pandas(pq.read_table(file).slice(start, stop - start)))
+                table = pq.read_table(file)
+            staged = arrow_to_pandas(table)
+            frames.append(staged[np.asarray(staged[KEPT], dtype=bool)].iloc[start:stop].drop(columns=KEPT))
+            sources.append(FileRecords.from_schema(table.schema))
         rows = pd.concat(frames, ignore_index=True)
         first = number * keys.samples_per_shard
-        new_ids = pd.array([keys.key(first + i) for i in range(len(rows))], dtype=STRING)
         if old_id_col is not None:
             rows.insert(rows.columns.get_loc(id_col) + 1, old_id_col, rows[id_col])
-        rows[id_col] = new_ids
+        rows[id_col] = pd.array([keys.key(first + i) for i in range(len(rows))], dtype=STRING)
 
-        parquet_url = posixpath.join(output_url, f"{stem}.parquet")
-        write_shard_metadata(rows, parquet_url, info)
         own_pieces = [piece[number] for piece in pieces if number in piece]
-        concatenate_tar_pieces([url for url, _ in own_pieces], tar_url)
-        samples = sum(count for _, count in own_pieces)
-    return {"stem": stem, "tar_path": tar_url, "parquet_path": parquet_url, "rows": len(rows), "samples": samples}
+        concatenate_tar_pieces([url for url, _, _ in own_pieces], tar_url)
+        fs = filesystem_of(tar_url)[0]
+        identity = {**shard_identity(rows, id_col), "tar": file_identity(fs.info(filesystem_of(tar_url)[1]))}
+        records = moved_records(sources, identity, id_col)
+        write_shard_metadata(rows, posixpath.join(folder, f"{stem}.parquet"), records)
+    return {
+        "stem": stem,
+        "tar_path": posixpath.join(final_folder, f"{stem}.tar"),
+        "parquet_path": posixpath.join(final_folder, f"{stem}.parquet"),
+        "rows": len(rows),
+        "samples": sum(samples for _, samples, _ in own_pieces),
+        "unparsed_json": sum(unparsed for _, _, unparsed in own_pieces),
+    }
 
 
-def concatenate_tar_pieces(piece_urls: Iterable[str], tar_url: str) -> None:
-    """Write ``tar_url`` (atomically, ``io.atomic``) as the pieces followed by the tar end blocks."""
-    fs = filesystem_of(tar_url)[0]
-    with atomic_write(tar_url) as out:
-        size = 0
-        for url in piece_urls:
-            with fs.open(filesystem_of(url)[1], "rb") as piece:
-                while chunk := piece.read(1 << 22):
-                    out.write(chunk)
-                    size += len(chunk)
-        size += 2 * tarfile.BLOCKSIZE
-        out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))
+def moved_records(sources: list[FileRecords], identity: dict[str, Any], id_col: str) -> FileRecords:
+    """The records of an output shard's derived columns, from those of the input shards its rows come from.
+
+    Each keeps the operation that produced it when every input shard agrees on it (else ``None``: the
+    column mixes configurations), the digests of the records it was moved from, and the new shard's identity.
+    """
+    columns: dict[str, dict[str, Any] | None] = {}
+    for column in dict.fromkeys(c for source in sources for c in source.columns):
+        originals = [source.columns.get(column) for source in sources]
+        operations = {digest(record["operation"]) if record else None for record in originals}
+        reasons = {digest(record.get("reasons", {})) if record else None for record in originals}
+        first = originals[0] or {}
+        columns[column] = {
+            "operation": first.get("operation") if len(operations) == 1 else None,
+            "moved": {"by": "to_webdataset", "from": sorted({digest(r) if r else "unknown" for r in originals})},
+            "shard": identity,
+            "reads": {},
+            "reasons": first.get("reasons", {}) if len(reasons) == 1 else {},
+        }
+    return FileRecords(id_col, {k: identity[k] for k in ("rows", "ids")}, columns)

@@ -1,4 +1,5 @@
-"""Save a dataset's metadata: one parquet per shard, skipping shards whose output is already complete."""
+"""Save a dataset's metadata: one parquet per shard, each recording the provenance of its derived columns,
+skipping shards whose file already holds exactly what this run would write (``dataset.plan``)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import logging
 import posixpath
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import dask
 import pandas as pd
 
-from dask_clip.errors import ColumnError
-from dask_clip.execution import STAGES, ShardTask, compute, compute_per_shard, map_shards, stage_timings
-from dask_clip.io.metadata import count_rows_with_errors, finished_output_summary, write_shard_metadata
+from dask_clip.dataset.plan import plan_save
+from dask_clip.errors import ColumnError, ShardError
+from dask_clip.execution import STAGES, ShardTask, compute_per_shard, map_shards, stage_timings
+from dask_clip.io.metadata import rows_with_reasons, shard_identity, write_shard_metadata
+from dask_clip.io.provenance import FileRecords
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -23,8 +25,6 @@ logger = logging.getLogger(__name__)
 SUMMARY_META = pd.DataFrame(
     {"stem": [""], "path": [""], "rows": [0], "errors": [0], "written": [True], **{c: [0.0] for c in STAGES}}
 ).iloc[:0]
-RESUME_CHECKS_PER_TASK = 64
-"""Output files one task checks when deciding which shards are finished (footers only)."""
 
 
 def save_metadata(
@@ -36,13 +36,16 @@ def save_metadata(
 ) -> pd.DataFrame:
     """Compute and write one parquet per shard, named like the shard (``00042.parquet``).
 
-    Files go next to the shards (replacing the input parquet, whose every row and column is kept)
-    or into ``path``; each appears atomically. ``columns`` limits the columns written (the id
-    column is always kept).
+    Files go next to the shards (replacing the input parquet) or into ``path``; each appears atomically
+    and records, for every derived column, the configuration and the inputs that produced it.
+    ``columns`` limits the columns written: into ``path``, to those columns, the columns holding their
+    reasons and the id column; in place, every column that came with the shards is kept too (an in-place
+    save never loses an input column).
 
-    Re-runs resume: a shard whose file already holds these columns, computed with the same
-    configurations, with every row either computed or given a reason, is skipped without being
-    computed again. ``overwrite=True`` recomputes and rewrites every shard.
+    Re-runs resume: a shard whose file already holds these columns, for the same rows, each recorded
+    as produced by what this run would produce and complete (a value, or a reason where the column
+    records reasons), is skipped without being computed; a column that decides across shards is
+    finished in every shard or in none. ``overwrite=True`` recomputes and rewrites every shard.
 
     ``progress`` shows a bar (shards done, rows per second).
 
@@ -51,20 +54,17 @@ def save_metadata(
     seconds (``execution.STAGES``; NaN for stages that did not run).
     """
     output_root = (path or dataset.path).rstrip("/")
-    selected = _columns_to_write(dataset, columns)
-    derived = {c: cfg for c, cfg in dataset.derived_columns.items() if c in selected}
-    info = {"derived_columns": sorted(derived), "configs": derived, "id_col": dataset.id_col}
+    selected = _columns_to_write(dataset, columns, in_place=path is None)
     urls = [posixpath.join(output_root, f"{shard.stem}.parquet") for shard in dataset.shards]
-
-    finished = _finished_outputs(urls, selected, info) if derived and not overwrite else [None] * len(urls)
-    todo = [i for i, status in enumerate(finished) if status is None]
+    plan = plan_save(dataset, urls, selected, overwrite)
+    todo = [i for i, finished in enumerate(plan.finished) if not finished]
     skipped = [
-        {"stem": dataset.shards[i].stem, "path": urls[i], **status, "written": False}
-        for i, status in enumerate(finished)
-        if status is not None
+        {"stem": dataset.shards[i].stem, "path": urls[i], **plan.summaries[i], "written": False}
+        for i, finished in enumerate(plan.finished)
+        if finished
     ]
     if skipped:
-        logger.info("%d of %d shards already hold complete output; skipping them", len(skipped), len(urls))
+        logger.info("%d of %d shards already hold what this run would write; skipping them", len(skipped), len(urls))
     frames = [pd.DataFrame(skipped, columns=SUMMARY_META.columns)] if skipped else [SUMMARY_META]
     if todo:
         written = map_shards(
@@ -74,10 +74,10 @@ def save_metadata(
             SUMMARY_META,
             id_col=dataset.id_col,
             indices=todo,
+            payloads=[plan.records[i].to_json().decode() for i in todo],
             label="save-metadata",
             output_root=output_root,
             columns=selected,
-            info=info,
         )
         frames[0:0] = [compute_per_shard(written, dict(dataset.resources), progress)]
     result = pd.concat(frames)
@@ -86,42 +86,45 @@ def save_metadata(
     return result.astype(SUMMARY_META.dtypes.to_dict())
 
 
-def _write_shard(
-    rows: pd.DataFrame, task: ShardTask, output_root: str, columns: list[str], info: dict[str, Any]
-) -> pd.DataFrame:
-    """Write one shard's ``columns`` -> its summary row."""
+def _write_shard(rows: pd.DataFrame, task: ShardTask, output_root: str, columns: list[str]) -> pd.DataFrame:
+    """Write one shard's ``columns`` with its planned records (the task's payload) -> its summary row.
+
+    The rows must be those the plan saw (same count, same ids in order): a file never records inputs
+    other than those it was computed from.
+    """
     url = posixpath.join(output_root, f"{task.shard.stem}.parquet")
+    shard_records = FileRecords.from_json(task.payload)
+    identity = shard_identity(rows, task.id_col)
+    if identity != shard_records.shard:
+        raise ShardError(
+            f"{task.shard.parquet_url}: the shard's rows changed while saving ({shard_records.shard} when planned, "
+            f"{identity} when written); run the save again"
+        )
     output = rows[columns]
     started = time.perf_counter()
-    write_shard_metadata(output, url, info)
+    write_shard_metadata(output, url, shard_records)
     timings = {**stage_timings(rows), "write_s": time.perf_counter() - started}
     summary = {
         "stem": task.shard.stem,
         "path": url,
         "rows": len(output),
-        "errors": count_rows_with_errors(output, info),
+        "errors": rows_with_reasons(output, shard_records),
     }
     return pd.DataFrame([{**summary, "written": True, **timings}])
 
 
-def _finished_outputs(urls: list[str], columns: list[str], info: dict[str, Any]) -> list[dict[str, int] | None]:
-    """Per output file, its ``{"rows", "errors"}`` when it is already complete, else None.
-
-    Read on the cluster (or this process's threads), ``RESUME_CHECKS_PER_TASK`` files a task."""
-    chunks = [urls[i : i + RESUME_CHECKS_PER_TASK] for i in range(0, len(urls), RESUME_CHECKS_PER_TASK)]
-    checks = [dask.delayed(_check_outputs)(chunk, columns, info) for chunk in chunks]
-    return [status for chunk in compute(checks) for status in chunk]
-
-
-def _check_outputs(urls: list[str], columns: list[str], info: dict[str, Any]) -> list[dict[str, int] | None]:
-    return [finished_output_summary(url, columns, info) for url in urls]
-
-
-def _columns_to_write(dataset: ImageTextPairDataset, columns: Sequence[str] | None) -> list[str]:
-    available = list(dataset.metadata.columns)
+def _columns_to_write(dataset: ImageTextPairDataset, columns: Sequence[str] | None, in_place: bool) -> list[str]:
+    """The columns to write, in the dataset's order: ``columns``, the columns holding their reasons and the id
+    column (all by default), and in place every column that is not derived as well."""
+    available = list(dataset.meta.columns)
     if columns is None:
         return available
     unknown = [c for c in columns if c not in available]
     if unknown:
         raise ColumnError(f"unknown columns {unknown}; the dataset has {available}")
-    return [dataset.id_col] + [c for c in columns if c != dataset.id_col]
+    reasons = {dataset.reason_column(c) for c in columns} - {None}  # a value never goes without its reasons
+    return [
+        c
+        for c in available
+        if c in columns or c in reasons or c == dataset.id_col or (in_place and c not in dataset.provenance)
+    ]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.arguments import at_least
-from dask_clip.columns import embedding_width, embeddings_to_numpy, l2_normalize
+from dask_clip.columns import embedding_width, l2_normalize, unit_embeddings
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
@@ -48,7 +48,7 @@ def search(
         raise UsageError("give exactly one of text= or image=")
     at_least("k", k)
     width = embedding_width(dataset.pandas_metadata._meta, embedding_column, "search")
-    config = dict(dataset.derived_columns.get(embedding_column) or {})
+    config = dataset.operation_config(embedding_column) or {}
     if isinstance(image, np.ndarray):
         query = np.asarray(image, dtype=np.float32).reshape(-1)
     else:
@@ -58,6 +58,8 @@ def search(
         query = embed_text(text, model_dir) if text is not None else embed_image(image, model_dir, config)
     if query.shape != (width,):
         raise UsageError(f"the query embedding has shape {query.shape}; {embedding_column!r} holds vectors of {width}")
+    if not np.isfinite(query).all() or not query.any():
+        raise UsageError("the query embedding holds NaN or infinite values, or only zeros")
     query = l2_normalize(query[None, :])[0]
 
     id_col = dataset.id_col
@@ -87,9 +89,13 @@ def search(
 def top_k_of_shard(
     rows: pd.DataFrame, task: ShardTask, query: np.ndarray, k: int, embedding_column: str
 ) -> pd.DataFrame:
-    """One shard's ``k`` best rows for the unit ``float32 (D,)`` query (cosine with each L2-normalised row)."""
-    present = np.flatnonzero(rows[embedding_column].notna().to_numpy(dtype=bool))
-    scores = l2_normalize(embeddings_to_numpy(rows[embedding_column])[present]) @ query
+    """One shard's ``k`` best rows for the unit ``float32 (D,)`` query (cosine with each L2-normalised row).
+
+    Rows without a usable embedding (null, NaN or infinite values, or all zeros) are never returned.
+    """
+    usable, vectors = unit_embeddings(rows[embedding_column])
+    present = np.flatnonzero(usable)
+    scores = vectors @ query
     best = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
     return pd.DataFrame(
         {

@@ -27,7 +27,7 @@ from dask_clip.errors import ImageDecodeError, ShardReadError
 from dask_clip.execution import ShardTask
 from dask_clip.images.device_decode import EncodedJpeg, check_device_decode_available, decode_on_device, prepare_image
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
-from dask_clip.io.tar_samples import Sample, iter_tar_samples
+from dask_clip.io.tar_samples import RowKeys, Sample, is_image_extension, iter_tar_samples
 from dask_clip.operation import ModelSpec, Operation
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ERROR_POLICIES = ("record", "raise")
+NON_FINITE_REASON = "the model returned non-finite values (NaN or infinity) for this image"
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -43,6 +44,8 @@ R = TypeVar("R")
 @dataclass
 class _Decoded:
     key: str
+    position: int | None
+    """The sample's row, None when no row has its key."""
     pixels: np.ndarray | EncodedJpeg | Any | None
     """Preprocessed pixels (numpy, or a tensor on the model's device), or a JPEG still to decode there."""
     error: str | None
@@ -145,6 +148,12 @@ class ImageEmbedder(Operation):
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return []  # the images come from the shard's tar
 
+    def reads_tar(self, dataset: ImageTextPairDataset) -> bool:
+        return True
+
+    def reasons(self) -> dict[str, str]:
+        return {self.embedding_column: self.error_column}
+
     def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
         """The embedding (fixed-size list of float32) and error (string) columns."""
         return {
@@ -161,7 +170,7 @@ class ImageEmbedder(Operation):
         tar_url = task.shard.tar_url
         started = time.perf_counter()
         decode_seconds: list[float] = []
-        positions = {str(key): position for position, key in enumerate(rows[task.id_col])}
+        keys = RowKeys(rows[task.id_col], tar_url)
         vectors = np.zeros((len(rows), self.embedding_dim), dtype=np.float32)
         valid = np.zeros(len(rows), dtype=bool)
         errors: list[str | None] = [None] * len(rows)
@@ -171,7 +180,7 @@ class ImageEmbedder(Operation):
         def fail(item: _Decoded) -> None:
             if self.on_error == "raise":
                 raise ShardReadError(f"{tar_url}: sample {item.key!r}: {item.error}")
-            errors[positions[item.key]] = item.error
+            errors[item.position] = item.error
 
         def record(batch: list[_Decoded]) -> None:
             with task.timed("decode_s"):
@@ -186,16 +195,20 @@ class ImageEmbedder(Operation):
                 embeddings = model.embed([item.pixels for item in batch])
             if self.normalize_embeddings:
                 embeddings = l2_normalize(embeddings)
-            for item, embedding in zip(batch, embeddings, strict=True):
-                vectors[positions[item.key]] = embedding
-                valid[positions[item.key]] = True
+            finite = np.isfinite(embeddings).all(axis=1)
+            for item, embedding, usable in zip(batch, embeddings, finite, strict=True):
+                if usable:
+                    vectors[item.position] = embedding
+                    valid[item.position] = True
+                else:
+                    fail(_Decoded(item.key, item.position, None, NON_FINITE_REASON))
 
         batch: list[_Decoded] = []
-        for item in self._decoded_samples(tar_url, model.preprocess, decode_seconds):
-            if item.key not in positions:
+        for item in self._decoded_samples(tar_url, model.preprocess, keys, decode_seconds):
+            if item.position is None:
                 unknown_keys.append(item.key)
                 continue
-            seen[positions[item.key]] = True
+            seen[item.position] = True
             if item.error is not None:
                 fail(item)
                 continue
@@ -206,10 +219,7 @@ class ImageEmbedder(Operation):
         if batch:
             record(batch)
         if unknown_keys:
-            raise ShardReadError(
-                f"{tar_url}: {len(unknown_keys)} samples have keys that the shard's parquet lacks "
-                f"(column {task.id_col!r}), e.g. {unknown_keys[:5]}"
-            )
+            raise keys.unknown_keys_error(unknown_keys, task.id_col)
         for position in np.flatnonzero(~seen):
             errors[position] = missing_image_reason(rows, int(position))
 
@@ -233,35 +243,39 @@ class ImageEmbedder(Operation):
         }
 
     def _decoded_samples(
-        self, tar_url: str, preprocess: PreprocessConfig, decode_seconds: list[float]
+        self, tar_url: str, preprocess: PreprocessConfig, keys: RowKeys, decode_seconds: list[float]
     ) -> Iterator[_Decoded]:
         """The shard's samples, decoded on ``decode_threads`` threads a bounded distance ahead.
 
-        Each decode's duration (seconds) is appended to ``decode_seconds``.
+        Only image members are read from the tar. Each decode's duration (seconds) is appended to
+        ``decode_seconds``.
         """
 
         def decode(sample: Sample) -> _Decoded:
             decode_started = time.perf_counter()
             try:
-                return decode_sample(sample, preprocess)
+                return decode_sample(sample, keys.position(sample.key), preprocess)
             finally:
                 decode_seconds.append(time.perf_counter() - decode_started)
 
+        samples = iter_tar_samples(tar_url, wanted=is_image_extension)
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="dask_clip-decode") as pool:
-            yield from ordered_bounded_map(pool, decode, iter_tar_samples(tar_url), 2 * self.batch_size)
+            yield from ordered_bounded_map(pool, decode, samples, 2 * self.batch_size)
 
 
-def decode_sample(sample: Sample, preprocess: PreprocessConfig) -> _Decoded:
+def decode_sample(sample: Sample, position: int | None, preprocess: PreprocessConfig) -> _Decoded:
     """One sample's image member, preprocessed (or left encoded for the device), or the reason it has none."""
     extension = sample.image_member()
+    if position is None:  # no row has this key: reported for the whole shard, nothing to decode
+        return _Decoded(sample.key, None, None, None)
     if extension is None:
-        return _Decoded(sample.key, None, f"no image member (members: {sorted(sample.members)})")
+        return _Decoded(sample.key, position, None, f"no image member (members: {sample.extensions})")
     if extension in sample.problems:
-        return _Decoded(sample.key, None, sample.problems[extension])
+        return _Decoded(sample.key, position, None, sample.problems[extension])
     try:
-        return _Decoded(sample.key, prepare_image(sample.members[extension], preprocess), None)
+        return _Decoded(sample.key, position, prepare_image(sample.members[extension], preprocess), None)
     except ImageDecodeError as error:
-        return _Decoded(sample.key, None, str(error))
+        return _Decoded(sample.key, position, None, str(error))
 
 
 def _decode_jpegs_on_device(batch: list[_Decoded], model: Any) -> list[_Decoded]:
@@ -275,7 +289,7 @@ def _decode_jpegs_on_device(batch: list[_Decoded], model: Any) -> list[_Decoded]
         if isinstance(item.pixels, EncodedJpeg):
             result = next(decoded)
             is_error = isinstance(result, ImageDecodeError)
-            item = _Decoded(item.key, None if is_error else result, str(result) if is_error else None)
+            item = _Decoded(item.key, item.position, None if is_error else result, str(result) if is_error else None)
         finished.append(item)
     return finished
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -10,6 +11,7 @@ from dask_clip.embedders.base import ImageEmbedder
 from dask_clip.images.preprocess import PreprocessConfig
 from dask_clip.models.clip import ClipVisionModel, describe_image_model
 from dask_clip.models.device import resolve_device
+from dask_clip.models.loading import model_version
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,13 @@ class ClipImageEmbedder(ImageEmbedder):
     def describe_model(self) -> tuple[int, PreprocessConfig]:
         return describe_image_model(self.model_dir, self.max_image_pixels)
 
+    @functools.cached_property
+    def weights_version(self) -> dict[str, Any]:
+        """The version of the weights ``model_dir`` names (``models.loading.model_version``), read once."""
+        return model_version(self.model_dir)
+
     def model_options(self) -> dict[str, Any]:
-        return {"model_dir": self.model_dir}
+        return {"model_dir": self.model_dir, "model_version": self.weights_version}
 
     def task_resources(self) -> dict[str, float]:
         return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}

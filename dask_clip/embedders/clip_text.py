@@ -15,6 +15,7 @@ from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.execution import ShardTask
 from dask_clip.models.clip import CLIP_CONTEXT_LENGTH, ClipTextModel, describe_text_model
 from dask_clip.models.device import resolve_device
+from dask_clip.models.loading import model_version
 from dask_clip.operation import ModelSpec, Operation
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class ClipTextEmbedder(Operation):
         return {
             "class": self.name,
             "model_dir": self.model_dir,
+            "model_version": model_version(self.model_dir),
             "caption_column": self.caption_column,
             "normalize_embeddings": self.normalize_embeddings,
             "embedding_dim": self.embedding_dim,

@@ -10,6 +10,7 @@ from dask_clip.embedders.base import ImageEmbedder
 from dask_clip.errors import UsageError
 from dask_clip.images.preprocess import PreprocessConfig
 from dask_clip.models.device import resolve_device
+from dask_clip.models.loading import file_version
 from dask_clip.models.timm import TimmModel, describe_timm_model
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class TimmImageEmbedder(ImageEmbedder):
             "model_name": self.model_name,
             "pretrained": self.pretrained,
             "checkpoint_path": self.checkpoint_path,
+            "checkpoint_version": file_version(self.checkpoint_path) if self.checkpoint_path else None,
             "model_kwargs": self.model_kwargs,
         }
 

@@ -7,12 +7,14 @@ the pairing of the others.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from dask_clip.errors import DatasetLayoutError, DatasetNotFoundError
+from dask_clip.io.provenance import file_identity
 
 
 @dataclass(frozen=True)
@@ -20,23 +22,26 @@ class Shard:
     """One shard: its stem (``"00042"``), the tar with its samples and the parquet with its rows.
 
     Paths are in the filesystem's own form (no protocol); ``protocol`` says which filesystem.
+    ``tar_identity`` is the tar's size and ETag or modification time when the folder was listed.
     """
 
     stem: str
     tar_path: str
     parquet_path: str
     protocol: str
+    tar_identity: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def tar_url(self) -> str:
-        return _as_url(self.protocol, self.tar_path)
+        return as_url(self.protocol, self.tar_path)
 
     @property
     def parquet_url(self) -> str:
-        return _as_url(self.protocol, self.parquet_path)
+        return as_url(self.protocol, self.parquet_path)
 
 
-def _as_url(protocol: str, path: str) -> str:
+def as_url(protocol: str, path: str) -> str:
+    """A path of the filesystem named by ``protocol`` as a URL (a local path stays a path)."""
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
@@ -60,21 +65,23 @@ def discover_shards(url: str) -> list[Shard]:
     fs, root = filesystem_of(url)
     if not fs.isdir(root):
         raise DatasetNotFoundError(f"{url}: no such directory of WebDataset shards")
-    tars: dict[str, str] = {}
+    tars: dict[str, dict[str, Any]] = {}
     parquets: dict[str, str] = {}
-    for entry in fs.ls(root, detail=False):
-        name = posixpath.basename(entry.rstrip("/"))
+    for entry in fs.ls(root, detail=True):
+        name = posixpath.basename(entry["name"].rstrip("/"))
         stem, _, extension = name.partition(".")
         if extension == "tar":
             tars[stem] = entry
         elif extension == "parquet":
-            parquets[stem] = entry
+            parquets[stem] = entry["name"]
     if not tars and not parquets:
         raise DatasetLayoutError(f"{url}: no shards found (expected pairs like 00000.tar + 00000.parquet)")
-    orphans = [f"{tars[s]} has no {s}.parquet" for s in sorted(tars.keys() - parquets.keys())]
+    orphans = [f"{tars[s]['name']} has no {s}.parquet" for s in sorted(tars.keys() - parquets.keys())]
     orphans += [f"{parquets[s]} has no {s}.tar" for s in sorted(parquets.keys() - tars.keys())]
     if orphans:
         listed = "; ".join(orphans[:10]) + (f"; and {len(orphans) - 10} more" if len(orphans) > 10 else "")
         raise DatasetLayoutError(f"{url}: unpaired shard files: {listed}")
     protocol = protocol_of(fs)
-    return [Shard(stem, tars[stem], parquets[stem], protocol) for stem in sorted(tars)]
+    return [
+        Shard(stem, tars[stem]["name"], parquets[stem], protocol, file_identity(tars[stem])) for stem in sorted(tars)
+    ]

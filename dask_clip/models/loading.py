@@ -62,6 +62,28 @@ def check_safetensors_weights(model_dir: str) -> None:
     )
 
 
+def file_version(path: str) -> dict[str, int]:
+    """A local file's size and modification time (ns): what changes when the file is replaced."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def model_version(model_dir: str) -> dict[str, Any]:
+    """What identifies the weights a model id names, so that replacing them invalidates what they produced:
+    for a local folder, the size and modification time of its JSON and safetensors files; for a hub id, the
+    revision (commit) its cached files come from."""
+    if is_local_path(model_dir):
+        folder = os.path.expanduser(model_dir)
+        names = sorted(n for n in os.listdir(folder) if n.endswith((".json", ".safetensors", ".txt", ".model")))
+        return {"files": {name: file_version(os.path.join(folder, name)) for name in names}}
+    from transformers.utils import cached_file
+
+    path = cached_file(model_dir, "config.json")
+    parts = os.path.normpath(path).split(os.sep) if path else []
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+    return {"revision": revision}
+
+
 def has_tokenizer_files(model_dir: str) -> bool:
     """Whether ``model_dir`` (local folder or hub id) has a tokenizer: ``tokenizer.json`` or ``vocab.json``."""
     from transformers.utils import cached_file

@@ -64,6 +64,7 @@ class EmbeddingClassifier(Operation):
         self.device = device
         self.check_checkpoint()
         stat = os.stat(self.model_path)
+        self.checkpoint_size, self.checkpoint_mtime_ns = stat.st_size, stat.st_mtime_ns
         identity = {"path": self.model_path, "mtime": stat.st_mtime_ns, "size": stat.st_size, "dim": embedding_dim}
         self.model = ModelSpec(make_cache_key(self.name, {**identity, "device": device}), self.load_model)
 
@@ -82,6 +83,7 @@ class EmbeddingClassifier(Operation):
         return {
             "class": self.name,
             "model_path": self.model_path,
+            "checkpoint_version": {"size": self.checkpoint_size, "mtime_ns": self.checkpoint_mtime_ns},
             "embedding_column": self.embedding_column,
             "embedding_dim": self.embedding_dim,
         }

@@ -16,7 +16,7 @@ import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
 from dask_clip.execution import ShardTask, map_shards, shuffle_to_shards
-from dask_clip.io.tar_samples import iter_tar_samples
+from dask_clip.io.tar_samples import RowKeys, is_image_extension, iter_tar_samples
 from dask_clip.ops.deduplicator import Deduplicator
 
 if TYPE_CHECKING:
@@ -26,14 +26,22 @@ SHARD_NUMBER_COLUMN = "_dask_clip_shard"
 
 
 def image_sha256(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.DataFrame:
-    """``rows`` plus ``hash_column``: the hex sha256 of each row's image member in the tar, null without one."""
-    positions = {str(key): position for position, key in enumerate(rows[task.id_col])}
+    """``rows`` plus ``hash_column``: the hex sha256 of each row's image member in the tar, null without one.
+
+    Keys are matched to rows as the embedder matches them; a key no row has is an error naming the tar.
+    """
+    keys = RowKeys(rows[task.id_col], task.shard.tar_url)
     hashes: list[str | None] = [None] * len(rows)
-    for sample in iter_tar_samples(task.shard.tar_url):
-        position = positions.get(sample.key)
+    unknown: list[str] = []
+    for sample in iter_tar_samples(task.shard.tar_url, wanted=is_image_extension):
+        position = keys.position(sample.key)
         extension = sample.image_member()
-        if position is not None and extension in sample.members:
+        if position is None:
+            unknown.append(sample.key)
+        elif extension in sample.members:
             hashes[position] = hashlib.sha256(sample.members[extension]).hexdigest()
+    if unknown:
+        raise keys.unknown_keys_error(unknown, task.id_col)
     return rows.assign(**{hash_column: pd.array(hashes, dtype=STRING)})
 
 
@@ -55,6 +63,9 @@ class ExactDeduplicator(Deduplicator):
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return [self.hash_column] if self.hash_column in dataset.meta.columns else []  # else the tars' images
+
+    def reads_tar(self, dataset: ImageTextPairDataset) -> bool:
+        return self.hash_column not in dataset.meta.columns
 
     def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
         hashes = {} if self.hash_column in dataset.meta.columns else {self.hash_column: empty_column(STRING)}

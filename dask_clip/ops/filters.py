@@ -56,10 +56,6 @@ class ThresholdFilter(Operation):
             "keep_missing": self.keep_missing,
         }
 
-    def record(self, dataset: ImageTextPairDataset) -> dict[str, Any]:
-        """The configuration, and the record of the ``keep_column`` it was ANDed with (``after``)."""
-        return {**self.config(), "after": dataset.derived_columns.get(self.keep_column)}
-
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return [self.column] + ([self.keep_column] if self.keep_column in dataset.meta.columns else [])
 

@@ -1,0 +1,292 @@
+"""Plan a save: what each shard's file would record, and which shards already hold exactly that.
+
+For every shard, a task reads the input parquet's footer, its id column and the plain columns that the
+run's operations read, and the existing output file's footer and id column (the same file when saving
+in place). No tar is opened: a tar's identity is its size and ETag or modification time, from the listing.
+The client then works out, from those alone, the record each derived column would get
+(``provenance.ExpectedRecords``) and decides which shards are finished: their file has exactly the
+columns to write, holds the same rows as the input, and every derived column's record equals what this
+run would produce, with every row complete (a value, or a reason where the column records reasons).
+A cross-shard column is finished in every shard or in none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import dask
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dask_clip.errors import DaskClipError, UsageError
+from dask_clip.execution import compute, failures_named
+from dask_clip.io.metadata import carried_columns
+from dask_clip.io.provenance import (
+    Computed,
+    ExpectedRecords,
+    FileRecords,
+    Plain,
+    ShardInputs,
+    Source,
+    ids_digest,
+    values_digest,
+)
+from dask_clip.io.shards import Shard, filesystem_of
+
+if TYPE_CHECKING:
+    from dask_clip.dataset import ImageTextPairDataset
+
+SHARDS_PER_TASK = 64
+"""Shards whose files one planning task reads."""
+
+
+@dataclass
+class OutputFile:
+    """What an existing output file holds, from its footer and id column."""
+
+    names: list[str]
+    rows: int
+    ids: str
+    records: FileRecords
+    null_counts: dict[str, int]
+
+
+@dataclass
+class ShardState:
+    """One shard before a save: its inputs, the derived columns its input file records, and the output file
+    already at its place (if any). ``unreadable`` holds the error when the input parquet cannot be read."""
+
+    inputs: ShardInputs
+    recorded: list[str]
+    output: OutputFile | None
+    unreadable: DaskClipError | None = None
+
+
+@dataclass
+class SavePlan:
+    """For each shard: the records to write, whether its output is finished, and its summary if so."""
+
+    records: list[FileRecords]
+    finished: list[bool]
+    summaries: list[dict[str, int] | None] = field(default_factory=list)
+
+
+def plain_columns(sources: list[Source]) -> list[str]:
+    """The input-file columns that ``sources`` read, directly or through other computed columns."""
+    found: dict[str, None] = {}
+
+    def visit(source: Source) -> None:
+        if isinstance(source, Plain):
+            found[source.column] = None
+        elif isinstance(source, Computed):
+            for read in source.reads.values():
+                visit(read)
+
+    for source in sources:
+        visit(source)
+    return list(found)
+
+
+def read_shard_state(
+    shard: Shard,
+    output_url: str,
+    id_col: str,
+    meta: pd.DataFrame,
+    derived: list[str],
+    plain: list[str],
+    read_output: bool,
+) -> ShardState:
+    """Read what planning needs of one shard (footers, id columns, the plain columns read).
+
+    An input parquet that cannot be read gives a state with its error: that shard is computed (and fails,
+    naming the file) while the others go on, unless a column decides across shards.
+    """
+    try:
+        with failures_named(shard.parquet_url):
+            schema, table, null_counts = _read(shard.parquet_url, [id_col, *plain])
+            records = FileRecords.from_schema(schema)
+            carried = carried_columns(schema, meta, set(derived) | set(records.columns))
+            values = {column: values_digest(table.column(column)) for column in plain if column in table.column_names}
+            inputs = ShardInputs(
+                stem=shard.stem,
+                rows=table.num_rows,
+                ids=ids_digest(table.column(id_col)),
+                tar=shard.tar_identity,
+                records={column: records.columns.get(column) for column in carried},
+                values=values,
+            )
+            output = None
+            if read_output and output_url != shard.parquet_url:
+                output = read_output_file(output_url, id_col)
+            elif read_output:
+                output = _output_of(schema, table, id_col, null_counts)
+            return ShardState(inputs, list(records.columns), output)
+    except DaskClipError as error:
+        unknown = ShardInputs(shard.stem, -1, "unreadable", shard.tar_identity, {}, {})
+        return ShardState(unknown, [], None, error)
+
+
+def _read(url: str, columns: list[str]) -> tuple[pa.Schema, pa.Table, dict[str, int]]:
+    """A parquet's schema, ``columns`` (those it has) and null counts, opening it once."""
+    fs, path = filesystem_of(url)
+    with fs.open(path, "rb") as file:
+        parquet = pq.ParquetFile(file)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        return parquet.schema_arrow, parquet.read(columns=present), _null_counts(parquet.metadata)
+
+
+def _null_counts(metadata: pq.FileMetaData) -> dict[str, int]:
+    """Null rows of each top-level column, from the footer's statistics (a list's nulls are its leaf's)."""
+    counts: dict[str, int] = {}
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        seen: set[str] = set()
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            name = chunk.path_in_schema.split(".")[0]
+            if name in seen:
+                continue
+            seen.add(name)
+            statistics = chunk.statistics
+            nulls = statistics.null_count if statistics is not None and statistics.has_null_count else None
+            counts[name] = counts.get(name, 0) + (nulls if nulls is not None else chunk.num_values)
+    return counts
+
+
+def read_output_file(url: str, id_col: str) -> OutputFile | None:
+    """What the parquet at ``url`` holds (footer, id column, null counts); None when absent or unreadable."""
+    fs, path = filesystem_of(url)
+    if not fs.exists(path):
+        return None
+    try:
+        schema, table, null_counts = _read(url, [id_col])
+        if id_col not in table.column_names:
+            return None
+        return _output_of(schema, table, id_col, null_counts)
+    except (OSError, pa.ArrowException):
+        return None  # an unreadable output is not finished: it is written again
+
+
+def _output_of(schema: pa.Schema, table: pa.Table, id_col: str, null_counts: dict[str, int]) -> OutputFile:
+    return OutputFile(
+        names=schema.names,
+        rows=table.num_rows,
+        ids=ids_digest(table.column(id_col)),
+        records=FileRecords.from_schema(schema),
+        null_counts=null_counts,
+    )
+
+
+def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: list[str], overwrite: bool) -> SavePlan:
+    """The records each shard's file would hold, and which shards are finished (none when ``overwrite``)."""
+    derived = [c for c in columns if c in dataset.provenance]
+    sources = [dataset.provenance[c] for c in derived]
+    plain = plain_columns(sources)
+    chunks = [range(i, min(i + SHARDS_PER_TASK, len(output_urls))) for i in range(0, len(output_urls), SHARDS_PER_TASK)]
+    reads = [
+        dask.delayed(_read_states)(
+            [dataset.shards[i] for i in chunk],
+            [output_urls[i] for i in chunk],
+            dataset.id_col,
+            dataset.meta,
+            derived,
+            plain,
+            not overwrite,
+        )
+        for chunk in chunks
+    ]
+    states: list[ShardState] = [state for part in compute(reads) for state in part]
+    unreadable = [state.unreadable for state in states if state.unreadable is not None]
+    if unreadable and any(_is_cross_shard(dataset.provenance[column]) for column in derived):
+        raise unreadable[0]
+    _check_nothing_is_dropped(dataset, states, output_urls)
+    expected = ExpectedRecords([state.inputs for state in states])
+    records = [
+        FileRecords(
+            dataset.id_col,
+            state.inputs.identity(),
+            {column: expected.record(dataset.provenance[column], i) for column in derived},
+        )
+        for i, state in enumerate(states)
+    ]
+    if overwrite:
+        return SavePlan(records, [False] * len(states), [None] * len(states))
+    finished = {
+        column: [_column_finished(column, state, records[i]) for i, state in enumerate(states)] for column in derived
+    }
+    for column in derived:
+        if _is_cross_shard(dataset.provenance[column]) and not all(finished[column]):
+            finished[column] = [False] * len(states)
+    done = [
+        state.output is not None
+        and state.output.names == columns
+        and {"rows": state.output.rows, "ids": state.output.ids} == state.inputs.identity()
+        and all(finished[column][i] for column in derived)
+        for i, state in enumerate(states)
+    ]
+    summaries = [_summary(state.output, records[i]) if done[i] else None for i, state in enumerate(states)]
+    return SavePlan(records, done, summaries)
+
+
+def _is_cross_shard(source: Source) -> bool:
+    return isinstance(source, Computed) and source.cross_shard
+
+
+def _column_finished(column: str, state: ShardState, records: FileRecords) -> bool:
+    output = state.output
+    if output is None or column not in output.names:
+        return False
+    expected = records.columns[column]
+    if output.records.columns.get(column) != expected:
+        return False
+    for value, reason in (expected or {}).get("reasons", {}).items():
+        if column in (value, reason):
+            nulls = output.null_counts.get(value, output.rows) + output.null_counts.get(reason, output.rows)
+            return nulls == output.rows
+    return True
+
+
+def _summary(output: OutputFile | None, records: FileRecords) -> dict[str, int]:
+    reasons = {r for record in records.columns.values() if record for r in record.get("reasons", {}).values()}
+    errors = max((output.rows - output.null_counts.get(r, output.rows) for r in reasons), default=0)
+    return {"rows": output.rows, "errors": errors}
+
+
+def _check_nothing_is_dropped(dataset: ImageTextPairDataset, states: list[ShardState], output_urls: list[str]) -> None:
+    """Saving in place must not drop a derived column that a shard holds but the dataset does not carry."""
+    lost = []
+    for state, shard, url in zip(states, dataset.shards, output_urls, strict=True):
+        if url != shard.parquet_url:
+            continue
+        dropped = [c for c in state.recorded if c not in dataset.meta.columns]
+        if dropped:
+            lost.append(f"{url}: {dropped}")
+    if lost:
+        listed = "; ".join(lost[:5]) + (f"; and {len(lost) - 5} more" if len(lost) > 5 else "")
+        raise UsageError(
+            "saving in place would drop derived columns that these shards hold but the dataset does not "
+            f"(its first shard lacks them): {listed}. Compute those columns again in this run, or save into another "
+            "folder (path=...)"
+        )
+
+
+def _read_states(
+    shards: list[Shard],
+    urls: list[str],
+    id_col: str,
+    meta: pd.DataFrame,
+    derived: list[str],
+    plain: list[str],
+    read_output: bool,
+) -> list[ShardState]:
+    return [
+        read_shard_state(shard, url, id_col, meta, derived, plain, read_output)
+        for shard, url in zip(shards, urls, strict=True)
+    ]
+
+
+def expected_records(dataset: ImageTextPairDataset, columns: list[str]) -> list[FileRecords]:
+    """For each shard, the records its derived ``columns`` would get (reads the input files only)."""
+    return plan_save(dataset, [shard.parquet_url for shard in dataset.shards], columns, overwrite=True).records
