@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -20,9 +21,13 @@ def agreement(model_dir: Path, jpegs: list[bytes]) -> dict[str, float]:
     from dask_clip.images.preprocess import decode_and_preprocess
     from dask_clip.models.clip import ClipVisionModel, describe_image_model
 
-    _, preprocess = describe_image_model(str(model_dir), 10**9)
-    exact = ClipVisionModel(str(model_dir), "cpu", False, preprocess.with_decode_mode("exact"))
-    fast = ClipVisionModel(str(model_dir), "cpu", False, preprocess.with_decode_mode("fast"))
+    described = describe_image_model(str(model_dir), 10**9)
+    modes = {
+        mode: dataclasses.replace(described, preprocess=described.preprocess.with_decode_mode(mode))
+        for mode in ("exact", "fast")
+    }
+    exact = ClipVisionModel(str(model_dir), "cpu", False, modes["exact"])
+    fast = ClipVisionModel(str(model_dir), "cpu", False, modes["fast"])
     e_exact = l2_normalize(exact.embed([decode_and_preprocess(j, exact.preprocess) for j in jpegs]))
     e_fast = l2_normalize(fast.embed([decode_and_preprocess(j, fast.preprocess) for j in jpegs]))
     model = CLIPModel.from_pretrained(model_dir).eval()

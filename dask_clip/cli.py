@@ -161,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace the output folder and all it holds")
     _add_cluster_options(export)
 
+    attach = commands.add_parser(
+        "attach",
+        help="attach embeddings in clip-retrieval's layout (LAION's, or an export) to the rows, and save",
+        formatter_class=defaults,
+    )
+    _add_dataset_options(attach)
+    attach.add_argument("embeddings", help="folder with img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet")
+    attach.add_argument("--on", default=None, help="column to join on, e.g. url (default: the id column)")
+    attach.add_argument("--source-column", default=None, help="its name in the metadata parquets (default: the same)")
+    attach.add_argument("--embedding-column", default="image_embedding", help="column written")
+    attach.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
+    attach.add_argument(
+        "--overwrite", action="store_true", help="attach again even where the saved vectors are current"
+    )
+    _add_cluster_options(attach)
+
     info = commands.add_parser(
         "info",
         help="which configuration produced each derived column, in how many shards, and which shards disagree",
@@ -244,11 +260,10 @@ def _embed(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         decode_mode=args.decode_mode,
     )
+    dataset = _dataset(args)  # the listing and the first footer, on this machine: fails before a cluster starts
     with _cluster(args):
         started = time.perf_counter()
-        summary = embedder(_dataset(args)).save_metadata(
-            args.output, overwrite=args.overwrite, progress=not args.no_progress
-        )
+        summary = embedder(dataset).save_metadata(args.output, overwrite=args.overwrite, progress=not args.no_progress)
         _print_embed_summary(summary, time.perf_counter() - started, args.output or args.path)
     return 0
 
@@ -285,9 +300,10 @@ def _dedup(args: argparse.Namespace) -> int:
             keep_column=args.keep_column,
             seed=args.seed,
         )
+    dataset = _dataset(args)
     with _cluster(args):
         started = time.perf_counter()
-        summary = deduplicator(_dataset(args)).save_metadata(args.output, overwrite=args.overwrite)
+        summary = deduplicator(dataset).save_metadata(args.output, overwrite=args.overwrite)
         removed = _count_not_kept(summary, args.keep_column)
     print(
         f"dedup ({args.method}) over {len(summary)} shards: {int(summary['rows'].sum())} rows, {removed} duplicates "
@@ -340,9 +356,10 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _reshard(args: argparse.Namespace) -> int:
+    dataset = _dataset(args)
     with _cluster(args):
         started = time.perf_counter()
-        summary = _dataset(args).to_webdataset(
+        summary = dataset.to_webdataset(
             args.output,
             filter_column=args.filter_column,
             samples_per_shard=args.samples_per_shard,
@@ -359,16 +376,18 @@ def _reshard(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     image = Path(args.image).read_bytes() if args.image else None
+    dataset = _dataset(args)
     with _cluster(args):
-        hits = _dataset(args).search(text=args.text, image=image, k=args.k, model_dir=args.model_dir)
+        hits = dataset.search(text=args.text, image=image, k=args.k, model_dir=args.model_dir)
     print(hits.to_string(index=False))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    dataset = _dataset(args)
     with _cluster(args):
         started = time.perf_counter()
-        summary = _dataset(args).export_clip_retrieval(args.output, overwrite=args.overwrite)
+        summary = dataset.export_clip_retrieval(args.output, overwrite=args.overwrite)
     print(
         f"exported {len(summary)} shard pairs: {int(summary['rows'].sum())} embeddings, "
         f"{time.perf_counter() - started:.1f}s; clip-retrieval layout in {args.output}"
@@ -376,9 +395,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
+def _attach(args: argparse.Namespace) -> int:
+    dataset = _dataset(args)
     with _cluster(args):
-        dataset = _dataset(args)
+        started = time.perf_counter()
+        attached = dataset.attach_embeddings(
+            args.embeddings, on=args.on, source_column=args.source_column, embedding_column=args.embedding_column
+        )
+        summary = attached.save_metadata(args.output, overwrite=args.overwrite)
+    rows, without = int(summary["rows"].sum()), int(summary["errors"].sum())
+    print(
+        f"attached {rows - without} vectors to {rows} rows of {len(summary)} shards ({without} without a vector), "
+        f"{time.perf_counter() - started:.1f}s; parquet files in {args.output or args.path}"
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    dataset = _dataset(args)
+    with _cluster(args):
         table = dataset.info()
     print(f"{args.path}: {len(dataset.shards)} shards")
     if table.empty:
@@ -453,6 +488,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "search": _search,
     "export": _export,
     "info": _info,
+    "attach": _attach,
     "demo": _demo,
 }
 

@@ -1,8 +1,10 @@
 """Column types dask_clip writes, and the one place that checks and converts embedding columns.
 
-An embedding column is a pandas column of pyarrow ``fixed_size_list<float32>[D]``, null where a row has
-no embedding. That is also its parquet type, so an embedding never passes through Python objects or
-strings on its way from the model to the file and back.
+An embedding column that dask_clip writes is a pandas column of pyarrow ``fixed_size_list<float32>[D]``,
+null where a row has no embedding. That is also its parquet type, so an embedding never passes through
+Python objects or strings on its way from the model to the file and back. Columns that other tools wrote
+are read too: lists or large lists of float16, float32 or float64 (as pandas writes a column of arrays,
+or NeMo Curator a list column), and pandas object columns of arrays; they are computed on in float32.
 """
 
 from __future__ import annotations
@@ -52,33 +54,74 @@ def require_columns(frame: pd.DataFrame, columns: list[str], purpose: str) -> No
         )
 
 
-def embedding_width(frame: pd.DataFrame, column: str, purpose: str = "this operation") -> int:
-    """The width ``D`` of embedding column ``column`` of ``frame`` (e.g. a Dask meta).
+def embedding_width(frame: pd.DataFrame, column: str, purpose: str = "this operation") -> int | None:
+    """The width ``D`` of embedding column ``column`` of ``frame`` (e.g. a Dask meta) when its type says it (a
+    fixed-size list); None when only the values can (a list column, or a pandas object column of arrays).
 
-    ``ColumnError`` naming ``purpose`` and the column when it is missing or not an embedding column.
+    ``ColumnError`` naming ``purpose`` and the column when it is missing or cannot hold embeddings.
     """
     require_columns(frame, [column], purpose)
     return _width_of(frame[column])
 
 
-def embeddings_to_numpy(column: pd.Series) -> np.ndarray:
-    """An embedding column -> ``float32 (N, D)``; rows without an embedding are all NaN."""
-    width = _width_of(column)
-    if not len(column):
-        return np.zeros((0, width), dtype=np.float32)
-    lists = pa.chunked_array(pa.array(column.array)).combine_chunks()
-    out = np.full((len(column), width), np.nan, dtype=np.float32)
+def _width_of(column: pd.Series) -> int | None:
+    dtype = column.dtype
+    if pd.api.types.is_object_dtype(dtype):
+        return None  # arrays in a pandas object column: only their values tell their width
+    arrow = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
+    is_list = arrow is not None and (
+        pa.types.is_fixed_size_list(arrow) or pa.types.is_list(arrow) or pa.types.is_large_list(arrow)
+    )
+    if not (is_list and pa.types.is_floating(arrow.value_type)):
+        raise ColumnError(
+            f"column {column.name!r} is {dtype}, not an embedding column (a list, large list or fixed-size list of "
+            "float16, float32 or float64, or a pandas object column of arrays)"
+        )
+    return arrow.list_size if pa.types.is_fixed_size_list(arrow) else None
+
+
+def embeddings_to_numpy(column: pd.Series, width: int | None = None, ids: pd.Series | None = None) -> np.ndarray:
+    """An embedding column of any accepted layout -> ``float32 (N, D)``; rows without an embedding are NaN.
+
+    Every non-null row must hold ``width`` values (by default: as many as the column's type says, or as
+    its first non-null row holds); ``ValueError`` otherwise, naming the row (by its id in ``ids`` when
+    given) and both widths.
+    """
+    declared = _width_of(column)
+    if declared is not None and width is not None and declared != width:
+        raise ValueError(f"column {column.name!r} holds {declared}-d embeddings, not {width}-d ones")
+    lists = _as_arrow_lists(column)
     valid = ~np.asarray(lists.is_null(), dtype=bool)
-    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    out[valid] = values.reshape(-1, width)
+    if pa.types.is_fixed_size_list(lists.type):
+        lengths = np.full(len(lists), lists.type.list_size)
+    else:
+        lengths = np.asarray(lists.value_lengths().fill_null(0), dtype=np.int64)
+    width = width or declared or (int(lengths[valid][0]) if valid.any() else 0)
+    wrong = np.flatnonzero(valid & (lengths != width))
+    if len(wrong):
+        row = wrong[0]
+        name = repr(ids.iloc[row]) if ids is not None else f"at position {row}"
+        raise ValueError(
+            f"row {name} of {column.name!r} holds {lengths[row]} values where the other embeddings hold {width} "
+            f"({len(wrong)} rows of another width)"
+        )
+    out = np.full((len(column), width), np.nan, dtype=np.float32)
+    if valid.any():
+        values = lists.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+        out[valid] = values.astype(np.float32, copy=False).reshape(-1, width)
     return out
 
 
-def _width_of(column: pd.Series) -> int:
-    dtype = column.dtype
-    if not (isinstance(dtype, pd.ArrowDtype) and pa.types.is_fixed_size_list(dtype.pyarrow_dtype)):
-        raise ColumnError(f"column {column.name!r} is {dtype}, not an embedding column (fixed_size_list<float>)")
-    return dtype.pyarrow_dtype.list_size
+def _as_arrow_lists(column: pd.Series) -> pa.Array:
+    """An embedding column as one Arrow list array (fixed-size or not), nulls kept."""
+    if pd.api.types.is_object_dtype(column.dtype):
+        values = [None if _is_missing(v) else np.asarray(v, dtype=np.float64).reshape(-1) for v in column]
+        return pa.array(values, type=pa.large_list(pa.float64()))
+    return pa.chunked_array(pa.array(column.array)).combine_chunks()
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -87,12 +130,15 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
 
 
-def unit_embeddings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def unit_embeddings(
+    column: pd.Series, width: int | None = None, ids: pd.Series | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """An embedding column -> ``bool (N,)`` mask of usable rows and their L2-normalised ``float32 (n, D)`` vectors.
 
-    A row is usable when it has an embedding of finite values with a non-zero norm.
+    A row is usable when it has an embedding of finite values with a non-zero norm; ``width`` and ``ids``
+    are as for ``embeddings_to_numpy``.
     """
-    vectors = embeddings_to_numpy(column)
+    vectors = embeddings_to_numpy(column, width, ids)
     norms = np.linalg.norm(vectors, axis=1)
     valid = np.isfinite(norms) & (norms > 0)
     return valid, (vectors[valid] / norms[valid, None]).astype(np.float32)

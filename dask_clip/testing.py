@@ -249,6 +249,76 @@ def save_random_clip_model(
     return folder
 
 
+def save_random_siglip_model(
+    folder: str | Path, image_size: int = 224, seed: int = 0, with_tokenizer: bool = True
+) -> Path:
+    """Save a tiny random-weight ``SiglipModel`` (32-d embeddings) with its ``SiglipImageProcessor`` settings
+    (a fixed-size resize, no crop, mean and std 0.5) and, when ``with_tokenizer``, a word-level fast tokenizer
+    (``tokenizer.json``) padding with id 1. Meaningless embeddings: for testing plumbing only."""
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = SiglipConfig(
+        vision_config=dict(tower, image_size=image_size, patch_size=32),
+        text_config=dict(tower, vocab_size=512, max_position_embeddings=16, pad_token_id=1, eos_token_id=1),
+    )
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    SiglipModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    if with_tokenizer:
+        _save_word_level_tokenizer(folder, vocab_size=512)
+    return folder
+
+
+def _save_word_level_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A lowercase word-level ``PreTrainedTokenizerFast``: ids 0 (unknown) and 1 (padding, end of text), then
+    letters and common words; built offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "a", "photo", "of", "the", "cat", "dog", "coffee"]
+    vocab = {word: i for i, word in enumerate(dict.fromkeys(words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert len(vocab) <= vocab_size
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="</s>", eos_token="</s>"
+    ).save_pretrained(folder)
+
+
+def write_transformers4_clip_config(model_dir: str | Path) -> Path:
+    """Rewrite a CLIP folder's ``config.json`` as transformers 4 wrote full CLIPModels (LAION's checkpoints
+    among them): the real ``projection_dim`` at the top level only, the towers' nested ``projection_dim`` left
+    at the default 512, ``torch_dtype`` and an old ``transformers_version``; and its
+    ``preprocessor_config.json`` as transformers 4's ``CLIPFeatureExtractor`` wrote it (plain integer sizes)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    for tower in ("vision_config", "text_config"):
+        config[tower]["projection_dim"] = 512
+        config[tower].pop("dtype", None)
+    config.pop("dtype", None)
+    config.update(torch_dtype="float32", transformers_version="4.24.0.dev0", architectures=["CLIPModel"])
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    processor = json.loads((model_dir / "preprocessor_config.json").read_text())
+    size = processor["crop_size"]["height"]
+    legacy = {
+        "crop_size": size,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": processor["image_mean"],
+        "image_std": processor["image_std"],
+        "resample": 3,
+        "size": size,
+    }
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(legacy, indent=2))
+    return model_dir
+
+
 def save_tokenizer_for_clip_model(model_dir: str | Path) -> Path:
     """Save a byte-level ``CLIPTokenizer`` (built offline, no merges) into a CLIP ``save_pretrained`` folder.
 

@@ -76,25 +76,32 @@ def test_help_lists_every_command_with_defaults() -> None:
 
 
 @pytest.mark.parametrize("decode_mode", ["exact", "device"])
-def test_decode_mode_is_recorded_with_the_embeddings(shards: Path, tiny_model: Path, decode_mode: str) -> None:
+def test_decode_mode_is_recorded_with_the_embeddings(client, shards: Path, tiny_model: Path, decode_mode: str) -> None:
     import json
 
     result = run_cli(
-        "embed", str(shards), "--model-dir", str(tiny_model), "--decode-mode", decode_mode, "--n-workers", "1"
+        "embed",
+        str(shards),
+        "--model-dir",
+        str(tiny_model),
+        "--decode-mode",
+        decode_mode,
+        "--scheduler-address",
+        client.scheduler.address,
     )
     assert result.returncode == 0, result.stderr
     info = json.loads(pq.read_schema(shards / "00000.parquet").metadata[b"dask_clip"])
     assert info["columns"]["image_embedding"]["operation"]["decode_mode"] == decode_mode
 
 
-def test_curation_commands_chain(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_curation_commands_chain(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
     import shutil
 
     # a byte-identical copy of one photo under a new key in shard 00003: the duplicate to find
     copied = tmp_path / "copy"
     shutil.copytree(shards, copied)
     duplicate_shard(copied)
-    common = ("--n-workers", "1")
+    common = ("--scheduler-address", client.scheduler.address)  # a running cluster: no start-up per command
     assert run_cli("embed", str(copied), "--model-dir", str(tiny_model), *common).returncode == 0
 
     dedup = run_cli("dedup", str(copied), *common)
@@ -146,7 +153,7 @@ def duplicate_shard(folder: Path) -> None:
         archive.addfile(info, io.BytesIO(payload))
 
 
-def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_semantic_dedup_and_filters(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
     import shutil
 
     from dask_clip import testing
@@ -155,7 +162,7 @@ def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Pa
     testing.save_tokenizer_for_clip_model(model)
     folder = shards  # a private copy already
     duplicate_shard(folder)
-    common = ("--n-workers", "1")
+    common = ("--scheduler-address", client.scheduler.address)  # a running cluster: no start-up per command
     assert run_cli("embed", str(folder), "--model-dir", str(model), *common).returncode == 0
 
     semantic = run_cli("dedup", str(folder), "--method", "semantic", "--n-clusters", "2", "--eps", "1e-6", *common)
@@ -183,13 +190,14 @@ def test_semantic_dedup_and_filters(shards: Path, tiny_model: Path, tmp_path: Pa
     assert unreadable.returncode == 2 and "cannot load classifier checkpoint" in unreadable.stderr
 
 
-def test_info_names_each_configuration_and_dedup_can_decide_again(shards: Path, tiny_model: Path) -> None:
-    assert run_cli("embed", str(shards), "--model-dir", str(tiny_model), "--n-workers", "1").returncode == 0
-    info = run_cli("info", str(shards), "--n-workers", "1")
+def test_info_names_each_configuration_and_dedup_can_decide_again(client, shards: Path, tiny_model: Path) -> None:
+    common = ("--scheduler-address", client.scheduler.address)  # a running cluster: no start-up per command
+    assert run_cli("embed", str(shards), "--model-dir", str(tiny_model), *common).returncode == 0
+    info = run_cli("info", str(shards), *common)
     assert info.returncode == 0, info.stderr
     assert "image_embedding\n  ClipImageEmbedder(model_dir=" in info.stdout
     assert "3 shards (00000, 00001, 00003): 18 rows, 15 with a value, 3 with a reason, 0 with neither" in info.stdout
-    first = run_cli("dedup", str(shards), "--n-workers", "1")
-    again = run_cli("dedup", str(shards), "--n-workers", "1", "--overwrite")
+    first = run_cli("dedup", str(shards), *common)
+    again = run_cli("dedup", str(shards), *common, "--overwrite")
     assert first.returncode == again.returncode == 0, again.stderr
     assert "0 duplicates flagged" in again.stdout

@@ -35,10 +35,10 @@ def run_cli(*args: str, file_size_limit: int | None = None) -> subprocess.Comple
     )
 
 
-def embed(shards: Path, model: Path | str, *options: str, file_size_limit: int | None = None):
-    return run_cli(
-        "embed", str(shards), "--model-dir", str(model), "--n-workers", "1", *options, file_size_limit=file_size_limit
-    )
+def embed(shards: Path, model: Path | str, *options: str, file_size_limit: int | None = None, scheduler: str = ""):
+    """``dask-clip embed`` on the running cluster at ``scheduler``, or on a local one of one worker."""
+    where = ("--scheduler-address", scheduler) if scheduler else ("--n-workers", "1")
+    return run_cli("embed", str(shards), "--model-dir", str(model), *where, *options, file_size_limit=file_size_limit)
 
 
 def assert_printed_once(result: subprocess.CompletedProcess[str], pattern: str) -> None:
@@ -90,7 +90,7 @@ def test_a_model_without_its_preprocessor_config(shards: Path, tiny_model: Path,
     assert_printed_once(result, r"ModelLoadError: .*preprocessor_config\.json")
 
 
-def test_weights_a_worker_cannot_load_stop_the_run_once(tiny_model: Path, tmp_path: Path) -> None:
+def test_weights_a_worker_cannot_load_stop_the_run_once(client, tiny_model: Path, tmp_path: Path) -> None:
     """The client finds every file it checks; the workers find the weights corrupt. The first worker's
     failure cancels the other shards: the cause is printed once, and no shard is written."""
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
@@ -98,7 +98,7 @@ def test_weights_a_worker_cannot_load_stop_the_run_once(tiny_model: Path, tmp_pa
     shards = tmp_path / "shards"
     testing.make_img2dataset_shards(shards, shard_numbers=range(6), samples_per_shard=2)
     before = {path.name: path.read_bytes() for path in shards.glob("*.parquet")}
-    result = embed(shards, model)
+    result = embed(shards, model, scheduler=client.scheduler.address)
     assert result.returncode == EXIT_CONFIGURATION
     assert_printed_once(result, r"cannot load the CLIP vision tower of")
     assert "Traceback" not in result.stderr
@@ -122,10 +122,10 @@ def test_a_missing_optional_dependency_names_the_extra(shards: Path, tiny_model:
 
 
 # --- exit code 1: fix (or skip) the data ----------------------------------------------------------------------
-def test_a_bad_shard_is_named(shards: Path, tiny_model: Path) -> None:
+def test_a_bad_shard_is_named(client, shards: Path, tiny_model: Path) -> None:
     tar = shards / "00001.tar"
     tar.write_bytes(tar.read_bytes()[:1000])  # cut inside the first member
-    result = embed(shards, tiny_model)
+    result = embed(shards, tiny_model, scheduler=client.scheduler.address)
     assert result.returncode == EXIT_DATA
     assert_printed_once(result, r"ShardReadError: .*00001\.tar: cannot read tar")
     assert "Traceback" not in result.stderr

@@ -8,15 +8,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 
 from dask_clip.backends import check_backend, convert
+from dask_clip.columns import embedding_width as declared_width
+from dask_clip.columns import embeddings_to_numpy
+from dask_clip.dataset.attach import attach_embeddings
 from dask_clip.dataset.export import export_clip_retrieval
 from dask_clip.dataset.info import info
 from dask_clip.dataset.reshard import to_webdataset
 from dask_clip.dataset.save import save_metadata
 from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
+from dask_clip.execution import compute
 from dask_clip.io.metadata import empty_frame, read_parquet_schema, read_shard_metadata
 from dask_clip.io.provenance import Computed, FileRecords, Source, Stored
 from dask_clip.io.shards import Shard, discover_shards
@@ -91,6 +96,16 @@ class ImageTextPairDataset:
             return (record or {}).get("operation")
         return None
 
+    def embedding_width(self, column: str, purpose: str = "this operation") -> int | None:
+        """The width of embedding ``column``: from its type when that says it, else from the first shard that
+        holds an embedding (computed); None when no shard holds one. ``ColumnError`` when it is no embedding column."""
+        width = declared_width(self.meta, column, purpose)
+        for index in range(len(self.shards)) if width is None else ():
+            vectors = embeddings_to_numpy(compute(self.pandas_metadata[column].partitions[index]))
+            if vectors.shape[0] and not np.isnan(vectors).all():
+                return vectors.shape[1]
+        return width
+
     def reason_column(self, column: str) -> str | None:
         """The column that holds the reason where derived ``column`` is null (``embedding_error`` for
         ``image_embedding``), as its operation or its first shard's file records; None when there is none."""
@@ -139,6 +154,7 @@ class ImageTextPairDataset:
     to_webdataset = to_webdataset
     search = search
     export_clip_retrieval = export_clip_retrieval
+    attach_embeddings = attach_embeddings
     info = info
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dask_clip.columns import embedding_width, embeddings_to_numpy
+from dask_clip.columns import embeddings_to_numpy
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.io.atomic import atomic_write, replacing_folder
@@ -51,7 +51,7 @@ def export_clip_retrieval(
     was written), ``not_finite``, ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
     """
     meta = dataset.pandas_metadata._meta
-    embedding_width(meta, embedding_column, "export_clip_retrieval")
+    width = dataset.embedding_width(embedding_column, "export_clip_retrieval")
     columns = list(meta.columns)
     if metadata_columns is None:
         extra = [c for c in DEFAULT_METADATA_COLUMNS if c in columns]
@@ -72,6 +72,7 @@ def export_clip_retrieval(
             folder=fresh,
             root=root,
             embedding_column=embedding_column,
+            width=width,
             columns=[dataset.id_col, *extra],
             digits=len(str(len(dataset.shards))),
         )
@@ -85,13 +86,14 @@ def _write_pair(
     folder: str,
     root: str,
     embedding_column: str,
+    width: int | None,
     columns: list[str],
     digits: int,
 ) -> pd.DataFrame:
     """One shard's ``.npy`` + ``.parquet`` pair in ``folder`` (none when it has no embedding) -> its summary
     row, naming the files as they will be in ``root``."""
     index = task.shard.index
-    vectors = embeddings_to_numpy(rows[embedding_column]).astype(np.float16)
+    vectors = embeddings_to_numpy(rows[embedding_column], width, rows[task.id_col]).astype(np.float16)
     present = rows[embedding_column].notna().to_numpy(dtype=bool)
     usable = present & np.isfinite(vectors).all(axis=1)
     name = f"{index:0{digits}d}"

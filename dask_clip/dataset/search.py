@@ -7,6 +7,7 @@ merges those ``k x shards`` rows.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,12 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.arguments import at_least
-from dask_clip.columns import embedding_width, l2_normalize, unit_embeddings
+from dask_clip.columns import l2_normalize, unit_embeddings
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
 from dask_clip.io.shards import filesystem_of
-from dask_clip.models.clip import ClipTextModel, ClipVisionModel, describe_image_model
+from dask_clip.models.clip import ClipTextModel, ClipVisionModel, describe_image_model, describe_text_model
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -47,7 +48,7 @@ def search(
     if (text is None) == (image is None):
         raise UsageError("give exactly one of text= or image=")
     at_least("k", k)
-    width = embedding_width(dataset.pandas_metadata._meta, embedding_column, "search")
+    width = dataset.embedding_width(embedding_column, "search")
     config = dataset.operation_config(embedding_column) or {}
     if isinstance(image, np.ndarray):
         query = np.asarray(image, dtype=np.float32).reshape(-1)
@@ -93,7 +94,7 @@ def top_k_of_shard(
 
     Rows without a usable embedding (null, NaN or infinite values, or all zeros) are never returned.
     """
-    usable, vectors = unit_embeddings(rows[embedding_column])
+    usable, vectors = unit_embeddings(rows[embedding_column], query.shape[0], rows[task.id_col])
     present = np.flatnonzero(usable)
     scores = vectors @ query
     best = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
@@ -127,12 +128,12 @@ def read_image_query(image: Any) -> bytes:
 def embed_image(image: Any, model_dir: str, config: dict[str, Any]) -> np.ndarray:
     """The CLIP image embedding ``float32 (D,)`` of one query image, preprocessed as the embedder did
     (its decode mode; a ``device`` mode query is decoded on the host with the same pixels)."""
-    _, preprocess = describe_image_model(model_dir, DEFAULT_MAX_IMAGE_PIXELS)
-    preprocess = preprocess.with_decode_mode(config.get("decode_mode") or "exact")
-    model = ClipVisionModel(model_dir, "cpu", autocast=False, preprocess=preprocess)
+    described = describe_image_model(model_dir, DEFAULT_MAX_IMAGE_PIXELS)
+    preprocess = described.preprocess.with_decode_mode(config.get("decode_mode") or "exact")
+    model = ClipVisionModel(model_dir, "cpu", False, dataclasses.replace(described, preprocess=preprocess))
     return model.embed([decode_and_preprocess(read_image_query(image), preprocess)])[0]
 
 
 def embed_text(text: str, model_dir: str) -> np.ndarray:
     """The CLIP text embedding ``float32 (D,)`` of one caption (text tower and tokenizer of ``model_dir``)."""
-    return ClipTextModel(model_dir, "cpu").embed([text])[0]
+    return ClipTextModel(model_dir, "cpu", describe_text_model(model_dir)).embed([text])[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -47,7 +48,8 @@ class ClipImageEmbedder(ImageEmbedder):
         super().__init__(**options)
 
     def describe_model(self) -> tuple[int, PreprocessConfig]:
-        return describe_image_model(self.model_dir, self.max_image_pixels)
+        self.described = describe_image_model(self.model_dir, self.max_image_pixels)
+        return self.described.width, self.described.preprocess
 
     @functools.cached_property
     def weights_version(self) -> dict[str, Any]:
@@ -55,7 +57,11 @@ class ClipImageEmbedder(ImageEmbedder):
         return model_version(self.model_dir)
 
     def model_options(self) -> dict[str, Any]:
-        return {"model_dir": self.model_dir, "model_version": self.weights_version}
+        return {
+            "model_dir": self.model_dir,
+            "family": self.described.family.name,
+            "model_version": self.weights_version,
+        }
 
     def task_resources(self) -> dict[str, float]:
         return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}
@@ -63,4 +69,5 @@ class ClipImageEmbedder(ImageEmbedder):
     def load_model(self) -> ClipVisionModel:
         device = resolve_device(self.device)
         logger.info("loading CLIP vision model %s on %s", self.model_dir, device)
-        return ClipVisionModel(self.model_dir, device, self.autocast, self.preprocess)
+        described = dataclasses.replace(self.described, preprocess=self.preprocess)
+        return ClipVisionModel(self.model_dir, device, self.autocast, described)

@@ -13,7 +13,7 @@ from dask_clip.arguments import at_least, model_id
 from dask_clip.columns import embedding_dtype, empty_column, l2_normalize, to_embedding_array
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.execution import ShardTask
-from dask_clip.models.clip import CLIP_CONTEXT_LENGTH, ClipTextModel, describe_text_model
+from dask_clip.models.clip import ClipTextModel, describe_text_model
 from dask_clip.models.device import resolve_device
 from dask_clip.models.loading import model_version
 from dask_clip.operation import ModelSpec, Operation
@@ -50,7 +50,8 @@ class ClipTextEmbedder(Operation):
         self.caption_column = caption_column
         self.normalize_embeddings = normalize_embeddings
         self.device = device
-        self.embedding_dim = describe_text_model(self.model_dir)
+        self.described = describe_text_model(self.model_dir)
+        self.embedding_dim = self.described.width
         self.model = ModelSpec(
             make_cache_key(self.name, {"model_dir": self.model_dir, "device": device}), self.load_model
         )
@@ -60,11 +61,12 @@ class ClipTextEmbedder(Operation):
         return {
             "class": self.name,
             "model_dir": self.model_dir,
+            "family": self.described.family.name,
             "model_version": model_version(self.model_dir),
             "caption_column": self.caption_column,
             "normalize_embeddings": self.normalize_embeddings,
             "embedding_dim": self.embedding_dim,
-            "context_length": CLIP_CONTEXT_LENGTH,
+            "context_length": self.described.context_length,
         }
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
@@ -77,7 +79,7 @@ class ClipTextEmbedder(Operation):
         """Load the tokenizer and text tower on this worker; called once per worker process."""
         device = resolve_device(self.device)
         logger.info("loading CLIP text model %s on %s", self.model_dir, device)
-        return ClipTextModel(self.model_dir, device)
+        return ClipTextModel(self.model_dir, device, self.described)
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """The embedding of each caption of one shard (null where the caption is null)."""

@@ -25,7 +25,6 @@ from dask_clip.images.preprocess import (
     open_for_preprocessing,
     preprocess_opened,
     resize_chw,
-    resized_size,
 )
 from dask_clip.optional import check_installed, require
 
@@ -143,7 +142,7 @@ def _decode_with_pillow(jpeg: EncodedJpeg, config: PreprocessConfig) -> np.ndarr
 
 def finish_on_device(pixels: Any, config: PreprocessConfig) -> Any:
     """A decoded ``uint8 (3, H, W)`` tensor -> resized and centre-cropped ``(3, crop_height, crop_width)``."""
-    width, height = resized_size(pixels.shape[2], pixels.shape[1], config.shortest_edge)
+    width, height = config.resized(pixels.shape[2], pixels.shape[1])
     resized = resize_chw(pixels, width, height, TORCH_RESAMPLE[config.resample])
     return center_crop_chw(resized, config.crop_height, config.crop_width)
 

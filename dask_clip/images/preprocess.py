@@ -1,15 +1,17 @@
-"""Decode image bytes and preprocess them as CLIP does, without needless copies or float images.
+"""Decode image bytes and preprocess them as CLIP or SigLIP does, without needless copies or float images.
 
 An image becomes a ``uint8`` array of shape ``(crop_height, crop_width, 3)`` on the decode threads;
 the conversion to normalised float pixels happens once per batch, on the model's device.
 CLIP's preprocessing: resize the shortest side to ``shortest_edge`` (bicubic), centre-crop, scale
-to [0, 1], subtract the mean and divide by the standard deviation per channel.
+to [0, 1], subtract the mean and divide by the standard deviation per channel. SigLIP's: resize to a
+fixed size whatever the aspect ratio (``exact_size``), no crop, then the same scaling.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +37,12 @@ torch's resize on the decode threads. ``device``: JPEGs decoded in batches on th
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The sizes, statistics and resampling filter of a CLIP image processor."""
+    """The sizes, statistics and resampling filter of a CLIP or SigLIP image processor."""
 
     shortest_edge: int = 224
+    exact_size: tuple[int, int] | None = None
+    """``(height, width)`` to resize every image to, whatever its aspect ratio (SigLIP); None: the shortest
+    side goes to ``shortest_edge`` and the aspect ratio is kept (CLIP)."""
     crop_height: int = 224
     crop_width: int = 224
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
@@ -54,6 +59,12 @@ class PreprocessConfig:
     """Leave plain JPEGs encoded on the decode threads (only their headers are checked) and decode them
     in batches on the model's device (``device_decode.decode_on_device``)."""
 
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of ``width`` x ``height`` once resized, before the centre crop."""
+        if self.exact_size is not None:
+            return self.exact_size[1], self.exact_size[0]
+        return resized_size(width, height, self.shortest_edge)
+
     def with_decode_mode(self, decode_mode: str) -> PreprocessConfig:
         """This configuration with the switches of one of ``DECODE_MODES``."""
         one_of("decode_mode", decode_mode, DECODE_MODES)
@@ -68,19 +79,37 @@ class PreprocessConfig:
     def from_processor_dict(
         cls, config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     ) -> PreprocessConfig:
-        """Read a ``preprocessor_config.json`` as written by transformers' ``CLIPImageProcessor``."""
+        """Read a ``preprocessor_config.json`` as transformers' ``CLIPImageProcessor`` or ``SiglipImageProcessor``
+        writes it (and as transformers 4's ``CLIPFeatureExtractor`` did: sizes as plain integers).
+
+        ``size`` is ``{"shortest_edge": n}`` (keep the aspect ratio) or ``{"height", "width"}`` (resize to
+        exactly that); ``crop_size`` applies when ``do_center_crop`` (by default, when there is one).
+        ``ValueError`` for settings that dask_clip cannot reproduce.
+        """
         size = config.get("size", {"shortest_edge": 224})
-        shortest_edge = (
-            size["shortest_edge"] if isinstance(size, Mapping) and "shortest_edge" in size else _square(size)
-        )
-        crop = config.get("crop_size", shortest_edge)
-        crop_height, crop_width = (crop["height"], crop["width"]) if isinstance(crop, Mapping) else (crop, crop)
+        size = {"shortest_edge": size} if isinstance(size, int) else size
+        if "shortest_edge" in size:
+            shortest_edge, exact_size = int(size["shortest_edge"]), None
+        elif "height" in size and "width" in size:
+            exact_size = (int(size["height"]), int(size["width"]))
+            shortest_edge = min(exact_size)
+        else:
+            raise ValueError(f"unsupported image processor size {size!r}: expected shortest_edge, or height and width")
+        if not math.isclose(float(config.get("rescale_factor", 1 / 255)), 1 / 255) or not config.get("do_resize", True):
+            raise ValueError("unsupported image processor: it does not resize, or rescales by other than 1/255")
+        if config.get("do_center_crop", "crop_size" in config):
+            crop = config.get("crop_size", shortest_edge)
+            crop_height, crop_width = (crop["height"], crop["width"]) if isinstance(crop, Mapping) else (crop, crop)
+        else:
+            crop_height, crop_width = exact_size or (shortest_edge, shortest_edge)
+        normalize = config.get("do_normalize", True)
         return cls(
-            shortest_edge=int(shortest_edge),
+            shortest_edge=shortest_edge,
+            exact_size=exact_size,
             crop_height=int(crop_height),
             crop_width=int(crop_width),
-            mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-            std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+            mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)) if normalize else (0.0, 0.0, 0.0),
+            std=tuple(config.get("image_std", OPENAI_CLIP_STD)) if normalize else (1.0, 1.0, 1.0),
             resample=int(config.get("resample", Image.Resampling.BICUBIC)),
             max_image_pixels=max_image_pixels,
         )
@@ -91,14 +120,6 @@ def resolve_decode_mode(decode_mode: str | None, autocast: bool) -> str:
     if decode_mode is None:
         return "fast" if autocast else "exact"
     return one_of("decode_mode", decode_mode, DECODE_MODES)
-
-
-def _square(size: Any) -> int:
-    if isinstance(size, Mapping) and size.get("height") == size.get("width"):
-        return int(size["height"])
-    if isinstance(size, int):
-        return size
-    raise ValueError(f"unsupported image processor size {size!r}: expected shortest_edge or a square")
 
 
 def identify_image(data: bytes) -> ImageFile.ImageFile | None:
@@ -199,7 +220,7 @@ def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
 def open_for_preprocessing(data: bytes, config: PreprocessConfig) -> ImageFile.ImageFile:
     """``open_image``, also refusing an image that would be over ``max_image_pixels`` once resized."""
     image = open_image(data, config.max_image_pixels)
-    resized_width, resized_height = resized_size(image.width, image.height, config.shortest_edge)
+    resized_width, resized_height = config.resized(image.width, image.height)
     if resized_width * resized_height > config.max_image_pixels:  # e.g. 2x30000: small, but huge once resized
         raise ImageDecodeError(
             f"image is {image.width}x{image.height}: resized to {resized_width}x{resized_height} it would be "
@@ -212,10 +233,10 @@ def preprocess_opened(image: ImageFile.ImageFile, config: PreprocessConfig) -> n
     """An image from ``open_for_preprocessing`` -> ``uint8 (crop_height, crop_width, 3)``, decoded by Pillow."""
     try:
         if config.draft and image.format == "JPEG":
-            image.draft(image.mode, resized_size(image.width, image.height, config.shortest_edge))
+            image.draft(image.mode, config.resized(image.width, image.height))
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
         rgb = to_rgb(image)
-        width, height = resized_size(rgb.width, rgb.height, config.shortest_edge)
+        width, height = config.resized(rgb.width, rgb.height)
         if config.torch_resize and config.resample in TORCH_RESAMPLE:
             pixels = resize_with_torch(rgb, width, height, TORCH_RESAMPLE[config.resample])
         else:

@@ -85,10 +85,11 @@ def model_version(model_dir: str) -> dict[str, Any]:
 
 
 def has_tokenizer_files(model_dir: str) -> bool:
-    """Whether ``model_dir`` (local folder or hub id) has a tokenizer: ``tokenizer.json`` or ``vocab.json``."""
+    """Whether ``model_dir`` (local folder or hub id) has a tokenizer: ``tokenizer.json``, ``vocab.json`` (CLIP's
+    BPE) or a SentencePiece model (SigLIP's ``spiece.model``, Gemma's ``tokenizer.model``)."""
     from transformers.utils import cached_file
 
-    for name in ("tokenizer.json", "vocab.json"):
+    for name in ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model"):
         try:
             if cached_file(model_dir, name) is not None:
                 return True
@@ -102,8 +103,8 @@ def check_tokenizer_files(model_dir: str) -> None:
     empty tokenizer (every word unknown) without a word of warning."""
     if not has_tokenizer_files(model_dir):
         raise ModelLoadError(
-            f"cannot load the tokenizer of {model_dir!r}: it has no tokenizer files (neither tokenizer.json nor "
-            f"vocab.json)\n{HOW_TO_PROVIDE_WEIGHTS}"
+            f"cannot load the tokenizer of {model_dir!r}: it has no tokenizer files (neither tokenizer.json, "
+            f"vocab.json nor a SentencePiece model)\n{HOW_TO_PROVIDE_WEIGHTS}"
         )
 
 
@@ -124,12 +125,12 @@ def quiet_transformers() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def load_pretrained(model_class: Any, model_dir: str, what: str) -> Any:
-    """``model_class.from_pretrained(model_dir)`` from safetensors weights only, quietly; ``ModelLoadError`` naming
-    ``what`` (e.g. "CLIP vision tower") when it cannot be loaded."""
+def load_pretrained(model_class: Any, model_dir: str, what: str, **options: Any) -> Any:
+    """``model_class.from_pretrained(model_dir, **options)`` from safetensors weights only, quietly;
+    ``ModelLoadError`` naming ``what`` (e.g. "CLIP vision tower") when it cannot be loaded."""
     try:
         with quiet_transformers():
-            return model_class.from_pretrained(model_dir, use_safetensors=True)
+            return model_class.from_pretrained(model_dir, use_safetensors=True, **options)
     except Exception as error:  # noqa: BLE001 - whatever fails while loading weights means "cannot load"
         raise ModelLoadError(
             f"cannot load the {what} of {model_dir!r} (only safetensors files are accepted, never pickled "

@@ -93,7 +93,7 @@ class EmbeddingClassifier(Operation):
 
     def check_inputs(self, dataset: ImageTextPairDataset) -> None:
         width = embedding_width(dataset.meta, self.embedding_column, self.name)
-        if width != self.embedding_dim:
+        if width is not None and width != self.embedding_dim:  # a list column's width is checked row by row
             raise ColumnError(
                 f"{self.name} takes {self.embedding_dim}-d embeddings but column "
                 f"{self.embedding_column!r} holds {width}-d ones (use the CLIP the classifier was trained on)"
@@ -117,7 +117,7 @@ class EmbeddingClassifier(Operation):
         import torch
 
         module, device = model
-        valid, vectors = unit_embeddings(rows[self.embedding_column])
+        valid, vectors = unit_embeddings(rows[self.embedding_column], self.embedding_dim, rows[task.id_col])
         predictions = np.zeros(len(vectors), dtype=np.float32)
         with task.timed("infer_s"), torch.inference_mode():
             for start in range(0, len(vectors), self.batch_size):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dask_clip.columns import FLOAT32, embedding_width, empty_column, nullable, unit_embeddings
+from dask_clip.columns import FLOAT32, embeddings_to_numpy, empty_column, nullable, unit_embeddings
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask
 from dask_clip.operation import Operation
@@ -43,9 +43,9 @@ class ClipScore(Operation):
         return [self.image_column, self.text_column]
 
     def check_inputs(self, dataset: ImageTextPairDataset) -> None:
-        image_width = embedding_width(dataset.meta, self.image_column, self.name)
-        text_width = embedding_width(dataset.meta, self.text_column, self.name)
-        if image_width != text_width:
+        image_width = dataset.embedding_width(self.image_column, self.name)
+        text_width = dataset.embedding_width(self.text_column, self.name)
+        if None not in (image_width, text_width) and image_width != text_width:
             raise ColumnError(
                 f"{self.image_column!r} holds {image_width}-d embeddings but {self.text_column!r} holds "
                 f"{text_width}-d ones: image and text embeddings must come from the same CLIP"
@@ -55,8 +55,10 @@ class ClipScore(Operation):
         return {self.score_column: empty_column(FLOAT32)}
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
-        image_valid, images = unit_embeddings(rows[self.image_column])
-        text_valid, texts = unit_embeddings(rows[self.text_column])
+        ids = rows[task.id_col]
+        image_vectors = embeddings_to_numpy(rows[self.image_column], ids=ids)
+        image_valid, images = unit_embeddings(rows[self.image_column], image_vectors.shape[1] or None, ids)
+        text_valid, texts = unit_embeddings(rows[self.text_column], image_vectors.shape[1] or None, ids)
         both = image_valid & text_valid
         cosines = np.zeros(len(rows), dtype=np.float32)
         cosines[both] = np.einsum("nd,nd->n", images[both[image_valid]], texts[both[text_valid]])

@@ -30,7 +30,7 @@ from dask_clip.columns import (
     to_embedding_array,
     unit_embeddings,
 )
-from dask_clip.errors import UsageError
+from dask_clip.errors import ColumnError, UsageError
 from dask_clip.execution import ShardRef, ShardTask, failures_named, map_shards, shuffle_to_shards
 from dask_clip.ops.deduplicator import Deduplicator
 from dask_clip.ops.kmeans import fit_spherical_kmeans, nearest_centroids
@@ -110,12 +110,14 @@ class SemanticDeduplicator(Deduplicator):
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """Cluster, decide within clusters, and join the decisions back to each shard's rows."""
         meta = dataset.meta
-        dim = embedding_width(meta, self.embedding_column)
+        dim = dataset.embedding_width(self.embedding_column, self.name)
+        if dim is None:
+            raise ColumnError(f"{self.name}: no shard holds an embedding in {self.embedding_column!r}")
         id_col = dataset.id_col
         parts = dataset.pandas_metadata.to_delayed()  # one graph key per shard: each shard is computed once
         shards = [ShardRef.of(index, shard) for index, shard in enumerate(dataset.shards)]
         blocks = [
-            dask.delayed(unit_vectors)(part, shard, self.embedding_column)
+            dask.delayed(unit_vectors)(part, shard, self.embedding_column, dim, id_col)
             for part, shard in zip(parts, shards, strict=True)
         ]
         centroids = fit_spherical_kmeans(blocks, self.n_clusters, seed=self.seed, max_iter=self.max_iter)
@@ -131,7 +133,7 @@ class SemanticDeduplicator(Deduplicator):
         )
         assigned = dd.from_delayed(
             [
-                dask.delayed(assign_clusters)(part, centroids, shard, id_col, self.embedding_column)
+                dask.delayed(assign_clusters)(part, centroids, shard, id_col, self.embedding_column, dim)
                 for shard, part in zip(shards, parts, strict=True)
             ],
             meta=assigned_meta,
@@ -167,18 +169,18 @@ class SemanticDeduplicator(Deduplicator):
         )
 
 
-def unit_vectors(rows: pd.DataFrame, shard: ShardRef, embedding_column: str) -> np.ndarray:
-    """One shard's usable embeddings, L2-normalised: ``float32 (n, D)``."""
+def unit_vectors(rows: pd.DataFrame, shard: ShardRef, embedding_column: str, dim: int, id_col: str) -> np.ndarray:
+    """One shard's usable ``dim``-wide embeddings, L2-normalised: ``float32 (n, D)``."""
     with failures_named(shard.tar_url):
-        return unit_embeddings(rows[embedding_column])[1]
+        return unit_embeddings(rows[embedding_column], dim, rows[id_col])[1]
 
 
 def assign_clusters(
-    rows: pd.DataFrame, centroids: np.ndarray, shard: ShardRef, id_col: str, embedding_column: str
+    rows: pd.DataFrame, centroids: np.ndarray, shard: ShardRef, id_col: str, embedding_column: str, dim: int
 ) -> pd.DataFrame:
     """The usable rows of one shard with their shard number, cluster, cosine to its centroid and unit vector."""
     with failures_named(shard.tar_url):
-        valid, vectors = unit_embeddings(rows[embedding_column])
+        valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[id_col])
         labels, cosines = nearest_centroids(vectors, centroids)
     return pd.DataFrame(
         {
