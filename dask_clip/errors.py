@@ -53,6 +53,15 @@ class DeviceUnavailableError(ConfigurationError, RuntimeError):
     worker); the message names the host."""
 
 
+class DeviceSetupError(ConfigurationError, RuntimeError):
+    """A worker's GPU stack does not work: torch cannot use the GPUs the driver sees, TorchCodec does not load
+    or cannot decode on the device (no nvJPEG). The message names the host, the torch and CUDA versions and the fix."""
+
+
+class DeviceOutOfMemoryError(ConfigurationError, RuntimeError):
+    """A model's batch does not fit in its device's memory; the message names the host, the batch and the fix."""
+
+
 class DataError(DaskClipError, ValueError):
     """The data cannot be processed as it is (CLI exit code 1); the message starts with the file."""
 

@@ -22,10 +22,22 @@ def test_address_and_file_together_are_refused() -> None:
 
 def test_gpu_memory_options_are_refused_on_cpu() -> None:
     with pytest.raises(ValueError, match="cluster_type='gpu' only"):
-        get_client("cpu", rmm_pool_size="1GB")
+        get_client("cpu", enable_spilling=True)
 
 
-def test_gpu_options_reach_the_cuda_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_rmm_pool_that_torch_would_not_use_is_refused() -> None:
+    with pytest.raises(ValueError, match="torch does not allocate from an RMM pool"):
+        get_client("gpu", rmm_pool_size="24GB")
+
+
+@pytest.fixture
+def healthy_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One GPU that the driver sees and torch can use."""
+    monkeypatch.setattr("dask_clip.distributed.client.count_gpus", lambda: 1)
+    monkeypatch.setattr("dask_clip.distributed.client.check_torch_sees_gpus", lambda environment: None)
+
+
+def test_gpu_options_reach_the_cuda_cluster(monkeypatch: pytest.MonkeyPatch, healthy_gpu_machine) -> None:
     received = {}
 
     def fake_cluster(**kwargs):
@@ -35,11 +47,12 @@ def test_gpu_options_reach_the_cuda_cluster(monkeypatch: pytest.MonkeyPatch) -> 
     fake = types.ModuleType("dask_cuda")
     fake.LocalCUDACluster = fake_cluster
     monkeypatch.setitem(sys.modules, "dask_cuda", fake)
-    monkeypatch.setattr("dask_clip.distributed.client.count_gpus", lambda: 1)
     with pytest.raises(RuntimeError, match="stop here"):
-        get_client("gpu", rmm_pool_size="2GB", enable_spilling=True, protocol="ucx")
-    assert received["rmm_pool_size"] == "2GB" and received["enable_cudf_spill"] is True
+        get_client("gpu", enable_spilling=True, protocol="ucx")
+    assert received["enable_cudf_spill"] is True and "rmm_pool_size" not in received
     assert received["protocol"] == "ucx" and received["resources"] == {"GPU": 1}
+    # four embedding tasks asking for 0.25 of the GPU can run at once only with four threads
+    assert received["threads_per_worker"] == 4
 
 
 def test_no_scheduler_listening_is_a_clear_timeout() -> None:

@@ -10,11 +10,15 @@ from distributed import Client, LocalCluster
 
 from dask_clip.arguments import one_of
 from dask_clip.errors import DeviceUnavailableError, UsageError
+from dask_clip.gpu_environment import check_torch_sees_gpus, count_gpus, detect
 from dask_clip.optional import require
 
 logger = logging.getLogger(__name__)
 
 CLUSTER_TYPES = ("cpu", "gpu")
+GPU_WORKER_THREADS = 4
+"""Threads of a local GPU worker: as many embedding tasks share its GPU at once as ``1 / num_gpus_per_worker``
+of the embedders' default (0.25) allows, while their decode threads feed it."""
 
 
 def current_client() -> Client | None:
@@ -34,7 +38,6 @@ def get_client(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     timeout: float = 60.0,
-    rmm_pool_size: str | int | None = None,
     enable_spilling: bool = False,
     protocol: str | None = None,
     **cluster_kwargs: Any,
@@ -44,25 +47,32 @@ def get_client(
     - ``scheduler_address`` (``"tcp://host:8786"``) or ``scheduler_file`` connects to a running
       cluster (started with ``dask scheduler`` / ``dask worker``); giving both is a ``ValueError``.
     - Otherwise ``cluster_type="cpu"`` starts a ``LocalCluster`` and ``"gpu"`` a
-      ``dask_cuda.LocalCUDACluster`` (one worker per GPU), passing ``n_workers``,
+      ``dask_cuda.LocalCUDACluster`` (one worker per GPU, ``GPU_WORKER_THREADS`` threads each and a ``GPU``
+      resource of 1, so that four embedding tasks asking for 0.25 share a GPU), passing ``n_workers``,
       ``threads_per_worker`` and ``cluster_kwargs`` on.
-    - GPU clusters only: ``rmm_pool_size`` (e.g. ``"24GB"``) pre-allocates an RMM memory pool per
-      GPU, ``enable_spilling`` lets cuDF spill device memory to host; ``protocol`` (``"tcp"``,
-      ``"ucx"``) is passed to either kind of local cluster.
+    - GPU clusters only: ``enable_spilling`` lets cuDF spill device memory to host; ``protocol``
+      (``"tcp"``, ``"ucx"``; ``"ucx"`` needs the ``ucx`` extra) is passed to either kind of local cluster.
+      There is no RMM pool option: torch allocates with its own caching allocator, so a pool would only
+      take memory from the model.
 
-    Raises ``UsageError`` for contradictory arguments and ``TimeoutError`` when no worker has connected
-    within ``timeout`` seconds.
+    Raises ``UsageError`` for contradictory arguments, ``DeviceUnavailableError`` / ``DeviceSetupError``
+    for a GPU cluster on a machine without a GPU torch can use, and ``TimeoutError`` when no worker has
+    connected within ``timeout`` seconds.
     """
     one_of("cluster_type", cluster_type, CLUSTER_TYPES)
     if scheduler_address and scheduler_file:
         raise UsageError("give scheduler_address or scheduler_file, not both")
-    gpu_options = {"rmm_pool_size": rmm_pool_size, "enable_cudf_spill": enable_spilling}
-    if cluster_type == "cpu" and (rmm_pool_size is not None or enable_spilling):
-        raise UsageError("rmm_pool_size and enable_spilling apply to cluster_type='gpu' only")
+    if "rmm_pool_size" in cluster_kwargs:
+        raise UsageError(
+            "rmm_pool_size is not supported: torch does not allocate from an RMM pool, so the pool would only "
+            "take GPU memory from the model"
+        )
+    if cluster_type == "cpu" and enable_spilling:
+        raise UsageError("enable_spilling applies to cluster_type='gpu' only")
     if protocol is not None:
         cluster_kwargs["protocol"] = protocol
-    if cluster_type == "gpu":
-        cluster_kwargs.update({name: value for name, value in gpu_options.items() if value})
+    if cluster_type == "gpu" and enable_spilling:
+        cluster_kwargs["enable_cudf_spill"] = True
 
     if scheduler_address or scheduler_file:
         where = scheduler_address or f"the scheduler in {scheduler_file}"
@@ -90,22 +100,12 @@ def _start_local_cluster(
     if cluster_type == "cpu":
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
     local_cuda_cluster = require("dask_cuda", "gpu", "cluster_type='gpu'").LocalCUDACluster
-    gpu_count = count_gpus()
-    if gpu_count == 0:
+    if count_gpus() == 0:
         raise DeviceUnavailableError(
             f"cluster_type='gpu' but no GPU was found on {socket.gethostname()} (NVML sees no device); "
             "use cluster_type='cpu' or run on a machine with an NVIDIA GPU and driver"
         )
+    check_torch_sees_gpus(detect())  # the workers would see what this process sees
     kwargs.setdefault("resources", {"GPU": 1})
-    return local_cuda_cluster(n_workers=n_workers, threads_per_worker=threads_per_worker or 1, **kwargs)
-
-
-def count_gpus() -> int:
-    """How many NVIDIA GPUs NVML sees; 0 when there is no driver or no device."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetCount())
-    except Exception:  # noqa: BLE001 - every NVML failure means the same thing here: no usable GPU
-        return 0
+    threads = threads_per_worker or GPU_WORKER_THREADS
+    return local_cuda_cluster(n_workers=n_workers, threads_per_worker=threads, **kwargs)

@@ -25,7 +25,13 @@ from dask_clip.columns import STRING, embedding_dtype, empty_column, l2_normaliz
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.errors import ImageDecodeError, ShardReadError
 from dask_clip.execution import ShardTask
-from dask_clip.images.device_decode import EncodedJpeg, check_device_decode_available, decode_on_device, prepare_image
+from dask_clip.images.device_decode import (
+    EncodedJpeg,
+    check_device_decode_available,
+    check_device_decode_works,
+    decode_on_device,
+    prepare_image,
+)
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
 from dask_clip.io.tar_samples import RowKeys, Sample, is_image_extension, iter_tar_samples
 from dask_clip.operation import ModelSpec, Operation
@@ -113,7 +119,7 @@ class ImageEmbedder(Operation):
             "max_image_pixels": max_image_pixels,
             "decode_mode": self.decode_mode,
         }
-        self.model = ModelSpec(make_cache_key(self.name, loaded), self.load_model)
+        self.model = ModelSpec(make_cache_key(self.name, loaded), self._load_checked)
 
     # --- what a subclass provides -------------------------------------------------------------
     @abstractmethod
@@ -131,6 +137,13 @@ class ImageEmbedder(Operation):
     def load_model(self) -> Any:
         """Load the model on this worker (once per process and configuration): an object with ``preprocess``
         (``PreprocessConfig``), ``device`` and ``embed(images) -> float32 (B, D)``."""
+
+    def _load_checked(self) -> Any:
+        """``load_model()``, then, with ``decode_mode="device"``, a check that JPEGs decode on its device."""
+        model = self.load_model()
+        if self.decode_mode == "device":
+            check_device_decode_works(model.device)
+        return model
 
     # --- the operation protocol ---------------------------------------------------------------
     def config(self) -> dict[str, Any]:

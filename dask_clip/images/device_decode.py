@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags
 
-from dask_clip.errors import ImageDecodeError
+from dask_clip.errors import DeviceSetupError, ImageDecodeError
+from dask_clip.gpu_environment import detect, out_of_memory_is_loud
 from dask_clip.images.preprocess import (
     TORCH_RESAMPLE,
     PreprocessConfig,
@@ -78,17 +79,47 @@ def decode_on_device(
     Each result is a ``uint8`` torch tensor ``(3, crop_height, crop_width)`` on ``device``. A JPEG the
     device decoder refuses, or decodes to a size other than its header's, is decoded by Pillow instead
     (``uint8 (crop_height, crop_width, 3)`` numpy); one that Pillow refuses too is its
-    ``ImageDecodeError``. Results are in the order of ``jpegs``.
+    ``ImageDecodeError``. Results are in the order of ``jpegs``. Running out of device memory is a
+    ``DeviceOutOfMemoryError``, never a fallback.
     """
     decode_jpeg = import_decode_jpeg()
     results: list[Any | np.ndarray | ImageDecodeError] = []
     for chunk in chunks_by_pixels(jpegs, DEVICE_DECODE_PIXELS_PER_CALL):
-        for jpeg, decoded in zip(chunk, _decode_chunk(decode_jpeg, chunk, device), strict=True):
-            if decoded is not None and tuple(decoded.shape) == (3, jpeg.height, jpeg.width):
-                results.append(finish_on_device(decoded, config))
-            else:
-                results.append(_decode_with_pillow(jpeg, config))
+        with out_of_memory_is_loud(device, len(chunk), "decoding a batch"):
+            for jpeg, decoded in zip(chunk, _decode_chunk(decode_jpeg, chunk, device), strict=True):
+                if decoded is not None and tuple(decoded.shape) == (3, jpeg.height, jpeg.width):
+                    results.append(finish_on_device(decoded, config))
+                else:
+                    results.append(_decode_with_pillow(jpeg, config))
     return results
+
+
+def check_device_decode_works(device: Any) -> None:
+    """On a worker, when its model is loaded: decode a small JPEG on ``device`` as every batch will, so that a
+    decoder that cannot work there (TorchCodec built for another torch, no nvJPEG, no usable device) is a
+    ``DeviceSetupError`` before the first shard rather than a silent fallback to Pillow for every image."""
+    decode_jpeg = import_decode_jpeg()
+    try:
+        decoded = decode_jpeg([_probe_jpeg()], mode="RGB", device=device)[0]
+    except Exception as error:  # whatever fails here would fail for every image
+        raise DeviceSetupError(
+            f"TorchCodec cannot decode JPEGs on {device} {detect().describe()}: {type(error).__name__}: {error}. "
+            "Fix: install the TorchCodec release built for this torch (and CUDA) on every worker, or give "
+            "decode_mode='fast' to decode with Pillow on the CPU threads."
+        ) from error
+    if tuple(decoded.shape) != (3, 8, 16):
+        raise DeviceSetupError(f"TorchCodec decoded an 8x16 JPEG on {device} to shape {tuple(decoded.shape)}")
+
+
+def _probe_jpeg() -> bytes:
+    """A small JPEG (16 x 8 pixels, RGB) made with Pillow."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 60)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def check_device_decode_available() -> None:
@@ -97,8 +128,27 @@ def check_device_decode_available() -> None:
 
 
 def import_decode_jpeg() -> Callable[..., Any]:
-    """TorchCodec's ``decode_jpeg``, or a ``MissingDependencyError`` naming the gpu extra."""
-    return require("torchcodec.decoders", "gpu", DEVICE_DECODE).decode_jpeg
+    """TorchCodec's ``decode_jpeg``; a ``MissingDependencyError`` naming the gpu extra when it is not installed,
+    a ``DeviceSetupError`` when it is installed but its native library does not load (TorchCodec raises
+    ``OSError`` or ``RuntimeError`` when it was built for another torch or finds no FFmpeg)."""
+    try:
+        return require("torchcodec.decoders", "gpu", DEVICE_DECODE).decode_jpeg
+    except (OSError, RuntimeError) as error:
+        raise DeviceSetupError(
+            f"TorchCodec {_installed_version('torchcodec')} is installed but does not load {detect().describe()}: "
+            f"{type(error).__name__}: {error}. Fix: install the TorchCodec release made for torch "
+            f"{_installed_version('torch')} (TorchCodec's README has the table) and FFmpeg's libraries, or give "
+            "decode_mode='fast'."
+        ) from error
+
+
+def _installed_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def chunks_by_pixels(jpegs: Sequence[EncodedJpeg], max_pixels: int) -> Iterator[Sequence[EncodedJpeg]]:
@@ -117,16 +167,22 @@ def _decode_chunk(decode_jpeg: Callable[..., Any], chunk: Sequence[EncodedJpeg],
     """``uint8 (3, H, W)`` tensors on ``device``, ``None`` for a JPEG the decoder refuses.
 
     One batched call (one nvJPEG call on CUDA); when it fails, the JPEGs are decoded one by one to find
-    which fail, since the decoder reports one error for the whole batch.
+    which fail, since the decoder reports one error for the whole batch. Running out of memory is raised.
     """
+    import torch
+
     try:
         return list(decode_jpeg([jpeg.data for jpeg in chunk], mode="RGB", device=device))
+    except torch.OutOfMemoryError:
+        raise  # not the JPEGs' fault: out_of_memory_is_loud reports it
     except (RuntimeError, ValueError) as batch_error:
         logger.debug("batched device decode of %d JPEGs failed (%s); decoding them one by one", len(chunk), batch_error)
     decoded: list[Any | None] = []
     for jpeg in chunk:
         try:
             decoded.append(decode_jpeg(jpeg.data, mode="RGB", device=device))
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError) as error:
             logger.debug("device decoder refused a JPEG (%s); Pillow decodes it", error)
             decoded.append(None)

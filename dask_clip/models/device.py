@@ -10,16 +10,24 @@ from typing import Any
 import numpy as np
 
 from dask_clip.errors import DeviceUnavailableError
+from dask_clip.gpu_environment import check_torch_sees_gpus, detect, has_native_bf16, out_of_memory_is_loud
 from dask_clip.images.preprocess import PreprocessConfig, to_pixel_values
 
 
 def resolve_device(device: str | None) -> str:
-    """``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given, once it is
-    checked that a ``"cuda"`` device exists here (else ``DeviceUnavailableError``)."""
+    """``None`` -> ``"cuda"`` when torch can use a GPU, else ``"cpu"``; anything else as given, once it is
+    checked that a ``"cuda"`` device exists here (else ``DeviceUnavailableError``).
+
+    ``None`` on a machine whose driver sees GPUs that torch cannot use (a CUDA build mismatch, a CPU-only
+    torch) is a ``DeviceSetupError``, not a quiet run on the CPU.
+    """
     import torch
 
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        check_torch_sees_gpus(detect())
+        return "cpu"
     if torch.device(device).type == "cuda":
         index = torch.device(device).index or 0
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -34,11 +42,12 @@ def resolve_device(device: str | None) -> str:
 
 
 def bf16_is_fast(device: str) -> bool:
-    """Whether bfloat16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
+    """Whether bfloat16 runs natively here: a GPU of compute capability 8.0 or newer (torch's
+    ``is_bf16_supported`` also counts emulation, as on a T4), or a CPU with AVX512-BF16 or AMX."""
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and has_native_bf16(torch.cuda.get_device_capability(device))
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -57,15 +66,19 @@ def run_on_batch(
     device: Any,
     autocast_dtype: Any,
 ) -> np.ndarray:
-    """``uint8 (H, W, 3)`` images -> ``forward(pixels)`` as ``float32 (B, D)`` numpy, under inference mode."""
+    """``uint8 (H, W, 3)`` images -> ``forward(pixels)`` as ``float32 (B, D)`` numpy, under inference mode.
+
+    A batch that does not fit in the device's memory is a ``DeviceOutOfMemoryError`` (it stops the run).
+    """
     import torch
 
-    pixels = to_pixel_values(images, preprocess, device, torch.float32)
     autocast = (
         torch.autocast(torch.device(device).type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with torch.inference_mode(), autocast:
-        embeddings = forward(pixels)
-    return embeddings.float().cpu().numpy()
+    with out_of_memory_is_loud(device, len(images)):
+        pixels = to_pixel_values(images, preprocess, device, torch.float32)
+        with torch.inference_mode(), autocast:
+            embeddings = forward(pixels)
+        return embeddings.float().cpu().numpy()
