@@ -5,7 +5,9 @@
   timings. Any failure inside becomes a ``ShardError`` that names the shard's file and keeps the original
   error as its cause; dask_clip's own errors, which say what they concern already, pass unchanged.
 - ``compute`` runs a collection on the current Dask client, or on the threaded scheduler when there is
-  none (never on processes, which would re-import the user's script).
+  none (never on processes, which would re-import the user's script). Only the tasks that run a function
+  ``map_shards`` was given ``resources`` for (an embedder's share of a GPU) ask for them; reading,
+  shuffling and summing run on any worker.
 - ``compute_per_shard`` computes one summary row per shard with a progress bar, and decides what a
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
@@ -134,6 +136,7 @@ def map_shards(
     label: str = "shard",
     indices: Sequence[int] | None = None,
     payloads: Sequence[str] | None = None,
+    resources: Mapping[str, float] | None = None,
     **kwargs: Any,
 ) -> dd.DataFrame:
     """``function(rows, task, *aligned_parts, **kwargs)`` on each shard -> a frame like ``meta``, one per shard.
@@ -143,19 +146,9 @@ def map_shards(
     are the shards' positions in their dataset when ``shards`` is a subset of it (default: ``0, 1, ...``);
     ``payloads`` one string per shard, handed to that shard's task only (``task.payload``).
     Stage seconds the function records travel with its result (``stage_timings``), added to those of the
-    steps before it.
+    steps before it. ``resources`` (``{"GPU": 0.25}``) are the Dask worker resources each of these tasks
+    asks for when computed on a cluster whose workers offer them.
     """
-
-    def on_shard(rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
-        fields = {name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}
-        task = ShardTask(
-            ShardRef(**{name: fields[name] for name in ("index", "stem", "tar_url", "parquet_url")}),
-            id_col,
-            str(fields["payload"]),
-        )
-        with failures_named(task.shard.tar_url):
-            result = function(rows, task, *parts, **kwargs)
-        return _with_timings(result, rows, task)
 
     for frame in (metadata, *aligned):
         if frame.npartitions != len(shards):
@@ -163,7 +156,7 @@ def map_shards(
                 f"a frame has {frame.npartitions} partitions for {len(shards)} shards: expected one per shard"
             )
     return dd.map_partitions(
-        on_shard,
+        _OnShard(function, id_col, dict(resources or {}), kwargs),
         metadata,
         _shard_references(
             shards,
@@ -178,6 +171,27 @@ def map_shards(
     )
 
 
+@dataclass(frozen=True)
+class _OnShard:
+    """What ``map_shards`` runs on each shard; ``resources`` is what ``compute`` finds in the graph."""
+
+    function: Callable[..., pd.DataFrame]
+    id_col: str
+    resources: dict[str, float]
+    kwargs: dict[str, Any]
+
+    def __call__(self, rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
+        fields = {name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}
+        task = ShardTask(
+            ShardRef(**{name: fields[name] for name in ("index", "stem", "tar_url", "parquet_url")}),
+            self.id_col,
+            str(fields["payload"]),
+        )
+        with failures_named(task.shard.tar_url):
+            result = self.function(rows, task, *parts, **self.kwargs)
+        return _with_timings(result, rows, task)
+
+
 def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) -> dd.DataFrame:
     """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``shard_column`` is ``i``
     (``shard_count`` partitions, the column becomes the index), ready to be passed to ``map_shards`` as aligned.
@@ -187,15 +201,52 @@ def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) 
     return frame.set_index(shard_column, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
 
 
-def usable_resources(client: Any, wanted: Mapping[str, float] | None) -> dict[str, float]:
-    """``wanted`` when some worker of ``client`` offers all of those resources, else ``{}`` (logged)."""
+@dataclass(frozen=True)
+class TaskResources:
+    """The Dask annotation ``compute`` sends: the worker resources of each task, by the name of its key.
+
+    The scheduler calls it with every key of the graph (``resources=`` accepts a callable); a task whose
+    name is not in ``by_name`` asks for nothing.
+    """
+
+    by_name: Mapping[str, Mapping[str, float]]
+
+    def __call__(self, key: Any) -> dict[str, float]:
+        return dict(self.by_name.get(key[0] if isinstance(key, tuple) else key, {}))
+
+
+def optimized_with_resources(collection: Any) -> tuple[Any, TaskResources]:
+    """``collection`` optimised (lowered and fused as its computation would be), and the resources of the tasks
+    that run a ``map_shards`` function given ``resources``. A fused task asks for what its parts ask for.
+    Collections that are not dataframes (``dask.delayed``) ask for nothing."""
+    from dask.dataframe.dask_expr._expr import Fused
+
+    if not isinstance(collection, dd.DataFrame | dd.Series | dd.Scalar):
+        return collection, TaskResources({})
+    optimized = collection.optimize()
+    by_name: dict[str, dict[str, float]] = {}
+    for expr in optimized.expr.walk():
+        for part in expr.exprs if isinstance(expr, Fused) else [expr]:
+            wanted = getattr(_operand(part, "func"), "resources", None)
+            if isinstance(wanted, dict) and wanted:
+                by_name.setdefault(expr._name, {}).update(wanted)
+    return optimized, TaskResources(by_name)
+
+
+def _operand(expr: Any, name: str) -> Any:
+    return expr.operand(name) if name in getattr(expr, "_parameters", ()) else None
+
+
+def offered(client: Any, resources: TaskResources) -> TaskResources | None:
+    """``resources`` when some worker of ``client`` offers every resource they name, else None (logged once)."""
+    wanted = {name for needs in resources.by_name.values() for name in needs}
     if not wanted:
-        return {}
-    offered = [set(info.get("resources", {})) for info in client.scheduler_info(n_workers=-1)["workers"].values()]
-    if any(set(wanted) <= names for names in offered):
-        return dict(wanted)
-    logger.info("no worker offers resources %s; running without them", dict(wanted))
-    return {}
+        return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if any(wanted <= set(info.get("resources", {})) for info in workers):
+        return resources
+    logger.info("no worker offers resources %s; running without them", sorted(wanted))
+    return None
 
 
 def _prepare(client: Any) -> None:
@@ -205,19 +256,19 @@ def _prepare(client: Any) -> None:
         _prepared_clients.add(client.id)
 
 
-def compute(collection: Any, resources: Mapping[str, float] | None = None) -> Any:
-    """Compute ``collection`` on the current client (asking for ``resources`` where workers offer them), or
-    on the threaded scheduler of this process when there is no client."""
+def compute(collection: Any) -> Any:
+    """Compute ``collection`` on the current client (tasks asking for the resources ``map_shards`` gave them,
+    where workers offer them), or on the threaded scheduler of this process when there is no client."""
     client = current_client()
     if client is None:
         return dask.compute(collection, scheduler="threads")[0]
     _prepare(client)
-    return client.gather(client.compute(collection, resources=usable_resources(client, resources) or None))
+    optimized, resources = optimized_with_resources(collection)
+    future = client.compute(optimized, optimize_graph=False, resources=offered(client, resources))
+    return client.gather(future)
 
 
-def compute_per_shard(
-    summaries: dd.DataFrame, resources: Mapping[str, float] | None = None, progress: bool = False
-) -> pd.DataFrame:
+def compute_per_shard(summaries: dd.DataFrame, progress: bool = False) -> pd.DataFrame:
     """Compute a frame of one summary row per shard (with a ``rows`` column), shard by shard.
 
     Each shard is computed on its own: a progress bar (``tqdm``, a widget in notebooks) advances as shards
@@ -230,13 +281,14 @@ def compute_per_shard(
     """
     from tqdm.auto import tqdm
 
-    parts = summaries.to_delayed()
+    optimized, resources = optimized_with_resources(summaries)
+    parts = optimized.to_delayed(optimize_graph=False)
     with tqdm(total=len(parts), unit="shard", disable=not progress, desc="shards") as bar:
         counter = _ShardCounter(bar)
         client = current_client()
         if client is not None:
             _prepare(client)
-            futures = client.compute(parts, resources=usable_resources(client, resources) or None)
+            futures = client.compute(parts, optimize_graph=False, resources=offered(client, resources))
             return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=lambda: _cancel(futures))
         graphs = _independent_graphs(parts)
         if graphs is None:

@@ -107,6 +107,7 @@ class Operation(ABC):
             output_meta,
             id_col=dataset.id_col,
             label=self.name,
+            resources=self.task_resources(),
         )
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
@@ -115,7 +116,7 @@ class Operation(ABC):
         self.check_inputs(dataset)
         outputs = self.output_columns(dataset)
         frame = self.build(dataset, dataset.meta.assign(**outputs))
-        return dataset.with_metadata(frame, dict.fromkeys(outputs, self.source(dataset)), self.task_resources())
+        return dataset.with_metadata(frame, dict.fromkeys(outputs, self.source(dataset)))
 
     def _run_on_shard(self, rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
         model = None

@@ -96,15 +96,3 @@ def test_backend_selection(shards: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "cudf", None)  # as if the GPU extra were not installed
     with pytest.raises(ImportError, match=r'backend="cudf" needs cudf: pip install "dask_clip\[gpu\]"'):
         ImageTextPairDataset.from_webdataset(str(shards), backend="cudf")
-
-
-@pytest.mark.gpu
-def test_cudf_backend_embeds_and_saves(client, shards: Path, tiny_model: Path) -> None:
-    from dask_clip import ClipImageEmbedder
-
-    dataset = ImageTextPairDataset.from_webdataset(str(shards), backend="cudf")
-    assert type(dataset.metadata._meta).__module__.startswith("cudf")
-    embedded = ClipImageEmbedder(str(tiny_model))(dataset)
-    assert type(embedded.metadata._meta).__module__.startswith("cudf")
-    summary = embedded.save_metadata()
-    assert summary["rows"].sum() == 18 and summary["errors"].sum() == 3

@@ -11,7 +11,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from dask_clip.backends import check_backend, convert
+from dask_clip.backends import check_backend, to_backend, to_pandas
 from dask_clip.columns import embedding_width as declared_width
 from dask_clip.columns import embeddings_to_numpy
 from dask_clip.dataset.attach import attach_embeddings
@@ -31,21 +31,20 @@ from dask_clip.io.shards import Shard, discover_shards
 class ImageTextPairDataset:
     """A folder of image-text shards: the metadata frame, the shards it came from and the id column.
 
-    ``metadata`` has one partition per shard, aligned with ``shards`` (and ``tar_files``); every
-    operation returns a new dataset and leaves this one unchanged.
+    ``pandas_metadata`` has one partition per shard, aligned with ``shards`` (and ``tar_files``): what
+    dask_clip's operations compute on; ``metadata`` is the same frame on ``backend``, ``"pandas"`` or
+    ``"cudf"`` (GPU extra; embeddings are ``list<float32>`` there, converted at ``backends``'s boundary).
+    Every operation returns a new dataset and leaves this one unchanged.
     ``provenance`` maps each derived column to its source: ``Stored`` in the shards' files (each shard's
     file records its own provenance), or ``Computed`` by an operation of this run (``io.provenance``).
-    ``resources`` are the Dask worker resources the computations of its columns ask for.
-    ``backend`` is the dataframe library of ``metadata``: ``"pandas"`` or ``"cudf"`` (GPU extra).
     Two datasets are equal only when they are the same object (``==`` is identity).
     """
 
     path: str
-    metadata: dd.DataFrame
+    pandas_metadata: dd.DataFrame
     shards: tuple[Shard, ...]
     id_col: str = "key"
     provenance: Mapping[str, Source] = field(default_factory=dict)
-    resources: Mapping[str, float] = field(default_factory=dict)
     backend: str = "pandas"
 
     @classmethod
@@ -73,12 +72,12 @@ class ImageTextPairDataset:
             label="read-shard-metadata",
         )
         provenance = {column: Stored(column) for column in derived}
-        return cls(path, convert(metadata, backend), shards, id_col, provenance, backend=backend)
+        return cls(path, metadata, shards, id_col, provenance, backend=backend)
 
-    @property
-    def pandas_metadata(self) -> dd.DataFrame:
-        """``metadata`` on the pandas backend: what dask_clip's operations compute on."""
-        return convert(self.metadata, "pandas")
+    @functools.cached_property
+    def metadata(self) -> dd.DataFrame:
+        """The metadata frame on this dataset's backend (one partition per shard)."""
+        return to_backend(self.pandas_metadata, self.backend)
 
     @property
     def meta(self) -> pd.DataFrame:
@@ -126,12 +125,11 @@ class ImageTextPairDataset:
         self,
         metadata: dd.DataFrame,
         provenance: Mapping[str, Source] | None = None,
-        resources: Mapping[str, float] | None = None,
     ) -> ImageTextPairDataset:
-        """A new dataset with ``metadata`` replaced (same shards, one partition each), on this dataset's backend.
+        """A new dataset with ``metadata`` (pandas or cudf; same shards, one partition each) as its metadata.
 
-        ``provenance`` gives the sources of the columns an operation wrote; ``resources`` are added to
-        those the computation asks for. Derived columns that ``metadata`` no longer has are forgotten.
+        ``provenance`` gives the sources of the columns an operation wrote. Derived columns that ``metadata``
+        no longer has are forgotten.
         """
         if metadata.npartitions != len(self.shards):
             raise ValueError(
@@ -140,13 +138,12 @@ class ImageTextPairDataset:
             )
         return replace(
             self,
-            metadata=convert(metadata, self.backend),
+            pandas_metadata=to_pandas(metadata, self.meta),
             provenance={
                 column: source
                 for column, source in {**self.provenance, **(provenance or {})}.items()
                 if column in metadata.columns
             },
-            resources={**self.resources, **(resources or {})},
         )
 
     # What a dataset does with itself, each in its own module (``dataset.save`` and so on), as methods.

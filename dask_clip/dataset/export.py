@@ -76,7 +76,7 @@ def export_clip_retrieval(
             columns=[dataset.id_col, *extra],
             digits=len(str(len(dataset.shards))),
         )
-        summary = compute(written, dataset.resources).reset_index(drop=True)
+        summary = compute(written).reset_index(drop=True)
     return summary
 
 

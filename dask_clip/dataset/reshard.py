@@ -156,7 +156,6 @@ def to_webdataset(
             )
             for number, segments in enumerate(plan)
         ]
-        # copying bytes needs none of the resources (GPUs) the rows may have needed
         summary = compute(dask.delayed(pd.DataFrame)(outputs, columns=list(SUMMARY_COLUMNS)))
         fs, staging_path = filesystem_of(staging)
         fs.rm(staging_path, recursive=True)
@@ -214,7 +213,7 @@ def _stage_rows(
         payloads=[shard_records.to_json().decode() for shard_records in records],
         label="reshard-stage",
     )
-    counts = compute(staged, dataset.resources)
+    counts = compute(staged)
     return [int(n) for n in counts["kept"]]
 
 

@@ -79,7 +79,7 @@ def save_metadata(
             output_root=output_root,
             columns=selected,
         )
-        frames[0:0] = [compute_per_shard(written, dict(dataset.resources), progress)]
+        frames[0:0] = [compute_per_shard(written, progress)]
     result = pd.concat(frames)
     order = {shard.stem: i for i, shard in enumerate(dataset.shards)}
     result = result.sort_values("stem", key=lambda stems: stems.map(order)).reset_index(drop=True)

@@ -83,7 +83,7 @@ def search(
         k=k,
         embedding_column=embedding_column,
     )
-    merged = compute(hits, dataset.resources)
+    merged = compute(hits)
     return merged.sort_values(["score", id_col], ascending=[False, True], kind="stable").head(k).reset_index(drop=True)
 
 

@@ -1,0 +1,81 @@
+"""GPU packing and placement, checked on CPU workers that offer a ``GPU`` resource: only embedding tasks ask for
+it, each for the embedder's share, so a GPU worker with four threads runs four of them at once while
+reading, shuffling and summing run on any worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster, Worker
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from dask_clip import ClipImageEmbedder, ImageTextPairDataset
+from dask_clip.execution import compute, optimized_with_resources
+
+
+class Placements(SchedulerPlugin):
+    """Each task the scheduler starts: its key's name, the resources it asks for and the worker it runs on."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.started: list[tuple[str, dict, str]] = []
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "processing":
+            task = self.scheduler.tasks[key]
+            name = key[0] if isinstance(key, tuple) else key
+            self.started.append((name, dict(task.resource_restrictions or {}), task.processing_on.name))
+
+
+@pytest.fixture
+def gpu_and_cpu_workers():
+    """A cluster in this process: worker "gpu" (4 threads, resource GPU=1) and worker "cpu" (no resources)."""
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster:
+        cluster.worker_spec["gpu"] = {"cls": Worker, "options": {"nthreads": 4, "resources": {"GPU": 1}}}
+        cluster.worker_spec["cpu"] = {"cls": Worker, "options": {"nthreads": 2}}
+        cluster.sync(cluster._correct_state)
+        with Client(cluster) as client:
+            client.wait_for_workers(2)
+            plugin = Placements(cluster.scheduler)
+            cluster.scheduler.add_plugin(plugin)  # the scheduler runs in this process
+            yield client, plugin
+
+
+def test_only_embedding_tasks_ask_for_the_gpu(gpu_and_cpu_workers, pristine_shards: Path, tiny_model, tmp_path) -> None:
+    _, placements = gpu_and_cpu_workers
+    dataset = ImageTextPairDataset.from_webdataset(str(pristine_shards))
+    embedded = ClipImageEmbedder(model_dir=str(tiny_model), device=None, batch_size=4)(dataset)
+
+    embedded_rows = compute(embedded.metadata.image_embedding.count())
+    assert embedded_rows == compute((dataset.metadata.status == "success").sum()) > 0
+
+    embedding = [(name, wanted, worker) for name, wanted, worker in placements.started if wanted]
+    others = [(name, worker) for name, wanted, worker in placements.started if not wanted]
+    assert len(embedding) == len(dataset.shards)  # one per shard, each asking for the embedder's share
+    assert all(wanted == {"GPU": 0.25} and worker == "gpu" for _, wanted, worker in embedding)
+    assert others, "the reduction and the shard references must not ask for the GPU"
+
+    placements.started.clear()
+    embedded.save_metadata(str(tmp_path / "out"))  # shard by shard, through compute_per_shard
+    saved = [(wanted, worker) for _, wanted, worker in placements.started if wanted]
+    assert len(saved) == len(dataset.shards) and all(worker == "gpu" for _, worker in saved)
+    assert any(not wanted for _, wanted, _ in placements.started)
+    written = pd.read_parquet(tmp_path / "out")
+    assert written.image_embedding.notna().sum() == (written.status == "success").sum()
+
+
+def test_a_fused_task_asks_for_what_its_embedding_part_asks_for(pristine_shards: Path, tiny_model) -> None:
+    dataset = ImageTextPairDataset.from_webdataset(str(pristine_shards))
+    embedded = ClipImageEmbedder(model_dir=str(tiny_model), device=None)(dataset)
+    frame = embedded.metadata.assign(width=embedded.metadata.key.str.len())  # fused with the embedding
+    optimized, resources = optimized_with_resources(frame.width.sum())
+    graph = optimized.__dask_graph__()
+    asking = {key for key in graph if resources(key)}
+    assert len(asking) == len(dataset.shards)
+    assert all(resources(key) == {"GPU": 0.25} for key in asking)
+    assert len(graph) > len(asking)  # the sum and the shard references ask for nothing
+
+    plain = ClipImageEmbedder(model_dir=str(tiny_model), device="cpu")(dataset)
+    assert not optimized_with_resources(plain.metadata)[1].by_name  # a CPU embedder asks for no GPU
