@@ -115,6 +115,7 @@ def main(argv: list[str]) -> dict[str, Any]:
                 f"  {mode:6s} {row['images_per_s']:8.1f} images/s  x{row['ratio_vs_exact']:.2f} vs exact  "
                 f"host {row['host_ms']:6.2f} ms/image  mean |crop - exact| {row['mean_abs_vs_exact']:.3f}"
             )
+    results["peak_gpu_memory_mb"] = harness.peak_gpu_memory_mb()
     harness.write_results(f"bench_decode-{options.device.replace(':', '')}", results)
     return results
 

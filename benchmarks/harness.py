@@ -158,6 +158,13 @@ def log(started: float, message: str) -> None:
     print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
 
+def peak_gpu_memory_mb() -> float | None:
+    """The most GPU memory torch has held in this process since it started, in MiB; None without CUDA."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def write_results(name: str, results: dict[str, Any]) -> Path:
     """``results`` as ``benchmarks/results/<name>-<timestamp>.json`` (gitignored); prints and returns the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

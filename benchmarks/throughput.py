@@ -247,6 +247,7 @@ def cluster_measurements(
             end_to_end_rounds.append(harness.rate(images, seconds))
         out["model_only"] = harness.best(model_rounds)
         out["end_to_end"] = harness.best(end_to_end_rounds)
+        out["peak_gpu_memory_mb_per_worker"] = list(client.run(harness.peak_gpu_memory_mb).values())
         out["model_loads_per_worker"] = [
             counts.get(embedder.model.cache_key, 0) for counts in cache_info(client).values()
         ]
