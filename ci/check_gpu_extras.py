@@ -28,7 +28,7 @@ RAPIDS_NAMES = "cudf|dask-cudf|pylibcudf|rmm|kvikio|dask-cuda|rapids-dask-depend
 RAPIDS = re.compile(rf"^(lib)?({RAPIDS_NAMES})(-cu\d+)?$")
 UCXX = re.compile(r"^(lib)?(ucxx|distributed-ucxx)(-cu\d+)?$")
 CUDA_IN_NAME = re.compile(r"(?:-cu|cuda)(\d{2,3})(?:x|-|$)")
-CUDA_VERSIONED = {"cuda-python", "cuda-bindings"}
+CUDA_VERSIONED = {"cuda-python", "cuda-bindings", "cuda-toolkit"}
 """CUDA's own Python packages, whose major version is the CUDA major they target."""
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 """The PyTorch that ci/install.sh installs (override with TORCH_PACKAGES, as there)."""
@@ -48,12 +48,18 @@ def resolve(requirement: str) -> list[dict[str, str]] | str:
         if result.returncode != 0:
             return "\n".join(result.stderr.strip().splitlines()[-12:])
         items = json.loads(report.read_text())["install"]
-    return [{"name": item["metadata"]["name"].lower(), "version": item["metadata"]["version"]} for item in items]
+    return [{"name": normalized(item["metadata"]["name"]), "version": item["metadata"]["version"]} for item in items]
+
+
+def normalized(name: str) -> str:
+    """A distribution name as PEP 503 compares them: ``cuda_bindings`` -> ``cuda-bindings``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def cuda_major_of(name: str, version: str) -> int | None:
     """The CUDA major a package targets, from its name (``-cu12``, ``cupy-cuda13x``) or, for CUDA's own Python
     packages, its version; None for packages that do not say."""
+    name = normalized(name)
     if name in CUDA_VERSIONED:
         return int(version.split(".")[0])
     match = CUDA_IN_NAME.search(name)

@@ -46,7 +46,7 @@ def rows(junit_xml: Path) -> list[tuple[str, str]]:
                 )
             )
         table.append(("peak GPU memory, decode", f"{decode['peak_gpu_memory_mb']:.0f} MiB"))
-    embed = newest("bench_embed-device")
+    embed = newest("bench_embed")
     for shape, entry in (embed or {}).get("shapes", {}).items():
         table.append((f"end to end, {shape}", f"{entry['end_to_end']['images_per_s']:.1f} images/s"))
         table.append((f"model only, {shape}", f"{entry['model_only']['images_per_s']:.1f} images/s"))

@@ -10,12 +10,9 @@ bash ci/install.sh
 gpu_extras_log=$(mktemp)
 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
 gpu_extras=$!
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-.venv/bin/lint-imports
-.venv/bin/python -m pytest "$@"
-bash ci/floor.sh -q
 status=0
-wait "$gpu_extras" || status=$?
+{ .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
+    .venv/bin/python -m pytest "$@" && bash ci/floor.sh -q; } || status=$?
+wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
 exit "$status"

@@ -17,6 +17,13 @@ def at_least(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def fraction(name: str, value: float) -> float:
+    """``value`` when it is a number from 0 to 1 (a share of one device), else ``UsageError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise UsageError(f"{name} must be a number from 0 to 1 (a share of one GPU), not {value!r}")
+    return float(value)
+
+
 def one_of(name: str, value: T, choices: Collection[T]) -> T:
     """``value`` when it is one of ``choices``, else ``UsageError`` listing them."""
     if value not in choices:

@@ -88,9 +88,19 @@ def cudf_to_pandas(frame: Any, like: pd.DataFrame) -> pd.DataFrame:
 
 
 def target_schema(schema: pa.Schema, like: pd.DataFrame) -> pa.Schema:
-    """``schema`` with the type of each column that ``like`` has taken from ``like``."""
-    known = pa.Schema.from_pandas(like, preserve_index=False)
-    return pa.schema([known.field(field.name) if field.name in known.names else field for field in schema])
+    """``schema`` (a cudf partition's) with the types that only cudf changed restored from ``like``: a
+    ``list`` that is a fixed-size list there (of any width: a wrong one is reported by ``arrow_from_cudf``),
+    a large string that is a string there. Every other column keeps the type cudf gives it."""
+    arrow_types = {name: dtype.pyarrow_dtype for name, dtype in like.dtypes.items() if isinstance(dtype, pd.ArrowDtype)}
+    fields = []
+    for field in schema:
+        old = arrow_types.get(field.name)
+        restore = old is not None and (
+            (pa.types.is_fixed_size_list(old) and pa.types.is_list(field.type))
+            or (pa.types.is_string(old) and pa.types.is_large_string(field.type))
+        )
+        fields.append(field.with_type(old) if restore else field)
+    return pa.schema(fields)
 
 
 def to_backend(frame: dd.DataFrame, backend: str) -> dd.DataFrame:

@@ -217,7 +217,8 @@ class TaskResources:
 
 def optimized_with_resources(collection: Any) -> tuple[Any, TaskResources]:
     """``collection`` optimised (lowered and fused as its computation would be), and the resources of the tasks
-    that run a ``map_shards`` function given ``resources``. A fused task asks for what its parts ask for.
+    that run a ``map_shards`` function given ``resources``. A fused task asks for the most any of its parts asks
+    for, resource by resource.
     Collections that are not dataframes (``dask.delayed``) ask for nothing."""
     from dask.dataframe.dask_expr._expr import Fused
 
@@ -229,7 +230,8 @@ def optimized_with_resources(collection: Any) -> tuple[Any, TaskResources]:
         for part in expr.exprs if isinstance(expr, Fused) else [expr]:
             wanted = getattr(_operand(part, "func"), "resources", None)
             if isinstance(wanted, dict) and wanted:
-                by_name.setdefault(expr._name, {}).update(wanted)
+                task = by_name.setdefault(expr._name, {})
+                task.update({name: max(amount, task.get(name, 0.0)) for name, amount in wanted.items()})
     return optimized, TaskResources(by_name)
 
 

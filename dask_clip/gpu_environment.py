@@ -43,7 +43,9 @@ class GpuEnvironment:
         else:
             driver = f"NVIDIA driver {self.driver_version} (CUDA {self.driver_cuda}) sees {self.driver_gpus} GPU(s)"
         built = f"built for CUDA {self.torch_cuda}" if self.torch_cuda else "a CPU-only build"
-        return f"on host {self.host}: {driver}; torch {self.torch_version} ({built}) can use {self.torch_gpus}"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        mask = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
+        return f"on host {self.host}: {driver}; torch {self.torch_version} ({built}) can use {self.torch_gpus}{mask}"
 
     def torch_mismatch_fix(self) -> str:
         """What to do when the driver sees GPUs that torch cannot use."""
@@ -69,9 +71,14 @@ def _major(version: str) -> int:
 
 
 def gpus_hidden_on_purpose() -> bool:
-    """Whether ``CUDA_VISIBLE_DEVICES`` hides every GPU from this process (``""`` or ``"-1"``)."""
+    """Whether ``CUDA_VISIBLE_DEVICES`` hides every GPU from this process. CUDA reads its entries up to the
+    first invalid one, so a first entry that is no device index or UUID (``""``, ``-1``, ``none``, Slurm's
+    ``NoDevFiles``) hides them all."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible is not None and visible.strip() in ("", "-1")
+    if visible is None:
+        return False
+    first = visible.split(",")[0].strip()
+    return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
 
 
 def driver_view() -> tuple[int, str | None, str | None]:
@@ -82,11 +89,17 @@ def driver_view() -> tuple[int, str | None, str | None]:
 
         pynvml.nvmlInit()
         count = int(pynvml.nvmlDeviceGetCount())
-        version = pynvml.nvmlSystemGetDriverVersion()
-        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())
     except Exception:  # noqa: BLE001 - no library, no driver and no device all mean: the driver sees nothing
         return 0, None, None
-    version = version.decode() if isinstance(version, bytes) else str(version)
+    try:
+        version = pynvml.nvmlSystemGetDriverVersion()
+        version = version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - the GPUs are there; only the description is missing
+        version = None
+    try:
+        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())
+    except Exception:  # noqa: BLE001
+        return count, version, None
     return count, version, f"{cuda // 1000}.{cuda % 1000 // 10}"
 
 

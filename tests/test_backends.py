@@ -65,6 +65,10 @@ def test_a_cudf_partition_becomes_the_pandas_frame_it_came_from() -> None:
     back = cudf_to_pandas(CudfLike(extra, frame.index), frame)
     pd.testing.assert_frame_equal(back.drop(columns="score"), frame)
     assert back["score"].dtype == pd.ArrowDtype(pa.float64())  # a column the user added keeps cudf's type
+
+    like = frame.assign(score=pd.array(range(len(frame)), dtype=pd.ArrowDtype(pa.int64())))
+    replaced = cudf_to_pandas(CudfLike(extra, frame.index), like)  # a float score where an int one was
+    assert replaced["score"].tolist() == np.linspace(0, 1, len(frame)).tolist()
     np.testing.assert_array_equal(
         embeddings_to_numpy(back["image_embedding"]), embeddings_to_numpy(frame["image_embedding"])
     )

@@ -47,6 +47,8 @@ def test_one_cuda_13_stack_of_the_chosen_release_passes(check) -> None:
         ("cuda-python==12.9.0", "cuda-python 12.9.0 targets CUDA 12"),
         ("cupy-cuda12x==13.4.0", "cupy-cuda12x 13.4.0 targets CUDA 12"),
         ("nvidia-cublas-cu12==12.8.4.1", "targets CUDA 12"),
+        ("cuda-toolkit==12.8.1", "cuda-toolkit 12.8.1 targets CUDA 12"),
+        ("cuda_bindings==12.9.0", "targets CUDA 12"),
         ("dask-cuda==0.18.0", "dask-cuda 0.18.0 is older than RAPIDS 26.10"),
         ("rmm-cu13==25.12.0", "older than RAPIDS 26.10"),
         ("distributed-ucxx-cu13==0.46.0", "older than ucxx 0.52"),

@@ -166,3 +166,41 @@ def test_one_image_the_device_refuses_still_falls_back_alone(monkeypatch: pytest
     )
     assert isinstance(results[0], torch.Tensor)  # decoded on the device
     assert isinstance(results[1], np.ndarray) and results[1].shape == (224, 224, 3)  # Pillow decoded it
+
+
+@pytest.mark.parametrize(
+    "visible, hidden",
+    [
+        ("", True),
+        ("-1", True),
+        ("NoDevFiles", True),
+        ("none", True),
+        ("-1,0", True),
+        ("0", False),
+        ("1,0", False),
+        ("GPU-5f1a", False),
+    ],
+)
+def test_gpus_count_as_hidden_as_cuda_reads_the_mask(monkeypatch, visible: str, hidden: bool) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert gpu_environment.gpus_hidden_on_purpose() is hidden
+
+
+def test_an_explicit_cuda_device_on_a_mismatched_host_names_the_fix(driver_sees_gpus_torch_does_not) -> None:
+    with pytest.raises(DeviceSetupError, match="update the NVIDIA driver"):
+        resolve_device("cuda")
+
+
+def test_the_gpus_count_even_when_the_driver_cannot_describe_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlDeviceGetCount = lambda: 2
+    nvml.nvmlSystemGetDriverVersion = lambda: b"550.54.15"
+
+    def no_cuda_version():
+        raise RuntimeError("NVML_ERROR_FUNCTION_NOT_FOUND")
+
+    nvml.nvmlSystemGetCudaDriverVersion = no_cuda_version
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert gpu_environment.driver_view() == (2, "550.54.15", None)
+    assert gpu_environment.count_gpus() == 2

@@ -12,7 +12,8 @@ from distributed import Client, LocalCluster, Worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset
-from dask_clip.execution import compute, optimized_with_resources
+from dask_clip.errors import UsageError
+from dask_clip.execution import compute, map_shards, optimized_with_resources
 
 
 class Placements(SchedulerPlugin):
@@ -79,3 +80,22 @@ def test_a_fused_task_asks_for_what_its_embedding_part_asks_for(pristine_shards:
 
     plain = ClipImageEmbedder(model_dir=str(tiny_model), device="cpu")(dataset)
     assert not optimized_with_resources(plain.metadata)[1].by_name  # a CPU embedder asks for no GPU
+
+
+def test_two_steps_fused_into_one_task_ask_for_the_larger_share(pristine_shards: Path) -> None:
+    dataset = ImageTextPairDataset.from_webdataset(str(pristine_shards))
+
+    def unchanged(rows, task):
+        return rows
+
+    def step(frame, share):
+        return map_shards(unchanged, frame, dataset.shards, dataset.meta, id_col="key", resources={"GPU": share})
+
+    _, resources = optimized_with_resources(step(step(dataset.pandas_metadata, 0.5), 0.25))
+    assert list(resources.by_name.values()) == [{"GPU": 0.5}]
+
+
+@pytest.mark.parametrize("share", [2, -0.5, "all"])
+def test_a_gpu_share_outside_0_to_1_is_refused(tiny_model, share) -> None:
+    with pytest.raises(UsageError, match="num_gpus_per_worker must be a number from 0 to 1"):
+        ClipImageEmbedder(model_dir=str(tiny_model), num_gpus_per_worker=share)

@@ -7,7 +7,7 @@ import functools
 import logging
 from typing import Any
 
-from dask_clip.arguments import model_id
+from dask_clip.arguments import fraction, model_id
 from dask_clip.embedders.base import ImageEmbedder
 from dask_clip.images.preprocess import PreprocessConfig
 from dask_clip.models.clip import ClipVisionModel, describe_image_model
@@ -44,7 +44,7 @@ class ClipImageEmbedder(ImageEmbedder):
         self, model_dir: str = "openai/clip-vit-large-patch14", *, num_gpus_per_worker: float = 0.25, **options: Any
     ) -> None:
         self.model_dir = model_id("model_dir", model_dir)
-        self.num_gpus_per_worker = num_gpus_per_worker
+        self.num_gpus_per_worker = fraction("num_gpus_per_worker", num_gpus_per_worker)
         super().__init__(**options)
 
     def describe_model(self) -> tuple[int, PreprocessConfig]:

@@ -31,6 +31,8 @@ def resolve_device(device: str | None) -> str:
     if torch.device(device).type == "cuda":
         index = torch.device(device).index or 0
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            check_torch_sees_gpus(detect())  # a GPU worker whose torch cannot use its GPUs says so
         if index >= visible:
             raise DeviceUnavailableError(
                 f"device {device!r} was asked for, but this process on {socket.gethostname()} sees "
