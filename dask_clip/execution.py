@@ -10,7 +10,8 @@
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
 - ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
-  partition of their own shard.
+  partition of their own shard; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
+  through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
 """
 
 from __future__ import annotations
@@ -185,6 +186,20 @@ def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) 
     A tasks shuffle: Dask's P2P shuffle cannot move fixed-size list columns.
     """
     return frame.set_index(shard_column, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
+
+
+def shuffle_on_disk(frame: dd.DataFrame, partition_column: str, partition_count: int) -> dd.DataFrame:
+    """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``partition_column`` is ``i``
+    (``partition_count`` partitions, the column becomes the index), with Dask's P2P shuffle.
+
+    The P2P shuffle writes what it moves to the workers' disks and reads each output partition back
+    when it is needed, so a worker holds one input or one output partition at a time, not the whole
+    frame. It needs a distributed client and flat Arrow columns (encode vectors as ``binary``; pyarrow
+    strings arrive as Python objects).
+    """
+    divisions = list(range(partition_count + 1))
+    method = "p2p" if current_client() is not None else "tasks"  # the threaded scheduler has no P2P
+    return frame.set_index(partition_column, divisions=divisions, shuffle_method=method)
 
 
 def usable_resources(client: Any, wanted: Mapping[str, float] | None) -> dict[str, float]:
