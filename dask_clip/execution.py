@@ -194,8 +194,9 @@ def shuffle_on_disk(frame: dd.DataFrame, partition_column: str, partition_count:
 
     The P2P shuffle writes what it moves to the workers' disks and reads each output partition back
     when it is needed, so a worker holds one input or one output partition at a time, not the whole
-    frame. It needs a distributed client and flat Arrow columns (encode vectors as ``binary``; pyarrow
-    strings arrive as Python objects).
+    frame. It moves flat Arrow columns only (encode vectors as ``binary``; pyarrow strings arrive as Python
+    objects). Without a distributed client (the threaded scheduler of this process, for small data) it is
+    a tasks shuffle, in memory.
     """
     divisions = list(range(partition_count + 1))
     method = "p2p" if current_client() is not None else "tasks"  # the threaded scheduler has no P2P

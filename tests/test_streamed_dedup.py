@@ -98,6 +98,16 @@ def test_streamed_passes_agree_with_the_in_memory_reference_on_the_same_clusters
     assert got.loc[~got.index.str.startswith("g"), "keep"].all()  # background and rows without a vector kept
 
 
+def test_without_a_client_the_same_passes_run_on_threads(dataset: ImageTextPairDataset) -> None:
+    """No Dask client: the shuffle is a tasks shuffle on this process's threads (P2P needs workers)."""
+    from dask_clip.distributed.client import current_client
+
+    assert current_client() is None
+    dedup = SemanticDeduplicator(eps=0.01, n_clusters=3, max_cluster_size=100, kmeans_sample_size=300)
+    tree = dedup.cluster_tree(dataset).compute(scheduler="threads")
+    assert_agree(decisions(dedup(dataset)), brute_force(dataset.metadata.compute(), tree, 0.99, "hard"))
+
+
 def test_oversized_clusters_are_split_and_agree_within_each_piece(client, dataset: ImageTextPairDataset) -> None:
     dedup = SemanticDeduplicator(eps=0.01, n_clusters=2, max_cluster_size=60, kmeans_sample_size=10_000)
     tree = dedup.cluster_tree(dataset).compute()

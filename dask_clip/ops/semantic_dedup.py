@@ -27,6 +27,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from dask.delayed import Delayed
 
 from dask_clip.arguments import at_least, one_of
 from dask_clip.columns import (
@@ -134,7 +135,7 @@ class SemanticDeduplicator(Deduplicator):
     def check_inputs(self, dataset: ImageTextPairDataset) -> None:
         embedding_width(dataset.meta, self.embedding_column, self.name)
 
-    def cluster_tree(self, dataset: ImageTextPairDataset) -> dask.delayed:
+    def cluster_tree(self, dataset: ImageTextPairDataset) -> Delayed:
         """The clusters this deduplicator fits to ``dataset`` (pass 1), lazily: a delayed ``ClusterTree``."""
         dim = self._width(dataset)
         per_shard = math.ceil(self.kmeans_sample_size / len(dataset.shards))
