@@ -130,7 +130,8 @@ def print_report(results: dict[str, Any]) -> None:
     harness.print_table(header, rows)
     print(
         f"\n(semantic dedup {json.dumps(scale_dedup.DEDUP_OPTIONS)}, {results['workers']} workers x 1 thread, "
-        f"memory limit {scale_dedup.WORKER_MEMORY_LIMIT}; wall time from the call to the end of save_metadata)"
+        f"memory limit {scale_dedup.WORKER_MEMORY_LIMIT}, P2P comm buffer {scale_dedup.P2P_COMM_BUFFER}; "
+        "wall time from the call to the end of save_metadata)"
     )
     for entry in results["sizes"]:
         if "index" in entry:

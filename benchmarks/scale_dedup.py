@@ -27,25 +27,33 @@ from synthetic_vectors import read_vectors
 
 SUBSET_ROWS = 20_000
 RSS_INTERVAL_S = 0.5
-WORKER_MEMORY_LIMIT = "4GiB"  # above the 2 GB goal, so a run that misses it is measured rather than killed
+WORKER_MEMORY_LIMIT = "3GiB"  # above the 2 GB goal, so a run that misses it is measured rather than killed
+P2P_COMM_BUFFER = "256 MiB"
+"""Shards a worker's P2P shuffle holds in memory before sending (Dask's default: 1 GiB, half the 2 GB goal).
+Read when a worker starts, so it is set before the cluster starts (nannies pass their config on)."""
 DEDUP_OPTIONS = {"eps": 0.01, "n_clusters": 1000, "kmeans_sample_size": 100_000, "max_cluster_size": 100_000}
 
 
 class PeakRss:
-    """Samples every worker's RSS (``psutil``) in a background thread while the block runs: the peak per worker."""
+    """Samples every worker's RSS (``psutil``) and the tasks it is running, in a background thread while the
+    block runs: the peak per worker, with the tasks running at that moment, and a timeline."""
 
     def __init__(self, client: Any, interval: float = RSS_INTERVAL_S) -> None:
         self.client, self.interval = client, interval
         self.peaks: dict[str, int] = {}
-        self.samples = 0
+        self.tasks_at_peak: dict[str, list[str]] = {}
+        self.timeline: list[tuple[float, str, float, list[str]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
+        started = time.perf_counter()
         while not self._stop.is_set():
-            for worker, rss in self.client.run(_rss).items():
-                self.peaks[worker] = max(self.peaks.get(worker, 0), rss)
-            self.samples += 1
+            now = time.perf_counter() - started
+            for worker, (rss, tasks) in self.client.run(_rss_and_tasks).items():
+                if rss > self.peaks.get(worker, 0):
+                    self.peaks[worker], self.tasks_at_peak[worker] = rss, tasks
+                self.timeline.append((round(now, 1), worker, round(rss / 2**20), tasks))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRss:
@@ -63,16 +71,28 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _rss_and_tasks(dask_worker: Any) -> tuple[int, list[str]]:
+    """(In a worker.) Its RSS and the name prefixes of the tasks it is executing."""
+    from distributed.utils import key_split
+
+    return _rss(), sorted({key_split(task.key) for task in dask_worker.state.executing})
+
+
 def run(dataset_path: str, n: int, workers: int) -> dict[str, Any]:
     """Deduplicate the synthetic dataset at ``dataset_path`` (``n`` rows) on ``workers`` workers -> figures."""
+    import dask
+
     from dask_clip import ImageTextPairDataset, SemanticDeduplicator, get_client
 
     dataset_path = Path(dataset_path)
     output = dataset_path.parent / "dedup"
     started = time.perf_counter()
-    with get_client(
-        "cpu", n_workers=workers, threads_per_worker=1, memory_limit=WORKER_MEMORY_LIMIT, dashboard_address=":0"
-    ) as client:
+    with (
+        dask.config.set({"distributed.p2p.comm.buffer": P2P_COMM_BUFFER}),
+        get_client(
+            "cpu", n_workers=workers, threads_per_worker=1, memory_limit=WORKER_MEMORY_LIMIT, dashboard_address=":0"
+        ) as client,
+    ):
         startup_s = time.perf_counter() - started
         baseline = client.run(_rss)
         dataset = ImageTextPairDataset.from_webdataset(str(dataset_path))
@@ -97,7 +117,9 @@ def run(dataset_path: str, n: int, workers: int) -> dict[str, Any]:
         "wall_s": wall_s,
         "peak_rss_mb_per_worker": sorted(v / 2**20 for v in rss.peaks.values()),
         "rss_mb_at_start_per_worker": sorted(v / 2**20 for v in baseline.values()),
-        "rss_samples": rss.samples,
+        "tasks_at_peak_rss": [rss.tasks_at_peak[w] for w in sorted(rss.peaks, key=rss.peaks.get)],
+        "p2p_comm_buffer": P2P_COMM_BUFFER,
+        "rss_timeline": rss.timeline,
         "removed": int((~decisions["keep"]).sum()),
         "planted": planted_scores(decisions, pd.read_parquet(dataset_path.parent / "planted.parquet")),
         "exact_subset": subset_scores(decisions, dataset_path, 1 - DEDUP_OPTIONS["eps"]),

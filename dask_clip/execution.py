@@ -144,10 +144,11 @@ def map_shards(
     are the shards' positions in their dataset when ``shards`` is a subset of it (default: ``0, 1, ...``);
     ``payloads`` one string per shard, handed to that shard's task only (``task.payload``).
     Stage seconds the function records travel with its result (``stage_timings``), added to those of the
-    steps before it.
+    steps before it. A ``kwargs`` value may be a ``dask.delayed`` object: each shard's task then waits for it
+    and receives its value (e.g. centroids fitted across shards).
     """
 
-    def on_shard(rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
+    def on_shard(rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
         fields = {name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}
         task = ShardTask(
             ShardRef(**{name: fields[name] for name in ("index", "stem", "tar_url", "parquet_url")}),
@@ -176,6 +177,7 @@ def map_shards(
         align_dataframes=False,
         enforce_metadata=False,
         token=label,
+        **kwargs,
     )
 
 

@@ -39,7 +39,7 @@ from dask_clip.columns import (
     vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import ShardRef, ShardTask, failures_named, map_shards, shuffle_on_disk, shuffle_to_shards
+from dask_clip.execution import ShardTask, map_shards, shuffle_on_disk, shuffle_to_shards
 from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
 from dask_clip.ops.deduplicator import Deduplicator
 
@@ -179,18 +179,20 @@ class SemanticDeduplicator(Deduplicator):
                 _VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())),
             }
         )
-        tree = self.cluster_tree(dataset)
-        # each shard's own read task (not shared with the sample or join passes): no shard stays in memory
-        # from this pass until the join pass reads it again
-        parts = dataset.pandas_metadata.to_delayed()
-        assigned = dd.from_delayed(
-            [
-                dask.delayed(assign_shard)(part, ShardRef.of(index, shard), id_col, tree, self.embedding_column, dim)
-                for index, (part, shard) in enumerate(zip(parts, dataset.shards, strict=True))
-            ],
-            meta=assigned_meta,
-            verify_meta=False,
+        assigned = map_shards(
+            assign_shard,
+            dataset.pandas_metadata,
+            dataset.shards,
+            assigned_meta,
+            id_col=id_col,
+            label=f"{self.name}-assign",
+            tree=self.cluster_tree(dataset),
+            embedding_column=self.embedding_column,
+            dim=dim,
         )
+        # optimised apart: each shard is read inside its assign task, which waits for the clusters, so no
+        # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
+        assigned = dd.from_delayed(assigned.to_delayed(), meta=assigned_meta, verify_meta=False)
         by_partition = shuffle_on_disk(assigned, _PARTITION, len(dataset.shards))
         decisions = by_partition.map_partitions(
             cluster_decisions,
@@ -245,23 +247,22 @@ def fit_tree(samples: list[pd.DataFrame], dim: int, **options: Any) -> ClusterTr
 
 
 def assign_shard(
-    rows: pd.DataFrame, shard: ShardRef, id_col: str, tree: ClusterTree, embedding_column: str, dim: int
+    rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str, dim: int
 ) -> pd.DataFrame:
     """One shard's usable rows with their partition, shard number, id, cluster, cosine to its centroid and
     unit vector (``binary``, for the shuffle)."""
-    with failures_named(shard.tar_url):
-        valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[id_col])
-        cluster, cosine, partition = tree.assign(vectors)
-        return pd.DataFrame(
-            {
-                _PARTITION: partition,
-                _SHARD: np.full(len(vectors), shard.index, dtype=np.int64),
-                id_col: rows[id_col].array[valid],
-                _CLUSTER: cluster,
-                _CENTROID_COSINE: cosine,
-                _VECTOR: vectors_to_binary(vectors),
-            }
-        )
+    valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])
+    cluster, cosine, partition = tree.assign(vectors)
+    return pd.DataFrame(
+        {
+            _PARTITION: partition,
+            _SHARD: np.full(len(vectors), task.shard.index, dtype=np.int64),
+            task.id_col: rows[task.id_col].array[valid],
+            _CLUSTER: cluster,
+            _CENTROID_COSINE: cosine,
+            _VECTOR: vectors_to_binary(vectors),
+        }
+    )
 
 
 def keep_order(centroid_cosines: np.ndarray, which_to_keep: str, seed: int, cluster: int) -> np.ndarray:
