@@ -157,9 +157,7 @@ def print_report(results: dict[str, Any]) -> None:
         "speedup",
         "decode/HF",
     )
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(" --- " for _ in header) + "|")
+    rows = []
     for name, shape in results["shapes"].items():
         s = shape["summary"]
         cells = [
@@ -173,7 +171,8 @@ def print_report(results: dict[str, Any]) -> None:
             f"{s['speedup']:.2f}x",
             f"{s['decode_vs_hf_processor']:.2f}x",
         ]
-        print("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    harness.print_table(header, rows)
     print(
         "\n(images/s; efficiency = end to end / (1/(1/model only + 1/decode only)); speedup = end to end / plain loop)"
     )

@@ -153,6 +153,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def print_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> None:
+    """A Markdown table of ``rows`` (cells already formatted) under ``header``, after a blank line."""
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
 def log(started: float, message: str) -> None:
     """A progress line, prefixed with the seconds since ``started`` (a ``time.perf_counter()``)."""
     print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)

@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="semantic: keep the item farthest from (hard) or closest to (easy) its centroid, or a random one",
     )
     dedup.add_argument("--seed", type=int, default=0, help="semantic: seed of k-means and of the random policy")
+    dedup.add_argument(
+        "--kmeans-sample-size", type=int, default=100_000, help="semantic: embeddings the centroids are fitted on"
+    )
+    dedup.add_argument(
+        "--max-cluster-size",
+        type=int,
+        default=100_000,
+        help="semantic: clusters estimated to hold more rows are split (bounds a worker's memory); 0: never split",
+    )
     dedup.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     dedup.add_argument(
         "--overwrite", action="store_true", help="decide again even where the saved decisions are current"
@@ -299,6 +308,8 @@ def _dedup(args: argparse.Namespace) -> int:
             which_to_keep=args.which_to_keep,
             keep_column=args.keep_column,
             seed=args.seed,
+            kmeans_sample_size=args.kmeans_sample_size,
+            max_cluster_size=args.max_cluster_size or None,
         )
     dataset = _dataset(args)
     with _cluster(args):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dask_clip.errors import ColumnError
 
@@ -142,3 +143,31 @@ def unit_embeddings(
     norms = np.linalg.norm(vectors, axis=1)
     valid = np.isfinite(norms) & (norms > 0)
     return valid, (vectors[valid] / norms[valid, None]).astype(np.float32)
+
+
+def vectors_to_binary(vectors: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """``float32 (N, D)`` vectors -> a pyarrow ``binary`` array of ``N`` values of ``4 * D`` bytes each.
+
+    Dask's P2P shuffle moves flat Arrow columns, not fixed-size lists: vectors travel through it like this.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    row_bytes = vectors.shape[1] * 4
+    offsets = np.arange(0, (len(vectors) + 1) * row_bytes, row_bytes, dtype=np.int64)
+    array = pa.Array.from_buffers(pa.large_binary(), len(vectors), [None, pa.py_buffer(offsets), pa.py_buffer(vectors)])
+    return pd.arrays.ArrowExtensionArray(array)
+
+
+def binary_to_vectors(column: pd.Series, width: int) -> np.ndarray:
+    """A column made by ``vectors_to_binary`` -> ``float32 (N, width)``; ``ValueError`` when a value is not
+    ``4 * width`` bytes long."""
+    array = pa.chunked_array(pa.array(column.array)).combine_chunks().cast(pa.large_binary())
+    if array.null_count:
+        raise ValueError(f"column {column.name!r} holds {array.null_count} null vectors")
+    lengths = np.asarray(pc.binary_length(array), dtype=np.int64)
+    if len(lengths) and (lengths != width * 4).any():
+        raise ValueError(f"column {column.name!r} holds values of {sorted(set(lengths))[:5]} bytes, not {width * 4}")
+    _, offsets, data = array.buffers()
+    start = np.frombuffer(offsets, dtype=np.int64)[array.offset]
+    return (
+        np.frombuffer(data, dtype=np.uint8)[start : start + len(array) * width * 4].view(np.float32).reshape(-1, width)
+    )

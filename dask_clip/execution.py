@@ -12,7 +12,8 @@
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
 - ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
-  partition of their own shard.
+  partition of their own shard; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
+  through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def map_shards(
     ``payloads`` one string per shard, handed to that shard's task only (``task.payload``).
     Stage seconds the function records travel with its result (``stage_timings``), added to those of the
     steps before it. ``resources`` (``{"GPU": 0.25}``) are the Dask worker resources each of these tasks
-    asks for when computed on a cluster whose workers offer them.
+    asks for when computed on a cluster whose workers offer them. A ``kwargs`` value may be a ``dask.delayed``
+    object: each shard's task then waits for it and receives its value (e.g. centroids fitted across shards).
     """
 
     for frame in (metadata, *aligned):
@@ -156,7 +158,7 @@ def map_shards(
                 f"a frame has {frame.npartitions} partitions for {len(shards)} shards: expected one per shard"
             )
     return dd.map_partitions(
-        _OnShard(function, id_col, dict(resources or {}), kwargs),
+        _OnShard(function, id_col, dict(resources or {})),
         metadata,
         _shard_references(
             shards,
@@ -168,6 +170,7 @@ def map_shards(
         align_dataframes=False,
         enforce_metadata=False,
         token=label,
+        **kwargs,
     )
 
 
@@ -178,9 +181,10 @@ class _OnShard:
     function: Callable[..., pd.DataFrame]
     id_col: str
     resources: dict[str, float]
-    kwargs: dict[str, Any]
 
-    def __call__(self, rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
+    def __call__(
+        self, rows: pd.DataFrame, reference: pd.DataFrame, *parts: pd.DataFrame, **kwargs: Any
+    ) -> pd.DataFrame:
         fields = {name: reference[name].iloc[0] for name in _REFERENCE_COLUMNS}
         task = ShardTask(
             ShardRef(**{name: fields[name] for name in ("index", "stem", "tar_url", "parquet_url")}),
@@ -188,7 +192,7 @@ class _OnShard:
             str(fields["payload"]),
         )
         with failures_named(task.shard.tar_url):
-            result = self.function(rows, task, *parts, **self.kwargs)
+            result = self.function(rows, task, *parts, **kwargs)
         return _with_timings(result, rows, task)
 
 
@@ -199,6 +203,21 @@ def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) 
     A tasks shuffle: Dask's P2P shuffle cannot move fixed-size list columns.
     """
     return frame.set_index(shard_column, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
+
+
+def shuffle_on_disk(frame: dd.DataFrame, partition_column: str, partition_count: int) -> dd.DataFrame:
+    """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``partition_column`` is ``i``
+    (``partition_count`` partitions, the column becomes the index), with Dask's P2P shuffle.
+
+    The P2P shuffle writes what it moves to the workers' disks and reads each output partition back
+    when it is needed, so a worker holds one input or one output partition at a time, not the whole
+    frame. It moves flat Arrow columns only (encode vectors as ``binary``; pyarrow strings arrive as Python
+    objects). Without a distributed client (the threaded scheduler of this process, for small data) it is
+    a tasks shuffle, in memory.
+    """
+    divisions = list(range(partition_count + 1))
+    method = "p2p" if current_client() is not None else "tasks"  # the threaded scheduler has no P2P
+    return frame.set_index(partition_column, divisions=divisions, shuffle_method=method)
 
 
 @dataclass(frozen=True)

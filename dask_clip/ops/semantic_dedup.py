@@ -1,10 +1,16 @@
 """Semantic deduplication (SemDeDup): cluster the embeddings, then drop near-duplicates within each cluster.
 
-1. Spherical k-means on the L2-normalised embeddings (``dask_clip.ops.kmeans``, one lazy graph).
-2. Each row goes to its most similar centroid; a Dask shuffle brings every cluster into one partition.
-3. Within a cluster, items are ranked by the keep policy; an item whose cosine similarity to an
-   earlier-ranked item is ``>= 1 - eps`` is a duplicate of the most similar such item.
-4. The decisions go back to their shard (a second shuffle, on the shard number) and join the rows by id.
+Three passes over the shards, each holding one shard's rows at a time:
+
+1. **Sample**: each shard gives a seeded sample of its unit vectors (``kmeans_sample_size`` in all); one task
+   fits a ``ClusterTree`` on them (``dask_clip.ops.clustering``: faiss spherical k-means, oversized clusters
+   split, leaves packed into as many shuffle partitions as there are shards).
+2. **Assign**: each shard's rows get their cluster (a leaf of the tree), their cosine to its centroid and
+   their partition; Dask's P2P shuffle (on disk) brings each partition's clusters together, the vectors
+   travelling as ``binary`` values. Within a cluster, items are ranked by the keep policy; an item whose
+   cosine similarity to an earlier-ranked item is ``>= 1 - eps`` is a duplicate of the most similar one.
+3. **Join**: the decisions go back to their shard (a shuffle of small rows, on the shard number) and join
+   the rows by id.
 
 Rows without an embedding are kept. Similar images that k-means puts in different clusters are
 never compared (the price of clustering); more clusters make that likelier, fewer make clusters
@@ -13,6 +19,7 @@ bigger (pairwise cost grows with the square of a cluster's size).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -20,20 +27,21 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from dask.delayed import Delayed
 
 from dask_clip.arguments import at_least, one_of
 from dask_clip.columns import (
     BOOL,
-    embedding_dtype,
+    binary_to_vectors,
     embedding_width,
-    embeddings_to_numpy,
-    to_embedding_array,
+    empty_column,
     unit_embeddings,
+    vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import ShardRef, ShardTask, failures_named, map_shards, shuffle_to_shards
+from dask_clip.execution import ShardTask, map_shards, shuffle_on_disk, shuffle_to_shards
+from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
 from dask_clip.ops.deduplicator import Deduplicator
-from dask_clip.ops.kmeans import fit_spherical_kmeans, nearest_centroids
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -43,8 +51,12 @@ _KEEP = "_dask_clip_keep"
 _DUPLICATE_OF = "_dask_clip_duplicate_of"
 _SIMILARITY = "_dask_clip_similarity"
 _SHARD = "_dask_clip_shard"
+_PARTITION = "_dask_clip_partition"
 _CLUSTER = "_dask_clip_cluster"
 _CENTROID_COSINE = "_dask_clip_centroid_cosine"
+_VECTOR = "_dask_clip_vector"
+_ID = "_dask_clip_id"
+_WEIGHT = "_dask_clip_weight"
 SIMILARITY_BLOCK = 1024
 """Items of a cluster compared against all earlier-ranked ones at once (bounds a ``(block, n)`` matrix)."""
 
@@ -60,12 +72,22 @@ class SemanticDeduplicator(Deduplicator):
     ``which_to_keep``: ``"hard"`` keeps the item farthest from its cluster's centroid first (the
     SemDeDup default), ``"easy"`` the closest, ``"random"`` a seeded random one.
 
+    ``n_clusters`` centroids are fitted (faiss spherical k-means, ``max_iter`` iterations, ``seed``) on a
+    seeded sample of ``kmeans_sample_size`` unit vectors drawn evenly from the shards. A cluster estimated
+    (from the sample) to hold more than ``max_cluster_size`` rows is split by a k-means of its own into
+    clusters of at most about that size (None: never split); rows are compared only within their final
+    cluster. A cluster of (nearly) identical vectors cannot be split and stays whole.
+
     Writes the ``Deduplicator`` columns (their names are keyword-only options): a removed row names
     the most similar earlier-ranked item (which may itself be a duplicate) and their cosine.
 
-    The result is lazy; computing it runs k-means, so every shard's embeddings are held in cluster
-    memory while it runs. When the embeddings come from an embedder, ``save_metadata`` and read them
-    back first, so the images are not embedded again on every compute.
+    Memory per worker: one shard's rows at a time while sampling, assigning and joining; the sample
+    (``kmeans_sample_size`` x D float32) in the one task that fits the clusters; and in the within-cluster
+    pass one shuffle partition (about as many rows as a shard, or one cluster when that is larger, so at
+    most about ``max_cluster_size`` rows) plus a ``SIMILARITY_BLOCK`` x cluster-size matrix. Nothing grows
+    with the number of shards: the P2P shuffle keeps the vectors on the workers' disks in between. The
+    result is lazy; computing it reads each shard's rows three times (one per pass), so when the
+    embeddings come from an embedder, ``save_metadata`` and read them back first.
     """
 
     def __init__(
@@ -77,6 +99,8 @@ class SemanticDeduplicator(Deduplicator):
         embedding_column: str = "image_embedding",
         seed: int = 0,
         max_iter: int = 30,
+        kmeans_sample_size: int = 100_000,
+        max_cluster_size: int | None = 100_000,
         **columns: str,
     ) -> None:
         super().__init__(**columns)
@@ -88,6 +112,8 @@ class SemanticDeduplicator(Deduplicator):
         self.embedding_column = embedding_column
         self.seed = seed
         self.max_iter = at_least("max_iter", max_iter)
+        self.kmeans_sample_size = at_least("kmeans_sample_size", kmeans_sample_size)
+        self.max_cluster_size = None if max_cluster_size is None else at_least("max_cluster_size", max_cluster_size)
 
     def config(self) -> dict[str, Any]:
         """The options that determine the output, recorded next to it in the parquet."""
@@ -99,6 +125,8 @@ class SemanticDeduplicator(Deduplicator):
             "embedding_column": self.embedding_column,
             "seed": self.seed,
             "max_iter": self.max_iter,
+            "kmeans_sample_size": self.kmeans_sample_size,
+            "max_cluster_size": self.max_cluster_size,
         }
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
@@ -107,59 +135,81 @@ class SemanticDeduplicator(Deduplicator):
     def check_inputs(self, dataset: ImageTextPairDataset) -> None:
         embedding_width(dataset.meta, self.embedding_column, self.name)
 
+    def cluster_tree(self, dataset: ImageTextPairDataset) -> Delayed:
+        """The clusters this deduplicator fits to ``dataset`` (pass 1), lazily: a delayed ``ClusterTree``."""
+        dim = self._width(dataset)
+        per_shard = math.ceil(self.kmeans_sample_size / len(dataset.shards))
+        sample_meta = pd.DataFrame(
+            {_VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())), _WEIGHT: empty_column("float64")}
+        )
+        samples = map_shards(
+            sample_shard,
+            dataset.pandas_metadata,
+            dataset.shards,
+            sample_meta,
+            id_col=dataset.id_col,
+            label=f"{self.name}-sample",
+            embedding_column=self.embedding_column,
+            dim=dim,
+            count=per_shard,
+            seed=self.seed,
+        ).to_delayed()  # optimised apart from the other passes: each shard is read by its own task here
+        return dask.delayed(fit_tree)(
+            samples,
+            dim=dim,
+            n_clusters=self.n_clusters,
+            max_cluster_size=self.max_cluster_size,
+            partitions=len(dataset.shards),
+            seed=self.seed,
+            max_iter=self.max_iter,
+        )
+
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """Cluster, decide within clusters, and join the decisions back to each shard's rows."""
         meta = dataset.meta
-        dim = dataset.embedding_width(self.embedding_column, self.name)
-        if dim is None:
-            raise ColumnError(f"{self.name}: no shard holds an embedding in {self.embedding_column!r}")
+        dim = self._width(dataset)
         id_col = dataset.id_col
-        parts = dataset.pandas_metadata.to_delayed()  # one graph key per shard: each shard is computed once
-        shards = [ShardRef.of(index, shard) for index, shard in enumerate(dataset.shards)]
-        blocks = [
-            dask.delayed(unit_vectors)(part, shard, self.embedding_column, dim, id_col)
-            for part, shard in zip(parts, shards, strict=True)
-        ]
-        centroids = fit_spherical_kmeans(blocks, self.n_clusters, seed=self.seed, max_iter=self.max_iter)
-
         assigned_meta = pd.DataFrame(
             {
-                _SHARD: pd.Series([], dtype="int64"),
+                _PARTITION: empty_column("int64"),
+                _SHARD: empty_column("int64"),
                 id_col: meta[id_col].iloc[:0],
-                _CLUSTER: pd.Series([], dtype="int64"),
-                _CENTROID_COSINE: pd.Series([], dtype="float32"),
-                self.embedding_column: pd.Series([], dtype=embedding_dtype(dim)),
+                _CLUSTER: empty_column("int64"),
+                _CENTROID_COSINE: empty_column("float32"),
+                _VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())),
             }
         )
-        assigned = dd.from_delayed(
-            [
-                dask.delayed(assign_clusters)(part, centroids, shard, id_col, self.embedding_column, dim)
-                for shard, part in zip(shards, parts, strict=True)
-            ],
-            meta=assigned_meta,
-            verify_meta=False,
+        assigned = map_shards(
+            assign_shard,
+            dataset.pandas_metadata,
+            dataset.shards,
+            assigned_meta,
+            id_col=id_col,
+            label=f"{self.name}-assign",
+            tree=self.cluster_tree(dataset),
+            embedding_column=self.embedding_column,
+            dim=dim,
         )
-        # tasks shuffles: P2P cannot move fixed_size_list columns and turns pyarrow strings into objects
-        by_cluster = assigned.shuffle(on=_CLUSTER, npartitions=min(self.n_clusters, len(parts)), shuffle_method="tasks")
-        decisions_meta = decision_frame(
-            assigned_meta, [], np.zeros(0, bool), np.zeros(0), np.zeros(0, np.int64), id_col
-        )
-        decisions = by_cluster.map_partitions(
+        # optimised apart: each shard is read inside its assign task, which waits for the clusters, so no
+        # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
+        assigned = dd.from_delayed(assigned.to_delayed(), meta=assigned_meta, verify_meta=False)
+        by_partition = shuffle_on_disk(assigned, _PARTITION, len(dataset.shards))
+        decisions = by_partition.map_partitions(
             cluster_decisions,
             threshold=1 - self.eps,
             which_to_keep=self.which_to_keep,
             seed=self.seed,
             id_col=id_col,
-            embedding_column=self.embedding_column,
-            meta=decisions_meta,
+            id_dtype=meta[id_col].dtype,
+            dim=dim,
+            meta=empty_decisions(id_col, meta[id_col].dtype),
             enforce_metadata=False,
         )
-        by_shard = shuffle_to_shards(decisions, _SHARD, len(parts))
-        rows = dd.from_delayed(parts, meta=meta, verify_meta=False)
+        by_shard = shuffle_to_shards(decisions, _SHARD, len(dataset.shards))
         outputs = (self.keep_column, self.duplicate_of_column, self.similarity_column)
         return map_shards(
             join_decisions,
-            rows,
+            dataset.pandas_metadata,
             dataset.shards,
             output_meta,
             by_shard,
@@ -168,27 +218,49 @@ class SemanticDeduplicator(Deduplicator):
             outputs=outputs,
         )
 
+    def _width(self, dataset: ImageTextPairDataset) -> int:
+        dim = dataset.embedding_width(self.embedding_column, self.name)
+        if dim is None:
+            raise ColumnError(f"{self.name}: no shard holds an embedding in {self.embedding_column!r}")
+        return dim
 
-def unit_vectors(rows: pd.DataFrame, shard: ShardRef, embedding_column: str, dim: int, id_col: str) -> np.ndarray:
-    """One shard's usable ``dim``-wide embeddings, L2-normalised: ``float32 (n, D)``."""
-    with failures_named(shard.tar_url):
-        return unit_embeddings(rows[embedding_column], dim, rows[id_col])[1]
 
-
-def assign_clusters(
-    rows: pd.DataFrame, centroids: np.ndarray, shard: ShardRef, id_col: str, embedding_column: str, dim: int
+def sample_shard(
+    rows: pd.DataFrame, task: ShardTask, embedding_column: str, dim: int, count: int, seed: int
 ) -> pd.DataFrame:
-    """The usable rows of one shard with their shard number, cluster, cosine to its centroid and unit vector."""
-    with failures_named(shard.tar_url):
-        valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[id_col])
-        labels, cosines = nearest_centroids(vectors, centroids)
+    """Up to ``count`` of one shard's usable unit vectors, chosen with a generator seeded by ``(seed, shard)``,
+    each with the number of the shard's usable rows it stands for."""
+    vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])[1]
+    if len(vectors) > count:
+        chosen = np.random.default_rng([seed, task.shard.index]).choice(len(vectors), count, replace=False)
+        weight, vectors = len(vectors) / count, vectors[np.sort(chosen)]
+    else:
+        weight = 1.0
+    return pd.DataFrame({_VECTOR: vectors_to_binary(vectors), _WEIGHT: np.full(len(vectors), weight)})
+
+
+def fit_tree(samples: list[pd.DataFrame], dim: int, **options: Any) -> ClusterTree:
+    """The ``ClusterTree`` of the shards' samples (``fit_cluster_tree``'s ``options``)."""
+    vectors = np.concatenate([binary_to_vectors(s[_VECTOR], dim) for s in samples])
+    weights = np.concatenate([s[_WEIGHT].to_numpy() for s in samples])
+    return fit_cluster_tree(vectors, weights, **options)
+
+
+def assign_shard(
+    rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str, dim: int
+) -> pd.DataFrame:
+    """One shard's usable rows with their partition, shard number, id, cluster, cosine to its centroid and
+    unit vector (``binary``, for the shuffle)."""
+    valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])
+    cluster, cosine, partition = tree.assign(vectors)
     return pd.DataFrame(
         {
-            _SHARD: np.full(len(vectors), shard.index, dtype=np.int64),
-            id_col: rows[id_col].array[valid],
-            _CLUSTER: labels,
-            _CENTROID_COSINE: cosines,
-            embedding_column: to_embedding_array(vectors, np.ones(len(vectors), dtype=bool)),
+            _PARTITION: partition,
+            _SHARD: np.full(len(vectors), task.shard.index, dtype=np.int64),
+            task.id_col: rows[task.id_col].array[valid],
+            _CLUSTER: cluster,
+            _CENTROID_COSINE: cosine,
+            _VECTOR: vectors_to_binary(vectors),
         }
     )
 
@@ -220,36 +292,46 @@ def best_earlier_match(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cluster_decisions(
-    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, embedding_column: str
+    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any, dim: int
 ) -> pd.DataFrame:
-    """Whole clusters of rows -> one decision per row: shard, id, keep, duplicate_of, similarity."""
+    """Whole clusters of rows (vectors as ``binary``) -> one decision per row: shard, id, keep, duplicate_of,
+    similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them into Python objects)."""
     decided = []
     for cluster, group in frame.groupby(_CLUSTER, sort=True):
         group = group.sort_values(id_col, kind="stable")  # the same order whatever order the shuffle gave
         group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
-        best, match = best_earlier_match(embeddings_to_numpy(group[embedding_column]))
+        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], dim))
         duplicate = best >= threshold
-        decided.append(decision_frame(group, group[id_col].array, ~duplicate, best, match, id_col))
+        decided.append(decision_frame(group[_SHARD], pd.array(group[id_col], dtype=id_dtype), ~duplicate, best, match))
     if not decided:
-        return decision_frame(frame, [], np.zeros(0, bool), np.zeros(0), np.zeros(0, np.int64), id_col)
-    return pd.concat(decided, ignore_index=True)
+        return empty_decisions(id_col, id_dtype)
+    return pd.concat(decided, ignore_index=True).rename(columns={_ID: id_col})
 
 
-def decision_frame(
-    group: pd.DataFrame, ids: Any, keep: np.ndarray, best: np.ndarray, match: np.ndarray, id_col: str
-) -> pd.DataFrame:
-    """Decisions for ``group``'s rows (in order): removed rows name their match and its cosine."""
-    ids = pd.array(ids, dtype=group[id_col].dtype)
+def decision_frame(shards: pd.Series, ids: Any, keep: np.ndarray, best: np.ndarray, match: np.ndarray) -> pd.DataFrame:
+    """Decisions for a cluster's rows (``ids``, in rank order): removed rows name their match and its cosine."""
     similarity = pa.array(np.minimum(best, 1.0).astype(np.float64), mask=keep)
     return pd.DataFrame(
         {
-            _SHARD: group[_SHARD].to_numpy(dtype=np.int64),
-            id_col: ids,
+            _SHARD: shards.to_numpy(dtype=np.int64),
+            _ID: ids,
             _KEEP: pd.array(keep, dtype=BOOL),
             _DUPLICATE_OF: ids.take(np.where(keep, -1, match), allow_fill=True),
             _SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
         }
     )
+
+
+def empty_decisions(id_col: str, id_dtype: Any) -> pd.DataFrame:
+    """A frame of no decisions, with the columns and types of ``cluster_decisions``' result."""
+    empty = decision_frame(
+        pd.Series([], dtype="int64"),
+        pd.array([], dtype=id_dtype),
+        np.zeros(0, bool),
+        np.zeros(0),
+        np.zeros(0, np.int64),
+    )
+    return empty.rename(columns={_ID: id_col})
 
 
 def join_decisions(

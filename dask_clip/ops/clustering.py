@@ -1,0 +1,149 @@
+"""Clusters for semantic deduplication, fitted on a sample and applied to any number of rows.
+
+A ``ClusterTree`` is fitted on a seeded sample of unit vectors (a few per shard, each row weighted by how
+many rows of its shard it stands for), with faiss's spherical k-means:
+
+1. ``n_clusters`` top-level centroids;
+2. a cluster whose estimated size (the sum of its sample rows' weights) exceeds ``max_cluster_size`` is
+   split by a second k-means on its own sample rows into ``ceil(size / max_cluster_size)`` sub-clusters,
+   and so on while a piece is still too big. A cluster whose sample rows are all (nearly) the same vector
+   cannot be split and stays whole;
+3. the leaves (clusters that were not split) are packed into ``partitions`` groups of about equal
+   estimated size (largest first, each to the lightest group), one group per partition of the shuffle.
+
+``assign`` then gives every row its leaf (nearest top-level centroid, then nearest sub-centroid, down
+the tree), its cosine to that leaf's centroid, and its partition. Everything here works on NumPy
+``float32`` arrays in memory: the sample and one shard's vectors at a time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClusterTree:
+    """Centroids of every cluster and sub-cluster, how they nest, and the shuffle partition of each leaf.
+
+    ``centroids``: ``float32 (nodes, D)`` unit vectors; nodes ``0 .. roots - 1`` are the top-level clusters.
+    ``children``: for each split node, its sub-clusters' node numbers (``int64``, all larger than its own).
+    ``partition_of``: ``int64 (nodes,)``, the shuffle partition of each leaf (``-1`` for a split node).
+    ``estimated_sizes``: ``float64 (nodes,)``, rows per node estimated from the sample.
+    """
+
+    centroids: np.ndarray
+    roots: int
+    children: dict[int, np.ndarray]
+    partition_of: np.ndarray
+    estimated_sizes: np.ndarray
+
+    @property
+    def leaves(self) -> np.ndarray:
+        """The node numbers of the clusters rows are assigned to: ``int64 (leaves,)``."""
+        return np.flatnonzero(self.partition_of >= 0)
+
+    def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unit vectors ``float32 (n, D)`` -> each row's leaf ``int64 (n,)``, its cosine to that leaf's
+        centroid ``float32 (n,)`` and its partition ``int64 (n,)``. Without centroids every row is in leaf -1."""
+        if self.roots == 0:
+            return (
+                np.full(len(vectors), -1, np.int64),
+                np.zeros(len(vectors), np.float32),
+                np.zeros(len(vectors), np.int64),
+            )
+        leaf, cosine = nearest(vectors, self.centroids[: self.roots])
+        for node in sorted(self.children):  # children are numbered after their parent: one pass reaches the leaves
+            rows = np.flatnonzero(leaf == node)
+            if len(rows):
+                kids = self.children[node]
+                sub, cosine[rows] = nearest(vectors[rows], self.centroids[kids])
+                leaf[rows] = kids[sub]
+        return leaf, cosine, self.partition_of[leaf]
+
+
+def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit vector's most cosine-similar centroid: ``int64 (n,)`` and that cosine ``float32 (n,)``."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    cosine, label = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return label[:, 0].astype(np.int64), cosine[:, 0]
+
+
+def spherical_kmeans(vectors: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
+    """faiss's spherical k-means of unit vectors ``float32 (n, D)`` -> ``float32 (min(k, n), D)`` unit centroids,
+    using every row given (no subsampling inside faiss)."""
+    k = min(k, len(vectors))
+    kmeans = faiss.Kmeans(
+        vectors.shape[1],
+        k,
+        niter=max_iter,
+        seed=seed,
+        spherical=True,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(1, math.ceil(len(vectors) / k)),
+    )
+    kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return kmeans.centroids
+
+
+def fit_cluster_tree(
+    vectors: np.ndarray,
+    weights: np.ndarray,
+    n_clusters: int,
+    max_cluster_size: int | None,
+    partitions: int,
+    seed: int,
+    max_iter: int,
+) -> ClusterTree:
+    """Fit the tree on sample rows ``float32 (n, D)`` standing for ``weights`` ``float64 (n,)`` rows each.
+
+    ``max_cluster_size=None`` never splits. See the module's docstring for the steps.
+    """
+    if len(vectors) == 0:
+        empty = np.zeros(0, np.int64)
+        return ClusterTree(np.zeros((0, vectors.shape[1]), np.float32), 0, {}, empty, np.zeros(0))
+    centroids = [spherical_kmeans(vectors, n_clusters, seed, max_iter)]
+    roots = len(centroids[0])
+    leaf = nearest(vectors, centroids[0])[0]
+    children: dict[int, np.ndarray] = {}
+    sizes = list(np.bincount(leaf, weights=weights, minlength=roots))
+    node = 0
+    while node < len(sizes):
+        members = np.flatnonzero(leaf == node)
+        if max_cluster_size is not None and sizes[node] > max_cluster_size and len(members) > 1:
+            pieces = math.ceil(sizes[node] / max_cluster_size)
+            sub = spherical_kmeans(vectors[members], pieces, seed + node + 1, max_iter)
+            sub_leaf = nearest(vectors[members], sub)[0]
+            used = np.unique(sub_leaf)
+            if len(used) > 1:  # else the members are one point: no split can make it smaller
+                kids = np.arange(len(sizes), len(sizes) + len(used), dtype=np.int64)
+                children[node] = kids
+                centroids.append(sub[used])
+                leaf[members] = kids[np.searchsorted(used, sub_leaf)]
+                sizes += list(np.bincount(leaf[members] - kids[0], weights=weights[members], minlength=len(kids)))
+        node += 1
+    estimated = np.asarray(sizes, dtype=np.float64)
+    return ClusterTree(
+        np.concatenate(centroids).astype(np.float32),
+        roots,
+        children,
+        pack(estimated, set(children), partitions),
+        estimated,
+    )
+
+
+def pack(sizes: np.ndarray, split: set[int], partitions: int) -> np.ndarray:
+    """Leaves (nodes not in ``split``) into ``partitions`` groups of about equal total ``sizes``, largest first,
+    each into the lightest group so far -> ``int64 (nodes,)`` group of each node (``-1`` for split nodes)."""
+    group = np.full(len(sizes), -1, dtype=np.int64)
+    loads = [(0.0, number) for number in range(partitions)]
+    for node in sorted((n for n in range(len(sizes)) if n not in split), key=lambda n: (-sizes[n], n)):
+        load, number = heapq.heappop(loads)
+        group[node] = number
+        heapq.heappush(loads, (load + sizes[node], number))
+    return group
