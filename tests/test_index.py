@@ -69,7 +69,7 @@ def test_ivf_index_recall_on_clustered_vectors(client, tmp_path: Path) -> None:
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
     dataset.build_index(str(tmp_path / "index"), index_key="IVF64,Flat", nprobe=8, seed=3)
     opened = dataset.open_index(str(tmp_path / "index"))
-    assert opened.index.ntotal == 4000 and opened.manifest["index"]["train_size"] == 3200
+    assert opened.index.ntotal == 4000 and opened.manifest["index"]["train_size"] == 2560
     queries = list(clustered_rows(20, seed=2).values())
     exact = [set(exact_keys(dataset, query, 10)) for query in queries]
 
@@ -161,10 +161,10 @@ def test_bad_calls_name_the_problem(client, with_gaps: Path, tmp_path: Path) -> 
 def test_the_index_is_chosen_from_the_rows_and_the_memory_budget() -> None:
     assert choose_index(10_000, 768, 2**30).key == "IDMap,Flat"
     flat = choose_index(1_000_000, 768, 4 * 2**30)
-    assert (flat.key, flat.nlist, flat.nprobe, flat.train_size) == ("IVF4000,Flat", 4000, 250, 200_000)
-    assert choose_index(1_000_000, 768, 2**30).key == "IVF4000,SQ8"  # one byte per dimension fits
+    assert (flat.key, flat.nlist, flat.nprobe, flat.train_size) == ("IVF2000,Flat", 2000, 62, 80_000)
+    assert choose_index(1_000_000, 768, 2**30).key == "IVF2000,SQ8"  # one byte per dimension fits
     pq_choice = choose_index(1_000_000, 768, 2**29)
-    assert pq_choice.key.startswith("IVF4000,PQ") and pq_choice.train_size == 200_000
+    assert pq_choice.key.startswith("IVF2000,PQ") and pq_choice.train_size == 80_000
     m = int(pq_choice.key.split("PQ")[1])
     assert 768 % m == 0 and 1_000_000 * (m + 8) <= 2**29
     with pytest.raises(UsageError, match="cannot hold an index of 1000000 vectors"):

@@ -56,7 +56,7 @@ def build_index(
 
     The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``)
     unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
-    ``nprobe``: the IVF lists a query scans by default (``nlist / 16`` unless given). ``seed`` fixes the
+    ``nprobe``: the IVF lists a query scans by default (``nlist / 32`` unless given). ``seed`` fixes the
     training sample and k-means. ``path`` must be empty or absent unless ``overwrite``; it is replaced as a whole.
 
     Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
