@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     build_index.add_argument(
         "--index-key", default=None, help="a faiss factory string, e.g. IVF1024,Flat (default: chosen from the rows)"
     )
-    build_index.add_argument("--nprobe", type=int, default=None, help="IVF lists a query scans (default: nlist/32)")
+    build_index.add_argument(
+        "--nprobe", type=int, default=None, help="IVF lists a query scans (default: enough for ~16k vectors)"
+    )
     build_index.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
     build_index.add_argument("--overwrite", action="store_true", help="replace the index folder and all it holds")
     _add_cluster_options(build_index)

@@ -161,7 +161,7 @@ def test_bad_calls_name_the_problem(client, with_gaps: Path, tmp_path: Path) -> 
 def test_the_index_is_chosen_from_the_rows_and_the_memory_budget() -> None:
     assert choose_index(10_000, 768, 2**30).key == "IDMap,Flat"
     flat = choose_index(1_000_000, 768, 4 * 2**30)
-    assert (flat.key, flat.nlist, flat.nprobe, flat.train_size) == ("IVF2000,Flat", 2000, 62, 80_000)
+    assert (flat.key, flat.nlist, flat.nprobe, flat.train_size) == ("IVF2000,Flat", 2000, 33, 80_000)
     assert choose_index(1_000_000, 768, 2**30).key == "IVF2000,SQ8"  # one byte per dimension fits
     pq_choice = choose_index(1_000_000, 768, 2**29)
     assert pq_choice.key.startswith("IVF2000,PQ") and pq_choice.train_size == 80_000

@@ -56,8 +56,9 @@ def build_index(
 
     The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``)
     unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
-    ``nprobe``: the IVF lists a query scans by default (``nlist / 32`` unless given). ``seed`` fixes the
-    training sample and k-means. ``path`` must be empty or absent unless ``overwrite``; it is replaced as a whole.
+    ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors).
+    ``seed`` fixes the training sample and k-means. ``path`` must be empty or absent unless ``overwrite``; it
+    is replaced as a whole.
 
     Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
     """
@@ -82,9 +83,11 @@ def build_index(
 
     with replacing_folder(path, overwrite) as folder:
         trained_url = posixpath.join(folder, _TRAINED)
-        sample_share = choice.train_size / max(int(rows.sum()), 1)
-        sample = _sample(dataset, embedding_column, width, sample_share, seed)
-        compute(dask.delayed(_train_and_write)(sample, choice, width, seed, trained_url))
+        if choice.train_size:
+            sample = _sample(dataset, embedding_column, width, choice.train_size / int(rows.sum()), seed)
+            compute(dask.delayed(_train_and_write)(sample, choice, width, seed, trained_url))
+        else:  # an exhaustive index: nothing to train
+            write_faiss(ann.empty_index(choice, width), trained_url)
         ids = compute(_add_parts(dataset, embedding_column, width, offsets, rows, trained_url, folder))
         index = _merge_parts(
             read_faiss(trained_url), [posixpath.join(folder, _PARTS, f"{s.stem}.faiss") for s in dataset.shards]
