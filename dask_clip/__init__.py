@@ -45,6 +45,7 @@ _LAZY_NAMES = {
             "ShardError",
             "ShardMetadataError",
             "ShardReadError",
+            "StaleIndexError",
             "UsageError",
             "WriteError",
         ],

@@ -162,7 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--model-dir", default=None, help="model for the query (default: the one recorded with the embeddings)"
     )
+    search.add_argument("--index", default=None, help="folder of an index from build-index (default: exact search)")
+    search.add_argument("--nprobe", type=int, default=None, help="IVF lists to scan (default: the index's own)")
     _add_cluster_options(search)
+
+    build_index = commands.add_parser(
+        "build-index",
+        help="build an approximate nearest-neighbour index of the saved embeddings for search --index",
+        formatter_class=defaults,
+    )
+    _add_dataset_options(build_index)
+    build_index.add_argument("index", help="folder for the index (must be empty, or see --overwrite)")
+    build_index.add_argument("--embedding-column", default="image_embedding", help="column to index")
+    build_index.add_argument(
+        "--memory-budget-gb", type=float, default=4.0, help="largest index size: PQ codes instead of vectors above it"
+    )
+    build_index.add_argument(
+        "--index-key", default=None, help="a faiss factory string, e.g. IVF1024,Flat (default: chosen from the rows)"
+    )
+    build_index.add_argument(
+        "--nprobe", type=int, default=None, help="IVF lists a query scans (default: enough for ~16k vectors)"
+    )
+    build_index.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
+    build_index.add_argument("--overwrite", action="store_true", help="replace the index folder and all it holds")
+    _add_cluster_options(build_index)
 
     export = commands.add_parser("export", help="write embeddings in clip-retrieval's layout", formatter_class=defaults)
     _add_dataset_options(export)
@@ -389,8 +412,31 @@ def _search(args: argparse.Namespace) -> int:
     image = Path(args.image).read_bytes() if args.image else None
     dataset = _dataset(args)
     with _cluster(args):
-        hits = dataset.search(text=args.text, image=image, k=args.k, model_dir=args.model_dir)
+        hits = dataset.search(
+            text=args.text, image=image, k=args.k, model_dir=args.model_dir, index=args.index, nprobe=args.nprobe
+        )
     print(hits.to_string(index=False))
+    return 0
+
+
+def _build_index(args: argparse.Namespace) -> int:
+    dataset = _dataset(args)
+    with _cluster(args):
+        started = time.perf_counter()
+        summary = dataset.build_index(
+            args.index,
+            embedding_column=args.embedding_column,
+            memory_budget_gb=args.memory_budget_gb,
+            index_key=args.index_key,
+            nprobe=args.nprobe,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    print(
+        f"indexed {int(summary['indexed'].sum())} of {int(summary['rows'].sum())} rows of {len(summary)} shards "
+        f"({int(summary['without_embedding'].sum())} without a usable embedding, not indexed), "
+        f"{time.perf_counter() - started:.1f}s; index in {args.index}"
+    )
     return 0
 
 
@@ -497,6 +543,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "filter": _filter,
     "reshard": _reshard,
     "search": _search,
+    "build-index": _build_index,
     "export": _export,
     "info": _info,
     "attach": _attach,

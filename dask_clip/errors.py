@@ -87,6 +87,11 @@ class WriteError(OSError, DataError):
     """A file could not be written (disk full, permissions, ...); the message starts with its path."""
 
 
+class StaleIndexError(DataError):
+    """An index was built from other data than the dataset holds now (rows or embeddings changed since); the
+    message starts with the index's path and names the first shard that differs. Rebuild the index."""
+
+
 class ImageDecodeError(DataError):
     """One sample's bytes cannot be made into an image; the message is the row's reason.
 

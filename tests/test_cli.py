@@ -131,6 +131,34 @@ def test_curation_commands_chain(client, shards: Path, tiny_model: Path, tmp_pat
     assert member.name[:-4] in search.stdout.splitlines()[1]
 
 
+def test_build_index_then_search_with_it_exit_codes(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    common = ("--scheduler-address", client.scheduler.address)
+    assert run_cli("embed", str(shards), "--model-dir", str(tiny_model), *common).returncode == 0
+    index = str(tmp_path / "index")
+    built = run_cli("build-index", str(shards), index, *common)
+    assert built.returncode == 0, built.stderr
+    assert "indexed 15 of 18 rows of 3 shards (3 without a usable embedding, not indexed)" in built.stdout
+
+    with tarfile.open(shards / "00001.tar") as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "query.jpg").write_bytes(archive.extractfile(member).read())
+    query = ("--image", str(tmp_path / "query.jpg"), "-k", "3")
+    exact = run_cli("search", str(shards), *query, *common)
+    searched = run_cli("search", str(shards), *query, "--index", index, *common)
+    assert searched.returncode == 0, searched.stderr
+    assert searched.stdout == exact.stdout and member.name[:-4] in searched.stdout.splitlines()[1]
+
+    assert run_cli("build-index", str(shards), index, *common).returncode == 2  # not empty, no --overwrite
+    bad_key = run_cli("build-index", str(shards), str(tmp_path / "b"), "--index-key", "IVF-x", *common)
+    assert bad_key.returncode == 2 and "not a faiss index factory string" in bad_key.stderr
+    table = pq.read_table(shards / "00003.parquet")
+    pq.write_table(table.slice(1), shards / "00003.parquet")  # a row removed: the index is stale
+    stale = run_cli("search", str(shards), *query, "--index", index, *common)
+    assert stale.returncode == 1 and "StaleIndexError" in stale.stderr and "shard 00003" in stale.stderr
+
+
 def duplicate_shard(folder: Path) -> None:
     """Add a byte-identical copy of 00000's first image as a new row of shard 00003."""
     import io

@@ -16,6 +16,8 @@ from dask_clip.columns import embedding_width as declared_width
 from dask_clip.columns import embeddings_to_numpy
 from dask_clip.dataset.attach import attach_embeddings
 from dask_clip.dataset.export import export_clip_retrieval
+from dask_clip.dataset.index import build_index
+from dask_clip.dataset.index_files import open_index
 from dask_clip.dataset.info import info
 from dask_clip.dataset.reshard import to_webdataset
 from dask_clip.dataset.save import save_metadata
@@ -153,6 +155,8 @@ class ImageTextPairDataset:
     export_clip_retrieval = export_clip_retrieval
     attach_embeddings = attach_embeddings
     info = info
+    build_index = build_index
+    open_index = open_index
 
     def __repr__(self) -> str:
         return (

@@ -17,6 +17,7 @@ import pandas as pd
 
 from dask_clip.arguments import at_least
 from dask_clip.columns import l2_normalize, unit_embeddings
+from dask_clip.dataset.index_files import OpenedIndex, open_index
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
@@ -34,6 +35,8 @@ def search(
     k: int = 10,
     model_dir: str | None = None,
     embedding_column: str = "image_embedding",
+    index: str | OpenedIndex | None = None,
+    nprobe: int | None = None,
 ) -> pd.DataFrame:
     """The ``k`` rows whose embedding is most similar (cosine) to the query, best first.
 
@@ -41,6 +44,11 @@ def search(
     is); ``text`` is a caption. Embedding a query needs ``model_dir`` (a CLIP ``save_pretrained``
     folder or hub id; text also needs its tokenizer files), by default the ``model_dir`` recorded
     with the embeddings. Rows without an embedding are never returned.
+
+    By default every row is scored (exact). ``index``: the folder of an index that ``build_index`` wrote for
+    this column (opened and checked against the dataset on each call), or one opened once with
+    ``open_index`` for many queries; it answers approximately, scanning ``nprobe`` IVF lists (the index's
+    default unless given).
 
     Returns a pandas frame: the id column, ``score`` (``float32`` cosine), ``stem`` and ``tar_url``
     of the shard holding the row.
@@ -62,6 +70,11 @@ def search(
     if not np.isfinite(query).all() or not query.any():
         raise UsageError("the query embedding holds NaN or infinite values, or only zeros")
     query = l2_normalize(query[None, :])[0]
+    if index is not None:
+        if nprobe is not None:
+            at_least("nprobe", nprobe)
+        opened = index if isinstance(index, OpenedIndex) else open_index(dataset, index, embedding_column)
+        return opened.top_k(query, k, nprobe)
 
     id_col = dataset.id_col
     meta = pd.DataFrame(

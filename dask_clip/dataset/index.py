@@ -1,0 +1,215 @@
+"""Build an approximate nearest-neighbour index of a dataset's saved embeddings, as autofaiss does:
+
+1. every shard's footer and id column give its rows (so each row's global number, the vector's label) and
+   the dataset's fingerprint (``index_files``);
+2. each shard's task draws its share of a seeded sample of the rows with an embedding; one task trains an
+   empty index on the sample (on a GPU where faiss's GPU build sees one) and writes it;
+3. each shard's task adds its vectors to a copy of the trained index and writes that part; the client
+   merges the parts into one index, one at a time, and writes it with the id map and the manifest.
+
+Only the sample and one part at a time are held anywhere but on the workers; the merged index is held by the
+client, and its size is what the memory budget bounds. Rows without a usable embedding (null, NaN or
+infinite values, all zeros: as exact search) are not indexed, and are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import TYPE_CHECKING
+
+import dask
+import dask.dataframe as dd
+import faiss
+import numpy as np
+import pandas as pd
+
+from dask_clip import ann
+from dask_clip.arguments import at_least
+from dask_clip.columns import embedding_dtype, embeddings_to_numpy, empty_column, to_embedding_array, unit_embeddings
+from dask_clip.dataset.index_files import read_faiss, shard_fingerprints, write_faiss, write_index_folder
+from dask_clip.errors import ShardError, UsageError
+from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.io.atomic import replacing_folder
+from dask_clip.io.provenance import Computed, digest
+from dask_clip.io.shards import filesystem_of
+
+if TYPE_CHECKING:
+    from dask_clip.dataset import ImageTextPairDataset
+
+_TRAINED, _PARTS = "trained.faiss", "parts"
+SUMMARY_COLUMNS = ["stem", "rows", "indexed", "without_embedding"]
+
+
+def build_index(
+    dataset: ImageTextPairDataset,
+    path: str,
+    *,
+    embedding_column: str = "image_embedding",
+    memory_budget_gb: float = 4.0,
+    index_key: str | None = None,
+    nprobe: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Index ``embedding_column`` (saved in the shards' files) into the folder ``path`` for ``search(index=path)``.
+
+    The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``)
+    unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
+    ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors).
+    ``seed`` fixes the training sample and k-means. ``path`` must be empty or absent unless ``overwrite``; it
+    is replaced as a whole.
+
+    Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
+    """
+    if not memory_budget_gb > 0:
+        raise UsageError(f"memory_budget_gb must be positive, not {memory_budget_gb!r}")
+    if nprobe is not None:
+        at_least("nprobe", nprobe)
+    width = dataset.embedding_width(embedding_column, "build_index")
+    if isinstance(dataset.provenance.get(embedding_column), Computed):
+        raise UsageError(
+            f"build_index indexes {embedding_column!r} as the shards' files hold it, but this dataset computes it: "
+            "save_metadata() first, then read the dataset again"
+        )
+    if width is None:
+        raise UsageError(f"no shard holds an embedding in {embedding_column!r}: nothing to index")
+    fingerprints = shard_fingerprints(dataset, embedding_column)
+    rows = np.array([entry["rows"] for entry in fingerprints], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    choice = ann.choose_index(int(rows.sum()), width, int(memory_budget_gb * 2**30), index_key)
+    if nprobe is not None:
+        choice = ann.IndexChoice(choice.key, choice.nlist, nprobe, choice.train_size)
+
+    with replacing_folder(path, overwrite) as folder:
+        trained_url = posixpath.join(folder, _TRAINED)
+        if choice.train_size:
+            sample = _sample(dataset, embedding_column, width, choice.train_size / int(rows.sum()), seed)
+            compute(dask.delayed(_train_and_write)(sample, choice, width, seed, trained_url))
+        else:  # an exhaustive index: nothing to train
+            write_faiss(ann.empty_index(choice, width), trained_url)
+        ids = compute(_add_parts(dataset, embedding_column, width, offsets, rows, trained_url, folder))
+        index = _merge_parts(
+            read_faiss(trained_url), [posixpath.join(folder, _PARTS, f"{s.stem}.faiss") for s in dataset.shards]
+        )
+        _remove_scratch(folder)
+        indexed = np.bincount(ids["shard"].to_numpy(), minlength=len(rows))
+        summary = pd.DataFrame(
+            {
+                "stem": [s.stem for s in dataset.shards],
+                "rows": rows,
+                "indexed": indexed,
+                "without_embedding": rows - indexed,
+            },
+            columns=SUMMARY_COLUMNS,
+        )
+        manifest = {
+            "column": embedding_column,
+            "id_col": dataset.id_col,
+            "dim": width,
+            "index": {**choice.as_dict(), "memory_budget_gb": memory_budget_gb, "seed": seed},
+            "faiss": faiss.__version__,
+            "embedding_operation": dataset.operation_config(embedding_column),
+            "counts": {
+                "rows": int(rows.sum()),
+                "indexed": int(indexed.sum()),
+                "without_embedding": int((rows - indexed).sum()),
+            },
+            "dataset": digest(fingerprints),
+            "shards": fingerprints,
+        }
+        write_index_folder(folder, index, ids, dataset.id_col, manifest)
+    return summary
+
+
+def _sample(dataset: ImageTextPairDataset, column: str, width: int, share: float, seed: int) -> dd.DataFrame:
+    """Each shard's usable vectors, each drawn with probability ``share`` (seeded by ``seed`` and the shard)."""
+    meta = pd.DataFrame({"vector": empty_column(embedding_dtype(width))})
+    return map_shards(
+        _sample_of_shard,
+        dataset.pandas_metadata,
+        dataset.shards,
+        meta,
+        id_col=dataset.id_col,
+        label="index-sample",
+        column=column,
+        width=width,
+        share=share,
+        seed=seed,
+    )
+
+
+def _sample_of_shard(
+    rows: pd.DataFrame, task: ShardTask, column: str, width: int, share: float, seed: int
+) -> pd.DataFrame:
+    _, vectors = unit_embeddings(rows[column], width, rows[task.id_col])
+    drawn = np.random.default_rng([seed, task.shard.index]).random(len(vectors)) < share
+    return pd.DataFrame({"vector": to_embedding_array(vectors[drawn], np.ones(int(drawn.sum()), dtype=bool))})
+
+
+def _train_and_write(sample: pd.DataFrame, choice: ann.IndexChoice, width: int, seed: int, url: str) -> None:
+    """Train an empty index of ``choice`` on the sample's ``vector`` column and write it to ``url`` (a task)."""
+    vectors = embeddings_to_numpy(sample["vector"], width) if len(sample) else np.zeros((0, width), np.float32)
+    write_faiss(ann.train(choice, vectors, seed), url)
+
+
+def _add_parts(dataset, column: str, width: int, offsets: np.ndarray, rows: np.ndarray, trained_url: str, folder: str):
+    """Each shard's part of the index (written into ``folder/parts``) and its id map rows (the computed frame)."""
+    meta = pd.DataFrame(
+        {
+            "label": empty_column("int64"),
+            "shard": empty_column("int32"),
+            dataset.id_col: empty_column(dataset.meta.dtypes[dataset.id_col]),
+        }
+    )
+    return map_shards(
+        _add_shard,
+        dataset.pandas_metadata,
+        dataset.shards,
+        meta,
+        id_col=dataset.id_col,
+        label="index-add",
+        payloads=[json.dumps({"offset": int(o), "rows": int(r)}) for o, r in zip(offsets, rows, strict=True)],
+        column=column,
+        width=width,
+        trained_url=trained_url,
+        parts=posixpath.join(folder, _PARTS),
+    )
+
+
+def _add_shard(
+    rows: pd.DataFrame, task: ShardTask, column: str, width: int, trained_url: str, parts: str
+) -> pd.DataFrame:
+    """Add one shard's usable vectors, labelled by their global row numbers, to a copy of the trained index."""
+    expected = json.loads(task.payload)
+    if len(rows) != expected["rows"]:
+        raise ShardError(
+            f"{task.shard.parquet_url}: holds {len(rows)} rows, {expected['rows']} when the index build started: "
+            "the dataset changed during the build"
+        )
+    usable, vectors = unit_embeddings(rows[column], width, rows[task.id_col])
+    positions = np.flatnonzero(usable)
+    index = ann.add(read_faiss(trained_url), vectors, expected["offset"] + positions)
+    fs, parts_path = filesystem_of(parts)
+    fs.makedirs(parts_path, exist_ok=True)
+    write_faiss(index, posixpath.join(parts, f"{task.shard.stem}.faiss"))
+    return pd.DataFrame(
+        {
+            "label": (expected["offset"] + positions).astype(np.int64),
+            "shard": np.full(len(positions), task.shard.index, dtype=np.int32),
+            task.id_col: rows[task.id_col].iloc[positions].reset_index(drop=True),
+        }
+    )
+
+
+def _merge_parts(trained: faiss.Index, parts: list[str]) -> faiss.Index:
+    """The trained empty index with every part's vectors moved in, reading one part at a time."""
+    for part in parts:
+        ann.merge_into(trained, read_faiss(part))
+    return trained
+
+
+def _remove_scratch(folder: str) -> None:
+    fs, path = filesystem_of(folder)
+    fs.rm(posixpath.join(path, _PARTS), recursive=True)
+    fs.rm(posixpath.join(path, _TRAINED))

@@ -1,0 +1,210 @@
+"""An ANN index on disk, and how a dataset tells whether an index was built from its current embeddings.
+
+An index is a folder, written as a whole (``io.atomic.replacing_folder``)::
+
+    index.faiss   the faiss index; a vector's label is its row's global number: row ``i`` of the shard at
+                  position ``s`` is ``offset[s] + i``, where ``offset[s]`` counts every row of the shards before
+    ids.parquet   one row per indexed vector, by ascending label: ``label`` (int64), ``shard`` (int32, the
+                  shard's position in the dataset) and the row's id (the dataset's id column)
+    index.json    the manifest: the embedding and id columns, the index chosen, its options, the configuration
+                  recorded with the embeddings, the counts, and the dataset's fingerprint
+
+The fingerprint lists, for each shard, its stem, its rows, a digest of its ids and a digest of the embedding
+column's recorded provenance (of its values, where no dask_clip operation recorded one). Opening an index for
+a dataset recomputes it (a footer and the id column per shard, read on the cluster) and refuses an index
+whose fingerprint differs: rows added or removed, embeddings recomputed or attached again.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import dask
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dask_clip import ann
+from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
+from dask_clip.errors import ShardMetadataError, StaleIndexError, UsageError
+from dask_clip.execution import compute, failures_named
+from dask_clip.io.atomic import atomic_write
+from dask_clip.io.provenance import digest, values_digest
+from dask_clip.io.shards import Shard, filesystem_of, protocol_of
+
+if TYPE_CHECKING:
+    from dask_clip.dataset import ImageTextPairDataset
+
+FORMAT = 1
+INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "index.json"
+
+
+def shard_fingerprints(dataset: ImageTextPairDataset, column: str) -> list[dict[str, Any]]:
+    """For each shard, in order: ``{"stem", "rows", "ids", "embedding"}`` (digests), read on the cluster."""
+    shards = list(dataset.shards)
+    chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
+    parts = compute([dask.delayed(_read_chunk)(chunk, dataset.id_col, column) for chunk in chunks])
+    return [entry for part in parts for entry in part]
+
+
+def _read_chunk(shards: list[Shard], id_col: str, column: str) -> list[dict[str, Any]]:
+    found = []
+    for shard in shards:
+        output = read_output_file(shard.parquet_url, id_col)
+        if output is None:
+            raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
+        record = output.records.columns.get(column)
+        embedding = digest(record) if record is not None else _values_digest(shard.parquet_url, column)
+        found.append({"stem": shard.stem, "rows": output.rows, "ids": output.ids, "embedding": embedding})
+    return found
+
+
+def _values_digest(url: str, column: str) -> str:
+    """A digest of ``column``'s values in the parquet at ``url`` (a column without recorded provenance)."""
+    with failures_named(url):
+        fs, path = filesystem_of(url)
+        with fs.open(path, "rb") as file:
+            return values_digest(pq.read_table(file, columns=[column]).column(0))
+
+
+def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]]) -> None:
+    """``StaleIndexError`` naming the first difference unless ``current`` is the fingerprint ``manifest`` records."""
+    built = manifest["shards"]
+    if built == current:
+        return
+    stems_then, stems_now = [s["stem"] for s in built], [s["stem"] for s in current]
+    if stems_then != stems_now:
+        added, removed = sorted(set(stems_now) - set(stems_then)), sorted(set(stems_then) - set(stems_now))
+        change = f"shards added {added[:5]}, removed {removed[:5]}"
+    else:
+        then, now = next((a, b) for a, b in zip(built, current, strict=True) if a != b)
+        if then["embedding"] != now["embedding"]:
+            change = f"shard {now['stem']}: its {manifest['column']!r} was recomputed or replaced"
+        else:
+            change = f"shard {now['stem']}: its rows changed ({then['rows']} rows then, {now['rows']} now)"
+    raise StaleIndexError(
+        f"{path}: this index was built from other data than the dataset holds now ({change}); "
+        "rebuild it with build_index"
+    )
+
+
+def write_index_folder(
+    folder: str, index: faiss.Index, ids: pd.DataFrame, id_col: str, manifest: dict[str, Any]
+) -> None:
+    """Write ``index``, the id map ``ids`` (``label``, ``shard``, ``id_col``) and ``manifest`` into ``folder``."""
+    write_faiss(index, posixpath.join(folder, INDEX_FILE))
+    table = pa.table(
+        {
+            "label": pa.array(ids["label"].to_numpy(np.int64)),
+            "shard": pa.array(ids["shard"].to_numpy(np.int32)),
+            id_col: pa.array(ids[id_col].array),
+        }
+    )
+    with atomic_write(posixpath.join(folder, IDS_FILE)) as file:
+        pq.write_table(table, file)
+    with atomic_write(posixpath.join(folder, MANIFEST_FILE)) as file:
+        file.write(json.dumps({"format": FORMAT, **manifest}, indent=1, sort_keys=True, default=str).encode())
+
+
+def write_faiss(index: faiss.Index, url: str) -> None:
+    """``index`` into the file at ``url`` (a local path, or any fsspec URL through its serialised bytes)."""
+    fs, path = filesystem_of(url)
+    if protocol_of(fs) in ("file", "local"):
+        faiss.write_index(index, path)
+        return
+    with fs.open(path, "wb") as file:
+        file.write(ann.to_bytes(index).tobytes())
+
+
+def read_faiss(url: str) -> faiss.Index:
+    """The faiss index in the file at ``url`` (a local path or any fsspec URL)."""
+    fs, path = filesystem_of(url)
+    if protocol_of(fs) in ("file", "local"):
+        return faiss.read_index(path)
+    with fs.open(path, "rb") as file:
+        return ann.from_bytes(file.read())
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the index folder ``path``; ``UsageError`` when there is no index there."""
+    fs, folder = filesystem_of(path)
+    manifest_path = posixpath.join(folder, MANIFEST_FILE)
+    if not fs.exists(manifest_path):
+        raise UsageError(f"{path}: no index here (no {MANIFEST_FILE}); build one with build_index")
+    with fs.open(manifest_path, "rb") as file:
+        manifest = json.loads(file.read())
+    if manifest.get("format") != FORMAT:
+        raise UsageError(f"{path}: an index of format {manifest.get('format')}, not {FORMAT}: rebuild it")
+    return manifest
+
+
+@dataclass(frozen=True, eq=False)
+class OpenedIndex:
+    """An index loaded once and checked against a dataset, for queries in a loop (``top_k``).
+
+    ``labels`` (``int64 (M,)``, ascending), ``shard_of`` (``int32 (M,)``) and ``ids`` (M rows) are the id map;
+    ``shards`` are the dataset's; ``nprobe`` is the lists an IVF query scans unless told otherwise.
+    """
+
+    path: str
+    index: faiss.Index
+    manifest: dict[str, Any]
+    labels: np.ndarray
+    shard_of: np.ndarray
+    ids: pd.Series
+    shards: tuple[Shard, ...]
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.manifest["index"]["nprobe"])
+
+    def top_k(self, query: np.ndarray, k: int, nprobe: int | None = None) -> pd.DataFrame:
+        """The ``k`` indexed rows nearest the unit ``float32 (D,)`` ``query``, best first, as ``search`` returns
+        them: the id column, ``score`` (``float32`` cosine; approximate with PQ codes), ``stem``, ``tar_url``."""
+        scores, labels = ann.search(self.index, query[None, :], k, nprobe or self.nprobe)
+        found = labels[0] >= 0
+        rows = np.searchsorted(self.labels, labels[0][found])
+        shards = [self.shards[s] for s in self.shard_of[rows]]
+        id_col = str(self.ids.name)
+        frame = pd.DataFrame(
+            {
+                id_col: self.ids.iloc[rows].reset_index(drop=True),
+                "score": scores[0][found].astype(np.float32),
+                "stem": pd.Series([shard.stem for shard in shards], dtype=object),
+                "tar_url": pd.Series([shard.tar_url for shard in shards], dtype=object),
+            }
+        )
+        return frame.sort_values(["score", id_col], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def open_index(dataset: ImageTextPairDataset, path: str, embedding_column: str = "image_embedding") -> OpenedIndex:
+    """The index in folder ``path``, loaded for queries over ``dataset``'s ``embedding_column``.
+
+    ``UsageError`` when it indexes another column or id column; ``StaleIndexError`` when the dataset's rows or
+    embeddings changed since it was built (every shard's footer and id column are read to tell).
+    """
+    manifest = read_manifest(path)
+    if manifest["column"] != embedding_column or manifest["id_col"] != dataset.id_col:
+        raise UsageError(
+            f"{path}: indexes column {manifest['column']!r} by id {manifest['id_col']!r}, "
+            f"not {embedding_column!r} by {dataset.id_col!r}"
+        )
+    check_current(path, manifest, shard_fingerprints(dataset, embedding_column))
+    fs, folder = filesystem_of(path)
+    with fs.open(posixpath.join(folder, IDS_FILE), "rb") as file:
+        ids = pq.read_table(file)
+    id_dtype = dataset.pandas_metadata.dtypes[dataset.id_col]
+    return OpenedIndex(
+        path=path,
+        index=read_faiss(posixpath.join(path, INDEX_FILE)),
+        manifest=manifest,
+        labels=ids.column("label").to_numpy(),
+        shard_of=ids.column("shard").to_numpy(),
+        ids=ids.column(dataset.id_col).to_pandas(types_mapper=pd.ArrowDtype).astype(id_dtype).rename(dataset.id_col),
+        shards=dataset.shards,
+    )
