@@ -84,8 +84,8 @@ def write_synthetic(
 ) -> Synthetic:
     """Write ``n`` rows under ``folder/shards`` (see the module's docstring) and ``folder/planted.parquet``.
 
-    About ``planted_share`` of the rows belong to planted groups (2 to 4 members each, in distinct shards
-    where there are enough shards).
+    About ``planted_share`` of the rows belong to planted groups (2 to 4 members each, at random rows of the
+    whole dataset: usually in different shards, not always).
     """
     dataset = folder / "shards"
     dataset.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,10 @@ class WriteError(OSError, DataError):
     """A file could not be written (disk full, permissions, ...); the message starts with its path."""
 
 
+class IndexFileError(DataError):
+    """An index file that faiss cannot read (truncated, corrupt, from another faiss); names the file."""
+
+
 class StaleIndexError(DataError):
     """An index was built from other data than the dataset holds now (rows or embeddings changed since); the
     message starts with the index's path and names the first shard that differs. Rebuild the index."""

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dask_clip import ImageTextPairDataset, StaleIndexError, UsageError, testing
+from dask_clip import ImageTextPairDataset, IndexFileError, StaleIndexError, UsageError, testing
 from dask_clip.ann import choose_index
 from dask_clip.io.provenance import METADATA_KEY, Computed, FileRecords
 
@@ -169,3 +169,26 @@ def test_the_index_is_chosen_from_the_rows_and_the_memory_budget() -> None:
     assert 768 % m == 0 and 1_000_000 * (m + 8) <= 2**29
     with pytest.raises(UsageError, match="cannot hold an index of 1000000 vectors"):
         choose_index(1_000_000, 768, 2**20)
+
+
+def test_index_search_refuses_what_the_index_does_not_hold(client, with_gaps: Path, tmp_path: Path) -> None:
+    """A column this run computes (the index holds the saved one), an index opened for another dataset, an index
+    file faiss cannot read and a negative seed are refused by name."""
+    dataset = ImageTextPairDataset.from_webdataset(str(with_gaps))
+    dataset.build_index(str(tmp_path / "index"))
+    query = np.ones(WIDTH, dtype=np.float32)
+    computed = dataset.with_metadata(dataset.metadata, {"image_embedding": Computed({"function": "made up"})})
+    with pytest.raises(UsageError, match="computed in this run, not read from the shards' files"):
+        computed.search(image=query, index=str(tmp_path / "index"))
+
+    other_folder = tmp_path / "other"
+    testing.write_embedding_shards(other_folder, unit_rows(300, seed=5), rows_per_shard=100)
+    other = ImageTextPairDataset.from_webdataset(str(other_folder))
+    with pytest.raises(UsageError, match="open_index\\(dataset, path\\) for this one"):
+        other.search(image=query, index=dataset.open_index(str(tmp_path / "index")))
+
+    (tmp_path / "index" / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(IndexFileError, match=r"index\.faiss: faiss cannot read this index file"):
+        dataset.search(image=query, index=str(tmp_path / "index"))
+    with pytest.raises(UsageError, match="seed must be an integer of at least 0"):
+        dataset.build_index(str(tmp_path / "seeded"), seed=-1)

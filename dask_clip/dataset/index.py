@@ -66,6 +66,7 @@ def build_index(
         raise UsageError(f"memory_budget_gb must be positive, not {memory_budget_gb!r}")
     if nprobe is not None:
         at_least("nprobe", nprobe)
+    at_least("seed", seed, 0)
     width = dataset.embedding_width(embedding_column, "build_index")
     if isinstance(dataset.provenance.get(embedding_column), Computed):
         raise UsageError(

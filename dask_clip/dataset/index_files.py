@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dask_clip import ann
 from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
-from dask_clip.errors import ShardMetadataError, StaleIndexError, UsageError
+from dask_clip.errors import IndexFileError, ShardMetadataError, StaleIndexError, UsageError
 from dask_clip.execution import compute, failures_named
 from dask_clip.io.atomic import atomic_write
 from dask_clip.io.provenance import digest, values_digest
@@ -122,12 +122,16 @@ def write_faiss(index: faiss.Index, url: str) -> None:
 
 
 def read_faiss(url: str) -> faiss.Index:
-    """The faiss index in the file at ``url`` (a local path or any fsspec URL)."""
+    """The faiss index in the file at ``url`` (a local path or any fsspec URL); ``IndexFileError`` naming the
+    file when faiss cannot read it."""
     fs, path = filesystem_of(url)
-    if protocol_of(fs) in ("file", "local"):
-        return faiss.read_index(path)
-    with fs.open(path, "rb") as file:
-        return ann.from_bytes(file.read())
+    try:
+        if protocol_of(fs) in ("file", "local"):
+            return faiss.read_index(path)
+        with fs.open(path, "rb") as file:
+            return ann.from_bytes(file.read())
+    except RuntimeError as error:
+        raise IndexFileError(f"{url}: faiss cannot read this index file: {error}") from error
 
 
 def read_manifest(path: str) -> dict[str, Any]:

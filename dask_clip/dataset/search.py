@@ -21,6 +21,7 @@ from dask_clip.dataset.index_files import OpenedIndex, open_index
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
+from dask_clip.io.provenance import Computed
 from dask_clip.io.shards import filesystem_of
 from dask_clip.models.clip import ClipTextModel, ClipVisionModel, describe_image_model, describe_text_model
 
@@ -73,7 +74,17 @@ def search(
     if index is not None:
         if nprobe is not None:
             at_least("nprobe", nprobe)
+        if isinstance(dataset.provenance.get(embedding_column), Computed):
+            raise UsageError(
+                f"{embedding_column!r} is computed in this run, not read from the shards' files that the index "
+                "holds: save_metadata() and build the index again, or search without index="
+            )
         opened = index if isinstance(index, OpenedIndex) else open_index(dataset, index, embedding_column)
+        if opened.shards != dataset.shards or opened.manifest["column"] != embedding_column:
+            raise UsageError(
+                f"{opened.path}: opened for column {opened.manifest['column']!r} of other shards, "
+                f"not for {embedding_column!r} of this dataset: open_index(dataset, path) for this one"
+            )
         return opened.top_k(query, k, nprobe)
 
     id_col = dataset.id_col

@@ -110,7 +110,7 @@ class SemanticDeduplicator(Deduplicator):
         self.n_clusters = at_least("n_clusters", n_clusters)
         self.which_to_keep = one_of("which_to_keep", which_to_keep, KEEP_POLICIES)
         self.embedding_column = embedding_column
-        self.seed = seed
+        self.seed = at_least("seed", seed, 0)
         self.max_iter = at_least("max_iter", max_iter)
         self.kmeans_sample_size = at_least("kmeans_sample_size", kmeans_sample_size)
         self.max_cluster_size = None if max_cluster_size is None else at_least("max_cluster_size", max_cluster_size)
@@ -298,7 +298,8 @@ def cluster_decisions(
     similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them into Python objects)."""
     decided = []
     for cluster, group in frame.groupby(_CLUSTER, sort=True):
-        group = group.sort_values(id_col, kind="stable")  # the same order whatever order the shuffle gave
+        # the same order whatever order the shuffle gave, ids repeated across shards included
+        group = group.sort_values([id_col, _SHARD], kind="stable")
         group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
         best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], dim))
         duplicate = best >= threshold
