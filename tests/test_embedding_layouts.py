@@ -54,7 +54,7 @@ def write(folder: Path, value_type: pa.DataType, layout: str) -> ImageTextPairDa
 
 
 def results(dataset: ImageTextPairDataset, tmp_path: Path, checkpoint: Path) -> dict[str, object]:
-    deduplicated = SemanticDeduplicator(n_clusters=1, eps=0.01)(dataset).metadata.compute(scheduler="threads")
+    deduplicated = SemanticDeduplicator(n_clusters=1, eps=0.01)(dataset).metadata.compute()  # see README: P2P
     scored = AestheticClassifier(str(checkpoint), embedding_dim=4)(dataset).metadata.compute(scheduler="threads")
     matched = clip_score(dataset).metadata.compute(scheduler="threads")
     hits = dataset.search(image=VECTORS[5], k=3)
@@ -116,7 +116,7 @@ def test_a_pandas_object_column_of_arrays_is_an_embedding_column(tmp_path: Path,
 
     meta = dataset.meta.assign(image_embedding=pd.Series([], dtype=object))
     objects = dataset.with_metadata(dataset.metadata.map_partitions(as_objects, meta=meta))
-    frame = SemanticDeduplicator(n_clusters=1, eps=0.01)(objects).metadata.compute(scheduler="threads")
+    frame = SemanticDeduplicator(n_clusters=1, eps=0.01)(objects).metadata.compute()
     assert frame["duplicate_of"].tolist() == baseline["duplicate_of"]
     assert objects.search(image=VECTORS[5], k=3)["key"].tolist() == baseline["hits"]
 

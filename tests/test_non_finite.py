@@ -59,7 +59,7 @@ def test_export_leaves_non_finite_vectors_out_and_counts_them(with_nan: ImageTex
 
 
 def test_dedup_keeps_non_finite_rows_and_never_names_them(with_nan: ImageTextPairDataset) -> None:
-    frame = SemanticDeduplicator(n_clusters=1, eps=0.1)(with_nan).metadata.compute(scheduler="threads")
+    frame = SemanticDeduplicator(n_clusters=1, eps=0.1)(with_nan).metadata.compute()
     decisions = frame.set_index("key")
     assert decisions.loc[["nan", "inf"], "keep"].tolist() == [True, True]
     assert decisions.loc[["nan", "inf"], "duplicate_of"].isna().all()
