@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_options(attach)
     attach.add_argument("embeddings", help="folder with img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet")
     attach.add_argument("--on", default=None, help="column to join on, e.g. url (default: the id column)")
-    attach.add_argument("--source-column", default=None, help="its name in the metadata parquets (default: the same)")
+    attach.add_argument(
+        "--source-column",
+        default=None,
+        help="its name in the metadata parquets (default: the same; for the id column, key or image_path too)",
+    )
     attach.add_argument("--embedding-column", default="image_embedding", help="column written")
     attach.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
     attach.add_argument(
@@ -461,8 +465,10 @@ def _attach(args: argparse.Namespace) -> int:
         )
         summary = attached.save_metadata(args.output, overwrite=args.overwrite)
     rows, without = int(summary["rows"].sum()), int(summary["errors"].sum())
+    joined = attached.provenance[args.embedding_column].operation
     print(
         f"attached {rows - without} vectors to {rows} rows of {len(summary)} shards ({without} without a vector), "
+        f"joined on {joined['on']} = metadata's {joined['source_column']}, "
         f"{time.perf_counter() - started:.1f}s; parquet files in {args.output or args.path}"
     )
     return 0

@@ -10,16 +10,22 @@ where the ids differ), without embedding anything:
 2. a Dask shuffle joins the two lists on the key, and the matches go back to their shard;
 3. each shard's task reads its rows' vectors from the ``.npy`` files (only those rows) and joins them.
 
-A row without a vector gets a reason; a key with two vectors is an error naming both files. The
-columns' provenance records the path, the files' sizes and dates, and the join column's values.
+Before any of that (so before anything is written), one task per file pair reads both files whole: it checks
+that the ``.npy`` holds a 2-d array of floats with exactly as many rows as its metadata parquet, and takes
+the sha256 of every byte of both. A row without a vector gets a reason; a key with two vectors is an error
+naming both files. The columns' provenance records the folder's resolved path, a digest of those hashes
+(a file rewritten with its size and modification time kept is noticed), both join columns, and the
+join column's values.
 """
 
 from __future__ import annotations
 
 import posixpath
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -27,15 +33,20 @@ import pyarrow.parquet as pq
 
 from dask_clip.columns import STRING, embedding_dtype, empty_column, to_embedding_array
 from dask_clip.errors import ColumnError, DataError, DatasetLayoutError
-from dask_clip.execution import ShardTask, failures_named, map_shards, shuffle_to_shards
-from dask_clip.io.npy import read_npy_header, read_npy_rows
-from dask_clip.io.provenance import Computed, Plain, digest, file_identity
-from dask_clip.io.shards import as_url, filesystem_of, protocol_of
+from dask_clip.execution import ShardTask, compute, failures_named, map_shards, shuffle_to_shards
+from dask_clip.io.npy import NpyHeader, read_npy_header, read_npy_rows
+from dask_clip.io.provenance import Computed, Plain, digest
+from dask_clip.io.shards import as_url, content_sha256, filesystem_of, protocol_of, resolved_url
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 _KEY, _SHARD, _POSITION, _FILE, _ROW = "_dask_clip_key", "_dask_clip_shard", "_dask_clip_position", "_file", "_row"
+
+ID_COLUMNS = ("key", "image_path")
+"""Where clip-retrieval's metadata holds a sample's id when it lacks the id column's own name: ``key`` (an
+export, or its inference with ``enable_metadata`` over img2dataset's shards) and ``image_path`` (its
+inference over a WebDataset: the sample's ``__key__``; over a folder of files it is the file's path)."""
 
 
 def embedding_files(path: str) -> list[tuple[str, str]]:
@@ -76,37 +87,37 @@ def attach_embeddings(
 ) -> ImageTextPairDataset:
     """A new dataset whose ``embedding_column`` holds the vectors found under ``path`` (clip-retrieval's layout),
     joined to rows by column ``on`` (the id column by default; ``"url"`` where the ids differ) matched against
-    ``source_column`` of the metadata parquets (by default the same name; the id column is also found
-    under ``key``). Keys are compared as NFC-normalised text. Vectors are stored as ``float32``; a row without
-    one gets a null and a reason in ``error_column`` (``embedding_error`` for ``image_embedding``, else
-    ``<embedding_column>_error``), which this replaces too."""
+    ``source_column`` of the metadata parquets (by default the same name; the id column is also found under
+    ``ID_COLUMNS``, clip-retrieval's names). Keys are compared as NFC-normalised text. Vectors are stored as
+    ``float32``; a row without one gets a null and a reason in ``error_column`` (``embedding_error`` for
+    ``image_embedding``, else ``<embedding_column>_error``), which this replaces too.
+
+    Reads every file under ``path`` whole first (one task per file pair) and raises, before anything can be
+    written: ``DataError`` naming the file where a ``.npy`` is not a complete 2-d array of float16, float32 or
+    float64, where its rows differ from its metadata parquet's, or where widths differ; ``ColumnError`` where
+    the metadata lacks the join column."""
     on = on or dataset.id_col
     error_column = error_column or (
         "embedding_error" if embedding_column == "image_embedding" else f"{embedding_column}_error"
     )
-    source_column = source_column or on
     if on not in dataset.meta.columns:
         raise ColumnError(f"attach_embeddings joins on column {on!r}, which the dataset lacks")
+    path = resolved_url(path)
     files = embedding_files(path)
-    headers = [read_npy_header(vectors) for vectors, _ in files]
-    widths = {header.width for header in headers}
-    if len(widths) != 1:
-        raise DataError(f"{path}: its .npy files hold vectors of different widths {sorted(widths)}")
-    sources = _source_columns(files, source_column, on == dataset.id_col)
-    fs = filesystem_of(path)[0]
-    versions = [[file_identity(fs.info(filesystem_of(url)[1])) for url in pair] for pair in files]
+    parts = _checked_parts(path, files)
+    column = _join_column(parts, [source_column] if source_column else _candidates(on, dataset.id_col))
     operation = {
         "function": "attach_embeddings",
-        "path": path.rstrip("/"),
-        "files": digest(versions),
+        "path": path,
+        "content": digest([part.sha256 for part in parts]),
         "on": on,
-        "source_column": sources[0][1],
+        "source_column": column,
     }
     source = Computed(
         operation, {on: dataset.provenance.get(on) or Plain(on)}, reasons={embedding_column: error_column}
     )
 
-    numbered = [(index, metadata, column) for index, (metadata, column) in enumerate(sources)]
+    numbered = [(index, metadata, column) for index, (_, metadata) in enumerate(files)]
     keys = dd.from_map(_file_keys, numbered, meta=_KEYS_META, label="embedding-keys", enforce_metadata=False)
     rows_meta = pd.DataFrame(
         {_KEY: empty_column(STRING), _SHARD: empty_column("int64"), _POSITION: empty_column("int64")}
@@ -114,9 +125,9 @@ def attach_embeddings(
     rows = map_shards(_row_keys, dataset.pandas_metadata, dataset.shards, rows_meta, id_col=dataset.id_col, on=on)
     matches = rows.merge(keys, on=_KEY, how="inner", shuffle_method="tasks")
     by_shard = shuffle_to_shards(matches, _SHARD, len(dataset.shards))
-    width = widths.pop()
+    headers = [part.header for part in parts]
     output_meta = dataset.meta.assign(
-        **{embedding_column: empty_column(embedding_dtype(width)), error_column: empty_column(STRING)}
+        **{embedding_column: empty_column(embedding_dtype(headers[0].width)), error_column: empty_column(STRING)}
     )
     frame = map_shards(
         _join_vectors,
@@ -137,18 +148,77 @@ def attach_embeddings(
 _KEYS_META = pd.DataFrame({_KEY: empty_column(STRING), _FILE: empty_column("int64"), _ROW: empty_column("int64")})
 
 
-def _source_columns(files: list[tuple[str, str]], column: str, is_id: bool) -> list[tuple[str, str]]:
-    """For each metadata parquet, the column its keys are in: ``column``, or ``key`` for the id column."""
-    found = []
-    for _, metadata in files:
+@dataclass(frozen=True)
+class _Part:
+    """One checked file pair: its ``.npy`` and its header, its metadata parquet and that file's columns, and
+    both files' sha256."""
+
+    vectors: str
+    header: NpyHeader
+    metadata: str
+    columns: list[str]
+    sha256: tuple[str, str]
+
+
+def _checked_parts(path: str, files: list[tuple[str, str]]) -> list[_Part]:
+    """Each file pair checked and hashed by ``_checked_part``, one task each; ``DataError`` naming two ``.npy``
+    files whose vectors' widths differ."""
+    parts: list[_Part] = compute([dask.delayed(_checked_part)(vectors, metadata) for vectors, metadata in files])
+    first = parts[0]
+    other = next((part for part in parts if part.header.width != first.header.width), None)
+    if other is not None:
+        raise DataError(
+            f"{path}: its .npy files hold vectors of different widths ({first.vectors}: {first.header.width}, "
+            f"{other.vectors}: {other.header.width}); attach one model's vectors at a time"
+        )
+    return parts
+
+
+def _checked_part(vectors: str, metadata: str) -> _Part:
+    """Read one file pair whole (a task on the cluster): ``DataError`` naming the file unless the ``.npy`` holds
+    a complete 2-d array of floats with one row per row of the metadata parquet."""
+    with failures_named(vectors):
+        header = read_npy_header(vectors)
+    with failures_named(metadata):
         fs, file_path = filesystem_of(metadata)
         with fs.open(file_path, "rb") as file:
-            names = pq.read_schema(file).names
-        name = column if column in names else "key" if is_id and "key" in names else None
-        if name is None:
-            raise ColumnError(f"{metadata}: no column {column!r} to join on; its columns are {names}")
-        found.append((metadata, name))
-    return found
+            parquet = pq.ParquetFile(file)
+            rows, columns = parquet.metadata.num_rows, parquet.schema_arrow.names
+    if rows != header.rows:
+        raise DataError(
+            f"{vectors}: holds {header.rows} vectors but {metadata} has {rows} rows: the pair must hold one vector "
+            "per metadata row, in the same order; write both from the same run (clip-retrieval's inference, "
+            "or export_clip_retrieval)"
+        )
+    with failures_named(vectors):
+        vectors_sha256, size = content_sha256(vectors)
+    if size != header.offset + header.data_bytes:
+        raise DataError(
+            f"{vectors}: its header says {header.rows} rows of {header.width} {header.dtype} "
+            f"({header.data_bytes} bytes) but {size - header.offset} bytes follow it: the file is truncated or was "
+            "written by something other than numpy.save; write it again"
+        )
+    with failures_named(metadata):
+        metadata_sha256, _ = content_sha256(metadata)
+    return _Part(vectors, header, metadata, columns, (vectors_sha256, metadata_sha256))
+
+
+def _candidates(on: str, id_col: str) -> list[str]:
+    """The metadata columns that may hold the values of column ``on``, in order of preference."""
+    return list(dict.fromkeys([on, *ID_COLUMNS])) if on == id_col else [on]
+
+
+def _join_column(parts: list[_Part], candidates: list[str]) -> str:
+    """The first of ``candidates`` that every metadata parquet holds; ``ColumnError`` naming a file without it."""
+    for name in candidates:
+        if all(name in part.columns for part in parts):
+            return name
+    lacking = next((p for p in parts if not set(candidates) & set(p.columns)), None)
+    lacking = lacking or next(p for p in parts if candidates[0] not in p.columns)
+    raise ColumnError(
+        f"{lacking.metadata}: no column {' or '.join(map(repr, candidates))} to join on; its columns are "
+        f"{lacking.columns}: name the one that holds the join values with source_column= (--source-column)"
+    )
 
 
 def normalized(values: pd.Series) -> pd.Series:
@@ -191,7 +261,7 @@ def _join_vectors(
     task: ShardTask,
     matches: pd.DataFrame,
     files: list[tuple[str, str]],
-    headers: list[Any],
+    headers: list[NpyHeader],
     columns: tuple[str, str],
     path: str,
 ) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Find the shard pairs (``NNNNN.tar`` + ``NNNNN.parquet``) of a WebDataset folder.
+"""Find the shard pairs (``NNNNN.tar`` + ``NNNNN.parquet``) of a WebDataset folder, and name files and folders
+by where they are (local path or fsspec URL) and by what they hold.
 
 Tar and parquet are paired by file stem, never by position: a missing shard must never shift
 the pairing of the others.
@@ -6,6 +7,8 @@ the pairing of the others.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +18,8 @@ from fsspec.core import url_to_fs
 
 from dask_clip.errors import DatasetLayoutError, DatasetNotFoundError
 from dask_clip.io.provenance import file_identity
+
+_HASH_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,28 @@ def filesystem_of(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     protocol = fs.protocol
     return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+
+def resolved_url(url: str) -> str:
+    """One spelling of the place ``url`` names, to record: a local path made absolute with its symlinks resolved
+    (``os.path.realpath``: ``work/emb``, ``/abs/work/emb/`` and a link to it are one), a URL normalised
+    (``s3://b//x/`` -> ``s3://b/x``)."""
+    fs, path = filesystem_of(url)
+    protocol = protocol_of(fs)
+    if protocol in ("file", "local"):
+        return os.path.realpath(path)
+    return as_url(protocol, posixpath.normpath(path))
+
+
+def content_sha256(url: str) -> tuple[str, int]:
+    """The sha256 (hex digits) of every byte of the file at ``url``, read as a stream, and how many bytes it holds."""
+    fs, path = filesystem_of(url)
+    sha256, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK_BYTES):
+            sha256.update(chunk)
+            size += len(chunk)
+    return sha256.hexdigest(), size
 
 
 def discover_shards(url: str) -> list[Shard]:
