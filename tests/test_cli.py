@@ -254,3 +254,10 @@ def test_help_states_each_default_once_and_only_real_ones() -> None:
     assert "--id-col ID_COL id column of the parquet files (default: key) " in helps["embed"]
     assert "--batch-size BATCH_SIZE images per model call (default: 32)" in helps["embed"]
     assert "workers of a local cluster (default: one per core)" in helps["search"]
+
+
+def test_no_workers_is_a_usage_error_before_a_cluster_starts(shards: Path) -> None:
+    result = run_cli("info", str(shards), "--n-workers", "0")
+    assert result.returncode == 2, result.stderr
+    assert "UsageError: n_workers must be an integer of at least 1, not 0" in result.stderr
+    assert "cluster started" not in result.stderr
