@@ -419,7 +419,9 @@ def _reshard(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    image = Path(args.image).read_bytes() if args.image else None
+    from dask_clip.dataset.search import read_image_query
+
+    image = read_image_query(args.image) if args.image else None  # a path that names no file: before a cluster
     dataset = _dataset(args)
     with _cluster(args):
         hits = dataset.search(

@@ -261,3 +261,10 @@ def test_no_workers_is_a_usage_error_before_a_cluster_starts(shards: Path) -> No
     assert result.returncode == 2, result.stderr
     assert "UsageError: n_workers must be an integer of at least 1, not 0" in result.stderr
     assert "cluster started" not in result.stderr
+
+
+def test_search_for_a_missing_image_names_it_before_a_cluster_starts(shards: Path, tmp_path: Path) -> None:
+    result = run_cli("search", str(shards), "--image", str(tmp_path / "nope.jpg"))
+    assert result.returncode == 2, result.stderr
+    assert f"UsageError: image {str(tmp_path / 'nope.jpg')!r}: no such file" in result.stderr
+    assert "cluster started" not in result.stderr
