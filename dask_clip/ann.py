@@ -88,14 +88,35 @@ def _given(key: str, n: int, dim: int) -> IndexChoice:
     ivf = _ivf_of(index)
     if ivf is None:
         raise UsageError(f"index key {key!r}: give an inverted file (IVF...,Flat, IVF...,SQ8, IVF...,PQm) or Flat")
+    if n < training_vectors_needed(ivf):
+        raise UsageError(
+            f"index key {key!r} cannot be trained on {n} rows: {_training_needs(ivf)}. Give a key with fewer "
+            "lists (or 'PQmx4' codes: 16 centroids), or leave index_key out to have one chosen from the rows"
+        )
     return _ivf(key, ivf.nlist, n, PQ_TRAINING_POINTS if "PQ" in key else 0)
 
 
 def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The inverted file inside ``index`` as its own class (``IndexIVFPQ``... with its ``pq``), or None."""
     try:
-        return faiss.extract_index_ivf(index)
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:
         return None
+
+
+def training_vectors_needed(ivf: faiss.IndexIVF) -> int:
+    """The fewest training vectors faiss accepts for ``ivf``: one per list, and with product-quantised codes one
+    per centroid of a sub-quantiser (``2**nbits``: 256 for ``PQm``, 16 for ``PQmx4``)."""
+    pq = getattr(ivf, "pq", None)
+    return max(ivf.nlist, pq.ksub if pq is not None else 0)
+
+
+def _training_needs(ivf: faiss.IndexIVF) -> str:
+    """What faiss needs to train ``ivf``, in words: ``"faiss needs at least 256 training vectors (...)"``."""
+    pq = getattr(ivf, "pq", None)
+    parts = [f"{ivf.nlist} IVF lists"] + ([f"{pq.ksub} centroids per PQ sub-vector"] if pq is not None else [])
+    needed = training_vectors_needed(ivf)
+    return f"faiss needs at least {needed} training vectors (one per centroid: {', '.join(parts)})"
 
 
 def empty_index(choice: IndexChoice, dim: int) -> faiss.Index:
@@ -108,14 +129,17 @@ def train(choice: IndexChoice, sample: np.ndarray, seed: int) -> faiss.Index:
 
     Where faiss's GPU build sees GPUs (``faiss.get_num_gpus() > 0``, e.g. on a GPU worker), the k-means
     assignments run on all of them; otherwise on the CPU. ``DataError`` when the sample has fewer vectors
-    than the index has lists.
+    than faiss needs (``training_vectors_needed``).
     """
     index = empty_index(choice, sample.shape[1])
     ivf = _ivf_of(index)
     if ivf is None:
         return index
-    if len(sample) < ivf.nlist:
-        raise DataError(f"{len(sample)} training vectors cannot train {ivf.nlist} lists: give fewer lists")
+    if len(sample) < training_vectors_needed(ivf):  # rows without a usable embedding are not in the sample
+        raise DataError(
+            f"index {choice.key!r} cannot be trained on {len(sample)} vectors with a usable embedding: "
+            f"{_training_needs(ivf)}. Give a key with fewer lists, or index more rows"
+        )
     ivf.cp.seed = seed
     ivf.cp.spherical = True  # unit centroids: lists of directions, as the inner product compares
     if getattr(ivf, "pq", None) is not None:

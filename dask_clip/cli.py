@@ -32,6 +32,16 @@ EXIT_USAGE = 2
 
 
 # --- arguments ------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends an option's help with its default, once: not where the help already says it (``(default: one
+    per core)`` says more than ``None``), nor where there is none to show (``None``, a flag's ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -59,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-shard progress and Dask's own logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _HelpFormatter
 
     embed = commands.add_parser("embed", help="embed every image of a folder of shards", formatter_class=defaults)
     _add_dataset_options(embed)
@@ -413,7 +423,9 @@ def _reshard(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    image = Path(args.image).read_bytes() if args.image else None
+    from dask_clip.dataset.search import read_image_query
+
+    image = read_image_query(args.image) if args.image else None  # a path that names no file: before a cluster
     dataset = _dataset(args)
     with _cluster(args):
         hits = dataset.search(

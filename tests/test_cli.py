@@ -229,3 +229,42 @@ def test_info_names_each_configuration_and_dedup_can_decide_again(client, shards
     again = run_cli("dedup", str(shards), *common, "--overwrite")
     assert first.returncode == again.returncode == 0, again.stderr
     assert "0 duplicates flagged" in again.stdout
+
+
+def subcommand_helps() -> dict[str, str]:
+    """Every subcommand's --help text, as argparse prints it, whitespace collapsed (in this process)."""
+    import argparse
+    import re
+
+    from dask_clip.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: re.sub(r"\s+", " ", sub.format_help()) for name, sub in commands.choices.items()}
+
+
+def test_help_states_each_default_once_and_only_real_ones() -> None:
+    import re
+
+    helps = subcommand_helps()
+    assert set(helps) >= {"embed", "dedup", "filter", "reshard", "search", "build-index", "export", "attach", "info"}
+    for name, text in helps.items():
+        assert not re.search(r"\(default: [^()]*\) \(default:", text), (name, text)
+        assert "(default: None)" not in text and "(default: False)" not in text, (name, text)
+    assert "--id-col ID_COL id column of the parquet files (default: key) " in helps["embed"]
+    assert "--batch-size BATCH_SIZE images per model call (default: 32)" in helps["embed"]
+    assert "workers of a local cluster (default: one per core)" in helps["search"]
+
+
+def test_no_workers_is_a_usage_error_before_a_cluster_starts(shards: Path) -> None:
+    result = run_cli("info", str(shards), "--n-workers", "0")
+    assert result.returncode == 2, result.stderr
+    assert "UsageError: n_workers must be an integer of at least 1, not 0" in result.stderr
+    assert "cluster started" not in result.stderr
+
+
+def test_search_for_a_missing_image_names_it_before_a_cluster_starts(shards: Path, tmp_path: Path) -> None:
+    result = run_cli("search", str(shards), "--image", str(tmp_path / "nope.jpg"))
+    assert result.returncode == 2, result.stderr
+    assert f"UsageError: image {str(tmp_path / 'nope.jpg')!r}: no such file" in result.stderr
+    assert "cluster started" not in result.stderr

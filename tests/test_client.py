@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import pytest
@@ -18,6 +19,16 @@ def test_unknown_cluster_type_lists_the_allowed_values() -> None:
 def test_address_and_file_together_are_refused() -> None:
     with pytest.raises(ValueError, match="not both"):
         get_client(scheduler_address="tcp://127.0.0.1:8786", scheduler_file="scheduler.json")
+
+
+@pytest.mark.parametrize(("option", "value"), [("n_workers", 0), ("n_workers", -1), ("threads_per_worker", 0)])
+def test_no_workers_or_threads_is_refused_at_once(option: str, value: int) -> None:
+    from dask_clip import UsageError
+
+    started = time.perf_counter()
+    with pytest.raises(UsageError, match=rf"{option} must be an integer of at least 1, not {value}"):
+        get_client("cpu", timeout=5, **{option: value})
+    assert time.perf_counter() - started < 2  # not after waiting for a worker that cannot come
 
 
 def test_gpu_memory_options_are_refused_on_cpu() -> None:

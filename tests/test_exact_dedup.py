@@ -66,9 +66,14 @@ def check_flags(dataset: ImageTextPairDataset) -> None:
     frame = dataset.metadata.compute()
     removed = frame[~frame["keep"]]
     assert dict(zip(removed["key"], removed["duplicate_of"], strict=True)) == EXPECTED_DUPLICATES
+    assert dict(zip(removed["key"], removed["duplicate_of_shard"], strict=True)) == {
+        key: kept[:5]
+        for key, kept in EXPECTED_DUPLICATES.items()  # the kept row's shard (its key starts with it)
+    }
     assert (removed["similarity"] == 1.0).all()
     kept = frame[frame["keep"]]
     assert kept["duplicate_of"].isna().all() and kept["similarity"].isna().all()
+    assert kept["duplicate_of_shard"].isna().all() and str(frame["duplicate_of_shard"].dtype) == "string[pyarrow]"
     assert set(kept["key"]) >= {"000010003", "000030000", "000020001"}  # failed downloads, re-encoded copy
     assert str(frame["keep"].dtype) == "bool[pyarrow]"
     assert str(frame["similarity"].dtype) == "double[pyarrow]"
@@ -78,7 +83,7 @@ def test_duplicates_found_across_shards_from_the_sha256_column(client, duplicate
     dataset = ImageTextPairDataset.from_webdataset(str(duplicated_shards))
     deduplicated = ExactDeduplicator()(dataset)
     check_flags(deduplicated)
-    assert set(deduplicated.provenance) == {"keep", "duplicate_of", "similarity"}
+    assert set(deduplicated.provenance) == {"keep", "duplicate_of", "duplicate_of_shard", "similarity"}
 
 
 def test_hash_computed_from_the_tars_when_the_column_is_missing(
@@ -114,3 +119,20 @@ def test_a_second_run_replaces_the_flags(client, duplicated_shards: Path) -> Non
     twice = ExactDeduplicator()(once)
     assert list(twice.metadata.columns) == list(once.metadata.columns)
     check_flags(twice)
+
+
+def test_ids_repeated_across_shards_keep_one_copy_and_name_its_shard(
+    client, duplicated_shards: Path, tmp_path: Path
+) -> None:
+    """Shard 00007 is a byte copy of 00000 (same ids, same images): its rows name the same id in shard 00000."""
+    folder = tmp_path / "repeated"
+    folder.mkdir()
+    for stem in ("00000", "00007"):
+        for suffix in (".tar", ".parquet"):
+            (folder / f"{stem}{suffix}").write_bytes((duplicated_shards / f"00000{suffix}").read_bytes())
+    frame = ExactDeduplicator()(ImageTextPairDataset.from_webdataset(str(folder))).metadata.compute()
+    first, copy = frame.iloc[:4], frame.iloc[4:]
+    assert first["keep"].all() and first["duplicate_of_shard"].isna().all()
+    assert not copy["keep"].any()
+    assert copy["duplicate_of"].tolist() == copy["key"].tolist()
+    assert copy["duplicate_of_shard"].tolist() == ["00000"] * 4

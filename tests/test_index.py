@@ -192,3 +192,25 @@ def test_index_search_refuses_what_the_index_does_not_hold(client, with_gaps: Pa
         dataset.search(image=query, index=str(tmp_path / "index"))
     with pytest.raises(UsageError, match="seed must be an integer of at least 0"):
         dataset.build_index(str(tmp_path / "seeded"), seed=-1)
+
+
+@pytest.mark.parametrize(
+    ("key", "needs"),
+    [("IVF2,PQ8", "256 centroids per PQ sub-vector"), ("IVF64,Flat", "64 IVF lists")],
+)
+def test_a_key_too_big_for_the_rows_is_refused_before_training(client, tmp_path: Path, key: str, needs: str) -> None:
+    testing.write_embedding_shards(tmp_path / "shards", unit_rows(24, seed=0), rows_per_shard=8)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
+    with pytest.raises(UsageError, match=rf"index key '{key}' cannot be trained on 24 rows: .*{needs}") as raised:
+        dataset.build_index(str(tmp_path / "index"), index_key=key)
+    assert "leave index_key out" in str(raised.value)
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_sample_faiss_cannot_train_on_is_a_data_error_naming_the_key() -> None:
+    from dask_clip import DataError, ann
+
+    choice = ann.IndexChoice("IVF2,PQ4", 2, 1, 300)
+    sample = np.random.default_rng(0).standard_normal((100, WIDTH)).astype(np.float32)  # fewer than 256
+    with pytest.raises(DataError, match=r"'IVF2,PQ4' cannot be trained on 100 vectors .* at least 256 training"):
+        ann.train(choice, sample, seed=0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dask_clip import ClipImageEmbedder, ColumnError, ImageTextPairDataset, embeddings_to_numpy, testing
+from dask_clip import ClipImageEmbedder, ColumnError, ImageTextPairDataset, UsageError, embeddings_to_numpy, testing
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,17 @@ def test_errors_name_the_problem(embedded: ImageTextPairDataset, tiny_model: Pat
         embedded.search(image=np.ones(32), embedding_column="clip")
     with pytest.raises(OSError, match="cannot load the tokenizer"):
         embedded.search(text="a cat", model_dir=str(tiny_model))  # saved without tokenizer files
+
+
+def test_an_image_path_that_is_no_file_is_named(embedded: ImageTextPairDataset, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(UsageError, match=f"image {str(missing)!r}: no such file"):
+        embedded.search(image=str(missing))
+    with pytest.raises(UsageError, match=f"image {str(tmp_path)!r} is a folder, not an image file"):
+        embedded.search(image=tmp_path)
+
+
+def test_nprobe_is_refused_without_an_index(embedded: ImageTextPairDataset) -> None:
+    for nprobe in (0, 4):
+        with pytest.raises(UsageError, match=rf"nprobe={nprobe} applies to an index search only: give index="):
+            embedded.search(image=np.ones(32, dtype=np.float32), nprobe=nprobe)

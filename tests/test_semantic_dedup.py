@@ -264,3 +264,19 @@ def test_rows_without_a_usable_embedding_are_kept(client, tmp_path: Path) -> Non
     frame = SemanticDeduplicator(n_clusters=3)(dataset).metadata.compute()
     assert frame["keep"].tolist() == [True] * 4
     assert frame["duplicate_of"].isna().all() and frame["similarity"].isna().all()
+
+
+def test_ids_repeated_across_shards_name_the_kept_row_s_shard(client, tmp_path: Path) -> None:
+    """Shard 00001 is a copy of 00000 (same ids, same vectors): each of its rows duplicates the row of that id in
+    00000, and says so with ``duplicate_of_shard``; ``duplicate_of`` keeps its meaning (the kept row's id)."""
+    vectors = {key: np.eye(8)[i] + 0.1 for i, key in enumerate(["a", "b", "c"])}
+    testing.write_embedding_shards(tmp_path / "shards", vectors, rows_per_shard=3)
+    for suffix in (".tar", ".parquet"):
+        (tmp_path / "shards" / f"00001{suffix}").write_bytes((tmp_path / "shards" / f"00000{suffix}").read_bytes())
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
+    frame = SemanticDeduplicator(n_clusters=1)(dataset).metadata.compute()
+    first, copy = frame.iloc[:3], frame.iloc[3:]
+    assert first["keep"].all() and first["duplicate_of_shard"].isna().all()
+    assert not copy["keep"].any() and copy["duplicate_of"].tolist() == ["a", "b", "c"]
+    assert copy["duplicate_of_shard"].tolist() == ["00000"] * 3
+    np.testing.assert_allclose(copy["similarity"].astype(float), 1.0, atol=1e-6)

@@ -56,6 +56,8 @@ def search(
     """
     if (text is None) == (image is None):
         raise UsageError("give exactly one of text= or image=")
+    if nprobe is not None and index is None:
+        raise UsageError(f"nprobe={nprobe} applies to an index search only: give index=, or leave nprobe out")
     at_least("k", k)
     width = dataset.embedding_width(embedding_column, "search")
     config = dataset.operation_config(embedding_column) or {}
@@ -133,11 +135,15 @@ def top_k_of_shard(
 
 
 def read_image_query(image: Any) -> bytes:
-    """A query image (path or URL, bytes, PIL image) as encoded bytes."""
+    """A query image (path or URL, bytes, PIL image) as encoded bytes; ``UsageError`` for a path that names no file."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
         fs, path = filesystem_of(os.fspath(image))
+        if fs.isdir(path):
+            raise UsageError(f"image {os.fspath(image)!r} is a folder, not an image file: give one image file")
+        if not fs.isfile(path):
+            raise UsageError(f"image {os.fspath(image)!r}: no such file: give the path or URL of an image file")
         with fs.open(path, "rb") as file:
             return file.read()
     from PIL import Image

@@ -8,7 +8,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
-from dask_clip.arguments import one_of
+from dask_clip.arguments import at_least, one_of
 from dask_clip.errors import DeviceUnavailableError, UsageError
 from dask_clip.gpu_environment import check_torch_sees_gpus, count_gpus, detect
 from dask_clip.optional import require
@@ -55,9 +55,9 @@ def get_client(
       There is no RMM pool option: torch allocates with its own caching allocator, so a pool would only
       take memory from the model.
 
-    Raises ``UsageError`` for contradictory arguments, ``DeviceUnavailableError`` / ``DeviceSetupError``
-    for a GPU cluster on a machine without a GPU torch can use, and ``TimeoutError`` when no worker has
-    connected within ``timeout`` seconds.
+    Raises ``UsageError`` for contradictory arguments or fewer than one worker or thread,
+    ``DeviceUnavailableError`` / ``DeviceSetupError`` for a GPU cluster on a machine without a GPU torch can
+    use, and ``TimeoutError`` when no worker has connected within ``timeout`` seconds.
     """
     one_of("cluster_type", cluster_type, CLUSTER_TYPES)
     if scheduler_address and scheduler_file:
@@ -67,6 +67,9 @@ def get_client(
             "rmm_pool_size is not supported: torch does not allocate from an RMM pool, so the pool would only "
             "take GPU memory from the model"
         )
+    for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
+        if value is not None:
+            at_least(name, value)  # a local cluster of no worker would only time out
     if cluster_type == "cpu" and enable_spilling:
         raise UsageError("enable_spilling applies to cluster_type='gpu' only")
     if protocol is not None:

@@ -12,7 +12,7 @@ from dask_clip.embedders.base import ImageEmbedder
 from dask_clip.images.preprocess import PreprocessConfig
 from dask_clip.models.clip import ClipVisionModel, describe_image_model
 from dask_clip.models.device import resolve_device
-from dask_clip.models.loading import model_version
+from dask_clip.models.loading import model_version, resolved_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ClipImageEmbedder(ImageEmbedder):
     def __init__(
         self, model_dir: str = "openai/clip-vit-large-patch14", *, num_gpus_per_worker: float = 0.25, **options: Any
     ) -> None:
-        self.model_dir = model_id("model_dir", model_dir)
+        self.model_dir = resolved_model_path(model_id("model_dir", model_dir))
         self.num_gpus_per_worker = fraction("num_gpus_per_worker", num_gpus_per_worker)
         super().__init__(**options)
 

@@ -15,7 +15,7 @@ from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.execution import ShardTask
 from dask_clip.models.clip import ClipTextModel, describe_text_model
 from dask_clip.models.device import resolve_device
-from dask_clip.models.loading import model_version
+from dask_clip.models.loading import model_version, resolved_model_path
 from dask_clip.operation import ModelSpec, Operation
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class ClipTextEmbedder(Operation):
         normalize_embeddings: bool = True,
         device: str | None = None,
     ) -> None:
-        self.model_dir = model_id("model_dir", model_dir)
+        self.model_dir = resolved_model_path(model_id("model_dir", model_dir))
         self.batch_size = at_least("batch_size", batch_size)
         self.embedding_column = embedding_column
         self.caption_column = caption_column

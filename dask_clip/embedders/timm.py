@@ -10,7 +10,7 @@ from dask_clip.embedders.base import ImageEmbedder
 from dask_clip.errors import UsageError
 from dask_clip.images.preprocess import PreprocessConfig
 from dask_clip.models.device import resolve_device
-from dask_clip.models.loading import file_version
+from dask_clip.models.loading import file_version, resolved_model_path
 from dask_clip.models.timm import TimmModel, describe_timm_model
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class TimmImageEmbedder(ImageEmbedder):
                 f"{model_name}: give pretrained=True or a checkpoint_path; random weights would differ on every worker"
             )
         self.pretrained = pretrained
-        self.checkpoint_path = checkpoint_path
+        self.checkpoint_path = resolved_model_path(checkpoint_path) if checkpoint_path else None
         self.model_kwargs = dict(model_kwargs or {})
         super().__init__(**options)
 

@@ -25,6 +25,14 @@ def is_local_path(model_dir: str) -> bool:
     return os.path.isdir(os.path.expanduser(model_dir)) or model_dir.startswith(("/", "./", "../", "~"))
 
 
+def resolved_model_path(model: str) -> str:
+    """``model`` as it is recorded and loaded: a local folder or file as its real absolute path (``~``, ``..``,
+    symbolic links and a trailing slash resolved), so that every spelling of one model is one identity, and a
+    worker with another working directory finds it; a hub id (or timm name) unchanged."""
+    expanded = os.path.expanduser(model)
+    return os.path.realpath(expanded) if is_local_path(model) or os.path.exists(expanded) else model
+
+
 def read_model_json(model_dir: str, filename: str) -> dict[str, Any]:
     """A JSON file of ``model_dir`` (local directory or hub id), as a dict; ``ModelLoadError`` if absent."""
     from transformers.utils import cached_file

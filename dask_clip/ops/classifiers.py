@@ -22,6 +22,7 @@ from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.errors import CheckpointError, ColumnError, UsageError
 from dask_clip.execution import ShardTask
 from dask_clip.models.device import resolve_device
+from dask_clip.models.loading import resolved_model_path
 from dask_clip.operation import ModelSpec, Operation
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class EmbeddingClassifier(Operation):
     ) -> None:
         if not model_path:
             raise UsageError(f"{self.name} needs model_path: a local checkpoint file")
-        self.model_path = os.path.abspath(os.path.expanduser(str(model_path)))
+        self.model_path = resolved_model_path(str(model_path))
         if not os.path.isfile(self.model_path):
             raise CheckpointError(f"{self.name}: checkpoint {self.model_path!r} does not exist")
         self.embedding_column = embedding_column

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 SHARD_NUMBER_COLUMN = "_dask_clip_shard"
+STEM_COLUMN = "_dask_clip_stem"
 
 
 def image_sha256(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.DataFrame:
@@ -48,8 +49,9 @@ def image_sha256(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.Da
 class ExactDeduplicator(Deduplicator):
     """``deduplicator(dataset)`` -> a new dataset flagging rows whose image bytes another row has.
 
-    Writes the ``Deduplicator`` columns: in each group of equal hashes the smallest id is kept, and
-    the others name it, with similarity 1.0. Rows without a hash (no image) are always kept. When the
+    Writes the ``Deduplicator`` columns: in each group of equal hashes the row with the smallest id is kept
+    (of rows with the same id, the one in the first shard), and the others name it (id and shard), with
+    similarity 1.0. Rows without a hash (no image) are always kept. When the
     dataset has no ``hash_column``, it is computed (hex sha256 of the image member) from the tars and
     added to the dataset. The column names are keyword-only options, as in ``Deduplicator``.
     """
@@ -91,6 +93,7 @@ class ExactDeduplicator(Deduplicator):
                 id_col: empty_column(id_dtype),
                 self.hash_column: empty_column(metadata.dtypes[self.hash_column]),
                 SHARD_NUMBER_COLUMN: empty_column("int64"),
+                STEM_COLUMN: empty_column(STRING),
             }
         )
         pairs = map_shards(
@@ -106,11 +109,16 @@ class ExactDeduplicator(Deduplicator):
             {
                 id_col: empty_column(id_dtype),
                 self.duplicate_of_column: empty_column(id_dtype),
+                self.duplicate_of_shard_column: empty_column(STRING),
                 SHARD_NUMBER_COLUMN: empty_column("int64"),
             }
         )
         duplicates = pairs.shuffle(on=self.hash_column, shuffle_method="tasks").map_partitions(
-            _duplicates_in_groups, id_col, self.hash_column, self.duplicate_of_column, meta=duplicates_meta
+            _duplicates_in_groups,
+            id_col,
+            self.hash_column,
+            (self.duplicate_of_column, self.duplicate_of_shard_column),
+            meta=duplicates_meta,
         )
         by_shard = shuffle_to_shards(duplicates, SHARD_NUMBER_COLUMN, len(dataset.shards))
         return map_shards(
@@ -119,14 +127,18 @@ class ExactDeduplicator(Deduplicator):
 
     def _flag_rows(self, rows: pd.DataFrame, task: ShardTask, duplicates: pd.DataFrame) -> pd.DataFrame:
         """One shard's rows plus the flag columns, from the duplicates found in this shard."""
-        kept_ids = dict(zip(duplicates[task.id_col], duplicates[self.duplicate_of_column], strict=True))
         ids = rows[task.id_col]
-        duplicate_of = pd.array([kept_ids.get(i) for i in ids], dtype=ids.dtype)
-        removed = np.asarray(pd.notna(duplicate_of), dtype=bool)
+        positions = pd.Index(duplicates[task.id_col]).get_indexer(ids) if len(duplicates) else np.full(len(rows), -1)
+        removed = positions >= 0
+
+        def of_kept_row(column: str) -> pd.Series:
+            return pd.Series(duplicates[column].array.take(positions, allow_fill=True), index=rows.index)
+
         return rows.assign(
             **{
                 self.keep_column: pd.Series(pd.array(~removed, dtype=BOOL), index=rows.index),
-                self.duplicate_of_column: pd.Series(duplicate_of, index=rows.index),
+                self.duplicate_of_column: of_kept_row(self.duplicate_of_column).astype(ids.dtype),
+                self.duplicate_of_shard_column: of_kept_row(self.duplicate_of_shard_column).astype(STRING),
                 self.similarity_column: pd.Series(
                     pd.array([1.0 if r else None for r in removed], dtype=FLOAT64), index=rows.index
                 ),
@@ -135,19 +147,27 @@ class ExactDeduplicator(Deduplicator):
 
 
 def _hashed_rows(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.DataFrame:
-    """The rows with a hash: id, hash and the number of the shard they come from."""
+    """The rows with a hash: id, hash and the number and stem of the shard they come from."""
     hashed = rows.loc[rows[hash_column].notna(), [task.id_col, hash_column]]
-    return hashed.assign(**{SHARD_NUMBER_COLUMN: np.full(len(hashed), task.shard.index, dtype="int64")})
+    return hashed.assign(
+        **{
+            SHARD_NUMBER_COLUMN: np.full(len(hashed), task.shard.index, dtype="int64"),
+            STEM_COLUMN: pd.array([task.shard.stem] * len(hashed), dtype=STRING),
+        }
+    )
 
 
-def _duplicates_in_groups(pairs: pd.DataFrame, id_col: str, hash_column: str, duplicate_of_column: str) -> pd.DataFrame:
-    """Within complete hash groups: every row but the smallest id, with that id as ``duplicate_of_column``."""
-    smallest = pairs.groupby(hash_column, sort=False)[id_col].transform("min")
-    removed = (pairs[id_col] != smallest).to_numpy(dtype=bool)
+def _duplicates_in_groups(pairs: pd.DataFrame, id_col: str, hash_column: str, outputs: tuple[str, str]) -> pd.DataFrame:
+    """Within complete hash groups: every row but the first by (id, shard number), with that row's id and shard
+    stem as ``outputs`` (duplicate-of, duplicate-of-shard columns), and its own shard number."""
+    ordered = pairs.sort_values([hash_column, id_col, SHARD_NUMBER_COLUMN], kind="stable", ignore_index=True)
+    groups = ordered.groupby(hash_column, sort=False)
+    removed = ordered[hash_column].duplicated(keep="first").to_numpy(dtype=bool)
     return pd.DataFrame(
         {
-            id_col: pairs[id_col][removed],
-            duplicate_of_column: smallest[removed],
-            SHARD_NUMBER_COLUMN: pairs[SHARD_NUMBER_COLUMN][removed],
+            id_col: ordered[id_col][removed],
+            outputs[0]: groups[id_col].transform("first")[removed],
+            outputs[1]: groups[STEM_COLUMN].transform("first")[removed],
+            SHARD_NUMBER_COLUMN: ordered[SHARD_NUMBER_COLUMN][removed],
         }
     )

@@ -32,6 +32,7 @@ from dask.delayed import Delayed
 from dask_clip.arguments import at_least, one_of
 from dask_clip.columns import (
     BOOL,
+    STRING,
     binary_to_vectors,
     embedding_width,
     empty_column,
@@ -49,8 +50,10 @@ if TYPE_CHECKING:
 KEEP_POLICIES = ("hard", "easy", "random")
 _KEEP = "_dask_clip_keep"
 _DUPLICATE_OF = "_dask_clip_duplicate_of"
+_DUPLICATE_OF_SHARD = "_dask_clip_duplicate_of_shard"
 _SIMILARITY = "_dask_clip_similarity"
 _SHARD = "_dask_clip_shard"
+_STEM = "_dask_clip_stem"
 _PARTITION = "_dask_clip_partition"
 _CLUSTER = "_dask_clip_cluster"
 _CENTROID_COSINE = "_dask_clip_centroid_cosine"
@@ -79,7 +82,7 @@ class SemanticDeduplicator(Deduplicator):
     cluster. A cluster of (nearly) identical vectors cannot be split and stays whole.
 
     Writes the ``Deduplicator`` columns (their names are keyword-only options): a removed row names
-    the most similar earlier-ranked item (which may itself be a duplicate) and their cosine.
+    the most similar earlier-ranked item (which may itself be a duplicate), its shard and their cosine.
 
     Memory per worker: one shard's rows at a time while sampling, assigning and joining; the sample
     (``kmeans_sample_size`` x D float32) in the one task that fits the clusters; and in the within-cluster
@@ -173,6 +176,7 @@ class SemanticDeduplicator(Deduplicator):
             {
                 _PARTITION: empty_column("int64"),
                 _SHARD: empty_column("int64"),
+                _STEM: empty_column(STRING),
                 id_col: meta[id_col].iloc[:0],
                 _CLUSTER: empty_column("int64"),
                 _CENTROID_COSINE: empty_column("float32"),
@@ -206,7 +210,7 @@ class SemanticDeduplicator(Deduplicator):
             enforce_metadata=False,
         )
         by_shard = shuffle_to_shards(decisions, _SHARD, len(dataset.shards))
-        outputs = (self.keep_column, self.duplicate_of_column, self.similarity_column)
+        outputs = (self.keep_column, self.duplicate_of_column, self.duplicate_of_shard_column, self.similarity_column)
         return map_shards(
             join_decisions,
             dataset.pandas_metadata,
@@ -249,14 +253,15 @@ def fit_tree(samples: list[pd.DataFrame], dim: int, **options: Any) -> ClusterTr
 def assign_shard(
     rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str, dim: int
 ) -> pd.DataFrame:
-    """One shard's usable rows with their partition, shard number, id, cluster, cosine to its centroid and
-    unit vector (``binary``, for the shuffle)."""
+    """One shard's usable rows with their partition, shard number and stem, id, cluster, cosine to its centroid
+    and unit vector (``binary``, for the shuffle)."""
     valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])
     cluster, cosine, partition = tree.assign(vectors)
     return pd.DataFrame(
         {
             _PARTITION: partition,
             _SHARD: np.full(len(vectors), task.shard.index, dtype=np.int64),
+            _STEM: pd.array([task.shard.stem] * len(vectors), dtype=STRING),
             task.id_col: rows[task.id_col].array[valid],
             _CLUSTER: cluster,
             _CENTROID_COSINE: cosine,
@@ -295,7 +300,8 @@ def cluster_decisions(
     frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any, dim: int
 ) -> pd.DataFrame:
     """Whole clusters of rows (vectors as ``binary``) -> one decision per row: shard, id, keep, duplicate_of,
-    similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them into Python objects)."""
+    duplicate_of_shard (a stem), similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them
+    into Python objects)."""
     decided = []
     for cluster, group in frame.groupby(_CLUSTER, sort=True):
         # the same order whatever order the shuffle gave, ids repeated across shards included
@@ -303,21 +309,28 @@ def cluster_decisions(
         group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
         best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], dim))
         duplicate = best >= threshold
-        decided.append(decision_frame(group[_SHARD], pd.array(group[id_col], dtype=id_dtype), ~duplicate, best, match))
+        ids = pd.array(group[id_col], dtype=id_dtype)
+        stems = pd.array(group[_STEM], dtype=STRING)
+        decided.append(decision_frame(group[_SHARD], ids, stems, ~duplicate, best, match))
     if not decided:
         return empty_decisions(id_col, id_dtype)
     return pd.concat(decided, ignore_index=True).rename(columns={_ID: id_col})
 
 
-def decision_frame(shards: pd.Series, ids: Any, keep: np.ndarray, best: np.ndarray, match: np.ndarray) -> pd.DataFrame:
-    """Decisions for a cluster's rows (``ids``, in rank order): removed rows name their match and its cosine."""
+def decision_frame(
+    shards: pd.Series, ids: Any, stems: Any, keep: np.ndarray, best: np.ndarray, match: np.ndarray
+) -> pd.DataFrame:
+    """Decisions for a cluster's rows (``ids`` and their shards' ``stems``, in rank order): removed rows name
+    their match (id and stem) and its cosine."""
     similarity = pa.array(np.minimum(best, 1.0).astype(np.float64), mask=keep)
+    matched = np.where(keep, -1, match)
     return pd.DataFrame(
         {
             _SHARD: shards.to_numpy(dtype=np.int64),
             _ID: ids,
             _KEEP: pd.array(keep, dtype=BOOL),
-            _DUPLICATE_OF: ids.take(np.where(keep, -1, match), allow_fill=True),
+            _DUPLICATE_OF: ids.take(matched, allow_fill=True),
+            _DUPLICATE_OF_SHARD: stems.take(matched, allow_fill=True),
             _SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
         }
     )
@@ -328,6 +341,7 @@ def empty_decisions(id_col: str, id_dtype: Any) -> pd.DataFrame:
     empty = decision_frame(
         pd.Series([], dtype="int64"),
         pd.array([], dtype=id_dtype),
+        pd.array([], dtype=STRING),
         np.zeros(0, bool),
         np.zeros(0),
         np.zeros(0, np.int64),
@@ -336,9 +350,10 @@ def empty_decisions(id_col: str, id_dtype: Any) -> pd.DataFrame:
 
 
 def join_decisions(
-    rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame, outputs: tuple[str, str, str]
+    rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame, outputs: tuple[str, str, str, str]
 ) -> pd.DataFrame:
-    """One shard's rows with its decisions joined by id, as ``outputs`` (keep, duplicate-of, similarity).
+    """One shard's rows with its decisions joined by id, as ``outputs`` (keep, duplicate-of, duplicate-of-shard,
+    similarity).
 
     Rows without a decision (no usable embedding) are kept.
     """
@@ -346,7 +361,7 @@ def join_decisions(
     positions = pd.Index(decisions[id_col]).get_indexer(rows[id_col]) if len(decisions) else np.full(len(rows), -1)
     joined = {
         name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index)
-        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _SIMILARITY), strict=True)
+        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _DUPLICATE_OF_SHARD, _SIMILARITY), strict=True)
     }
     joined[outputs[0]] = joined[outputs[0]].fillna(True)
     return rows.assign(**joined)
