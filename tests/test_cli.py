@@ -229,3 +229,20 @@ def test_info_names_each_configuration_and_dedup_can_decide_again(client, shards
     again = run_cli("dedup", str(shards), *common, "--overwrite")
     assert first.returncode == again.returncode == 0, again.stderr
     assert "0 duplicates flagged" in again.stdout
+
+
+def test_overwrite_with_the_dataset_as_output_exits_2_and_keeps_the_dataset(client, tmp_path: Path) -> None:
+    import numpy as np
+
+    from dask_clip import testing
+
+    dataset = tmp_path / "shards"
+    vectors = {f"k{i}": np.random.default_rng(i).standard_normal(8).astype(np.float32) for i in range(6)}
+    testing.write_embedding_shards(dataset, vectors, rows_per_shard=2)
+    before = sorted(p.name for p in dataset.iterdir())
+    common = ("--overwrite", "--scheduler-address", client.scheduler.address)
+    for command in ("build-index", "export"):
+        result = run_cli(command, str(dataset), str(dataset), *common)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"UsageError: {dataset}: holds the dataset" in result.stderr
+        assert sorted(p.name for p in dataset.iterdir()) == before
