@@ -125,7 +125,7 @@ def _remove_scratch(fs: Any, url: str, path: str) -> None:
             )
         old = scratch["old"].pop()
         logger.warning("%s: a run was killed while replacing it; moving its earlier content back from %s", url, old)
-        fs.mv(old, path, recursive=True)
+        _move_folder(fs, old, path)
     for leftover in scratch["new"] + scratch["old"]:
         logger.warning("%s: removing %s, left by a killed run", url, leftover)
         fs.rm(leftover, recursive=True)
@@ -228,14 +228,28 @@ def _swap(fs: Any, fresh: str, path: str, old: str) -> None:
     had_old = fs.exists(path)
     try:
         if had_old:
-            fs.mv(path, old, recursive=True)
-        fs.mv(fresh, path, recursive=True)
+            _move_folder(fs, path, old)
+        _move_folder(fs, fresh, path)
     except OSError as error:
         if had_old and fs.exists(old) and not fs.exists(path):
-            fs.mv(old, path, recursive=True)
+            _move_folder(fs, old, path)
         raise WriteError(f"{path}: cannot put the new folder in place: {error}") from error
     if is_local(fs):
         fsync_folder(posixpath.dirname(path))
     if had_old:
         with contextlib.suppress(OSError):
             fs.rm(old, recursive=True)
+
+
+def _move_folder(fs: Any, source: str, target: str) -> None:
+    """Move folder ``source`` to ``target``: one rename on a local filesystem; on an object store, a copy of each
+    file, then their removal (``fs.mv(recursive=True)`` fails there on the folders' own entries)."""
+    if is_local(fs):
+        fs.mv(source, target, recursive=True)
+        return
+    fs.invalidate_cache(source)  # a listing cached by this process misses what the workers wrote
+    files = fs.find(source)
+    fs.copy(files, [target + file[len(source) :] for file in files])
+    fs.rm(files)
+    fs.invalidate_cache(source)
+    fs.invalidate_cache(target)
