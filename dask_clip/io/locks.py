@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import Any
 
+import psutil
+
 from dask_clip.errors import DaskClipError, FolderLockedError
 from dask_clip.io.atomic import atomic_write, is_local
 from dask_clip.io.shards import as_url, filesystem_of, protocol_of
@@ -74,7 +76,7 @@ class Holder:
         return json.dumps(asdict(self)).encode()
 
     def is_stale(self) -> bool:
-        gone = self.host == socket.gethostname() and not _process_exists(self.pid)
+        gone = self.host == socket.gethostname() and not psutil.pid_exists(self.pid)
         return gone or _age_s(self.refreshed) > STALE_AFTER_S
 
     def __str__(self) -> str:
@@ -214,13 +216,3 @@ def _now() -> str:
 
 def _age_s(timestamp: str) -> float:
     return (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds()
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, run by another user
-        return True
-    return True

@@ -27,7 +27,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -141,43 +141,62 @@ def _check_replaceable(fs: Any, url: str, path: str, overwrite: bool, kind: Outp
     entries = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
     if LOCK_NAME in entries:
         check_unlocked(as_url(protocol_of(fs), posixpath.join(path, LOCK_NAME)))
-    if not entries.keys() - _NOT_CONTENT:
+    names = entries.keys() - _NOT_CONTENT
+    if not names:
         return
     manifest = _read_manifest(fs, path) if MANIFEST_NAME in entries else None
-    files = {posixpath.relpath(f, path) for f in fs.find(path)} - _NOT_CONTENT
     held = _describe(entries, manifest)
-    if manifest is not None and manifest.get("command") == kind.command:
-        foreign = sorted(files - set(manifest.get("files", ())))
-        if not foreign:
-            if overwrite:
-                return
-            raise UsageError(
-                f"{url}: is not empty: it holds {held}; pass overwrite=True (--overwrite) to replace it, "
-                "or write into another folder"
-            )
-        reason = f"{kind.command} wrote it, but not {len(foreign)} of its files (e.g. {', '.join(foreign[:_EXAMPLES])})"
-    elif manifest is None and _fits(files, kind.layout):
-        if overwrite:
-            return
+    reason = _why_not_replaceable(fs, path, names, manifest, kind)
+    if reason is not None:
         raise UsageError(
-            f"{url}: is not empty: it holds {held}, as {kind.command} writes it; pass overwrite=True (--overwrite) "
-            "to replace it, or write into another folder"
+            f"{url}: is not empty: it holds {held}; {reason}, so even overwrite leaves it alone: write into another "
+            "folder, or remove this one yourself if you mean to replace it"
         )
-    else:
-        reason = f"nothing shows that {kind.command} wrote it (it holds no {MANIFEST_NAME} of {kind.command}'s)"
-    raise UsageError(
-        f"{url}: is not empty: it holds {held}; {reason}, so even overwrite leaves it alone: write into another "
-        "folder, or remove this one yourself if you mean to replace it"
-    )
+    if not overwrite:
+        raise UsageError(
+            f"{url}: is not empty: it holds {held}; pass overwrite=True (--overwrite) to replace it, "
+            "or write into another folder"
+        )
+
+
+def _why_not_replaceable(
+    fs: Any, path: str, names: set[str], manifest: dict[str, Any] | None, kind: OutputKind
+) -> str | None:
+    """None when ``kind``'s command wrote every file of folder ``path`` (top-level entries ``names``), as its
+    manifest lists them or, without a manifest, as they fit its layout; else why it is not replaceable."""
+    if manifest is not None and manifest.get("command") == kind.command:
+        written = set(manifest.get("files", ()))
+        files = _files_under(fs, path, names, written)
+        foreign = sorted(names - _tops(written) if files is None else files - written)
+        if foreign:
+            return (
+                f"{kind.command} wrote it, but not {len(foreign)} of its files (e.g. {', '.join(foreign[:_EXAMPLES])})"
+            )
+        return None
+    if manifest is None and kind.layout:
+        files = _files_under(fs, path, names, kind.layout)
+        if files is not None and _fits(files, kind.layout):
+            return None
+    return f"nothing shows that {kind.command} wrote it (it holds no {MANIFEST_NAME} of {kind.command}'s)"
+
+
+def _files_under(fs: Any, path: str, names: set[str], known: Collection[str]) -> set[str] | None:
+    """The files under ``path`` (relative paths), or None when a top-level entry is none of ``known``'s: a folder
+    that is not the command's is never walked (it may be anybody's home)."""
+    if names - _tops(known):
+        return None
+    return {posixpath.relpath(f, path) for f in fs.find(path)} - _NOT_CONTENT
+
+
+def _tops(files: Collection[str]) -> set[str]:
+    return {file.split("/")[0] for file in files}
 
 
 def _fits(files: set[str], layout: Sequence[str]) -> bool:
     """Whether ``files`` fit ``layout``: each matches one of its globs, and each glob matches one of them."""
-    return (
-        bool(layout)
-        and all(any(fnmatch.fnmatchcase(f, glob) for glob in layout) for f in files)
-        and all(any(fnmatch.fnmatchcase(f, glob) for f in files) for glob in layout)
-    )
+    every_file = all(any(fnmatch.fnmatchcase(file, glob) for glob in layout) for file in files)
+    every_glob = all(any(fnmatch.fnmatchcase(file, glob) for file in files) for glob in layout)
+    return every_file and every_glob
 
 
 def _describe(entries: dict[str, dict[str, Any]], manifest: dict[str, Any] | None) -> str:
