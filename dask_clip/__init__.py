@@ -42,6 +42,7 @@ _LAZY_NAMES = {
             "DeviceOutOfMemoryError",
             "DeviceSetupError",
             "DeviceUnavailableError",
+            "FolderLockedError",
             "IndexFileError",
             "MissingDependencyError",
             "ModelLoadError",

@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataset_options(reshard)
     reshard.add_argument("output", help="folder for the new shards (must be empty, or see --overwrite)")
-    reshard.add_argument("--overwrite", action="store_true", help="replace the output folder and all it holds")
+    reshard.add_argument(
+        "--overwrite", action="store_true", help="replace the output folder if an earlier reshard wrote all it holds"
+    )
     reshard.add_argument(
         "--filter-column", default=None, help="keep rows where this boolean column is True (default: all)"
     )
@@ -194,13 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--nprobe", type=int, default=None, help="IVF lists a query scans (default: enough for ~16k vectors)"
     )
     build_index.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
-    build_index.add_argument("--overwrite", action="store_true", help="replace the index folder and all it holds")
+    build_index.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the index folder if an earlier build-index wrote all it holds",
+    )
     _add_cluster_options(build_index)
 
     export = commands.add_parser("export", help="write embeddings in clip-retrieval's layout", formatter_class=defaults)
     _add_dataset_options(export)
     export.add_argument("output", help="folder for img_emb/ and metadata/ (must be empty, or see --overwrite)")
-    export.add_argument("--overwrite", action="store_true", help="replace the output folder and all it holds")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace the output folder if an earlier export wrote all it holds"
+    )
     _add_cluster_options(export)
 
     attach = commands.add_parser(

@@ -62,6 +62,12 @@ class DeviceOutOfMemoryError(ConfigurationError, RuntimeError):
     """A model's batch does not fit in its device's memory; the message names the host, the batch and the fix."""
 
 
+class FolderLockedError(FileExistsError, ConfigurationError):
+    """Another run writes into the folder this run would write into (it holds the folder's lock file); nothing was
+    written. The message starts with the lock file, names the holder (host, pid, since when, command) and says how
+    to remove a stale lock."""
+
+
 class DataError(DaskClipError, ValueError):
     """The data cannot be processed as it is (CLI exit code 1); the message starts with the file."""
 

@@ -268,3 +268,20 @@ def test_search_for_a_missing_image_names_it_before_a_cluster_starts(shards: Pat
     assert result.returncode == 2, result.stderr
     assert f"UsageError: image {str(tmp_path / 'nope.jpg')!r}: no such file" in result.stderr
     assert "cluster started" not in result.stderr
+
+
+def test_overwrite_with_the_dataset_as_output_exits_2_and_keeps_the_dataset(client, tmp_path: Path) -> None:
+    import numpy as np
+
+    from dask_clip import testing
+
+    dataset = tmp_path / "shards"
+    vectors = {f"k{i}": np.random.default_rng(i).standard_normal(8).astype(np.float32) for i in range(6)}
+    testing.write_embedding_shards(dataset, vectors, rows_per_shard=2)
+    before = sorted(p.name for p in dataset.iterdir())
+    common = ("--overwrite", "--scheduler-address", client.scheduler.address)
+    for command in ("build-index", "export"):
+        result = run_cli(command, str(dataset), str(dataset), *common)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"UsageError: {dataset}: holds the dataset" in result.stderr
+        assert sorted(p.name for p in dataset.iterdir()) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import resource
@@ -119,6 +120,15 @@ def test_a_missing_optional_dependency_names_the_extra(shards: Path, tiny_model:
     assert_printed_once(
         result, r"MissingDependencyError: cluster_type='gpu' needs dask_cuda: pip install \"dask_clip\[gpu\]\""
     )
+
+
+def test_a_folder_another_run_writes_into_is_refused(client, shards: Path, tiny_model: Path) -> None:
+    holder = {"host": "elsewhere", "pid": 7, "started": "2100-01-01T00:00:00+00:00", "operation": "save_metadata"}
+    holder |= {"refreshed": "2100-01-01T00:00:00+00:00", "command": "dask-clip embed", "token": "0" * 32}
+    (shards / ".dask_clip.lock").write_text(json.dumps(holder))
+    result = embed(shards, tiny_model, scheduler=client.scheduler.address)
+    assert result.returncode == EXIT_CONFIGURATION
+    assert_printed_once(result, r"FolderLockedError: .*shards/\.dask_clip\.lock: another run writes into this folder")
 
 
 # --- exit code 1: fix (or skip) the data ----------------------------------------------------------------------

@@ -89,7 +89,12 @@ def test_index_files_round_trip(client, with_gaps: Path, tmp_path: Path) -> None
     dataset = ImageTextPairDataset.from_webdataset(str(with_gaps))
     dataset.build_index(str(tmp_path / "index"), index_key="IVF2,Flat")
     folder = tmp_path / "index"
-    assert sorted(p.name for p in folder.iterdir()) == ["ids.parquet", "index.faiss", "index.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".dask_clip-output.json",
+        "ids.parquet",
+        "index.faiss",
+        "index.json",
+    ]
     manifest = json.loads((folder / "index.json").read_text())
     assert manifest["counts"] == {"rows": 300, "indexed": 297, "without_embedding": 3}
     assert manifest["column"] == "image_embedding" and manifest["dim"] == WIDTH

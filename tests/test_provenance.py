@@ -236,7 +236,13 @@ def test_a_reshard_replaces_its_folder_as_a_whole(shards: Path, tmp_path: Path) 
     with pytest.raises(UsageError, match="is not empty"):
         dataset_of(shards).to_webdataset(str(target), samples_per_shard=4)
     dataset_of(shards).to_webdataset(str(target), samples_per_shard=10, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        ".dask_clip-output.json",
+        "00000.parquet",
+        "00000.tar",
+        "00001.parquet",
+        "00001.tar",
+    ]
 
 
 # 12 ------------------------------------------------------------------------------------------------------------

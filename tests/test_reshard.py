@@ -73,7 +73,7 @@ def test_all_rows_reshard_into_new_ids_with_members_copied(client, shards: Path,
         sum(o in before for o in original["key"][i : i + 4]) for i in range(0, 18, 4)
     ]
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        f"{s:03d}.{e}" for s in range(5) for e in ("tar", "parquet")
+        [".dask_clip-output.json", *(f"{s:03d}.{e}" for s in range(5) for e in ("tar", "parquet"))]
     )
 
     resharded = ImageTextPairDataset.from_webdataset(str(output))
@@ -100,7 +100,7 @@ def test_all_rows_reshard_into_new_ids_with_members_copied(client, shards: Path,
         assert {k: v for k, v in sidecar.items() if k not in ("key", "old_key")} == {
             k: v for k, v in json.loads(before[old_key]["json"]).items() if k != "key"
         }
-    assert not [p for p in output.iterdir() if p.name.startswith(".")]  # the staging folder is gone
+    assert not (output / ".staging").exists()
 
 
 def test_filter_keeps_true_rows_only_and_an_input_shard_can_vanish(client, shards: Path, tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_nothing_kept_writes_nothing(client, shards: Path, tmp_path: Path) -> No
     output = tmp_path / "empty"
     summary = dataset.to_webdataset(str(output), filter_column="keep")
     assert len(summary) == 0
-    assert list(output.iterdir()) == []
+    assert [p.name for p in output.iterdir()] == [".dask_clip-output.json"]  # the manifest alone
 
 
 def test_only_failed_downloads_kept_gives_a_valid_empty_tar(client, shards: Path, tmp_path: Path) -> None:
@@ -162,11 +162,13 @@ def test_argument_errors_name_the_problem(shards: Path, tmp_path: Path) -> None:
         dataset.to_webdataset(str(tmp_path / "a"), filter_column="url")
     with pytest.raises(ValueError, match="'caption' is already a column"):
         dataset.to_webdataset(str(tmp_path / "a"), old_id_col="caption")
-    with pytest.raises(UsageError, match="the output folder is the dataset's own folder"):
+    with pytest.raises(UsageError, match="shards: holds the dataset"):
         dataset.to_webdataset(str(shards.parent / "shards"), overwrite=True)
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("someone's")
-    with pytest.raises(UsageError, match=r"used: is not empty .*notes\.txt.*overwrite=True"):
+    with pytest.raises(
+        UsageError, match=r"used: is not empty: it holds 1 entry \(1 file\), e\.g\. notes\.txt; nothing shows"
+    ):
         dataset.to_webdataset(str(tmp_path / "used"))
     with pytest.raises(ValueError, match=r"need 18 shards of 1, more than max_shards=1 digits can name"):
         dataset.to_webdataset(str(tmp_path / "b"), samples_per_shard=1, max_shards=1)

@@ -91,3 +91,40 @@ def test_embed_shards_on_s3_and_write_parquet_back(s3_endpoint: str, pristine_sh
     assert table.num_rows == 6 and "image_embedding" in table.column_names
     back = ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/shards")  # inputs are untouched
     assert "image_embedding" not in back.metadata.columns
+
+
+@pytest.mark.slow
+def test_locks_and_the_overwrite_rule_on_object_storage(s3_endpoint: str, tmp_path: Path) -> None:
+    import numpy as np
+    import s3fs
+
+    from dask_clip import FolderLockedError, ImageTextPairDataset, UsageError, get_client, testing
+    from dask_clip.io.locks import writer_lock
+
+    s3 = s3fs.S3FileSystem()
+    s3.mkdir("outputs")
+    vectors = {f"k{i}": np.random.default_rng(i).standard_normal(8).astype(np.float32) for i in range(6)}
+    testing.write_embedding_shards(tmp_path / "shards", vectors, rows_per_shard=3)
+    for path in (tmp_path / "shards").iterdir():
+        s3.put(str(path), f"outputs/shards/{path.name}")
+    before = sorted(s3.ls("outputs/shards", detail=False))
+
+    lock = "s3://outputs/shards/.dask_clip.lock"
+    refused = pytest.raises(FolderLockedError, match=f"{lock}: another run writes into this folder: pid {os.getpid()}")
+    with writer_lock(lock, "save_metadata"), refused, writer_lock(lock, "save_metadata"):  # read back, compared
+        pass
+    s3.invalidate_cache()
+    assert not s3.exists(lock)
+
+    with get_client("cpu", n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+        dataset = ImageTextPairDataset.from_webdataset("s3://outputs/shards")
+        for output in ("s3://outputs/shards", "s3://outputs/shards/", "s3://outputs/x/../shards", "s3://outputs"):
+            with pytest.raises(UsageError, match="holds the dataset s3://outputs/shards"):
+                dataset.export_clip_retrieval(output, overwrite=True)
+        dataset.export_clip_retrieval("s3://outputs/export")
+        dataset.export_clip_retrieval("s3://outputs/export", overwrite=True)
+        client.cluster.close()
+    s3.invalidate_cache()
+    assert sorted(s3.ls("outputs/shards", detail=False)) == before
+    assert sorted(s3.ls("outputs", detail=False)) == ["outputs/export", "outputs/shards"]  # no scratch, no lock
+    assert s3.exists("outputs/export/.dask_clip-output.json") and len(s3.ls("outputs/export/img_emb")) == 2

@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 from dask_clip.columns import embeddings_to_numpy
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask, compute, map_shards
-from dask_clip.io.atomic import atomic_write, replacing_folder
+from dask_clip.io.atomic import atomic_write
+from dask_clip.io.output_folder import OutputKind, replacing_folder
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
+OUTPUT = OutputKind("export_clip_retrieval", ("img_emb/img_emb_*.npy", "metadata/metadata_*.parquet"))
 DEFAULT_METADATA_COLUMNS = ("caption", "url")
 SUMMARY_META = pd.DataFrame(
     {"stem": [""], "index": [0], "rows": [0], "not_finite": [0], "embeddings_path": [""], "metadata_path": [""]}
@@ -44,7 +46,8 @@ def export_clip_retrieval(
 
     A vector that is null, or holds a NaN or an infinity (in float16 too), is not an embedding: its row is
     left out of both files and counted in ``not_finite`` (nulls are not counted). ``path`` is written as a
-    whole: a folder that is not empty is refused unless ``overwrite=True``, which replaces it once the
+    whole (``io.output_folder``): never the dataset's folder, one inside it or above it; a folder that is not
+    empty is refused unless ``overwrite=True`` and an earlier export wrote it, and is then replaced once the
     export is complete (no file of an earlier export survives).
 
     Returns one row per shard: ``stem``, ``index``, ``rows`` (embeddings written, 0 where no pair
@@ -61,7 +64,7 @@ def export_clip_retrieval(
             raise ColumnError(f"unknown metadata columns {unknown}; the dataset has {columns}")
         extra = [c for c in metadata_columns if c != dataset.id_col]
     root = path.rstrip("/")
-    with replacing_folder(root, overwrite) as fresh:
+    with replacing_folder(root, overwrite, OUTPUT, dataset.path) as fresh:
         written = map_shards(
             _write_pair,
             dataset.pandas_metadata,

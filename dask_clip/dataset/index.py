@@ -27,10 +27,18 @@ import pandas as pd
 from dask_clip import ann
 from dask_clip.arguments import at_least
 from dask_clip.columns import embedding_dtype, embeddings_to_numpy, empty_column, to_embedding_array, unit_embeddings
-from dask_clip.dataset.index_files import read_faiss, shard_fingerprints, write_faiss, write_index_folder
+from dask_clip.dataset.index_files import (
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    read_faiss,
+    shard_fingerprints,
+    write_faiss,
+    write_index_folder,
+)
 from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
-from dask_clip.io.atomic import replacing_folder
+from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import Computed, digest
 from dask_clip.io.shards import filesystem_of
 
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 _TRAINED, _PARTS = "trained.faiss", "parts"
+OUTPUT = OutputKind("build_index", (INDEX_FILE, IDS_FILE, MANIFEST_FILE))
 SUMMARY_COLUMNS = ["stem", "rows", "indexed", "without_embedding"]
 
 
@@ -57,8 +66,9 @@ def build_index(
     The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``)
     unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
     ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors).
-    ``seed`` fixes the training sample and k-means. ``path`` must be empty or absent unless ``overwrite``; it
-    is replaced as a whole.
+    ``seed`` fixes the training sample and k-means. ``path`` is written as a whole
+    (``io.output_folder``): never the dataset's folder, one inside it or above it; it must be empty or absent
+    unless ``overwrite`` and an earlier ``build_index`` wrote it.
 
     Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
     """
@@ -82,7 +92,7 @@ def build_index(
     if nprobe is not None:
         choice = ann.IndexChoice(choice.key, choice.nlist, nprobe, choice.train_size)
 
-    with replacing_folder(path, overwrite) as folder:
+    with replacing_folder(path, overwrite, OUTPUT, dataset.path) as folder:
         trained_url = posixpath.join(folder, _TRAINED)
         if choice.train_size:
             sample = _sample(dataset, embedding_column, width, choice.train_size / int(rows.sum()), seed)

@@ -36,8 +36,8 @@ from dask_clip.columns import BOOL, STRING
 from dask_clip.dataset.plan import expected_records
 from dask_clip.errors import ColumnError, ShardReadError, UsageError
 from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
-from dask_clip.io.atomic import replacing_folder
 from dask_clip.io.metadata import arrow_to_pandas, shard_identity, write_shard_metadata
+from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import FileRecords, digest, file_identity
 from dask_clip.io.shards import filesystem_of
 from dask_clip.io.tar_samples import DEFAULT_MAX_SAMPLE_BYTES, RowKeys, iter_tar_members
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 SUMMARY_COLUMNS = {"stem": "", "tar_path": "", "parquet_path": "", "rows": 0, "samples": 0, "unparsed_json": 0}
+OUTPUT = OutputKind("to_webdataset")
+"""A reshard's output: a dataset, which a folder written before manifests cannot be told from."""
 KEPT = "_dask_clip_kept"
 """The staging column that marks the rows kept."""
 
@@ -115,17 +117,18 @@ def to_webdataset(
     (a failed download) stays in the parquet with no tar members. Tar keys are matched to rows as the
     embedder matches them: a key no row has is an error naming the tar.
 
-    ``path`` is written as a whole: a folder that is not empty is refused unless ``overwrite=True``,
-    which replaces it once the new shards are complete.
+    ``path`` is written as a whole (``io.output_folder``): never the dataset's folder, one inside it or above it;
+    a folder that is not empty is refused unless ``overwrite=True`` and an earlier ``to_webdataset`` wrote it,
+    and is then replaced once the new shards are complete.
 
     Returns one row per output shard: ``stem``, ``tar_path``, ``parquet_path``, ``rows``, ``samples``,
     ``unparsed_json``.
     """
     columns = list(dataset.meta.columns)
-    _check_arguments(dataset, path, columns, filter_column, samples_per_shard, max_shards, old_id_col)
+    _check_arguments(dataset, columns, filter_column, samples_per_shard, max_shards, old_id_col)
     records = expected_records(dataset, columns)
     output_url = path.rstrip("/")
-    with replacing_folder(output_url, overwrite) as fresh:
+    with replacing_folder(output_url, overwrite, OUTPUT, dataset.path) as fresh:
         staging = posixpath.join(fresh, ".staging")
         counts = _stage_rows(dataset, staging, filter_column, records)
         plan = plan_output_shards(counts, samples_per_shard)
@@ -164,7 +167,6 @@ def to_webdataset(
 
 def _check_arguments(
     dataset: ImageTextPairDataset,
-    path: str,
     columns: list[str],
     filter_column: str | None,
     samples_per_shard: int,
@@ -181,8 +183,6 @@ def _check_arguments(
             raise ColumnError(f"filter column {filter_column!r} is {dtype}, not boolean")
     if old_id_col is not None and old_id_col in columns:
         raise UsageError(f"old_id_col {old_id_col!r} is already a column of the dataset")
-    if filesystem_of(path)[1] == filesystem_of(dataset.path)[1]:
-        raise UsageError(f"{path}: the output folder is the dataset's own folder; choose another one")
 
 
 def _staged_url(staging: str, stem: str) -> str:

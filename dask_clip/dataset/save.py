@@ -14,6 +14,7 @@ import pandas as pd
 from dask_clip.dataset.plan import plan_save
 from dask_clip.errors import ColumnError, ShardError
 from dask_clip.execution import STAGES, ShardTask, compute_per_shard, map_shards, stage_timings
+from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.provenance import FileRecords
 
@@ -47,7 +48,9 @@ def save_metadata(
     records reasons), is skipped without being computed; a column that decides across shards is
     finished in every shard or in none. ``overwrite=True`` recomputes and rewrites every shard.
 
-    ``progress`` shows a bar (shards done, rows per second).
+    ``progress`` shows a bar (shards done, rows per second). The run holds the output folder's lock file
+    (``io.locks``) from before it reads the files there until the last is written: ``FolderLockedError`` when
+    another run holds it.
 
     Returns one row per shard: ``stem``, ``path``, ``rows``, ``errors`` (rows with a reason
     instead of a value), ``written`` (False where skipped) and the shard's stage timings in
@@ -56,6 +59,19 @@ def save_metadata(
     output_root = (path or dataset.path).rstrip("/")
     selected = _columns_to_write(dataset, columns, in_place=path is None)
     urls = [posixpath.join(output_root, f"{shard.stem}.parquet") for shard in dataset.shards]
+    with writer_lock(posixpath.join(output_root, LOCK_NAME), "save_metadata"):
+        return _plan_and_write(dataset, output_root, urls, selected, overwrite, progress)
+
+
+def _plan_and_write(
+    dataset: ImageTextPairDataset,
+    output_root: str,
+    urls: list[str],
+    selected: list[str],
+    overwrite: bool,
+    progress: bool,
+) -> pd.DataFrame:
+    """Plan the save into ``urls``, then write the shards that are not finished -> ``save_metadata``'s summary."""
     plan = plan_save(dataset, urls, selected, overwrite)
     todo = [i for i, finished in enumerate(plan.finished) if not finished]
     skipped = [
