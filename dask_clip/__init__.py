@@ -44,6 +44,7 @@ _LAZY_NAMES = {
             "DeviceUnavailableError",
             "IndexFileError",
             "MissingDependencyError",
+            "MixedProvenanceError",
             "ModelLoadError",
             "ShardError",
             "ShardMetadataError",

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dask_clip.columns import embeddings_to_numpy
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.io.atomic import atomic_write, replacing_folder
@@ -45,13 +46,16 @@ def export_clip_retrieval(
     A vector that is null, or holds a NaN or an infinity (in float16 too), is not an embedding: its row is
     left out of both files and counted in ``not_finite`` (nulls are not counted). ``path`` is written as a
     whole: a folder that is not empty is refused unless ``overwrite=True``, which replaces it once the
-    export is complete (no file of an earlier export survives).
+    export is complete (no file of an earlier export survives). Embeddings that the shards' files do not hold
+    from one run over their current rows (two models after an interrupted switch: ``dataset.consistency``) are
+    refused, before anything is written.
 
     Returns one row per shard: ``stem``, ``index``, ``rows`` (embeddings written, 0 where no pair
     was written), ``not_finite``, ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
     """
     meta = dataset.pandas_metadata._meta
     width = dataset.embedding_width(embedding_column, "export_clip_retrieval")
+    check_consumed(dataset, [embedding_column], "export_clip_retrieval")
     columns = list(meta.columns)
     if metadata_columns is None:
         extra = [c for c in DEFAULT_METADATA_COLUMNS if c in columns]

@@ -27,6 +27,7 @@ import pandas as pd
 from dask_clip import ann
 from dask_clip.arguments import at_least
 from dask_clip.columns import embedding_dtype, embeddings_to_numpy, empty_column, to_embedding_array, unit_embeddings
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.index_files import read_faiss, shard_fingerprints, write_faiss, write_index_folder
 from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
@@ -58,7 +59,8 @@ def build_index(
     unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
     ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors).
     ``seed`` fixes the training sample and k-means. ``path`` must be empty or absent unless ``overwrite``; it
-    is replaced as a whole.
+    is replaced as a whole. Embeddings that the shards' files do not hold from one run over their current rows
+    (two models after an interrupted switch: ``dataset.consistency``) are refused, before anything is written.
 
     Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
     """
@@ -75,6 +77,7 @@ def build_index(
         )
     if width is None:
         raise UsageError(f"no shard holds an embedding in {embedding_column!r}: nothing to index")
+    check_consumed(dataset, [embedding_column], "build_index")
     fingerprints = shard_fingerprints(dataset, embedding_column)
     rows = np.array([entry["rows"] for entry in fingerprints], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])
