@@ -83,7 +83,7 @@ def check_consumed(
         stored.update(dict.fromkeys(_stored_columns(source)))
     if not stored:
         return operations
-    footers = read_footers(dataset, list(stored))
+    footers = _read_footers(dataset, list(stored))
     expected = ExpectedRecords([footer.inputs for footer in footers])
     for column in stored:
         agreed = _check_column(column, footers, expected, consumer, own, dataset.path)
@@ -101,7 +101,7 @@ def _stored_columns(source: Source | None) -> Iterator[str]:
             yield from _stored_columns(read)
 
 
-def read_footers(dataset: ImageTextPairDataset, columns: list[str]) -> list[ShardFooter]:
+def _read_footers(dataset: ImageTextPairDataset, columns: list[str]) -> list[ShardFooter]:
     """Every shard's ``ShardFooter``, in order, read on the cluster (``SHARDS_PER_TASK`` shards per task)."""
     shards = list(dataset.shards)
     chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
@@ -178,9 +178,9 @@ def _check_column(
             for key, record in records.items()
         )
         raise MixedProvenanceError(
-            f"{start}, but the shards' files do not hold it from one run: {found}. An interrupted run (or one "
-            f"killed after other options or another model were chosen) leaves this. Finish one of them over every "
-            f"shard, {commands}, then run this again"
+            f"{start}, but the shards' files do not hold it from one run: {found}. A run that was interrupted (a "
+            f"re-run with other options or another model, killed before its end) leaves this. Finish a run over "
+            f"every shard: {commands}; then run this again"
         )
     (record,) = records.values()
     fix = rerun_command(record["operation"], path)
@@ -188,7 +188,7 @@ def _check_column(
         source = _cross_shard_source(record, footers[judged[0][0]].inputs.records)
         if expected.dataset_digest(source) != record["dataset"]:
             changed = [i for i, r in judged if _inputs_of(expected.record(source, i)) != _inputs_of(r)]
-            where = _shards(stems, changed) if changed else "the shards themselves (some added or removed)"
+            where = _shards(stems, changed) if changed else "shards added or removed"
             raise MixedProvenanceError(
                 f"{start}, but it was decided for other inputs than the shards hold now (what changed since: "
                 f"{where}): decide again over every shard, `{fix}`"
