@@ -118,7 +118,7 @@ def test_a_filter_refuses_a_half_finished_keep_and_resumes_its_own(client, half_
     dataset_of(half_deduplicated).to_webdataset(str(half_deduplicated.parent / "out"), filter_column="keep")
 
 
-def test_decisions_made_for_other_embeddings_are_refused(client, tmp_path: Path) -> None:
+def test_decisions_made_for_other_inputs_are_refused(client, tmp_path: Path) -> None:
     folder = tmp_path / "shards"
     testing.write_embedding_shards(folder, planted_vectors(), rows_per_shard=4)
     dedup("hard")(dataset_of(folder)).save_metadata()
