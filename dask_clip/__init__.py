@@ -45,6 +45,7 @@ _LAZY_NAMES = {
             "FolderLockedError",
             "IndexFileError",
             "MissingDependencyError",
+            "MixedProvenanceError",
             "ModelLoadError",
             "ShardError",
             "ShardMetadataError",

@@ -495,6 +495,8 @@ def _attach(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from dask_clip.io.provenance import describe_operation
+
     dataset = _dataset(args)
     with _cluster(args):
         table = dataset.info()
@@ -506,25 +508,12 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{column}{mixed}")
         for row in group.itertuples():
             stems = ", ".join(row.stems[:5]) + (f" and {len(row.stems) - 5} more" if len(row.stems) > 5 else "")
-            print(f"  {_describe(row.operation)}")
+            print(f"  {describe_operation(row.operation)}")
             print(
                 f"    {row.shards} shards ({stems}): {row.rows} rows, {row.with_value} with a value, "
                 f"{row.with_reason} with a reason, {row.missing} with neither; {row.stale} stale"
             )
     return 0
-
-
-def _describe(operation: dict[str, Any] | None) -> str:
-    """A configuration on one line: its class or function, then its options."""
-    if operation is None:
-        return "(no configuration recorded: an older dask_clip, or shards of several configurations moved together)"
-    from dask_clip.io.provenance import digest
-
-    name = operation.get("class") or operation.get("function") or "?"
-    first = [key for key in ("model_dir", "model_name", "model_path") if key in operation]
-    rest = sorted(key for key in operation if key not in (*first, "class", "function"))
-    shown = {key: digest(operation[key])[:8] if key.endswith("_version") else operation[key] for key in first + rest}
-    return f"{name}(" + ", ".join(f"{key}={value!r}" for key, value in shown.items()) + ")"
 
 
 def _demo(args: argparse.Namespace) -> int:

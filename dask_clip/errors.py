@@ -102,6 +102,12 @@ class StaleIndexError(DataError):
     message starts with the index's path and names the first shard that differs. Rebuild the index."""
 
 
+class MixedProvenanceError(DataError):
+    """A derived column that an operation reads was not produced by one run over the data the shards hold now:
+    shards hold it from different configurations or runs (an interrupted re-run), lack it, or hold it for other
+    rows or inputs. The message names the shards, the configurations found and the command that fixes it."""
+
+
 class ImageDecodeError(DataError):
     """One sample's bytes cannot be made into an image; the message is the row's reason.
 

@@ -13,7 +13,9 @@ An operation says
 - ``process_shard(rows, task, model)``: for a per-shard operation, its new columns for one shard.
 
 ``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
-through ``execution.map_shards``. A cross-shard operation overrides ``build`` instead of ``process_shard``.
+through ``execution.map_shards``, once the derived columns it reads are known to come from one run over the
+data the shards hold now (``dataset.consistency``: the shards' footers are read for it). A cross-shard
+operation overrides ``build`` instead of ``process_shard``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import dask.dataframe as dd
 import pandas as pd
 
 from dask_clip.columns import require_columns
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.distributed.model_cache import get_or_load
 from dask_clip.execution import ShardTask, map_shards
 from dask_clip.io.provenance import Computed, Plain
@@ -111,8 +114,14 @@ class Operation(ABC):
         )
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """Lazily add this operation's columns to every shard of ``dataset``; columns of the same names are replaced."""
-        require_columns(dataset.meta, self.input_columns(dataset), self.name)
+        """Lazily add this operation's columns to every shard of ``dataset``; columns of the same names are replaced.
+
+        ``MixedProvenanceError`` when a derived column it reads is not what one run produced over the data the
+        shards hold now (its own earlier output, the same configuration, is left out: this run finishes it).
+        """
+        inputs = self.input_columns(dataset)
+        require_columns(dataset.meta, inputs, self.name)
+        check_consumed(dataset, inputs, self.name, own=self.config())
         self.check_inputs(dataset)
         outputs = self.output_columns(dataset)
         frame = self.build(dataset, dataset.meta.assign(**outputs))

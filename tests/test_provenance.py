@@ -18,6 +18,7 @@ from dask_clip import (
     ClipImageEmbedder,
     ExactDeduplicator,
     ImageTextPairDataset,
+    MixedProvenanceError,
     SemanticDeduplicator,
     ShardError,
     UsageError,
@@ -178,7 +179,10 @@ def test_semantic_dedup_decides_again_when_the_embeddings_it_read_change(
     assert SemanticDeduplicator(n_clusters=2)(dataset_of(shards)).save_metadata()["written"].all()
     unchanged = SemanticDeduplicator(n_clusters=2)(dataset_of(shards)).save_metadata()
     assert not unchanged["written"].any()
-    interrupted_embed(shards, other_model, dies_at="00003")  # one shard's embeddings change
+    interrupted_embed(shards, other_model, dies_at="00003")  # a switch of model, interrupted
+    with pytest.raises(MixedProvenanceError, match=r"1 shard \(00003\)"):
+        SemanticDeduplicator(n_clusters=2)(dataset_of(shards))  # two vector spaces are never compared
+    embed(shards, other_model).save_metadata()  # the switch finished: the embeddings the dedup read changed
     again = SemanticDeduplicator(n_clusters=2)(dataset_of(shards)).save_metadata()
     assert again["written"].all()
 

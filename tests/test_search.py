@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dask_clip import ClipImageEmbedder, ColumnError, ImageTextPairDataset, UsageError, embeddings_to_numpy, testing
+from dask_clip.errors import ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,8 @@ def test_errors_name_the_problem(embedded: ImageTextPairDataset, tiny_model: Pat
         embedded.search(image=np.ones(32), embedding_column="clip")
     with pytest.raises(OSError, match="cannot load the tokenizer"):
         embedded.search(text="a cat", model_dir=str(tiny_model))  # saved without tokenizer files
+    with pytest.raises(UsageError, match="another model than the one that embedded 'image_embedding'"):
+        embedded.search(image=np.zeros((4, 4, 3), np.uint8).tobytes(), model_dir=str(tiny_model))  # another folder
 
 
 def test_an_image_path_that_is_no_file_is_named(embedded: ImageTextPairDataset, tmp_path: Path) -> None:
@@ -108,3 +111,97 @@ def test_nprobe_is_refused_without_an_index(embedded: ImageTextPairDataset) -> N
     for nprobe in (0, 4):
         with pytest.raises(UsageError, match=rf"nprobe={nprobe} applies to an index search only: give index="):
             embedded.search(image=np.ones(32, dtype=np.float32), nprobe=nprobe)
+
+
+# --- the query model is the model of the column ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def siglip_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight SigLIP with a tokenizer: 32-d embeddings, as wide as the tiny CLIP's."""
+    return testing.save_random_siglip_model(tmp_path_factory.mktemp("siglip") / "model")
+
+
+@pytest.fixture(scope="module")
+def siglip_embedded(client, pristine_shards: Path, siglip_model: Path, tmp_path_factory) -> ImageTextPairDataset:
+    folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("search-siglip") / "shards"))
+    ClipImageEmbedder(str(siglip_model), autocast=False)(
+        ImageTextPairDataset.from_webdataset(str(folder))
+    ).save_metadata()
+    return ImageTextPairDataset.from_webdataset(str(folder))
+
+
+def query_image(dataset: ImageTextPairDataset) -> bytes:
+    with tarfile.open(dataset.tar_files[0]) as archive:
+        name = min(name for name in archive.getnames() if name.endswith(".jpg"))
+        return archive.extractfile(name).read()
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("column_family", ["SigLIP", "CLIP"])
+def test_a_query_embedded_by_another_family_of_the_same_width_is_refused(
+    embedded: ImageTextPairDataset,
+    siglip_embedded: ImageTextPairDataset,
+    model_with_tokenizer: Path,
+    siglip_model: Path,
+    kind: str,
+    column_family: str,
+) -> None:
+    dataset, recorded, other = (siglip_embedded, siglip_model, model_with_tokenizer)
+    if column_family == "CLIP":
+        dataset, recorded, other = (embedded, model_with_tokenizer, siglip_model)
+    query = {"text": "a photo of a cat"} if kind == "text" else {"image": query_image(dataset)}
+    with pytest.raises(UsageError, match="another model than the one that embedded 'image_embedding'") as raised:
+        dataset.search(model_dir=str(other), **query)
+    message = str(raised.value)
+    assert f"model_dir={str(recorded)!r}, family SigLIP" in message or column_family == "CLIP", message
+    assert f"model_dir={str(other)!r}, family SigLIP" in message or column_family == "SigLIP", message
+    assert f"model_dir={str(recorded)!r}, family {column_family}, 32-d" in message, message
+    assert str(other) in message and "recorded" in message and "query" in message
+
+
+def test_the_recorded_model_and_a_raw_vector_are_answered(siglip_embedded: ImageTextPairDataset, siglip_model) -> None:
+    image = query_image(siglip_embedded)
+    by_default = siglip_embedded.search(image=image, k=3)  # the model recorded with the column
+    explicit = siglip_embedded.search(image=image, k=3, model_dir=str(siglip_model))
+    assert by_default.equals(explicit) and by_default["score"].iloc[0] > 0.9999
+    assert len(siglip_embedded.search(text="a photo of a cat", k=3)) == 3
+    assert len(siglip_embedded.search(image=np.ones(32, dtype=np.float32), k=3)) == 3  # no model involved
+    with pytest.raises(UsageError, match=r"query embedding has shape \(16,\); 'image_embedding' holds vectors of 32"):
+        siglip_embedded.search(image=np.ones(16, dtype=np.float32))
+
+
+def test_a_model_of_another_width_is_refused_naming_both(embedded: ImageTextPairDataset, tmp_path: Path) -> None:
+    narrow = testing.save_random_clip_model(tmp_path / "narrow", shape="tiny", projection_dim=16)
+    with pytest.raises(UsageError, match="another model") as raised:
+        embedded.search(image=query_image(embedded), model_dir=str(narrow))
+    assert "family CLIP, 16-d" in str(raised.value) and "family CLIP, 32-d" in str(raised.value)
+
+
+def test_other_weights_in_the_recorded_folder_are_refused(
+    client, pristine_shards: Path, tiny_model: Path, tmp_path
+) -> None:
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))  # no tokenizer files
+    folder = Path(shutil.copytree(pristine_shards, tmp_path / "shards"))
+    ClipImageEmbedder(str(model), autocast=False)(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
+    dataset = ImageTextPairDataset.from_webdataset(str(folder))
+    with pytest.raises(ModelLoadError, match="cannot load the tokenizer"):
+        dataset.search(text="a cat")
+    testing.save_tokenizer_for_clip_model(model)  # files added next to the weights: still the same checkpoint
+    assert len(dataset.search(text="a cat", k=2)) == 2
+    testing.save_random_clip_model(model, shape="tiny", seed=1)  # other weights under the same name
+    with pytest.raises(UsageError, match="another model") as raised:
+        dataset.search(image=query_image(dataset))
+    assert "weights" in str(raised.value)
+
+
+def test_the_cli_exits_2_for_a_query_in_another_space(
+    client, siglip_embedded: ImageTextPairDataset, model_with_tokenizer: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dask_clip.cli", "search", siglip_embedded.path, "--text", "a cat"]
+    command += ["--model-dir", str(model_with_tokenizer), "--scheduler-address", client.scheduler.address]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "UsageError" in result.stderr and "family SigLIP" in result.stderr and "family CLIP" in result.stderr

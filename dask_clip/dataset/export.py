@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dask_clip.columns import embeddings_to_numpy
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.io.atomic import atomic_write
@@ -49,12 +50,15 @@ def export_clip_retrieval(
     whole (``io.output_folder``): never the dataset's folder, one inside it or above it; a folder that is not
     empty is refused unless ``overwrite=True`` and an earlier export wrote it, and is then replaced once the
     export is complete (no file of an earlier export survives).
+    Embeddings that the shards' files do not hold from one run over their current rows (two models after an
+    interrupted switch: ``dataset.consistency``) are refused, before anything is written.
 
     Returns one row per shard: ``stem``, ``index``, ``rows`` (embeddings written, 0 where no pair
     was written), ``not_finite``, ``embeddings_path`` and ``metadata_path`` (empty where no pair was written).
     """
     meta = dataset.pandas_metadata._meta
     width = dataset.embedding_width(embedding_column, "export_clip_retrieval")
+    check_consumed(dataset, [embedding_column], "export_clip_retrieval")
     columns = list(meta.columns)
     if metadata_columns is None:
         extra = [c for c in DEFAULT_METADATA_COLUMNS if c in columns]

@@ -27,6 +27,7 @@ import pandas as pd
 from dask_clip import ann
 from dask_clip.arguments import at_least
 from dask_clip.columns import embedding_dtype, embeddings_to_numpy, empty_column, to_embedding_array, unit_embeddings
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.index_files import (
     IDS_FILE,
     INDEX_FILE,
@@ -69,6 +70,8 @@ def build_index(
     ``seed`` fixes the training sample and k-means. ``path`` is written as a whole
     (``io.output_folder``): never the dataset's folder, one inside it or above it; it must be empty or absent
     unless ``overwrite`` and an earlier ``build_index`` wrote it.
+    Embeddings that the shards' files do not hold from one run over their current rows (two models after an
+    interrupted switch: ``dataset.consistency``) are refused, before anything is written.
 
     Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
     """
@@ -85,6 +88,7 @@ def build_index(
         )
     if width is None:
         raise UsageError(f"no shard holds an embedding in {embedding_column!r}: nothing to index")
+    check_consumed(dataset, [embedding_column], "build_index")
     fingerprints = shard_fingerprints(dataset, embedding_column)
     rows = np.array([entry["rows"] for entry in fingerprints], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])

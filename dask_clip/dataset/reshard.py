@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.arguments import at_least
 from dask_clip.columns import BOOL, STRING
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.plan import expected_records
 from dask_clip.errors import ColumnError, ShardReadError, UsageError
 from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
@@ -120,12 +121,16 @@ def to_webdataset(
     ``path`` is written as a whole (``io.output_folder``): never the dataset's folder, one inside it or above it;
     a folder that is not empty is refused unless ``overwrite=True`` and an earlier ``to_webdataset`` wrote it,
     and is then replaced once the new shards are complete.
+    A ``filter_column`` that the shards' files do not hold from one run over their current rows
+    (``dataset.consistency``) is refused, before anything is written.
 
     Returns one row per output shard: ``stem``, ``tar_path``, ``parquet_path``, ``rows``, ``samples``,
     ``unparsed_json``.
     """
     columns = list(dataset.meta.columns)
     _check_arguments(dataset, columns, filter_column, samples_per_shard, max_shards, old_id_col)
+    if filter_column is not None:
+        check_consumed(dataset, [filter_column], "to_webdataset")
     records = expected_records(dataset, columns)
     output_url = path.rstrip("/")
     with replacing_folder(output_url, overwrite, OUTPUT, dataset.path) as fresh:

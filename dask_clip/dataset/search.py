@@ -15,15 +15,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dask_clip.arguments import at_least
+from dask_clip.arguments import at_least, model_id
 from dask_clip.columns import l2_normalize, unit_embeddings
+from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.index_files import OpenedIndex, open_index
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
-from dask_clip.io.provenance import Computed
+from dask_clip.io.provenance import Computed, describe_operation, digest
 from dask_clip.io.shards import filesystem_of
-from dask_clip.models.clip import ClipTextModel, ClipVisionModel, describe_image_model, describe_text_model
+from dask_clip.models.clip import (
+    ClipTextModel,
+    ClipVisionModel,
+    ImageModelDescription,
+    TextModelDescription,
+    describe_image_model,
+    describe_text_model,
+    model_identity,
+)
+from dask_clip.models.loading import resolved_model_path, same_weights
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -42,9 +52,12 @@ def search(
     """The ``k`` rows whose embedding is most similar (cosine) to the query, best first.
 
     ``image`` is a path or URL, encoded bytes, a PIL image, or an embedding (``float (D,)``, used as
-    is); ``text`` is a caption. Embedding a query needs ``model_dir`` (a CLIP ``save_pretrained``
-    folder or hub id; text also needs its tokenizer files), by default the ``model_dir`` recorded
-    with the embeddings. Rows without an embedding are never returned.
+    is, of the column's width); ``text`` is a caption. A query is embedded in the column's own space: by the
+    model recorded with the embeddings (every shard must record the same one), with its text tower for
+    ``text`` (which needs its tokenizer files). ``model_dir`` (a ``save_pretrained`` folder or hub id) may
+    name that model; one of another family, width or weights is refused (``UsageError``, naming both).
+    Embeddings that the shards' files do not hold from one run over their current rows (two models after an
+    interrupted switch) are refused (``MixedProvenanceError``). Rows without an embedding are never returned.
 
     By default every row is scored (exact). ``index``: the folder of an index that ``build_index`` wrote for
     this column (opened and checked against the dataset on each call), or one opened once with
@@ -60,33 +73,13 @@ def search(
         raise UsageError(f"nprobe={nprobe} applies to an index search only: give index=, or leave nprobe out")
     at_least("k", k)
     width = dataset.embedding_width(embedding_column, "search")
-    config = dataset.operation_config(embedding_column) or {}
-    if isinstance(image, np.ndarray):
-        query = np.asarray(image, dtype=np.float32).reshape(-1)
-    else:
-        model_dir = model_dir or config.get("model_dir")
-        if model_dir is None:
-            raise UsageError(f"no model_dir given and none is recorded with {embedding_column!r}: pass model_dir=")
-        query = embed_text(text, model_dir) if text is not None else embed_image(image, model_dir, config)
-    if query.shape != (width,):
-        raise UsageError(f"the query embedding has shape {query.shape}; {embedding_column!r} holds vectors of {width}")
-    if not np.isfinite(query).all() or not query.any():
-        raise UsageError("the query embedding holds NaN or infinite values, or only zeros")
-    query = l2_normalize(query[None, :])[0]
+    if index is None:
+        config = check_consumed(dataset, [embedding_column], "search")[embedding_column]
+    else:  # an opened index was checked against the shards' files (and its build, their provenance)
+        opened = _opened_index(dataset, index, embedding_column, nprobe)
+        config = opened.manifest.get("embedding_operation")
+    query = query_vector(text, image, model_dir, embedding_column, config or {}, width)
     if index is not None:
-        if nprobe is not None:
-            at_least("nprobe", nprobe)
-        if isinstance(dataset.provenance.get(embedding_column), Computed):
-            raise UsageError(
-                f"{embedding_column!r} is computed in this run, not read from the shards' files that the index "
-                "holds: save_metadata() and build the index again, or search without index="
-            )
-        opened = index if isinstance(index, OpenedIndex) else open_index(dataset, index, embedding_column)
-        if opened.shards != dataset.shards or opened.manifest["column"] != embedding_column:
-            raise UsageError(
-                f"{opened.path}: opened for column {opened.manifest['column']!r} of other shards, "
-                f"not for {embedding_column!r} of this dataset: open_index(dataset, path) for this one"
-            )
         return opened.top_k(query, k, nprobe)
 
     id_col = dataset.id_col
@@ -111,6 +104,54 @@ def search(
     )
     merged = compute(hits)
     return merged.sort_values(["score", id_col], ascending=[False, True], kind="stable").head(k).reset_index(drop=True)
+
+
+def _opened_index(
+    dataset: ImageTextPairDataset, index: str | OpenedIndex, embedding_column: str, nprobe: int | None
+) -> OpenedIndex:
+    """``index`` opened for ``embedding_column`` of ``dataset`` (``StaleIndexError`` when the dataset changed since)."""
+    if nprobe is not None:
+        at_least("nprobe", nprobe)
+    if isinstance(dataset.provenance.get(embedding_column), Computed):
+        raise UsageError(
+            f"{embedding_column!r} is computed in this run, not read from the shards' files that the index "
+            "holds: save_metadata() and build the index again, or search without index="
+        )
+    opened = index if isinstance(index, OpenedIndex) else open_index(dataset, index, embedding_column)
+    if opened.shards != dataset.shards or opened.manifest["column"] != embedding_column:
+        raise UsageError(
+            f"{opened.path}: opened for column {opened.manifest['column']!r} of other shards, "
+            f"not for {embedding_column!r} of this dataset: open_index(dataset, path) for this one"
+        )
+    return opened
+
+
+def query_vector(
+    text: str | None, image: Any, model_dir: str | None, column: str, recorded: dict[str, Any], width: int | None
+) -> np.ndarray:
+    """The unit ``float32 (D,)`` query: ``image`` as given when it is a vector, else ``text`` or ``image`` embedded
+    by the model ``recorded`` for ``column`` (``model_dir`` by default; another model is a ``UsageError``)."""
+    if isinstance(image, np.ndarray):
+        query = np.asarray(image, dtype=np.float32).reshape(-1)
+    else:
+        if model_dir is not None:
+            model_dir = resolved_model_path(model_id("model_dir", model_dir))
+        model_dir = model_dir or recorded.get("model_dir")
+        if model_dir is None:
+            raise UsageError(f"no model_dir given and none is recorded with {column!r}: pass model_dir=")
+        if text is not None:
+            described = describe_text_model(model_dir)
+            check_query_model(column, recorded, width, model_dir, described)
+            query = ClipTextModel(model_dir, "cpu", described).embed([text])[0]
+        else:
+            described = describe_image_model(model_dir, DEFAULT_MAX_IMAGE_PIXELS)
+            check_query_model(column, recorded, width, model_dir, described)
+            query = embed_image(image, model_dir, described, recorded)
+    if query.shape != (width,):
+        raise UsageError(f"the query embedding has shape {query.shape}; {column!r} holds vectors of {width}")
+    if not np.isfinite(query).all() or not query.any():
+        raise UsageError("the query embedding holds NaN or infinite values, or only zeros")
+    return l2_normalize(query[None, :])[0]
 
 
 def top_k_of_shard(
@@ -155,15 +196,48 @@ def read_image_query(image: Any) -> bytes:
     raise UsageError(f"image must be a path, bytes, a PIL image or a numpy vector, not {type(image).__name__}")
 
 
-def embed_image(image: Any, model_dir: str, config: dict[str, Any]) -> np.ndarray:
+def check_query_model(
+    column: str,
+    recorded: dict[str, Any],
+    width: int | None,
+    model_dir: str,
+    described: ImageModelDescription | TextModelDescription,
+) -> None:
+    """``UsageError`` (naming both) unless ``model_dir`` is the model whose identity ``recorded`` (the column's
+    configuration) holds: the same id, family, width and weights (files added since, such as a tokenizer, do
+    not count). A column whose record names no model (attached vectors, an older dask_clip) is checked by width."""
+    query = {**model_identity(model_dir, described.family), "embedding_dim": described.width}
+    names_a_model = any(key in recorded for key in ("model_dir", "model_name"))
+    if not names_a_model and width in (None, described.width):
+        return
+    same = (
+        names_a_model
+        and all(recorded.get(key) == query[key] for key in ("model_dir", "family"))
+        and recorded.get("embedding_dim", width) == described.width
+        and same_weights(recorded.get("model_version") or {}, query["model_version"])
+    )
+    if not same:
+        raise UsageError(
+            f"the query would be embedded by another model than the one that embedded {column!r}, so it would be "
+            f"compared in another space: recorded: {_identity(recorded, width)}; query: {_identity(query, width)}. "
+            f"Leave model_dir out to use the recorded model, or embed the column again with {model_dir!r}"
+        )
+
+
+def _identity(operation: dict[str, Any], width: int | None) -> str:
+    """A model's identity on one line: ``model_dir='m', family CLIP, 32-d, weights 1a2b3c4d``."""
+    if "model_dir" not in operation:
+        return describe_operation(operation or None) + (f", {width}-d" if width else "")
+    dim = operation.get("embedding_dim", width)
+    return (
+        f"model_dir={operation['model_dir']!r}, family {operation.get('family')}, {dim}-d, "
+        f"weights {digest(operation.get('model_version'))[:8]}"
+    )
+
+
+def embed_image(image: Any, model_dir: str, described: ImageModelDescription, config: dict[str, Any]) -> np.ndarray:
     """The CLIP image embedding ``float32 (D,)`` of one query image, preprocessed as the embedder did
     (its decode mode; a ``device`` mode query is decoded on the host with the same pixels)."""
-    described = describe_image_model(model_dir, DEFAULT_MAX_IMAGE_PIXELS)
     preprocess = described.preprocess.with_decode_mode(config.get("decode_mode") or "exact")
     model = ClipVisionModel(model_dir, "cpu", False, dataclasses.replace(described, preprocess=preprocess))
     return model.embed([decode_and_preprocess(read_image_query(image), preprocess)])[0]
-
-
-def embed_text(text: str, model_dir: str) -> np.ndarray:
-    """The CLIP text embedding ``float32 (D,)`` of one caption (text tower and tokenizer of ``model_dir``)."""
-    return ClipTextModel(model_dir, "cpu", describe_text_model(model_dir)).embed([text])[0]

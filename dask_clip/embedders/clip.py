@@ -10,9 +10,9 @@ from typing import Any
 from dask_clip.arguments import fraction, model_id
 from dask_clip.embedders.base import ImageEmbedder
 from dask_clip.images.preprocess import PreprocessConfig
-from dask_clip.models.clip import ClipVisionModel, describe_image_model
+from dask_clip.models.clip import ClipVisionModel, describe_image_model, model_identity
 from dask_clip.models.device import resolve_device
-from dask_clip.models.loading import model_version, resolved_model_path
+from dask_clip.models.loading import resolved_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,12 @@ class ClipImageEmbedder(ImageEmbedder):
         return self.described.width, self.described.preprocess
 
     @functools.cached_property
-    def weights_version(self) -> dict[str, Any]:
-        """The version of the weights ``model_dir`` names (``models.loading.model_version``), read once."""
-        return model_version(self.model_dir)
+    def identity(self) -> dict[str, Any]:
+        """The model's id, family and weights' version (``models.clip.model_identity``), read once."""
+        return model_identity(self.model_dir, self.described.family)
 
     def model_options(self) -> dict[str, Any]:
-        return {
-            "model_dir": self.model_dir,
-            "family": self.described.family.name,
-            "model_version": self.weights_version,
-        }
+        return dict(self.identity)
 
     def task_resources(self) -> dict[str, float]:
         return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}

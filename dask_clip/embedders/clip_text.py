@@ -13,9 +13,9 @@ from dask_clip.arguments import at_least, model_id
 from dask_clip.columns import embedding_dtype, empty_column, l2_normalize, to_embedding_array
 from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.execution import ShardTask
-from dask_clip.models.clip import ClipTextModel, describe_text_model
+from dask_clip.models.clip import ClipTextModel, describe_text_model, model_identity
 from dask_clip.models.device import resolve_device
-from dask_clip.models.loading import model_version, resolved_model_path
+from dask_clip.models.loading import resolved_model_path
 from dask_clip.operation import ModelSpec, Operation
 
 if TYPE_CHECKING:
@@ -60,9 +60,7 @@ class ClipTextEmbedder(Operation):
         """The options that determine the embeddings, recorded next to them in the parquet."""
         return {
             "class": self.name,
-            "model_dir": self.model_dir,
-            "family": self.described.family.name,
-            "model_version": model_version(self.model_dir),
+            **model_identity(self.model_dir, self.described.family),
             "caption_column": self.caption_column,
             "normalize_embeddings": self.normalize_embeddings,
             "embedding_dim": self.embedding_dim,

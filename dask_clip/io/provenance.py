@@ -42,6 +42,18 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def describe_operation(operation: Mapping[str, Any] | None) -> str:
+    """A recorded configuration on one line: its class or function, then its options (the model first; versions
+    as short digests): ``ClipImageEmbedder(model_dir='m', autocast=False, ...)``."""
+    if operation is None:
+        return "(no configuration recorded: an older dask_clip, or shards of several configurations moved together)"
+    name = operation.get("class") or operation.get("function") or "?"
+    first = [key for key in ("model_dir", "model_name", "model_path") if key in operation]
+    rest = sorted(key for key in operation if key not in (*first, "class", "function"))
+    shown = {key: digest(operation[key])[:8] if key.endswith("_version") else operation[key] for key in first + rest}
+    return f"{name}(" + ", ".join(f"{key}={value!r}" for key, value in shown.items()) + ")"
+
+
 def values_digest(values: pa.Array | pa.ChunkedArray) -> str:
     """A digest of a column's values and type (its Arrow IPC serialisation, whatever its chunking)."""
     array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values

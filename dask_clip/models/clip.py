@@ -21,6 +21,7 @@ from dask_clip.models.loading import (
     check_safetensors_weights,
     check_tokenizer_files,
     load_pretrained,
+    model_version,
     read_model_json,
 )
 
@@ -41,6 +42,12 @@ class TextModelDescription:
     family: Family
     width: int
     context_length: int
+
+
+def model_identity(model_dir: str, family: Family) -> dict[str, Any]:
+    """What the embedders record of the model that produced a column (``config()``): its id, its family and the
+    version of its weights (``loading.model_version``). Search builds a query model's identity with it too."""
+    return {"model_dir": model_dir, "family": family.name, "model_version": model_version(model_dir)}
 
 
 def describe_image_model(model_dir: str, max_image_pixels: int) -> ImageModelDescription:

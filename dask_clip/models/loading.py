@@ -92,6 +92,15 @@ def model_version(model_dir: str) -> dict[str, Any]:
     return {"revision": revision}
 
 
+def same_weights(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether ``current`` (``model_version`` now) names the weights that ``recorded`` (an earlier one) named: for a
+    local folder, every file recorded is there unchanged (a file added since, such as a tokenizer, does not
+    count); for a hub id, the same revision."""
+    if "files" in recorded and "files" in current:
+        return all(current["files"].get(name) == version for name, version in recorded["files"].items())
+    return recorded == current
+
+
 def has_tokenizer_files(model_dir: str) -> bool:
     """Whether ``model_dir`` (local folder or hub id) has a tokenizer: ``tokenizer.json``, ``vocab.json`` (CLIP's
     BPE) or a SentencePiece model (SigLIP's ``spiece.model``, Gemma's ``tokenizer.model``)."""
