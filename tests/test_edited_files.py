@@ -171,3 +171,11 @@ def test_files_without_a_content_digest_are_trusted_as_before(client, shards: Pa
         del document["contents"]
         pq.write_table(table.replace_schema_metadata({b"dask_clip": json.dumps(document).encode()}), parquet)
     assert not embed()["written"].any()
+
+
+def test_a_reshard_does_not_launder_edited_embeddings(client, saved: Path, tmp_path: Path) -> None:
+    """New shards record fresh digests: written from edited values, they would hide the edit."""
+    edit_embeddings(saved / "00001.parquet", swap_rows(0, 1))
+    with pytest.raises(DataError, match=r"00001\.parquet: column 'image_embedding' was changed since dask_clip"):
+        dataset_of(saved).to_webdataset(str(tmp_path / "resharded"), samples_per_shard=40)
+    assert not (tmp_path / "resharded").exists()

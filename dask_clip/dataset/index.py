@@ -31,7 +31,7 @@ from dask_clip.dataset.index_files import read_faiss, shard_fingerprints, write_
 from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.io.atomic import replacing_folder
-from dask_clip.io.metadata import changed_since_written, check_stored_contents
+from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.provenance import Computed, digest
 from dask_clip.io.shards import filesystem_of
 
@@ -77,9 +77,6 @@ def build_index(
     if width is None:
         raise UsageError(f"no shard holds an embedding in {embedding_column!r}: nothing to index")
     fingerprints = shard_fingerprints(dataset, embedding_column)
-    edited = [shard for shard, entry in zip(dataset.shards, fingerprints, strict=True) if entry.get("edited")]
-    if edited:
-        raise changed_since_written(edited[0].parquet_url, embedding_column)
     rows = np.array([entry["rows"] for entry in fingerprints], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])
     choice = ann.choose_index(int(rows.sum()), width, int(memory_budget_gb * 2**30), index_key)
@@ -192,7 +189,7 @@ def _add_shard(
             f"{task.shard.parquet_url}: holds {len(rows)} rows, {expected['rows']} when the index build started: "
             "the dataset changed during the build"
         )
-    check_stored_contents(rows, [column], task.shard.parquet_url)  # the values the fingerprint's digest says
+    check_stored_contents(rows, [column], task.shard.parquet_url)  # the values the recorded digest says: not edited
     usable, vectors = unit_embeddings(rows[column], width, rows[task.id_col])
     positions = np.flatnonzero(usable)
     index = ann.add(read_faiss(trained_url), vectors, expected["offset"] + positions)

@@ -56,21 +56,24 @@ def shard_fingerprints(
 ) -> list[dict[str, Any]]:
     """For each shard, in order: ``{"stem", "rows", "ids", "embedding", "contents", "file"}``, read on the cluster.
 
-    A shard whose file has the identity its entry in ``built`` (an index's fingerprint) records gets that entry
-    back unread; one whose embeddings no longer match the content digest its footer records gets ``"edited"``.
+    When checking against ``built`` (an index's fingerprint), a shard whose file has the identity its entry
+    records gets that entry back unread, and one whose embeddings no longer match the content digest its footer
+    records gets ``"edited"`` (a build checks its vectors as it adds them instead: ``index._add_shard``).
     """
     shards = list(dataset.shards)
     known = {entry["stem"]: entry for entry in built or [] if "file" in entry}
     chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
     tasks = [
-        dask.delayed(_read_chunk)(chunk, dataset.id_col, column, [known.get(shard.stem) for shard in chunk])
+        dask.delayed(_read_chunk)(
+            chunk, dataset.id_col, column, [known.get(shard.stem) for shard in chunk], verify=built is not None
+        )
         for chunk in chunks
     ]
     return [entry for part in compute(tasks) for entry in part]
 
 
 def _read_chunk(
-    shards: list[Shard], id_col: str, column: str, known: list[dict[str, Any] | None]
+    shards: list[Shard], id_col: str, column: str, known: list[dict[str, Any] | None], verify: bool
 ) -> list[dict[str, Any]]:
     found = []
     for shard, entry in zip(shards, known, strict=True):
@@ -80,7 +83,7 @@ def _read_chunk(
         if entry is not None and entry["file"] == identity:
             found.append(entry)
             continue
-        output = read_output_file(shard.parquet_url, id_col, [column])
+        output = read_output_file(shard.parquet_url, id_col, [column] if verify else [])
         if output is None:
             raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
         record = output.records.columns.get(column)
