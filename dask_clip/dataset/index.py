@@ -39,6 +39,7 @@ from dask_clip.dataset.index_files import (
 )
 from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import Computed, digest
 from dask_clip.io.shards import filesystem_of
@@ -202,6 +203,7 @@ def _add_shard(
             f"{task.shard.parquet_url}: holds {len(rows)} rows, {expected['rows']} when the index build started: "
             "the dataset changed during the build"
         )
+    check_stored_contents(rows, [column], task.shard.parquet_url)  # the values the recorded digest says: not edited
     usable, vectors = unit_embeddings(rows[column], width, rows[task.id_col])
     positions = np.flatnonzero(usable)
     index = ann.add(read_faiss(trained_url), vectors, expected["offset"] + positions)

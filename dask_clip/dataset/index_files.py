@@ -9,10 +9,17 @@ An index is a folder, written as a whole (``io.atomic.replacing_folder``)::
     index.json    the manifest: the embedding and id columns, the index chosen, its options, the configuration
                   recorded with the embeddings, the counts, and the dataset's fingerprint
 
-The fingerprint lists, for each shard, its stem, its rows, a digest of its ids and a digest of the embedding
-column's recorded provenance (of its values, where no dask_clip operation recorded one). Opening an index for
-a dataset recomputes it (a footer and the id column per shard, read on the cluster) and refuses an index
-whose fingerprint differs: rows added or removed, embeddings recomputed or attached again.
+The fingerprint lists, for each shard, its stem, its rows, a digest of its ids, a digest of the embedding
+column's recorded provenance (of its values, where no dask_clip operation recorded one), the content digest
+its file records for the column (``io.provenance.content_digest``; null in files of an older dask_clip) and
+the file's identity (size and modification time, or ETag on object stores) when it was read.
+
+Opening an index for a dataset checks every shard on the cluster. A file whose identity is unchanged is
+current without being read. Any other is read again (footer and id column) and, where its footer records a
+content digest, its embeddings too, to check that they still match it: an edit that kept the footer (as
+pyarrow does) is caught, while a file rewritten with the same embeddings (a deduplication saved in place) is
+current. An index whose fingerprint differs is refused: rows added or removed, embeddings recomputed, attached
+again or edited.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
 from dask_clip.errors import IndexFileError, ShardMetadataError, StaleIndexError, UsageError
 from dask_clip.execution import compute, failures_named
 from dask_clip.io.atomic import atomic_write
-from dask_clip.io.provenance import digest, values_digest
+from dask_clip.io.provenance import digest, file_identity, values_digest
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
 
 if TYPE_CHECKING:
@@ -44,23 +51,52 @@ FORMAT = 1
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "index.json"
 
 
-def shard_fingerprints(dataset: ImageTextPairDataset, column: str) -> list[dict[str, Any]]:
-    """For each shard, in order: ``{"stem", "rows", "ids", "embedding"}`` (digests), read on the cluster."""
+def shard_fingerprints(
+    dataset: ImageTextPairDataset, column: str, built: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """For each shard, in order: ``{"stem", "rows", "ids", "embedding", "contents", "file"}``, read on the cluster.
+
+    When checking against ``built`` (an index's fingerprint), a shard whose file has the identity its entry
+    records gets that entry back unread, and one whose embeddings no longer match the content digest its footer
+    records gets ``"edited"`` (a build checks its vectors as it adds them instead: ``index._add_shard``).
+    """
     shards = list(dataset.shards)
+    known = {entry["stem"]: entry for entry in built or [] if "file" in entry}
     chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
-    parts = compute([dask.delayed(_read_chunk)(chunk, dataset.id_col, column) for chunk in chunks])
-    return [entry for part in parts for entry in part]
+    tasks = [
+        dask.delayed(_read_chunk)(
+            chunk, dataset.id_col, column, [known.get(shard.stem) for shard in chunk], verify=built is not None
+        )
+        for chunk in chunks
+    ]
+    return [entry for part in compute(tasks) for entry in part]
 
 
-def _read_chunk(shards: list[Shard], id_col: str, column: str) -> list[dict[str, Any]]:
+def _read_chunk(
+    shards: list[Shard], id_col: str, column: str, known: list[dict[str, Any] | None], verify: bool
+) -> list[dict[str, Any]]:
     found = []
-    for shard in shards:
-        output = read_output_file(shard.parquet_url, id_col)
+    for shard, entry in zip(shards, known, strict=True):
+        fs, path = filesystem_of(shard.parquet_url)
+        with failures_named(shard.parquet_url):
+            identity = file_identity(fs.info(path))
+        if entry is not None and entry["file"] == identity:
+            found.append(entry)
+            continue
+        output = read_output_file(shard.parquet_url, id_col, [column] if verify else [])
         if output is None:
             raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
         record = output.records.columns.get(column)
         embedding = digest(record) if record is not None else _values_digest(shard.parquet_url, column)
-        found.append({"stem": shard.stem, "rows": output.rows, "ids": output.ids, "embedding": embedding})
+        fingerprint = {
+            "stem": shard.stem,
+            "rows": output.rows,
+            "ids": output.ids,
+            "embedding": embedding,
+            "contents": output.records.contents.get(column),
+            "file": identity,
+        }
+        found.append({**fingerprint, "edited": True} if column in output.changed else fingerprint)
     return found
 
 
@@ -72,25 +108,38 @@ def _values_digest(url: str, column: str) -> str:
             return values_digest(pq.read_table(file, columns=[column]).column(0))
 
 
-def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]]) -> None:
-    """``StaleIndexError`` naming the first difference unless ``current`` is the fingerprint ``manifest`` records."""
+def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]], shards: list[Shard]) -> None:
+    """``StaleIndexError`` naming the first difference unless ``current`` (the fingerprint of ``shards`` now) is
+    the one ``manifest`` records, but for the files' identities (a file rewritten with the same rows and
+    embeddings is current). An index built before files had identities is compared on what it records."""
     built = manifest["shards"]
-    if built == current:
-        return
     stems_then, stems_now = [s["stem"] for s in built], [s["stem"] for s in current]
     if stems_then != stems_now:
         added, removed = sorted(set(stems_now) - set(stems_then)), sorted(set(stems_then) - set(stems_now))
         change = f"shards added {added[:5]}, removed {removed[:5]}"
     else:
-        then, now = next((a, b) for a, b in zip(built, current, strict=True) if a != b)
-        if then["embedding"] != now["embedding"]:
-            change = f"shard {now['stem']}: its {manifest['column']!r} was recomputed or replaced"
-        else:
+        differing = [i for i, (then, now) in enumerate(zip(built, current, strict=True)) if _differs(then, now)]
+        if not differing:
+            return
+        then, now, url = built[differing[0]], current[differing[0]], shards[differing[0]].parquet_url
+        column = manifest["column"]
+        if now.get("edited"):
+            change = (
+                f"shard {now['stem']}: {url}: its {column!r} was changed since dask_clip wrote it (its values no "
+                "longer match the content digest its footer records)"
+            )
+        elif then["rows"] != now["rows"] or then["ids"] != now["ids"]:
             change = f"shard {now['stem']}: its rows changed ({then['rows']} rows then, {now['rows']} now)"
+        else:
+            change = f"shard {now['stem']}: its {column!r} was recomputed or replaced"
     raise StaleIndexError(
         f"{path}: this index was built from other data than the dataset holds now ({change}); "
         "rebuild it with build_index"
     )
+
+
+def _differs(then: dict[str, Any], now: dict[str, Any]) -> bool:
+    return bool(now.get("edited")) or any(then[key] != now.get(key) for key in then if key != "file")
 
 
 def write_index_folder(
@@ -198,7 +247,9 @@ def open_index(dataset: ImageTextPairDataset, path: str, embedding_column: str =
             f"{path}: indexes column {manifest['column']!r} by id {manifest['id_col']!r}, "
             f"not {embedding_column!r} by {dataset.id_col!r}"
         )
-    check_current(path, manifest, shard_fingerprints(dataset, embedding_column))
+    check_current(
+        path, manifest, shard_fingerprints(dataset, embedding_column, manifest["shards"]), list(dataset.shards)
+    )
     fs, folder = filesystem_of(path)
     with fs.open(posixpath.join(folder, IDS_FILE), "rb") as file:
         ids = pq.read_table(file)

@@ -6,12 +6,17 @@ in place). No tar is opened: a tar's identity is its size and ETag or modificati
 The client then works out, from those alone, the record each derived column would get
 (``provenance.ExpectedRecords``) and decides which shards are finished: their file has exactly the
 columns to write, holds the same rows as the input, and every derived column's record equals what this
-run would produce, with every row complete (a value, or a reason where the column records reasons).
-A cross-shard column is finished in every shard or in none.
+run would produce, with every row complete (a value, or a reason where the column records reasons) and
+its values still those dask_clip wrote (their content digest, where the file records one: a file edited
+since is computed again). A cross-shard column is finished in every shard or in none.
+
+The derived columns that the run's operations read from the input files, and those the run computes, are
+read too where their file records a content digest, to tell whether they still hold what was written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.errors import DaskClipError, UsageError
 from dask_clip.execution import compute, failures_named
-from dask_clip.io.metadata import carried_columns
+from dask_clip.io.metadata import carried_columns, changed_columns
 from dask_clip.io.provenance import (
     Computed,
     ExpectedRecords,
@@ -30,6 +35,7 @@ from dask_clip.io.provenance import (
     Plain,
     ShardInputs,
     Source,
+    Stored,
     ids_digest,
     values_digest,
 )
@@ -51,6 +57,8 @@ class OutputFile:
     ids: str
     records: FileRecords
     null_counts: dict[str, int]
+    changed: list[str] = field(default_factory=list)
+    """Derived columns whose values no longer match the content digest the file records."""
 
 
 @dataclass
@@ -73,15 +81,27 @@ class SavePlan:
     summaries: list[dict[str, int] | None] = field(default_factory=list)
 
 
-def plain_columns(sources: list[Source]) -> list[str]:
-    """The input-file columns that ``sources`` read, directly or through other computed columns."""
+@dataclass(frozen=True)
+class ColumnsRead:
+    """The columns planning reads besides the id column: ``plain`` input columns that operations read (their
+    values digested), ``stored`` derived columns they read and ``computed`` derived columns this run writes
+    (both compared with their content digest where the file records one)."""
+
+    plain: list[str]
+    stored: list[str]
+    computed: list[str]
+
+
+def read_columns(sources: list[Source], kind: type[Plain] | type[Stored]) -> list[str]:
+    """The input-file columns of ``kind`` that the computed ``sources`` read, directly or through other computed
+    columns (``Plain``: the input's own columns; ``Stored``: derived columns saved before)."""
     found: dict[str, None] = {}
 
     def visit(source: Source) -> None:
-        if isinstance(source, Plain):
-            found[source.column] = None
-        elif isinstance(source, Computed):
+        if isinstance(source, Computed):
             for read in source.reads.values():
+                if isinstance(read, kind):
+                    found[read.column] = None
                 visit(read)
 
     for source in sources:
@@ -95,20 +115,27 @@ def read_shard_state(
     id_col: str,
     meta: pd.DataFrame,
     derived: list[str],
-    plain: list[str],
+    reads: ColumnsRead,
     read_output: bool,
 ) -> ShardState:
-    """Read what planning needs of one shard (footers, id columns, the plain columns read).
+    """Read what planning needs of one shard (footers, id columns, the plain columns read, and the derived columns
+    read or computed where their file records a content digest).
 
     An input parquet that cannot be read gives a state with its error: that shard is computed (and fails,
     naming the file) while the others go on, unless a column decides across shards.
     """
     try:
         with failures_named(shard.parquet_url):
-            schema, table, null_counts = _read(shard.parquet_url, [id_col, *plain])
+            in_place = read_output and output_url == shard.parquet_url
+            verified = [*reads.stored, *(reads.computed if in_place else [])]
+            schema, table, null_counts = _read(shard.parquet_url, [id_col, *reads.plain], verified)
             records = FileRecords.from_schema(schema)
             carried = carried_columns(schema, meta, set(derived) | set(records.columns))
-            values = {column: values_digest(table.column(column)) for column in plain if column in table.column_names}
+            values = {
+                column: values_digest(table.column(column)) for column in reads.plain if column in table.column_names
+            }
+            contents = {column: records.contents.get(column) for column in carried}
+            stored = {column: table.column(column) for column in reads.stored if column in carried}
             inputs = ShardInputs(
                 stem=shard.stem,
                 rows=table.num_rows,
@@ -116,25 +143,31 @@ def read_shard_state(
                 tar=shard.tar_identity,
                 records={column: records.columns.get(column) for column in carried},
                 values=values,
+                contents=contents,
+                changed=changed_columns(stored, contents),
             )
             output = None
-            if read_output and output_url != shard.parquet_url:
-                output = read_output_file(output_url, id_col)
+            if in_place:
+                output = _output_of(schema, table, id_col, null_counts, reads.computed)
             elif read_output:
-                output = _output_of(schema, table, id_col, null_counts)
+                output = read_output_file(output_url, id_col, reads.computed)
             return ShardState(inputs, list(records.columns), output)
     except DaskClipError as error:
         unknown = ShardInputs(shard.stem, -1, "unreadable", shard.tar_identity, {}, {})
         return ShardState(unknown, [], None, error)
 
 
-def _read(url: str, columns: list[str]) -> tuple[pa.Schema, pa.Table, dict[str, int]]:
-    """A parquet's schema, ``columns`` (those it has) and null counts, opening it once."""
+def _read(url: str, columns: list[str], verified: Sequence[str]) -> tuple[pa.Schema, pa.Table, dict[str, int]]:
+    """A parquet's schema, ``columns`` (those it has) and null counts, opening it once; also the ``verified``
+    columns whose content digest its footer records (to compare their values with it)."""
     fs, path = filesystem_of(url)
     with fs.open(path, "rb") as file:
         parquet = pq.ParquetFile(file)
-        present = [c for c in columns if c in parquet.schema_arrow.names]
-        return parquet.schema_arrow, parquet.read(columns=present), _null_counts(parquet.metadata)
+        schema = parquet.schema_arrow
+        recorded = FileRecords.from_schema(schema).contents
+        wanted = [*columns, *(c for c in verified if recorded.get(c) is not None)]
+        present = list(dict.fromkeys(c for c in wanted if c in schema.names))
+        return schema, parquet.read(columns=present), _null_counts(parquet.metadata)
 
 
 def _null_counts(metadata: pq.FileMetaData) -> dict[str, int]:
@@ -155,27 +188,33 @@ def _null_counts(metadata: pq.FileMetaData) -> dict[str, int]:
     return counts
 
 
-def read_output_file(url: str, id_col: str) -> OutputFile | None:
-    """What the parquet at ``url`` holds (footer, id column, null counts); None when absent or unreadable."""
+def read_output_file(url: str, id_col: str, verified: Sequence[str] = ()) -> OutputFile | None:
+    """What the parquet at ``url`` holds (footer, id column, null counts, which of the ``verified`` columns no
+    longer match their content digest); None when absent or unreadable."""
     fs, path = filesystem_of(url)
     if not fs.exists(path):
         return None
     try:
-        schema, table, null_counts = _read(url, [id_col])
+        schema, table, null_counts = _read(url, [id_col], verified)
         if id_col not in table.column_names:
             return None
-        return _output_of(schema, table, id_col, null_counts)
+        return _output_of(schema, table, id_col, null_counts, verified)
     except (OSError, pa.ArrowException):
         return None  # an unreadable output is not finished: it is written again
 
 
-def _output_of(schema: pa.Schema, table: pa.Table, id_col: str, null_counts: dict[str, int]) -> OutputFile:
+def _output_of(
+    schema: pa.Schema, table: pa.Table, id_col: str, null_counts: dict[str, int], verified: list[str]
+) -> OutputFile:
+    records = FileRecords.from_schema(schema)
+    present = {column: table.column(column) for column in verified if column in table.column_names}
     return OutputFile(
         names=schema.names,
         rows=table.num_rows,
         ids=ids_digest(table.column(id_col)),
-        records=FileRecords.from_schema(schema),
+        records=records,
         null_counts=null_counts,
+        changed=changed_columns(present, records.contents),
     )
 
 
@@ -183,7 +222,11 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
     """The records each shard's file would hold, and which shards are finished (none when ``overwrite``)."""
     derived = [c for c in columns if c in dataset.provenance]
     sources = [dataset.provenance[c] for c in derived]
-    plain = plain_columns(sources)
+    columns_read = ColumnsRead(
+        plain=read_columns(sources, Plain),
+        stored=read_columns(sources, Stored),
+        computed=[c for c in derived if isinstance(dataset.provenance[c], Computed)],
+    )
     chunks = [range(i, min(i + SHARDS_PER_TASK, len(output_urls))) for i in range(0, len(output_urls), SHARDS_PER_TASK)]
     reads = [
         dask.delayed(_read_states)(
@@ -192,7 +235,7 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
             dataset.id_col,
             dataset.meta,
             derived,
-            plain,
+            columns_read,
             not overwrite,
         )
         for chunk in chunks
@@ -208,6 +251,7 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
             dataset.id_col,
             state.inputs.identity(),
             {column: expected.record(dataset.provenance[column], i) for column in derived},
+            {column: state.inputs.contents.get(column) for column in derived if column not in columns_read.computed},
         )
         for i, state in enumerate(states)
     ]
@@ -236,7 +280,7 @@ def _is_cross_shard(source: Source) -> bool:
 
 def _column_finished(column: str, state: ShardState, records: FileRecords) -> bool:
     output = state.output
-    if output is None or column not in output.names:
+    if output is None or column not in output.names or column in output.changed:
         return False
     expected = records.columns[column]
     if output.records.columns.get(column) != expected:
@@ -278,11 +322,11 @@ def _read_states(
     id_col: str,
     meta: pd.DataFrame,
     derived: list[str],
-    plain: list[str],
+    reads: ColumnsRead,
     read_output: bool,
 ) -> list[ShardState]:
     return [
-        read_shard_state(shard, url, id_col, meta, derived, plain, read_output)
+        read_shard_state(shard, url, id_col, meta, derived, reads, read_output)
         for shard, url in zip(shards, urls, strict=True)
     ]
 

@@ -2,8 +2,10 @@
 
 Three parallel passes, no loop over samples on the client:
 
-1. each input shard's task writes its rows, marked kept (``filter_column`` True) or not, to a staging
-   parquet that also records the provenance of its derived columns, and returns how many it kept;
+1. each input shard's task checks that the saved derived columns it carries still hold what their file's
+   content digests say (new shards record fresh digests, which would hide an edit), writes its rows, marked
+   kept (``filter_column`` True) or not, to a staging parquet that also records the provenance of its
+   derived columns, and returns how many it kept;
 2. the client turns the counts into global offsets: kept row ``g`` becomes row ``g % samples_per_shard``
    of output shard ``g // samples_per_shard``;
 3. each input shard's task streams its own tar once and appends every kept sample's members, renamed to
@@ -37,7 +39,7 @@ from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.plan import expected_records
 from dask_clip.errors import ColumnError, ShardReadError, UsageError
 from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
-from dask_clip.io.metadata import arrow_to_pandas, shard_identity, write_shard_metadata
+from dask_clip.io.metadata import arrow_to_pandas, check_contents, shard_identity, write_shard_metadata
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import FileRecords, digest, file_identity
 from dask_clip.io.shards import filesystem_of
@@ -205,7 +207,9 @@ def _stage_rows(
         if filter_column is not None:
             kept = np.asarray(rows[filter_column].fillna(False), dtype=bool)
         staged = rows.reset_index(drop=True).assign(**{KEPT: pd.array(kept, dtype=BOOL)})
-        write_shard_metadata(staged, _staged_url(staging, task.shard.stem), FileRecords.from_json(task.payload))
+        shard_records = FileRecords.from_json(task.payload)
+        check_contents(rows, shard_records.contents, task.shard.parquet_url)  # new shards get fresh digests
+        write_shard_metadata(staged, _staged_url(staging, task.shard.stem), shard_records)
         return pd.DataFrame({"kept": [int(kept.sum())]})
 
     meta = pd.DataFrame({"kept": pd.Series([], dtype="int64")})

@@ -11,7 +11,8 @@ key-value metadata with their provenance (``io.provenance``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import pandas as pd
 import pyarrow as pa
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.errors import ShardMetadataError
 from dask_clip.io.atomic import atomic_write
-from dask_clip.io.provenance import METADATA_KEY, FileRecords, ids_digest
+from dask_clip.io.provenance import METADATA_KEY, FileRecords, content_digest, ids_digest
 from dask_clip.io.shards import filesystem_of
 
 logger = logging.getLogger(__name__)
@@ -120,15 +121,59 @@ def shard_identity(frame: pd.DataFrame, id_col: str) -> dict[str, object]:
 
 
 def write_shard_metadata(frame: pd.DataFrame, url: str, records: FileRecords) -> None:
-    """Write ``frame`` as a parquet at ``url`` atomically (``io.atomic``), ``records`` in its key-value metadata."""
+    """Write ``frame`` as a parquet at ``url`` atomically (``io.atomic``), ``records`` in its key-value metadata.
+
+    The content digest of each derived column is the one ``records.contents`` carries over (a column copied
+    from another file keeps that file's, matching or not), else computed from the values written.
+    """
     table = pa.Table.from_pandas(frame, preserve_index=False)
+    contents = {
+        column: records.contents[column] if column in records.contents else content_digest(table.column(column))
+        for column in records.columns
+        if column in table.column_names
+    }
     metadata = dict(table.schema.metadata or {})
     # pandas' own metadata would name dtypes such as "fixed_size_list<...>[768][pyarrow]", which
     # pd.read_parquet cannot parse back: without it, plain pandas reads the file as well as we do.
     metadata.pop(b"pandas", None)
-    metadata[METADATA_KEY] = records.to_json()
+    metadata[METADATA_KEY] = replace(records, contents=contents).to_json()
     with atomic_write(url) as file:
         pq.write_table(table.replace_schema_metadata(metadata), file)
+
+
+def changed_columns(values: Mapping[str, pa.Array | pa.ChunkedArray], recorded: Mapping[str, str | None]) -> list[str]:
+    """The columns of ``values`` whose content digest differs from the one ``recorded`` for them (where known)."""
+    return [
+        column
+        for column, array in values.items()
+        if recorded.get(column) is not None and content_digest(array) != recorded[column]
+    ]
+
+
+def check_contents(frame: pd.DataFrame, recorded: Mapping[str, str | None], url: str) -> None:
+    """``ShardMetadataError`` naming ``url`` unless every column of ``frame`` with a content digest in ``recorded``
+    (those its file ``url`` records) still holds those values: a file edited since dask_clip wrote it."""
+    present = {column: pa.array(frame[column].array) for column in recorded if column in frame.columns}
+    changed = changed_columns(present, recorded)
+    if changed:
+        raise changed_since_written(url, changed[0])
+
+
+def changed_since_written(url: str, column: str) -> ShardMetadataError:
+    """The error for ``column`` of the parquet ``url``, whose values no longer match its recorded content digest."""
+    return ShardMetadataError(
+        f"{url}: column {column!r} was changed since dask_clip wrote it (its values no longer match the "
+        "content digest its footer records, as after an edit with pyarrow). Run the command that wrote it "
+        "again: a re-run recomputes the files whose values changed (--overwrite recomputes every file)"
+    )
+
+
+def check_stored_contents(frame: pd.DataFrame, columns: Iterable[str], url: str) -> None:
+    """``check_contents`` for ``columns`` of one shard's rows, read from its parquet ``url`` (its footer says
+    their digests; a column the file holds with another type was not read from it, and is not checked)."""
+    schema = read_parquet_schema(url)
+    recorded = FileRecords.from_schema(schema).contents
+    check_contents(frame, {column: recorded.get(column) for column in carried_columns(schema, frame, columns)}, url)
 
 
 def rows_with_reasons(frame: pd.DataFrame, records: FileRecords) -> int:

@@ -5,7 +5,8 @@ A shard's parquet holds, in its key-value metadata under ``dask_clip``, a JSON d
 
     {"format": 2, "id_col": "key",
      "shard": {"rows": 6, "ids": "<digest>"},                   # the rows this file holds
-     "columns": {"image_embedding": <record>, "embedding_error": <record>, "keep": <record>}}
+     "columns": {"image_embedding": <record>, "embedding_error": <record>, "keep": <record>},
+     "contents": {"image_embedding": "<digest>", "embedding_error": "<digest>", "keep": "<digest>"}}
 
 and each derived column's record says what produced it from what::
 
@@ -14,6 +15,11 @@ and each derived column's record says what produced it from what::
      "reads": {"image_embedding": "<digest>"},             # digests of the records of columns read
      "dataset": "<digest>",                                # cross-shard operations: every shard's inputs
      "reasons": {"image_embedding": "embedding_error"}}     # a null value has a reason in this column
+
+``contents`` holds the digest of each derived column's values as written (``content_digest``; null where it is
+not known: a column carried over from a file of an older dask_clip). It sits beside the records, not in them: a
+record says what a run would produce, the digest what the file held when dask_clip wrote it, so an edit that
+keeps the footer (pyarrow keeps it by default) shows as values that no longer match their digest.
 
 A dataset knows the source of each derived column: ``Computed`` by an operation of this run (its record
 is the same for every shard but for the shard's own identity and inputs), or ``Stored`` in the shards'
@@ -30,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -64,6 +71,52 @@ def values_digest(values: pa.Array | pa.ChunkedArray) -> str:
     return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
 
 
+def content_digest(values: pa.Array | pa.ChunkedArray) -> str:
+    """A digest of a column's values: which rows are null, and the others' values, whatever the chunking.
+
+    A list column (a vector per row) digests its validity, its rows' lengths and its flat values, so
+    ``fixed_size_list<float32>`` and ``list<float32>`` holding the same vectors have the same digest; strings
+    and binaries digest alike whatever their offsets' width. It costs one sha256 pass over the values: about
+    55 ms for a 10,000 x 768 float32 column (31 MB).
+    """
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    hasher = hashlib.sha256()
+    _feed(hasher, array)
+    return hasher.hexdigest()[:16]
+
+
+def _feed(hasher: Any, array: pa.Array) -> None:
+    """Add ``array``'s length, null rows and non-null values to ``hasher`` (lists recursively, by their flat values)."""
+    hasher.update(np.int64(len(array)).tobytes())
+    if array.null_count:
+        hasher.update(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False)).astype(np.int64).tobytes())
+    kind = array.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        hasher.update(b"list")
+        hasher.update(pc.list_value_length(array).fill_null(0).cast(pa.int64()).to_numpy())
+        _feed(hasher, pc.list_flatten(array))
+        return
+    present = array.drop_null()
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or (pa.types.is_large_binary(kind))
+    ):
+        hasher.update(b"binary")
+        binary = present.cast(pa.large_binary())
+        offsets = np.frombuffer(binary.buffers()[1], np.int64)[binary.offset : binary.offset + len(binary) + 1]
+        hasher.update(np.diff(offsets))
+        if len(binary):
+            hasher.update(memoryview(binary.buffers()[2])[offsets[0] : offsets[-1]])
+        return
+    hasher.update(str(kind).encode())
+    if pa.types.is_primitive(kind):
+        hasher.update(np.ascontiguousarray(present.to_numpy(zero_copy_only=False)))
+    else:  # a struct, a dictionary...: rare in derived columns, digested through its Python values
+        hasher.update(json.dumps(present.to_pylist(), default=str).encode())
+
+
 def ids_digest(ids: pa.Array | pa.ChunkedArray) -> str:
     """A digest of an id column's values in row order, as text (whatever string or integer type holds them)."""
     return values_digest(pc.cast(ids, pa.large_string()))
@@ -82,11 +135,13 @@ def file_identity(info: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class FileRecords:
     """What one parquet says about its derived columns: ``columns`` maps each to its record, or to None when
-    the file was written by a dask_clip too old to record one (it is derived, but its provenance unknown)."""
+    the file was written by a dask_clip too old to record one (it is derived, but its provenance unknown);
+    ``contents`` maps each to the ``content_digest`` of its values as written (None or absent: not known)."""
 
     id_col: str | None = None
     shard: dict[str, Any] | None = None
     columns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    contents: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> FileRecords:
@@ -97,11 +152,18 @@ class FileRecords:
     def from_json(cls, raw: str | bytes) -> FileRecords:
         document = json.loads(raw)
         if document.get("format") == FORMAT:
-            return cls(document.get("id_col"), document.get("shard"), dict(document.get("columns", {})))
+            columns, contents = dict(document.get("columns", {})), dict(document.get("contents", {}))
+            return cls(document.get("id_col"), document.get("shard"), columns, contents)
         return cls(document.get("id_col"), None, dict.fromkeys(document.get("derived_columns", ())))
 
     def to_json(self) -> bytes:
-        document = {"format": FORMAT, "id_col": self.id_col, "shard": self.shard, "columns": self.columns}
+        document = {
+            "format": FORMAT,
+            "id_col": self.id_col,
+            "shard": self.shard,
+            "columns": self.columns,
+            "contents": self.contents,
+        }
         return json.dumps(document, sort_keys=True).encode()
 
 
@@ -141,7 +203,9 @@ Source = Stored | Plain | Computed
 @dataclass
 class ShardInputs:
     """What a run knows of one shard before computing it: its identity, its own file's records of the
-    derived columns it carries, and digests of the plain columns that operations read."""
+    derived columns it carries and the content digests it records for them (``contents``), digests of the
+    plain columns that operations read, and the derived columns operations read whose values no longer
+    match their content digest (``changed``: the file was edited since dask_clip wrote it)."""
 
     stem: str
     rows: int
@@ -149,6 +213,8 @@ class ShardInputs:
     tar: dict[str, Any]
     records: dict[str, dict[str, Any] | None]
     values: dict[str, str]
+    contents: dict[str, str | None] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
 
     def identity(self, with_tar: bool = False) -> dict[str, Any]:
         identity: dict[str, Any] = {"rows": self.rows, "ids": self.ids}
@@ -173,8 +239,18 @@ class ExpectedRecords:
         return self._records[key]
 
     def _inputs(self, source: Computed, shard: int) -> dict[str, Any]:
-        reads = {name: _digest_or_none(self.record(read, shard)) for name, read in sorted(source.reads.items())}
+        reads = {name: self._read_digest(read, shard) for name, read in sorted(source.reads.items())}
         return {"shard": self.shards[shard].identity(with_tar=source.reads_tar), "reads": reads}
+
+    def _read_digest(self, source: Source, shard: int) -> str | None:
+        """The digest of what an operation reads from ``source``: its record and, for a column stored in a file
+        that records its content digest, that digest (and whether the values still match it)."""
+        record = self.record(source, shard)
+        inputs = self.shards[shard]
+        contents = inputs.contents.get(source.column) if isinstance(source, Stored) else None
+        if contents is None:
+            return _digest_or_none(record)
+        return digest({"record": record, "contents": contents, "changed": source.column in inputs.changed})
 
     def _build(self, source: Source, shard: int) -> dict[str, Any] | None:
         if isinstance(source, Stored):
