@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask_clip.errors import ConfigurationError, DaskClipError
 from dask_clip.images.preprocess import DECODE_MODES
+from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,6 +62,17 @@ def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-col", default="key", help="id column of the parquet files (default: key)")
 
 
+def _add_vector_layout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vector-layout",
+        choices=LAYOUTS,
+        default=DEFAULT_LAYOUT,
+        help="how the parquet files hold embeddings: list<float32> with the width in the footer (every reader opens "
+        "it), fixed_size_list<float32>[D] (LanceDB, HF List(length=D); null rows need pyarrow>=26) or float16 "
+        "(list<halffloat>, half the size)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dask-clip",
@@ -73,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="embed every image of a folder of shards", formatter_class=defaults)
     _add_dataset_options(embed)
+    _add_vector_layout_option(embed)
     embed.add_argument("--model-dir", default=DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model")
     embed.add_argument("--batch-size", type=int, default=32, help="images per model call")
     embed.add_argument("--output", default=None, help="folder for the parquet files (default: next to the shards)")
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dedup", help="flag duplicate images (keep column) and save the metadata", formatter_class=defaults
     )
     _add_dataset_options(dedup)
+    _add_vector_layout_option(dedup)
     dedup.add_argument(
         "--method",
         choices=("exact", "semantic"),
@@ -130,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=defaults,
     )
     _add_dataset_options(filter_)
+    _add_vector_layout_option(filter_)
     filter_.add_argument(
         "--by",
         choices=("aesthetic", "nsfw", "clip-score"),
@@ -151,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reshard", help="write kept rows as new shards with new ids", formatter_class=defaults
     )
     _add_dataset_options(reshard)
+    _add_vector_layout_option(reshard)
     reshard.add_argument("output", help="folder for the new shards (must be empty, or see --overwrite)")
     reshard.add_argument(
         "--overwrite", action="store_true", help="replace the output folder if an earlier reshard wrote all it holds"
@@ -217,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=defaults,
     )
     _add_dataset_options(attach)
+    _add_vector_layout_option(attach)
     attach.add_argument("embeddings", help="folder with img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet")
     attach.add_argument("--on", default=None, help="column to join on, e.g. url (default: the id column)")
     attach.add_argument(
@@ -317,7 +334,9 @@ def _embed(args: argparse.Namespace) -> int:
     dataset = _dataset(args)  # the listing and the first footer, on this machine: fails before a cluster starts
     with _cluster(args):
         started = time.perf_counter()
-        summary = embedder(dataset).save_metadata(args.output, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = embedder(dataset).save_metadata(
+            args.output, overwrite=args.overwrite, vector_layout=args.vector_layout, progress=not args.no_progress
+        )
         _print_embed_summary(summary, time.perf_counter() - started, args.output or args.path)
     return 0
 
@@ -359,7 +378,9 @@ def _dedup(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     with _cluster(args):
         started = time.perf_counter()
-        summary = deduplicator(dataset).save_metadata(args.output, overwrite=args.overwrite)
+        summary = deduplicator(dataset).save_metadata(
+            args.output, overwrite=args.overwrite, vector_layout=args.vector_layout
+        )
         removed = _count_not_kept(summary, args.keep_column)
     print(
         f"dedup ({args.method}) over {len(summary)} shards: {int(summary['rows'].sum())} rows, {removed} duplicates "
@@ -402,7 +423,7 @@ def _filter(args: argparse.Namespace) -> int:
     filtered = keep_by_threshold(scored, column, min=args.min, max=args.max, keep_column=args.keep_column)
     with _cluster(args):
         started = time.perf_counter()
-        summary = filtered.save_metadata(args.output, overwrite=args.overwrite)
+        summary = filtered.save_metadata(args.output, overwrite=args.overwrite, vector_layout=args.vector_layout)
         dropped = _count_not_kept(summary, args.keep_column)
     print(
         f"filter by {column} over {len(summary)} shards: {int(summary['rows'].sum())} rows, {dropped} marked "
@@ -422,6 +443,7 @@ def _reshard(args: argparse.Namespace) -> int:
             max_shards=args.max_shards,
             old_id_col=args.old_id_col,
             overwrite=args.overwrite,
+            vector_layout=args.vector_layout,
         )
     print(
         f"resharded into {len(summary)} shards: {int(summary['rows'].sum())} rows, {int(summary['samples'].sum())} "
@@ -483,7 +505,7 @@ def _attach(args: argparse.Namespace) -> int:
         attached = dataset.attach_embeddings(
             args.embeddings, on=args.on, source_column=args.source_column, embedding_column=args.embedding_column
         )
-        summary = attached.save_metadata(args.output, overwrite=args.overwrite)
+        summary = attached.save_metadata(args.output, overwrite=args.overwrite, vector_layout=args.vector_layout)
     rows, without = int(summary["rows"].sum()), int(summary["errors"].sum())
     joined = attached.provenance[args.embedding_column].operation
     print(

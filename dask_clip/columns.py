@@ -1,8 +1,9 @@
 """Column types dask_clip writes, and the one place that checks and converts embedding columns.
 
-An embedding column that dask_clip writes is a pandas column of pyarrow ``fixed_size_list<float32>[D]``,
-null where a row has no embedding. That is also its parquet type, so an embedding never passes through
-Python objects or strings on its way from the model to the file and back. Columns that other tools wrote
+An embedding column that dask_clip computes on is a pandas column of pyarrow ``fixed_size_list<float32>[D]``,
+null where a row has no embedding. Its file holds it as ``list<float32>`` by default, the width in the footer
+(``io.vectors``: the layout every common reader opens), so an embedding never passes through Python objects or
+strings on its way from the model to the file and back. Columns that other tools wrote
 are read too: lists or large lists of float16, float32 or float64 (as pandas writes a column of arrays,
 or NeMo Curator a list column), and pandas object columns of arrays; they are computed on in float32.
 """
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dask_clip.errors import ColumnError
+from dask_clip.io.vectors import WidthMismatch, fixed_size, one_array, to_matrix
 
 STRING = pd.ArrowDtype(pa.string())
 BOOL = pd.ArrowDtype(pa.bool_())
@@ -39,11 +41,7 @@ def nullable(values: np.ndarray, valid: np.ndarray, dtype: pd.ArrowDtype) -> pd.
 
 def to_embedding_array(vectors: np.ndarray, valid: np.ndarray) -> pd.api.extensions.ExtensionArray:
     """``float32 (N, D)`` vectors and a ``bool (N,)`` mask -> an embedding column's array (null where not valid)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    values = pa.array(vectors.reshape(-1))
-    mask = pa.array(~np.asarray(valid, dtype=bool))
-    lists = pa.FixedSizeListArray.from_arrays(values, vectors.shape[1], mask=mask)
-    return pd.arrays.ArrowExtensionArray(lists)
+    return pd.arrays.ArrowExtensionArray(fixed_size(vectors, valid))
 
 
 def require_columns(frame: pd.DataFrame, columns: list[str], purpose: str) -> None:
@@ -91,26 +89,15 @@ def embeddings_to_numpy(column: pd.Series, width: int | None = None, ids: pd.Ser
     declared = _width_of(column)
     if declared is not None and width is not None and declared != width:
         raise ValueError(f"column {column.name!r} holds {declared}-d embeddings, not {width}-d ones")
-    lists = _as_arrow_lists(column)
-    valid = ~np.asarray(lists.is_null(), dtype=bool)
-    if pa.types.is_fixed_size_list(lists.type):
-        lengths = np.full(len(lists), lists.type.list_size)
-    else:
-        lengths = np.asarray(lists.value_lengths().fill_null(0), dtype=np.int64)
-    width = width or declared or (int(lengths[valid][0]) if valid.any() else 0)
-    wrong = np.flatnonzero(valid & (lengths != width))
-    if len(wrong):
-        row = wrong[0]
-        name = repr(ids.iloc[row]) if ids is not None else f"at position {row}"
+    try:
+        vectors, _ = to_matrix(_as_arrow_lists(column), width)
+    except WidthMismatch as error:
+        name = repr(ids.iloc[error.row]) if ids is not None else f"at position {error.row}"
         raise ValueError(
-            f"row {name} of {column.name!r} holds {lengths[row]} values where the other embeddings hold {width} "
-            f"({len(wrong)} rows of another width)"
-        )
-    out = np.full((len(column), width), np.nan, dtype=np.float32)
-    if valid.any():
-        values = lists.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-        out[valid] = values.astype(np.float32, copy=False).reshape(-1, width)
-    return out
+            f"row {name} of {column.name!r} holds {error.length} values where the other embeddings hold "
+            f"{error.width} ({error.count} rows of another width)"
+        ) from None
+    return vectors
 
 
 def _as_arrow_lists(column: pd.Series) -> pa.Array:
@@ -118,7 +105,7 @@ def _as_arrow_lists(column: pd.Series) -> pa.Array:
     if pd.api.types.is_object_dtype(column.dtype):
         values = [None if _is_missing(v) else np.asarray(v, dtype=np.float64).reshape(-1) for v in column]
         return pa.array(values, type=pa.large_list(pa.float64()))
-    return pa.chunked_array(pa.array(column.array)).combine_chunks()
+    return one_array(pa.array(column.array))
 
 
 def _is_missing(value: object) -> bool:
@@ -160,7 +147,7 @@ def vectors_to_binary(vectors: np.ndarray) -> pd.api.extensions.ExtensionArray:
 def binary_to_vectors(column: pd.Series, width: int) -> np.ndarray:
     """A column made by ``vectors_to_binary`` -> ``float32 (N, width)``; ``ValueError`` when a value is not
     ``4 * width`` bytes long."""
-    array = pa.chunked_array(pa.array(column.array)).combine_chunks().cast(pa.large_binary())
+    array = one_array(pa.array(column.array)).cast(pa.large_binary())
     if array.null_count:
         raise ValueError(f"column {column.name!r} holds {array.null_count} null vectors")
     lengths = np.asarray(pc.binary_length(array), dtype=np.int64)

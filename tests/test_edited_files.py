@@ -23,6 +23,7 @@ from dask_clip import (
     testing,
 )
 from dask_clip.io.provenance import Computed, content_digest
+from dask_clip.io.vectors import variable
 
 WIDTH = 16
 
@@ -45,15 +46,19 @@ def saved(tmp_path: Path) -> Path:
 
 
 def edit_embeddings(parquet: Path, edit: Any) -> None:
-    """Rewrite ``parquet`` with ``edit(vectors)`` applied to its embeddings, keeping its schema metadata."""
+    """Rewrite ``parquet`` with ``edit(vectors)`` applied to its embeddings, keeping its schema metadata and the
+    column's layout (``list<float32>``, as dask_clip writes it, or ``fixed_size_list``)."""
     table = pq.read_table(parquet)
     column = table.column("image_embedding")
     vectors = embeddings_to_numpy(column.to_pandas(types_mapper=pd.ArrowDtype))
     valid = ~np.isnan(vectors).all(axis=1)
     edit(vectors, valid)
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    edited = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1], mask=pa.array(~valid))
     position = table.schema.get_field_index("image_embedding")
+    if pa.types.is_fixed_size_list(table.schema.field(position).type):
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        edited = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1], mask=pa.array(~valid))
+    else:
+        edited = variable(vectors[valid], valid)
     table = table.set_column(position, table.schema.field(position), edited)
     assert b"dask_clip" in table.schema.metadata  # pyarrow keeps the footer's record
     pq.write_table(table, parquet)

@@ -1,12 +1,14 @@
 """Null embeddings (rows without one) written and read back: by dask_clip, pyarrow and pandas.
 
-A fixed-size list column with null rows needs pyarrow >= 26 to write and read back correctly (19-24
-cannot write it; 25 writes files it cannot read). CI also runs this file in a second environment on
-the lowest pyarrow that ``pyproject.toml`` allows (``ci/floor.sh``); it needs no torch.
+dask_clip writes an embedding column as ``list<float32>`` (a null row empty), its width in the footer: a
+fixed-size list with null rows, as it wrote them before, needs pyarrow >= 26 to read back (15-25 fail with
+``ArrowInvalid``). CI also runs this file in a second environment on the lowest pyarrow that
+``pyproject.toml`` allows (``ci/floor.sh``); it needs no torch.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,11 @@ def test_null_embeddings_round_trip_through_every_reader(tmp_path: Path) -> None
 
     table = pa.concat_tables(pq.read_table(path) for path in sorted((tmp_path / "out").glob("*.parquet")))
     column = table.column("image_embedding")
-    assert pa.types.is_fixed_size_list(column.type) and column.null_count == 2
+    assert pa.types.is_list(column.type) and pa.types.is_float32(column.type.value_type)
+    assert column.null_count == 2
+    assert json.loads(table.schema.metadata[b"dask_clip.widths"]) == {"image_embedding": 3}
+    footer = json.loads(table.schema.metadata[b"dask_clip"])
+    assert footer["vectors"] == {"image_embedding": {"layout": "list", "width": 3}}
     assert [v is None for v in column.to_pylist()] == [v is None for v in VECTORS.values()]
 
     frame = pd.concat(pd.read_parquet(path) for path in sorted((tmp_path / "out").glob("*.parquet")))

@@ -33,6 +33,7 @@ from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
 from dask_clip.errors import MixedProvenanceError, ShardMetadataError
 from dask_clip.execution import compute, failures_named
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from dask_clip.io.metadata import table_in_memory
 from dask_clip.io.provenance import (
     Computed,
     ExpectedRecords,
@@ -134,7 +135,7 @@ def _values_digests(url: str, columns: list[str]) -> dict[str, str]:
     with failures_named(url):
         fs, path = filesystem_of(url)
         with fs.open(path, "rb") as file:
-            table = pq.read_table(file, columns=columns)
+            table = table_in_memory(pq.read_table(file, columns=columns), url)
         return {column: values_digest(table.column(column)) for column in columns}
 
 

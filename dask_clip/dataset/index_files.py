@@ -41,6 +41,7 @@ from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
 from dask_clip.errors import IndexFileError, ShardMetadataError, StaleIndexError, UsageError
 from dask_clip.execution import compute, failures_named
 from dask_clip.io.atomic import atomic_write
+from dask_clip.io.metadata import table_in_memory
 from dask_clip.io.provenance import digest, file_identity, values_digest
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
 
@@ -105,7 +106,7 @@ def _values_digest(url: str, column: str) -> str:
     with failures_named(url):
         fs, path = filesystem_of(url)
         with fs.open(path, "rb") as file:
-            return values_digest(pq.read_table(file, columns=[column]).column(0))
+            return values_digest(table_in_memory(pq.read_table(file, columns=[column]), url).column(0))
 
 
 def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]], shards: list[Shard]) -> None:

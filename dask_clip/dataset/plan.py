@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.errors import DaskClipError, UsageError
 from dask_clip.execution import compute, failures_named
-from dask_clip.io.metadata import carried_columns, changed_columns
+from dask_clip.io.metadata import carried_columns, changed_columns, table_in_memory
 from dask_clip.io.provenance import (
     Computed,
     ExpectedRecords,
@@ -167,7 +167,8 @@ def _read(url: str, columns: list[str], verified: Sequence[str]) -> tuple[pa.Sch
         recorded = FileRecords.from_schema(schema).contents
         wanted = [*columns, *(c for c in verified if recorded.get(c) is not None)]
         present = list(dict.fromkeys(c for c in wanted if c in schema.names))
-        return schema, parquet.read(columns=present), _null_counts(parquet.metadata)
+        table = table_in_memory(parquet.read(columns=present), url)  # digests of values, whatever their layout
+        return schema, table, _null_counts(parquet.metadata)
 
 
 def _null_counts(metadata: pq.FileMetaData) -> dict[str, int]:

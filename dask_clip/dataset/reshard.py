@@ -33,18 +33,25 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from dask_clip.arguments import at_least
+from dask_clip.arguments import at_least, one_of
 from dask_clip.columns import BOOL, STRING
 from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.plan import expected_records
 from dask_clip.errors import ColumnError, ShardReadError, UsageError
 from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
-from dask_clip.io.metadata import arrow_to_pandas, check_contents, shard_identity, write_shard_metadata
+from dask_clip.io.metadata import (
+    arrow_to_pandas,
+    check_contents,
+    shard_identity,
+    table_in_memory,
+    write_shard_metadata,
+)
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import FileRecords, digest, file_identity
 from dask_clip.io.shards import filesystem_of
 from dask_clip.io.tar_samples import DEFAULT_MAX_SAMPLE_BYTES, RowKeys, iter_tar_members
 from dask_clip.io.tar_writing import concatenate_tar_pieces, copy_member, write_member
+from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -106,6 +113,7 @@ def to_webdataset(
     max_shards: int = 5,
     old_id_col: str | None = None,
     overwrite: bool = False,
+    vector_layout: str = DEFAULT_LAYOUT,
 ) -> pd.DataFrame:
     """Write the rows where ``filter_column`` is True (all rows when None; null counts as False) to ``path``.
 
@@ -126,9 +134,12 @@ def to_webdataset(
     A ``filter_column`` that the shards' files do not hold from one run over their current rows
     (``dataset.consistency``) is refused, before anything is written.
 
+    ``vector_layout`` is how the new parquets hold embedding columns, as for ``save_metadata``.
+
     Returns one row per output shard: ``stem``, ``tar_path``, ``parquet_path``, ``rows``, ``samples``,
     ``unparsed_json``.
     """
+    one_of("vector_layout", vector_layout, LAYOUTS)
     columns = list(dataset.meta.columns)
     _check_arguments(dataset, columns, filter_column, samples_per_shard, max_shards, old_id_col)
     if filter_column is not None:
@@ -163,6 +174,7 @@ def to_webdataset(
                 keys,
                 dataset.id_col,
                 old_id_col,
+                vector_layout,
             )
             for number, segments in enumerate(plan)
         ]
@@ -304,6 +316,7 @@ def write_output_shard(
     keys: KeyFormat,
     id_col: str,
     old_id_col: str | None,
+    vector_layout: str = DEFAULT_LAYOUT,
 ) -> dict[str, Any]:
     """Pass 3b, one output shard: its parquet from the kept staged rows of ``segments`` (staged url, start,
     stop), with new ids and their moved provenance, and its tar from its pieces of each input shard, in
@@ -316,7 +329,7 @@ def write_output_shard(
             fs, staged_path = filesystem_of(staged_url)
             with fs.open(staged_path, "rb") as file:
                 table = pq.read_table(file)
-            staged = arrow_to_pandas(table)
+            staged = arrow_to_pandas(table_in_memory(table, staged_url))
             frames.append(staged[np.asarray(staged[KEPT], dtype=bool)].iloc[start:stop].drop(columns=KEPT))
             sources.append(FileRecords.from_schema(table.schema))
         rows = pd.concat(frames, ignore_index=True)
@@ -330,7 +343,7 @@ def write_output_shard(
         fs = filesystem_of(tar_url)[0]
         identity = {**shard_identity(rows, id_col), "tar": file_identity(fs.info(filesystem_of(tar_url)[1]))}
         records = moved_records(sources, identity, id_col)
-        write_shard_metadata(rows, posixpath.join(folder, f"{stem}.parquet"), records)
+        write_shard_metadata(rows, posixpath.join(folder, f"{stem}.parquet"), records, vector_layout)
     return {
         "stem": stem,
         "tar_path": posixpath.join(final_folder, f"{stem}.tar"),

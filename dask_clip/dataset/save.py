@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from dask_clip.arguments import one_of
 from dask_clip.dataset.plan import plan_save
 from dask_clip.errors import ColumnError, ShardError
 from dask_clip.execution import STAGES, ShardTask, compute_per_shard, map_shards, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.provenance import FileRecords
+from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -34,6 +36,7 @@ def save_metadata(
     columns: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    vector_layout: str = DEFAULT_LAYOUT,
 ) -> pd.DataFrame:
     """Compute and write one parquet per shard, named like the shard (``00042.parquet``).
 
@@ -48,6 +51,14 @@ def save_metadata(
     records reasons), is skipped without being computed; a column that decides across shards is
     finished in every shard or in none. ``overwrite=True`` recomputes and rewrites every shard.
 
+    ``vector_layout`` is how the files hold embedding columns (``io.vectors``): ``"list"`` (``list<float32>``,
+    the width in the footer: every common reader opens it, null rows included), ``"fixed_size_list"``
+    (``fixed_size_list<float32>[D]``, for LanceDB and Hugging Face ``List(length=D)``; null rows need pyarrow
+    26 to read back) or ``"float16"`` (``list<halffloat>``: half the size, values rounded to float16). Each file
+    names it in its footer. A layout is not part of a column's provenance: a shard finished in another layout
+    stays finished (its file is not rewritten); to convert, save a dataset read from the files with
+    ``overwrite=True``, which rewrites them without computing anything.
+
     ``progress`` shows a bar (shards done, rows per second). The run holds the output folder's lock file
     (``io.locks``) from before it reads the files there until the last is written: ``FolderLockedError`` when
     another run holds it.
@@ -56,11 +67,12 @@ def save_metadata(
     instead of a value), ``written`` (False where skipped) and the shard's stage timings in
     seconds (``execution.STAGES``; NaN for stages that did not run).
     """
+    one_of("vector_layout", vector_layout, LAYOUTS)
     output_root = (path or dataset.path).rstrip("/")
     selected = _columns_to_write(dataset, columns, in_place=path is None)
     urls = [posixpath.join(output_root, f"{shard.stem}.parquet") for shard in dataset.shards]
     with writer_lock(posixpath.join(output_root, LOCK_NAME), "save_metadata"):
-        return _plan_and_write(dataset, output_root, urls, selected, overwrite, progress)
+        return _plan_and_write(dataset, output_root, urls, selected, overwrite, progress, vector_layout)
 
 
 def _plan_and_write(
@@ -70,6 +82,7 @@ def _plan_and_write(
     selected: list[str],
     overwrite: bool,
     progress: bool,
+    vector_layout: str,
 ) -> pd.DataFrame:
     """Plan the save into ``urls``, then write the shards that are not finished -> ``save_metadata``'s summary."""
     plan = plan_save(dataset, urls, selected, overwrite)
@@ -94,6 +107,7 @@ def _plan_and_write(
             label="save-metadata",
             output_root=output_root,
             columns=selected,
+            vector_layout=vector_layout,
         )
         frames[0:0] = [compute_per_shard(written, progress)]
     result = pd.concat(frames)
@@ -102,7 +116,9 @@ def _plan_and_write(
     return result.astype(SUMMARY_META.dtypes.to_dict())
 
 
-def _write_shard(rows: pd.DataFrame, task: ShardTask, output_root: str, columns: list[str]) -> pd.DataFrame:
+def _write_shard(
+    rows: pd.DataFrame, task: ShardTask, output_root: str, columns: list[str], vector_layout: str
+) -> pd.DataFrame:
     """Write one shard's ``columns`` with its planned records (the task's payload) -> its summary row.
 
     The rows must be those the plan saw (same count, same ids in order): a file never records inputs
@@ -118,7 +134,7 @@ def _write_shard(rows: pd.DataFrame, task: ShardTask, output_root: str, columns:
         )
     output = rows[columns]
     started = time.perf_counter()
-    write_shard_metadata(output, url, shard_records)
+    write_shard_metadata(output, url, shard_records, vector_layout)
     timings = {**stage_timings(rows), "write_s": time.perf_counter() - started}
     summary = {
         "stem": task.shard.stem,

@@ -1,8 +1,10 @@
 """Read and write a shard's metadata parquet.
 
 Every column is read as a pyarrow-backed pandas dtype (``pd.ArrowDtype``): dtypes then do not
-depend on whether a shard happens to hold nulls, Dask's string conversion leaves them alone, and
-an embedding column stays a fixed-size list of float32 all the way to disk and back.
+depend on whether a shard happens to hold nulls, and Dask's string conversion leaves them alone. An
+embedding column is a fixed-size list of float32 in memory, whatever layout its file holds it in
+(``io.vectors``: ``list<float32>`` by default, the width in the footer): files of every layout dask_clip
+ever wrote read the same, so a dataset half in one layout and half in another is one dataset.
 
 Columns that dask_clip derived (embeddings, error reasons, decisions) are recorded in the parquet's
 key-value metadata with their provenance (``io.provenance``).
@@ -22,6 +24,7 @@ from dask_clip.errors import ShardMetadataError
 from dask_clip.io.atomic import atomic_write
 from dask_clip.io.provenance import METADATA_KEY, FileRecords, content_digest, ids_digest
 from dask_clip.io.shards import filesystem_of
+from dask_clip.io.vectors import DEFAULT_LAYOUT, WidthMismatch, in_memory_schema, recorded_widths, to_disk, to_memory
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +44,34 @@ def read_parquet_schema(url: str) -> pa.Schema:
         raise ShardMetadataError(f"{url}: cannot read parquet footer: {error}") from error
 
 
+def file_widths(schema: pa.Schema) -> dict[str, int]:
+    """The width of each vector column of a parquet whose footer has ``schema`` (``io.vectors.recorded_widths``)."""
+    return recorded_widths(schema, FileRecords.from_schema(schema).vectors)
+
+
+def memory_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema in memory of a parquet whose footer has ``schema``: vector columns as fixed-size lists."""
+    return in_memory_schema(schema, file_widths(schema))
+
+
+def table_in_memory(table: pa.Table, url: str) -> pa.Table:
+    """A table read whole from the parquet ``url`` with its vector columns as in memory (fixed-size lists);
+    ``ShardMetadataError`` naming the file when a row does not hold the width its footer records."""
+    try:
+        return to_memory(table, file_widths(table.schema))
+    except WidthMismatch as error:
+        raise ShardMetadataError(f"{url}: {error}") from error
+
+
 def empty_frame(schema: pa.Schema) -> pd.DataFrame:
     """An empty frame with the dtypes ``read_shard_metadata`` gives for this schema (a Dask meta)."""
-    return arrow_to_pandas(schema.empty_table())
+    return arrow_to_pandas(memory_schema(schema).empty_table())
 
 
 def carried_columns(schema: pa.Schema, meta: pd.DataFrame, derived: Iterable[str]) -> set[str]:
     """The derived columns of a file that a dataset whose meta is ``meta`` carries over: present in the file
     with the dataset's type. One of another type (a re-embedding with a wider model, interrupted) is not."""
+    schema = memory_schema(schema)
     names = set(schema.names)
     return {
         column
@@ -77,6 +100,7 @@ def read_shard_metadata(
             table = pq.read_table(file)
     except (OSError, pa.ArrowException) as error:
         raise ShardMetadataError(f"{url}: cannot read parquet: {error}") from error
+    table = table_in_memory(table, url)
     check_ids(table, id_col, url)
     derived = set(derived_columns) | set(FileRecords.from_schema(table.schema).columns)
     carried = carried_columns(table.schema, meta, derived)
@@ -120,23 +144,28 @@ def shard_identity(frame: pd.DataFrame, id_col: str) -> dict[str, object]:
     return {"rows": len(frame), "ids": ids_digest(pa.array(frame[id_col].array))}
 
 
-def write_shard_metadata(frame: pd.DataFrame, url: str, records: FileRecords) -> None:
-    """Write ``frame`` as a parquet at ``url`` atomically (``io.atomic``), ``records`` in its key-value metadata.
+def write_shard_metadata(frame: pd.DataFrame, url: str, records: FileRecords, layout: str = DEFAULT_LAYOUT) -> None:
+    """Write ``frame`` as a parquet at ``url`` atomically (``io.atomic``), ``records`` in its key-value metadata,
+    its vector columns in ``layout`` (``io.vectors``), which the footer names with their widths.
 
     The content digest of each derived column is the one ``records.contents`` carries over (a column copied
-    from another file keeps that file's, matching or not), else computed from the values written.
+    from another file keeps that file's, matching or not), else computed from the values written. A column
+    that the float16 layout rounds gets the digest of its rounded values when the carried one was its own.
     """
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    contents = {
-        column: records.contents[column] if column in records.contents else content_digest(table.column(column))
-        for column in records.columns
-        if column in table.column_names
-    }
+    memory = pa.Table.from_pandas(frame, preserve_index=False)
+    table, vectors = to_disk(memory, layout)
+    contents = {}
+    for column in (c for c in records.columns if c in table.column_names):
+        carried = records.contents.get(column)
+        rounded = vectors.get(column, {}).get("layout") == "float16"
+        if column not in records.contents or (rounded and carried == content_digest(memory.column(column))):
+            carried = content_digest(table.column(column))
+        contents[column] = carried
     metadata = dict(table.schema.metadata or {})
     # pandas' own metadata would name dtypes such as "fixed_size_list<...>[768][pyarrow]", which
     # pd.read_parquet cannot parse back: without it, plain pandas reads the file as well as we do.
     metadata.pop(b"pandas", None)
-    metadata[METADATA_KEY] = replace(records, contents=contents).to_json()
+    metadata[METADATA_KEY] = replace(records, contents=contents, vectors=vectors).to_json()
     with atomic_write(url) as file:
         pq.write_table(table.replace_schema_metadata(metadata), file)
 

@@ -6,7 +6,8 @@ A shard's parquet holds, in its key-value metadata under ``dask_clip``, a JSON d
     {"format": 2, "id_col": "key",
      "shard": {"rows": 6, "ids": "<digest>"},                   # the rows this file holds
      "columns": {"image_embedding": <record>, "embedding_error": <record>, "keep": <record>},
-     "contents": {"image_embedding": "<digest>", "embedding_error": "<digest>", "keep": "<digest>"}}
+     "contents": {"image_embedding": "<digest>", "embedding_error": "<digest>", "keep": "<digest>"},
+     "vectors": {"image_embedding": {"layout": "list", "width": 512}}}   # how each vector column is stored
 
 and each derived column's record says what produced it from what::
 
@@ -20,6 +21,10 @@ and each derived column's record says what produced it from what::
 not known: a column carried over from a file of an older dask_clip). It sits beside the records, not in them: a
 record says what a run would produce, the digest what the file held when dask_clip wrote it, so an edit that
 keeps the footer (pyarrow keeps it by default) shows as values that no longer match their digest.
+
+``vectors`` says the on-disk layout and width of each vector column (``io.vectors``; absent in files of an
+older dask_clip, which wrote ``fixed_size_list<float32>[D]``). It too sits outside the records: a layout is
+how a file stores a column, not what produced it, so a change of layout alone never makes a column stale.
 
 A dataset knows the source of each derived column: ``Computed`` by an operation of this run (its record
 is the same for every shard but for the shard's own identity and inputs), or ``Stored`` in the shards'
@@ -75,7 +80,8 @@ def content_digest(values: pa.Array | pa.ChunkedArray) -> str:
     """A digest of a column's values: which rows are null, and the others' values, whatever the chunking.
 
     A list column (a vector per row) digests its validity, its rows' lengths and its flat values, so
-    ``fixed_size_list<float32>`` and ``list<float32>`` holding the same vectors have the same digest; strings
+    ``fixed_size_list<float32>`` and ``list<float32>`` holding the same vectors have the same digest (and
+    float16 values digest as the float32 values they read back as: ``io.vectors``' float16 layout); strings
     and binaries digest alike whatever their offsets' width. It costs one sha256 pass over the values: about
     55 ms for a 10,000 x 768 float32 column (31 MB).
     """
@@ -110,6 +116,8 @@ def _feed(hasher: Any, array: pa.Array) -> None:
         if len(binary):
             hasher.update(memoryview(binary.buffers()[2])[offsets[0] : offsets[-1]])
         return
+    if pa.types.is_float16(kind):  # read back as float32: digested as such
+        present, kind = present.cast(pa.float32()), pa.float32()
     hasher.update(str(kind).encode())
     if pa.types.is_primitive(kind):
         hasher.update(np.ascontiguousarray(present.to_numpy(zero_copy_only=False)))
@@ -136,12 +144,14 @@ def file_identity(info: Mapping[str, Any]) -> dict[str, Any]:
 class FileRecords:
     """What one parquet says about its derived columns: ``columns`` maps each to its record, or to None when
     the file was written by a dask_clip too old to record one (it is derived, but its provenance unknown);
-    ``contents`` maps each to the ``content_digest`` of its values as written (None or absent: not known)."""
+    ``contents`` maps each to the ``content_digest`` of its values as written (None or absent: not known);
+    ``vectors`` maps each vector column to its on-disk ``layout`` and ``width`` (absent: an older file)."""
 
     id_col: str | None = None
     shard: dict[str, Any] | None = None
     columns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     contents: dict[str, str | None] = field(default_factory=dict)
+    vectors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> FileRecords:
@@ -153,7 +163,8 @@ class FileRecords:
         document = json.loads(raw)
         if document.get("format") == FORMAT:
             columns, contents = dict(document.get("columns", {})), dict(document.get("contents", {}))
-            return cls(document.get("id_col"), document.get("shard"), columns, contents)
+            vectors = dict(document.get("vectors", {}))
+            return cls(document.get("id_col"), document.get("shard"), columns, contents, vectors)
         return cls(document.get("id_col"), None, dict.fromkeys(document.get("derived_columns", ())))
 
     def to_json(self) -> bytes:
@@ -163,6 +174,7 @@ class FileRecords:
             "shard": self.shard,
             "columns": self.columns,
             "contents": self.contents,
+            **({"vectors": self.vectors} if self.vectors else {}),
         }
         return json.dumps(document, sort_keys=True).encode()
 
