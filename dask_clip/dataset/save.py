@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from dask_clip.dataset.plan import plan_save
-from dask_clip.errors import ColumnError, ShardError
+from dask_clip.errors import ColumnError, ShardError, UsageError
 from dask_clip.execution import STAGES, ShardTask, compute_per_shard, map_shards, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.provenance import FileRecords
+from dask_clip.io.shards import filesystem_of, resolved_url
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -56,11 +57,31 @@ def save_metadata(
     instead of a value), ``written`` (False where skipped) and the shard's stage timings in
     seconds (``execution.STAGES``; NaN for stages that did not run).
     """
-    output_root = (path or dataset.path).rstrip("/")
-    selected = _columns_to_write(dataset, columns, in_place=path is None)
+    in_place = path is None or resolved_url(path) == resolved_url(dataset.path)  # the dataset's folder, however spelled
+    output_root = (dataset.path if in_place else path).rstrip("/")
+    selected = _columns_to_write(dataset, columns, in_place=in_place)
     urls = [posixpath.join(output_root, f"{shard.stem}.parquet") for shard in dataset.shards]
     with writer_lock(posixpath.join(output_root, LOCK_NAME), "save_metadata"):
+        if not in_place:
+            _check_no_other_shards(dataset, output_root)
         return _plan_and_write(dataset, output_root, urls, selected, overwrite, progress)
+
+
+def _check_no_other_shards(dataset: ImageTextPairDataset, output_root: str) -> None:
+    """``UsageError`` when folder ``output_root`` holds shards of another dataset (a tar beside a parquet that this
+    save would replace): their parquets are that dataset's metadata, which no save into another folder may replace."""
+    fs, root = filesystem_of(output_root)
+    fs.invalidate_cache(root)
+    if not fs.isdir(root):
+        return
+    present = {posixpath.basename(entry.rstrip("/")) for entry in fs.ls(root, detail=False)}
+    clashing = [s.stem for s in dataset.shards if {f"{s.stem}.tar", f"{s.stem}.parquet"} <= present]
+    if clashing:
+        raise UsageError(
+            f"{output_root}: holds shards of another dataset: {len(clashing)} of the {len(dataset.shards)} parquets "
+            f"to write would replace a shard's own metadata (e.g. {clashing[0]}.parquet beside {clashing[0]}.tar); "
+            "save into a folder without shards, or in place (no path) to add the columns to that dataset's own files"
+        )
 
 
 def _plan_and_write(
