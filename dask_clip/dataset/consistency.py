@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import dask
+import pandas as pd
 import pyarrow.parquet as pq
 
 from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
 from dask_clip.errors import MixedProvenanceError, ShardMetadataError
-from dask_clip.execution import compute, failures_named
+from dask_clip.execution import ShardTask, compute, failures_named, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.provenance import (
     Computed,
     ExpectedRecords,
@@ -91,6 +93,32 @@ def check_consumed(
         if column in operations:
             operations[column] = agreed
     return operations
+
+
+def contents_checked(dataset: ImageTextPairDataset, columns: Sequence[str], consumer: str) -> ImageTextPairDataset:
+    """``dataset`` whose shard tasks first check that the saved ``columns`` (``Stored``) still hold the values
+    whose content digest their file records (``ShardMetadataError`` naming the file otherwise: it was edited
+    since dask_clip wrote it); ``dataset`` itself when ``consumer`` reads no saved column. Lazy: the check runs in
+    the task that reads the shard anyway."""
+    stored = [column for column in columns if isinstance(dataset.provenance.get(column), Stored)]
+    if not stored:
+        return dataset
+    checked = map_shards(
+        _checked_rows,
+        dataset.pandas_metadata,
+        dataset.shards,
+        dataset.meta,
+        id_col=dataset.id_col,
+        label=f"{consumer}-check-contents",
+        columns=stored,
+    )
+    return dataset.with_metadata(checked)
+
+
+def _checked_rows(rows: pd.DataFrame, task: ShardTask, columns: list[str]) -> pd.DataFrame:
+    """One shard's ``rows``, unchanged, once ``columns`` are found to hold what their file's footer records."""
+    check_stored_contents(rows, columns, task.shard.parquet_url)
+    return rows
 
 
 def _stored_columns(source: Source | None) -> Iterator[str]:
