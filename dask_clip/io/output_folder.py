@@ -172,6 +172,12 @@ def _why_not_replaceable(
             return (
                 f"{kind.command} wrote it, but not {len(foreign)} of its files (e.g. {', '.join(foreign[:_EXAMPLES])})"
             )
+        changed = _changed_since(fs, path, manifest.get("sizes", {}))
+        if changed:
+            return (
+                f"{kind.command} wrote it, but {len(changed)} of its files changed since (e.g. "
+                f"{', '.join(changed[:_EXAMPLES])}: another command saved into them)"
+            )
         return None
     if manifest is None and kind.layout:
         files = _files_under(fs, path, names, kind.layout)
@@ -186,6 +192,14 @@ def _files_under(fs: Any, path: str, names: set[str], known: Collection[str]) ->
     if names - _tops(known):
         return None
     return {posixpath.relpath(f, path) for f in fs.find(path)} - _NOT_CONTENT
+
+
+def _changed_since(fs: Any, path: str, sizes: dict[str, int]) -> list[str]:
+    """The files (relative paths) under ``path`` whose size is no longer the one the manifest recorded."""
+    if not sizes:
+        return []
+    now = {posixpath.relpath(f, path): info.get("size") for f, info in fs.find(path, detail=True).items()}
+    return sorted(file for file, size in sizes.items() if file in now and now[file] != size)
 
 
 def _tops(files: Collection[str]) -> set[str]:
@@ -231,12 +245,13 @@ def _read_manifest(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 def _write_manifest(fs: Any, folder: str, kind: OutputKind) -> None:
-    files = sorted(posixpath.relpath(f, folder) for f in fs.find(folder))
+    found = {posixpath.relpath(f, folder): info.get("size") for f, info in fs.find(folder, detail=True).items()}
     manifest = {
         "command": kind.command,
         "dask_clip": __version__,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
+        "files": sorted(found),
+        "sizes": found,
     }
     with atomic_write(as_url(protocol_of(fs), posixpath.join(folder, MANIFEST_NAME))) as file:
         file.write(json.dumps(manifest, indent=1).encode())
