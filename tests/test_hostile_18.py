@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -42,3 +43,20 @@ def test_a_save_never_replaces_the_metadata_of_another_datasets_shards(tmp_path:
     with pytest.raises(UsageError, match=r"holds shards of another dataset: 2 of the 2 parquets .* 00000\.parquet"):
         deduplicated.save_metadata(str(other))
     assert digests(other) == before
+
+
+def test_a_save_never_replaces_a_users_parquet_in_its_output_folder(tmp_path: Path) -> None:
+    testing.write_embedding_shards(tmp_path / "mine", vectors("a"), rows_per_shard=4)
+    output = tmp_path / "output"
+    output.mkdir()
+    pq.write_table(pa.table({"note": ["precious"]}), output / "00001.parquet")  # pyarrow's file, not dask_clip's
+    before = digests(output)
+    deduplicated = SemanticDeduplicator(n_clusters=1)(ImageTextPairDataset.from_webdataset(str(tmp_path / "mine")))
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=r"holds 1 parquets .* dask_clip did not write .*00001\.parquet"):
+            deduplicated.save_metadata(str(output), overwrite=overwrite)
+        assert digests(output) == before
+    (output / "00001.parquet").unlink()
+    deduplicated.save_metadata(str(output))
+    deduplicated.save_metadata(str(output), overwrite=True)  # its own files it replaces
+    assert sorted(p.name for p in output.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]

@@ -9,14 +9,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import dask
 import pandas as pd
 
-from dask_clip.dataset.plan import plan_save
-from dask_clip.errors import ColumnError, ShardError, UsageError
-from dask_clip.execution import STAGES, ShardTask, compute_per_shard, map_shards, stage_timings
+from dask_clip.dataset.plan import SHARDS_PER_TASK, plan_save
+from dask_clip.errors import ColumnError, DaskClipError, ShardError, UsageError
+from dask_clip.execution import STAGES, ShardTask, compute, compute_per_shard, map_shards, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
-from dask_clip.io.metadata import rows_with_reasons, shard_identity, write_shard_metadata
-from dask_clip.io.provenance import FileRecords
+from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
+from dask_clip.io.provenance import METADATA_KEY, FileRecords
 from dask_clip.io.shards import filesystem_of, resolved_url
 
 if TYPE_CHECKING:
@@ -68,8 +69,9 @@ def save_metadata(
 
 
 def _check_no_other_shards(dataset: ImageTextPairDataset, output_root: str) -> None:
-    """``UsageError`` when folder ``output_root`` holds shards of another dataset (a tar beside a parquet that this
-    save would replace): their parquets are that dataset's metadata, which no save into another folder may replace."""
+    """``UsageError`` when folder ``output_root`` holds files this save would replace but dask_clip did not write:
+    shards of another dataset (a tar beside a parquet to write: that parquet is the shard's own metadata), or a
+    parquet whose footer holds no dask_clip record (a user's file). The footers are read on the cluster."""
     fs, root = filesystem_of(output_root)
     fs.invalidate_cache(root)
     if not fs.isdir(root):
@@ -82,6 +84,29 @@ def _check_no_other_shards(dataset: ImageTextPairDataset, output_root: str) -> N
             f"to write would replace a shard's own metadata (e.g. {clashing[0]}.parquet beside {clashing[0]}.tar); "
             "save into a folder without shards, or in place (no path) to add the columns to that dataset's own files"
         )
+    existing = [
+        posixpath.join(output_root, f"{s.stem}.parquet") for s in dataset.shards if f"{s.stem}.parquet" in present
+    ]
+    chunks = [existing[i : i + SHARDS_PER_TASK] for i in range(0, len(existing), SHARDS_PER_TASK)]
+    foreign = [url for part in compute([dask.delayed(_not_written_by_dask_clip)(c) for c in chunks]) for url in part]
+    if foreign:
+        raise UsageError(
+            f"{output_root}: holds {len(foreign)} parquets that this save would replace but dask_clip did not write "
+            f"(no dask_clip record in their footer), e.g. {foreign[0]}; save into another folder, or move them away"
+        )
+
+
+def _not_written_by_dask_clip(urls: list[str]) -> list[str]:
+    """Those of ``urls`` whose parquet footer holds no dask_clip record (or that cannot be read as parquet)."""
+    foreign = []
+    for url in urls:
+        try:
+            metadata = read_parquet_schema(url).metadata or {}
+        except DaskClipError:
+            metadata = {}
+        if METADATA_KEY not in metadata:
+            foreign.append(url)
+    return foreign
 
 
 def _plan_and_write(
