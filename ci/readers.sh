@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Reads parquet files that dask_clip wrote back with every reader of the README's layout table, each in its own
+# small environment under .venv-readers/ (ignored by git): pyarrow 15, 19, 23 and 25 with pandas, then Polars,
+# DuckDB, Hugging Face datasets, webdataset and LanceDB on pyarrow 25, then the project's .venv (pyarrow 26)
+# when there is one. An environment is built once and rebuilt only when its requirements below change.
+# The environments read in parallel; each line names the environment, the reader and what it read. Exit status: non-zero when any read failed.
+#
+#   bash ci/readers.sh FOLDER [read_back.py options, e.g. --expect image_embedding:5:32]
+#   bash ci/readers.sh --build     (only build the environments)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENVS=.venv-readers
+# name | requirements (pandas and numpy as an environment pinned to that pyarrow would have them)
+ENVIRONMENTS=(
+    "pyarrow15|pyarrow==15.0.2 pandas==2.2.3 numpy<2"
+    "pyarrow19|pyarrow==19.0.1 pandas==2.2.3 numpy<2.3"
+    "pyarrow23|pyarrow==23.0.1 pandas==2.3.3"
+    "pyarrow25|pyarrow==25.0.1 pandas"
+    "tools|pyarrow==25.0.1 pandas polars duckdb datasets webdataset dask[dataframe] lancedb"
+)
+
+build() {  # build() NAME REQUIREMENTS: create or update .venv-readers/NAME unless it already has REQUIREMENTS
+    local name=$1 requirements=$2 venv=$VENVS/$1
+    if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/requirements" 2>/dev/null)" = "$requirements" ]; then
+        return
+    fi
+    echo "building $venv: $requirements" >&2
+    rm -rf "$venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+    # shellcheck disable=SC2086  # one word per requirement
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $requirements \
+        2> >(grep -v "is ignored: it is neither" >&2)
+    echo "$requirements" >"$venv/requirements"
+}
+
+for environment in "${ENVIRONMENTS[@]}"; do
+    build "${environment%%|*}" "${environment#*|}"
+done
+[ "${1:-}" = "--build" ] && exit 0
+[ $# -ge 1 ] || { echo "usage: bash ci/readers.sh FOLDER [read_back.py options]" >&2; exit 2; }
+
+names=() pythons=()
+for environment in "${ENVIRONMENTS[@]}"; do
+    names+=("${environment%%|*}") pythons+=("$VENVS/${environment%%|*}/bin/python")
+done
+if [ -x .venv/bin/python ]; then
+    names+=(.venv) pythons+=(.venv/bin/python)
+fi
+
+logs=$(mktemp -d)
+pids=()
+for i in "${!pythons[@]}"; do
+    "${pythons[$i]}" ci/read_back.py "$@" >"$logs/$i" 2>&1 &
+    pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || status=1
+    sed "s/^/[${names[$i]}] /" "$logs/$i"
+done
+rm -rf "$logs"
+exit "$status"
