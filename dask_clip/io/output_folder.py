@@ -23,7 +23,6 @@ import contextlib
 import fnmatch
 import json
 import logging
-import os
 import posixpath
 import re
 import uuid
@@ -36,7 +35,7 @@ from dask_clip import __version__
 from dask_clip.errors import UsageError, WriteError
 from dask_clip.io.atomic import atomic_write, fsync_folder, is_local
 from dask_clip.io.locks import LOCK_NAME, check_unlocked, writer_lock
-from dask_clip.io.shards import as_url, filesystem_of, protocol_of
+from dask_clip.io.shards import as_url, filesystem_of, protocol_of, resolved_url
 
 MANIFEST_NAME = ".dask_clip-output.json"
 _NOT_CONTENT = frozenset({MANIFEST_NAME, LOCK_NAME})
@@ -86,9 +85,7 @@ def replacing_folder(url: str, overwrite: bool, kind: OutputKind, dataset_url: s
 def check_outside(url: str, dataset_url: str) -> None:
     """``UsageError`` when folder ``url`` is the folder ``dataset_url``, inside it or above it: local paths are
     compared resolved (symbolic links, ``..``, trailing slashes), URLs normalised on the same protocol."""
-    (output_protocol, output), (dataset_protocol, dataset) = _resolved(url), _resolved(dataset_url)
-    if output_protocol != dataset_protocol:
-        return
+    output, dataset = resolved_url(url), resolved_url(dataset_url)  # URLs of other protocols never nest
     if output == dataset or dataset.startswith(output.rstrip("/") + "/"):
         raise UsageError(
             f"{url}: holds the dataset {dataset_url} (it is that folder, or one above it); "
@@ -96,13 +93,6 @@ def check_outside(url: str, dataset_url: str) -> None:
         )
     if output.startswith(dataset + "/"):
         raise UsageError(f"{url}: is inside the dataset {dataset_url}; write the output into a folder outside it")
-
-
-def _resolved(url: str) -> tuple[str, str]:
-    fs, path = filesystem_of(url)
-    if is_local(fs):
-        return "file", os.path.realpath(path)
-    return protocol_of(fs), posixpath.normpath(path)
 
 
 def _remove_scratch(fs: Any, url: str, path: str) -> None:
