@@ -29,7 +29,7 @@ import dask.dataframe as dd
 import pandas as pd
 
 from dask_clip.columns import require_columns
-from dask_clip.dataset.consistency import check_consumed
+from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.distributed.model_cache import get_or_load
 from dask_clip.execution import ShardTask, map_shards
 from dask_clip.io.provenance import Computed, Plain
@@ -122,6 +122,7 @@ class Operation(ABC):
         inputs = self.input_columns(dataset)
         require_columns(dataset.meta, inputs, self.name)
         check_consumed(dataset, inputs, self.name, own=self.config())
+        dataset = contents_checked(dataset, inputs, self.name)
         self.check_inputs(dataset)
         outputs = self.output_columns(dataset)
         frame = self.build(dataset, dataset.meta.assign(**outputs))

@@ -175,6 +175,7 @@ def assert_names_both_models(error: pytest.ExceptionInfo, folder: Path, tiny_mod
         pytest.param(lambda d, tmp: d.build_index(str(tmp / "index")), id="build_index"),
         pytest.param(lambda d, tmp: d.export_clip_retrieval(str(tmp / "export")), id="export"),
         pytest.param(lambda d, tmp: SemanticDeduplicator(n_clusters=2)(d), id="semantic dedup"),
+        pytest.param(lambda d, tmp: d.to_webdataset(str(tmp / "reshard")), id="reshard without a filter"),
         pytest.param(
             lambda d, tmp: clip_score(d.with_metadata(d.metadata.assign(text_embedding=d.metadata["image_embedding"]))),
             id="clip_score",

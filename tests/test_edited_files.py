@@ -22,8 +22,11 @@ from dask_clip import (
     embeddings_to_numpy,
     testing,
 )
+from dask_clip.columns import FLOAT64, empty_column
+from dask_clip.execution import ShardTask
 from dask_clip.io.provenance import Computed, content_digest
 from dask_clip.io.vectors import variable
+from dask_clip.operation import Operation
 
 WIDTH = 16
 
@@ -184,3 +187,35 @@ def test_a_reshard_does_not_launder_edited_embeddings(client, saved: Path, tmp_p
     with pytest.raises(DataError, match=r"00001\.parquet: column 'image_embedding' was changed since dask_clip"):
         dataset_of(saved).to_webdataset(str(tmp_path / "resharded"), samples_per_shard=40)
     assert not (tmp_path / "resharded").exists()
+
+
+# every other consumer -------------------------------------------------------------------------------------------
+class VectorNorms(Operation):
+    """A per-shard operation that reads the saved embeddings: the Euclidean norm of each row's vector."""
+
+    def config(self) -> dict[str, Any]:
+        return {"function": "vector norms"}
+
+    def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
+        return ["image_embedding"]
+
+    def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
+        return {"norm": empty_column(FLOAT64)}
+
+    def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> dict[str, Any]:
+        return {"norm": np.linalg.norm(embeddings_to_numpy(rows["image_embedding"]), axis=1)}
+
+
+CONSUMERS = {
+    "per-shard operation": lambda dataset, tmp_path: VectorNorms()(dataset).metadata.compute(),
+    "exact search": lambda dataset, tmp_path: dataset.search(image=np.ones(WIDTH, dtype=np.float32)),
+    "export": lambda dataset, tmp_path: dataset.export_clip_retrieval(str(tmp_path / "export")),
+}
+
+
+@pytest.mark.parametrize("consumer", sorted(CONSUMERS))
+def test_no_consumer_reads_edited_embeddings(client, saved: Path, tmp_path: Path, consumer: str) -> None:
+    CONSUMERS[consumer](dataset_of(saved), tmp_path)  # the files as dask_clip wrote them are read
+    edit_embeddings(saved / "00001.parquet", swap_rows(0, 1))
+    with pytest.raises(DataError, match=r"00001\.parquet: column 'image_embedding' was changed since dask_clip"):
+        CONSUMERS[consumer](dataset_of(saved), tmp_path / "again")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dask_clip import ImageTextPairDataset, UsageError, testing
+from dask_clip.io.provenance import Computed
 from dask_clip.io.shards import discover_shards
 
 MANIFEST_NAME = ".dask_clip-output.json"  # the name is a contract: users see it in their folders
@@ -142,6 +143,21 @@ def test_a_reshard_from_before_manifests_is_not_replaced(client, dataset_folder:
     with pytest.raises(UsageError, match=r"resharded: is not empty: it holds a dataset: 3 tars and 3 parquets"):
         COMMANDS["to_webdataset"](dataset, str(output), overwrite=True)
     assert len(list(output.glob("*.tar"))) == 3
+
+
+def test_a_reshard_output_that_another_command_saved_into_is_not_replaced(
+    client, dataset_folder: Path, tmp_path: Path
+) -> None:
+    dataset = ImageTextPairDataset.from_webdataset(str(dataset_folder))
+    output = tmp_path / "resharded"
+    COMMANDS["to_webdataset"](dataset, str(output))
+    resharded = ImageTextPairDataset.from_webdataset(str(output))
+    scored = resharded.metadata.assign(score=1.0)  # another operation's column, saved in place
+    resharded.with_metadata(scored, {"score": Computed({"function": "a score"})}).save_metadata()
+    saved = listing(output)
+    with pytest.raises(UsageError, match=r"to_webdataset wrote it, but 3 of its files changed since \(e\.g\. 00000"):
+        COMMANDS["to_webdataset"](dataset, str(output), overwrite=True)
+    assert listing(output) == saved
 
 
 def test_an_empty_or_missing_folder_needs_no_overwrite(client, dataset_folder: Path, tmp_path: Path) -> None:

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import dask
+import pandas as pd
 import pyarrow.parquet as pq
 
 from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
 from dask_clip.errors import MixedProvenanceError, ShardMetadataError
-from dask_clip.execution import compute, failures_named
+from dask_clip.execution import ShardTask, compute, failures_named, map_shards
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
-from dask_clip.io.metadata import table_in_memory
+from dask_clip.io.metadata import check_stored_contents, table_in_memory
 from dask_clip.io.provenance import (
     Computed,
     ExpectedRecords,
@@ -43,6 +44,7 @@ from dask_clip.io.provenance import (
     Stored,
     describe_operation,
     digest,
+    read_digest,
     values_digest,
 )
 from dask_clip.io.shards import Shard, filesystem_of
@@ -93,6 +95,32 @@ def check_consumed(
     return operations
 
 
+def contents_checked(dataset: ImageTextPairDataset, columns: Sequence[str], consumer: str) -> ImageTextPairDataset:
+    """``dataset`` whose shard tasks first check that the saved ``columns`` (``Stored``) still hold the values
+    whose content digest their file records (``ShardMetadataError`` naming the file otherwise: it was edited
+    since dask_clip wrote it); ``dataset`` itself when ``consumer`` reads no saved column. Lazy: the check runs in
+    the task that reads the shard anyway."""
+    stored = [column for column in columns if isinstance(dataset.provenance.get(column), Stored)]
+    if not stored:
+        return dataset
+    checked = map_shards(
+        _checked_rows,
+        dataset.pandas_metadata,
+        dataset.shards,
+        dataset.meta,
+        id_col=dataset.id_col,
+        label=f"{consumer}-check-contents",
+        columns=stored,
+    )
+    return dataset.with_metadata(checked)
+
+
+def _checked_rows(rows: pd.DataFrame, task: ShardTask, columns: list[str]) -> pd.DataFrame:
+    """One shard's ``rows``, unchanged, once ``columns`` are found to hold what their file's footer records."""
+    check_stored_contents(rows, columns, task.shard.parquet_url)
+    return rows
+
+
 def _stored_columns(source: Source | None) -> Iterator[str]:
     """The columns read from the shards' files that ``source`` is: itself, or what its computation reads."""
     if isinstance(source, Stored):
@@ -125,7 +153,15 @@ def _read_chunk(shards: list[Shard], id_col: str, columns: list[str]) -> list[Sh
             if name not in records and name in output.names
         }
         values = _values_digests(shard.parquet_url, sorted(plain)) if plain else {}
-        inputs = ShardInputs(shard.stem, output.rows, output.ids, shard.tar_identity, dict(records), values)
+        inputs = ShardInputs(
+            shard.stem,
+            output.rows,
+            output.ids,
+            shard.tar_identity,
+            dict(records),
+            values,
+            dict(output.records.contents),
+        )
         footers.append(ShardFooter(frozenset(output.names), inputs))
     return footers
 
@@ -226,7 +262,8 @@ def _current(column: str, record: dict[str, Any], inputs: ShardInputs) -> bool:
         return False
     for name, read in record.get("reads", {}).items():
         current = inputs.records.get(name)
-        if name != column and current is not None and digest(current) != read:
+        # footers only: a column whose values were edited since is refused where it is read (check_contents)
+        if name != column and current is not None and read_digest(current, inputs.contents.get(name), False) != read:
             return False
     return True
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dask_clip.columns import embeddings_to_numpy
-from dask_clip.dataset.consistency import check_consumed
+from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask, compute, map_shards
 from dask_clip.io.atomic import atomic_write
@@ -59,6 +59,7 @@ def export_clip_retrieval(
     meta = dataset.pandas_metadata._meta
     width = dataset.embedding_width(embedding_column, "export_clip_retrieval")
     check_consumed(dataset, [embedding_column], "export_clip_retrieval")
+    dataset = contents_checked(dataset, [embedding_column], "export_clip_retrieval")
     columns = list(meta.columns)
     if metadata_columns is None:
         extra = [c for c in DEFAULT_METADATA_COLUMNS if c in columns]

@@ -131,8 +131,9 @@ def to_webdataset(
     ``path`` is written as a whole (``io.output_folder``): never the dataset's folder, one inside it or above it;
     a folder that is not empty is refused unless ``overwrite=True`` and an earlier ``to_webdataset`` wrote it,
     and is then replaced once the new shards are complete.
-    A ``filter_column`` that the shards' files do not hold from one run over their current rows
-    (``dataset.consistency``) is refused, before anything is written.
+    A derived column (the ``filter_column``, or any column carried) that the shards' files do not hold from one
+    run over their current rows (``dataset.consistency``) is refused, before anything is written: the new
+    shards' records could not say which run produced which rows.
 
     ``vector_layout`` is how the new parquets hold embedding columns, as for ``save_metadata``.
 
@@ -142,8 +143,8 @@ def to_webdataset(
     one_of("vector_layout", vector_layout, LAYOUTS)
     columns = list(dataset.meta.columns)
     _check_arguments(dataset, columns, filter_column, samples_per_shard, max_shards, old_id_col)
-    if filter_column is not None:
-        check_consumed(dataset, [filter_column], "to_webdataset")
+    # every derived column is carried into the new shards' records: one mixing two runs would lose that it does
+    check_consumed(dataset, [c for c in columns if c in dataset.provenance], "to_webdataset")
     records = expected_records(dataset, columns)
     output_url = path.rstrip("/")
     with replacing_folder(output_url, overwrite, OUTPUT, dataset.path) as fresh:

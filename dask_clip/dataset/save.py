@@ -9,15 +9,17 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import dask
 import pandas as pd
 
 from dask_clip.arguments import one_of
-from dask_clip.dataset.plan import plan_save
-from dask_clip.errors import ColumnError, ShardError
-from dask_clip.execution import STAGES, ShardTask, compute_per_shard, map_shards, stage_timings
+from dask_clip.dataset.plan import SHARDS_PER_TASK, plan_save
+from dask_clip.errors import ColumnError, DaskClipError, ShardError, UsageError
+from dask_clip.execution import STAGES, ShardTask, compute, compute_per_shard, map_shards, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
-from dask_clip.io.metadata import rows_with_reasons, shard_identity, write_shard_metadata
-from dask_clip.io.provenance import FileRecords
+from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
+from dask_clip.io.provenance import METADATA_KEY, FileRecords
+from dask_clip.io.shards import filesystem_of, resolved_url
 from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS
 
 if TYPE_CHECKING:
@@ -68,11 +70,55 @@ def save_metadata(
     seconds (``execution.STAGES``; NaN for stages that did not run).
     """
     one_of("vector_layout", vector_layout, LAYOUTS)
-    output_root = (path or dataset.path).rstrip("/")
-    selected = _columns_to_write(dataset, columns, in_place=path is None)
+    in_place = path is None or resolved_url(path) == resolved_url(dataset.path)  # the dataset's folder, however spelled
+    output_root = (dataset.path if in_place else path).rstrip("/")
+    selected = _columns_to_write(dataset, columns, in_place=in_place)
     urls = [posixpath.join(output_root, f"{shard.stem}.parquet") for shard in dataset.shards]
     with writer_lock(posixpath.join(output_root, LOCK_NAME), "save_metadata"):
+        if not in_place:
+            _check_no_other_shards(dataset, output_root)
         return _plan_and_write(dataset, output_root, urls, selected, overwrite, progress, vector_layout)
+
+
+def _check_no_other_shards(dataset: ImageTextPairDataset, output_root: str) -> None:
+    """``UsageError`` when folder ``output_root`` holds files this save would replace but dask_clip did not write:
+    shards of another dataset (a tar beside a parquet to write: that parquet is the shard's own metadata), or a
+    parquet whose footer holds no dask_clip record (a user's file). The footers are read on the cluster."""
+    fs, root = filesystem_of(output_root)
+    fs.invalidate_cache(root)
+    if not fs.isdir(root):
+        return
+    present = {posixpath.basename(entry.rstrip("/")) for entry in fs.ls(root, detail=False)}
+    clashing = [s.stem for s in dataset.shards if {f"{s.stem}.tar", f"{s.stem}.parquet"} <= present]
+    if clashing:
+        raise UsageError(
+            f"{output_root}: holds shards of another dataset: {len(clashing)} of the {len(dataset.shards)} parquets "
+            f"to write would replace a shard's own metadata (e.g. {clashing[0]}.parquet beside {clashing[0]}.tar); "
+            "save into a folder without shards, or in place (no path) to add the columns to that dataset's own files"
+        )
+    existing = [
+        posixpath.join(output_root, f"{s.stem}.parquet") for s in dataset.shards if f"{s.stem}.parquet" in present
+    ]
+    chunks = [existing[i : i + SHARDS_PER_TASK] for i in range(0, len(existing), SHARDS_PER_TASK)]
+    foreign = [url for part in compute([dask.delayed(_not_written_by_dask_clip)(c) for c in chunks]) for url in part]
+    if foreign:
+        raise UsageError(
+            f"{output_root}: holds {len(foreign)} parquets that this save would replace but dask_clip did not write "
+            f"(no dask_clip record in their footer), e.g. {foreign[0]}; save into another folder, or move them away"
+        )
+
+
+def _not_written_by_dask_clip(urls: list[str]) -> list[str]:
+    """Those of ``urls`` whose parquet footer holds no dask_clip record (or that cannot be read as parquet)."""
+    foreign = []
+    for url in urls:
+        try:
+            metadata = read_parquet_schema(url).metadata or {}
+        except DaskClipError:
+            metadata = {}
+        if METADATA_KEY not in metadata:
+            foreign.append(url)
+    return foreign
 
 
 def _plan_and_write(

@@ -17,7 +17,7 @@ import pandas as pd
 
 from dask_clip.arguments import at_least, model_id
 from dask_clip.columns import l2_normalize, unit_embeddings
-from dask_clip.dataset.consistency import check_consumed
+from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.dataset.index_files import OpenedIndex, open_index
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute, map_shards
@@ -75,6 +75,7 @@ def search(
     width = dataset.embedding_width(embedding_column, "search")
     if index is None:
         config = check_consumed(dataset, [embedding_column], "search")[embedding_column]
+        dataset = contents_checked(dataset, [embedding_column], "search")
     else:  # an opened index was checked against the shards' files (and its build, their provenance)
         opened = _opened_index(dataset, index, embedding_column, nprobe)
         config = opened.manifest.get("embedding_operation")

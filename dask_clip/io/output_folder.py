@@ -23,7 +23,6 @@ import contextlib
 import fnmatch
 import json
 import logging
-import os
 import posixpath
 import re
 import uuid
@@ -36,7 +35,7 @@ from dask_clip import __version__
 from dask_clip.errors import UsageError, WriteError
 from dask_clip.io.atomic import atomic_write, fsync_folder, is_local
 from dask_clip.io.locks import LOCK_NAME, check_unlocked, writer_lock
-from dask_clip.io.shards import as_url, filesystem_of, protocol_of
+from dask_clip.io.shards import as_url, filesystem_of, protocol_of, resolved_url
 
 MANIFEST_NAME = ".dask_clip-output.json"
 _NOT_CONTENT = frozenset({MANIFEST_NAME, LOCK_NAME})
@@ -86,9 +85,7 @@ def replacing_folder(url: str, overwrite: bool, kind: OutputKind, dataset_url: s
 def check_outside(url: str, dataset_url: str) -> None:
     """``UsageError`` when folder ``url`` is the folder ``dataset_url``, inside it or above it: local paths are
     compared resolved (symbolic links, ``..``, trailing slashes), URLs normalised on the same protocol."""
-    (output_protocol, output), (dataset_protocol, dataset) = _resolved(url), _resolved(dataset_url)
-    if output_protocol != dataset_protocol:
-        return
+    output, dataset = resolved_url(url), resolved_url(dataset_url)  # URLs of other protocols never nest
     if output == dataset or dataset.startswith(output.rstrip("/") + "/"):
         raise UsageError(
             f"{url}: holds the dataset {dataset_url} (it is that folder, or one above it); "
@@ -96,13 +93,6 @@ def check_outside(url: str, dataset_url: str) -> None:
         )
     if output.startswith(dataset + "/"):
         raise UsageError(f"{url}: is inside the dataset {dataset_url}; write the output into a folder outside it")
-
-
-def _resolved(url: str) -> tuple[str, str]:
-    fs, path = filesystem_of(url)
-    if is_local(fs):
-        return "file", os.path.realpath(path)
-    return protocol_of(fs), posixpath.normpath(path)
 
 
 def _remove_scratch(fs: Any, url: str, path: str) -> None:
@@ -172,6 +162,12 @@ def _why_not_replaceable(
             return (
                 f"{kind.command} wrote it, but not {len(foreign)} of its files (e.g. {', '.join(foreign[:_EXAMPLES])})"
             )
+        changed = _changed_since(fs, path, manifest.get("sizes", {}))
+        if changed:
+            return (
+                f"{kind.command} wrote it, but {len(changed)} of its files changed since (e.g. "
+                f"{', '.join(changed[:_EXAMPLES])}: another command saved into them)"
+            )
         return None
     if manifest is None and kind.layout:
         files = _files_under(fs, path, names, kind.layout)
@@ -186,6 +182,14 @@ def _files_under(fs: Any, path: str, names: set[str], known: Collection[str]) ->
     if names - _tops(known):
         return None
     return {posixpath.relpath(f, path) for f in fs.find(path)} - _NOT_CONTENT
+
+
+def _changed_since(fs: Any, path: str, sizes: dict[str, int]) -> list[str]:
+    """The files (relative paths) under ``path`` whose size is no longer the one the manifest recorded."""
+    if not sizes:
+        return []
+    now = {posixpath.relpath(f, path): info.get("size") for f, info in fs.find(path, detail=True).items()}
+    return sorted(file for file, size in sizes.items() if file in now and now[file] != size)
 
 
 def _tops(files: Collection[str]) -> set[str]:
@@ -231,12 +235,13 @@ def _read_manifest(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 def _write_manifest(fs: Any, folder: str, kind: OutputKind) -> None:
-    files = sorted(posixpath.relpath(f, folder) for f in fs.find(folder))
+    found = {posixpath.relpath(f, folder): info.get("size") for f, info in fs.find(folder, detail=True).items()}
     manifest = {
         "command": kind.command,
         "dask_clip": __version__,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
+        "files": sorted(found),
+        "sizes": found,
     }
     with atomic_write(as_url(protocol_of(fs), posixpath.join(folder, MANIFEST_NAME))) as file:
         file.write(json.dumps(manifest, indent=1).encode())

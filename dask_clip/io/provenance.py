@@ -257,12 +257,12 @@ class ExpectedRecords:
     def _read_digest(self, source: Source, shard: int) -> str | None:
         """The digest of what an operation reads from ``source``: its record and, for a column stored in a file
         that records its content digest, that digest (and whether the values still match it)."""
-        record = self.record(source, shard)
         inputs = self.shards[shard]
-        contents = inputs.contents.get(source.column) if isinstance(source, Stored) else None
-        if contents is None:
-            return _digest_or_none(record)
-        return digest({"record": record, "contents": contents, "changed": source.column in inputs.changed})
+        if not isinstance(source, Stored):
+            return _digest_or_none(self.record(source, shard))
+        return read_digest(
+            self.record(source, shard), inputs.contents.get(source.column), source.column in inputs.changed
+        )
 
     def _build(self, source: Source, shard: int) -> dict[str, Any] | None:
         if isinstance(source, Stored):
@@ -281,6 +281,14 @@ class ExpectedRecords:
             every = [[shard.stem, self._inputs(source, i)] for i, shard in enumerate(self.shards)]
             self._datasets[id(source)] = digest(every)
         return self._datasets[id(source)]
+
+
+def read_digest(record: dict[str, Any] | None, contents: str | None, changed: bool) -> str | None:
+    """What an operation records of a stored column it read (its ``reads``): the digest of the column's record
+    and, where its file records a content digest, of that digest and whether the values still matched it."""
+    if contents is None:
+        return _digest_or_none(record)
+    return digest({"record": record, "contents": contents, "changed": changed})
 
 
 def _digest_or_none(record: dict[str, Any] | None) -> str | None:

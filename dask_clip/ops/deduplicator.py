@@ -1,5 +1,4 @@
-"""What the deduplicators share: the three decision columns they write, and deciding across shards from
-saved columns only as dask_clip wrote them."""
+"""What the deduplicators share: the decision columns they write."""
 
 from __future__ import annotations
 
@@ -8,9 +7,6 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
-from dask_clip.execution import ShardTask, map_shards
-from dask_clip.io.metadata import check_stored_contents
-from dask_clip.io.provenance import Stored
 from dask_clip.operation import Operation
 
 if TYPE_CHECKING:
@@ -46,26 +42,3 @@ class Deduplicator(Operation):
             self.duplicate_of_shard_column: empty_column(STRING),
             self.similarity_column: empty_column(FLOAT64),
         }
-
-    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """As ``Operation``'s, but each shard's saved columns it reads are first checked against the content
-        digests their file records: a decision over every shard is never made from a file edited since."""
-        stored = [c for c in self.input_columns(dataset) if isinstance(dataset.provenance.get(c), Stored)]
-        if stored:
-            checked = map_shards(
-                _checked_rows,
-                dataset.pandas_metadata,
-                dataset.shards,
-                dataset.meta,
-                id_col=dataset.id_col,
-                label=f"{self.name}-check-contents",
-                columns=stored,
-            )
-            dataset = dataset.with_metadata(checked)
-        return super().__call__(dataset)
-
-
-def _checked_rows(rows: pd.DataFrame, task: ShardTask, columns: list[str]) -> pd.DataFrame:
-    """One shard's ``rows``, unchanged, once ``columns`` are found to hold what their file's footer records."""
-    check_stored_contents(rows, columns, task.shard.parquet_url)
-    return rows
