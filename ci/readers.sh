@@ -7,6 +7,8 @@
 #
 #   bash ci/readers.sh FOLDER [read_back.py options, e.g. --expect image_embedding:5:32]
 #   bash ci/readers.sh --build     (only build the environments)
+#   bash ci/readers.sh --check     (CI: build, write every layout with ci/write_for_readers.py, read each back;
+#                                   fixed_size_list only with the project's .venv: its null rows need pyarrow 26)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENVS=.venv-readers
@@ -33,10 +35,26 @@ build() {  # build() NAME REQUIREMENTS: create or update .venv-readers/NAME unle
     echo "$requirements" >"$venv/requirements"
 }
 
+builds=()
 for environment in "${ENVIRONMENTS[@]}"; do
-    build "${environment%%|*}" "${environment#*|}"
+    build "${environment%%|*}" "${environment#*|}" &
+    builds+=($!)
 done
+for pid in "${builds[@]}"; do wait "$pid"; done
 [ "${1:-}" = "--build" ] && exit 0
+if [ "${1:-}" = "--check" ]; then
+    written=$(mktemp -d)
+    trap 'rm -rf "$written"' EXIT
+    .venv/bin/python ci/write_for_readers.py "$written" >/dev/null
+    status=0
+    for folder in saved resharded float16; do
+        # shellcheck disable=SC2046  # the expect file holds one word per argument
+        bash "$0" "$written/$folder" $(cat "$written/$folder/expect") || status=1
+    done
+    # shellcheck disable=SC2046
+    .venv/bin/python ci/read_back.py "$written/fixed_size_list" $(cat "$written/fixed_size_list/expect") || status=1
+    exit "$status"
+fi
 [ $# -ge 1 ] || { echo "usage: bash ci/readers.sh FOLDER [read_back.py options]" >&2; exit 2; }
 
 names=() pythons=()

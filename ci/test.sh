@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: install everything, check the code's form and architecture
 # (ruff, import-linter), run the whole suite (GPU tests are skipped when no GPU is visible), then the
-# save / read-back tests again on the lowest pyarrow pyproject.toml allows (ci/floor.sh). Meanwhile
-# ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs the
-# package index, not a GPU). Extra arguments go to the main pytest run.
+# save / read-back tests again on the lowest pyarrow, pandas and numpy pyproject.toml allows (ci/floor.sh).
+# Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
+# the package index, not a GPU), and ci/readers.sh reads files dask_clip wrote back with every reader of the
+# README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
 gpu_extras_log=$(mktemp)
 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
 gpu_extras=$!
+readers_log=$(mktemp)
+bash ci/readers.sh --check >"$readers_log" 2>&1 &
+readers=$!
 status=0
 { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
     .venv/bin/python -m pytest "$@" && bash ci/floor.sh -q; } || status=$?
 wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
+wait "$readers" || status=$((status ? status : $?))
+cat "$readers_log"
 exit "$status"

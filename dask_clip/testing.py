@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dask_clip.io.vectors import to_disk
+
 PHOTO_NAMES = (
     "astronaut",
     "chelsea",
@@ -112,16 +114,21 @@ def write_shard(
     members: Mapping[str, Mapping[str, bytes]],
     tar_order: Sequence[str] | None = None,
     schema: pa.Schema = IMG2DATASET_SCHEMA,
+    vector_layout: str | None = None,
 ) -> tuple[Path, Path]:
     """Write one shard: a parquet of ``rows`` and a tar holding ``members[key][extension]`` bytes.
 
-    ``tar_order`` is the order of keys in the tar (default: as ``members`` iterates). Returns the
-    tar and parquet paths. Low level on purpose: tests build broken shards with it.
+    ``tar_order`` is the order of keys in the tar (default: as ``members`` iterates). ``vector_layout``
+    (``io.vectors.LAYOUTS``) writes the ``fixed_size_list`` columns of ``schema`` as dask_clip would; None
+    writes ``schema`` as it is. Returns the tar and parquet paths. Low level on purpose: tests build broken
+    shards with it.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{shard_number:05d}"
     table = pa.Table.from_pylist([dict(row) for row in rows], schema=schema)
+    if vector_layout is not None:
+        table, _ = to_disk(table, vector_layout)
     pq.write_table(table, folder / f"{stem}.parquet")
     with tarfile.open(folder / f"{stem}.tar", "w") as archive:
         for key in tar_order if tar_order is not None else list(members):
@@ -341,9 +348,14 @@ def save_tokenizer_for_clip_model(model_dir: str | Path) -> Path:
 
 
 def write_embedding_shards(
-    folder: str | Path, vectors: Mapping[str, np.ndarray | None], rows_per_shard: int, column: str = "image_embedding"
+    folder: str | Path,
+    vectors: Mapping[str, np.ndarray | None],
+    rows_per_shard: int,
+    column: str = "image_embedding",
+    vector_layout: str = "list",
 ) -> list[Path]:
-    """Shards (``00000`` ...) whose parquets hold ``key`` and ``column`` (``fixed_size_list<float32>``).
+    """Shards (``00000`` ...) whose parquets hold ``key`` and ``column``, a vector column written in
+    ``vector_layout`` (``io.vectors.LAYOUTS``; ``list<float32>`` with its width in the footer by default).
 
     ``vectors`` maps each key to its vector (None: a null embedding), in row order; the tars are
     empty. For testing operations on embeddings with vectors of known similarity. Returns the parquets.
@@ -357,5 +369,5 @@ def write_embedding_shards(
             {"key": key, column: None if v is None else np.asarray(v, dtype=np.float32).tolist()}
             for key, v in items[start : start + rows_per_shard]
         ]
-        parquets.append(write_shard(folder, shard, rows, {}, schema=schema)[1])
+        parquets.append(write_shard(folder, shard, rows, {}, schema=schema, vector_layout=vector_layout)[1])
     return parquets

@@ -51,7 +51,7 @@ from dask_clip.io.provenance import FileRecords, digest, file_identity
 from dask_clip.io.shards import filesystem_of
 from dask_clip.io.tar_samples import DEFAULT_MAX_SAMPLE_BYTES, RowKeys, iter_tar_members
 from dask_clip.io.tar_writing import concatenate_tar_pieces, copy_member, write_member
-from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS
+from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS, check_writable
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -141,6 +141,7 @@ def to_webdataset(
     ``unparsed_json``.
     """
     one_of("vector_layout", vector_layout, LAYOUTS)
+    check_writable(vector_layout)
     columns = list(dataset.meta.columns)
     _check_arguments(dataset, columns, filter_column, samples_per_shard, max_shards, old_id_col)
     # every derived column is carried into the new shards' records: one mixing two runs would lose that it does

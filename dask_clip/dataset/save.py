@@ -20,7 +20,7 @@ from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.provenance import METADATA_KEY, FileRecords
 from dask_clip.io.shards import filesystem_of, resolved_url
-from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS
+from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS, check_writable
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -70,6 +70,7 @@ def save_metadata(
     seconds (``execution.STAGES``; NaN for stages that did not run).
     """
     one_of("vector_layout", vector_layout, LAYOUTS)
+    check_writable(vector_layout)
     in_place = path is None or resolved_url(path) == resolved_url(dataset.path)  # the dataset's folder, however spelled
     output_root = (dataset.path if in_place else path).rstrip("/")
     selected = _columns_to_write(dataset, columns, in_place=in_place)

@@ -24,6 +24,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from dask_clip.errors import ConfigurationError
+
 LAYOUTS = ("list", "fixed_size_list", "float16")
 DEFAULT_LAYOUT = "list"
 WIDTHS_KEY = b"dask_clip.widths"
@@ -36,6 +38,17 @@ class WidthMismatch(ValueError):
     def __init__(self, row: int, length: int, width: int, count: int) -> None:
         super().__init__(f"row {row} holds {length} values, not {width} ({count} rows of another width)")
         self.row, self.length, self.width, self.count = row, length, width, count
+
+
+def check_writable(layout: str, pyarrow_version: str = pa.__version__) -> None:
+    """``ConfigurationError`` when a pyarrow of ``pyarrow_version`` cannot write ``layout`` with null rows:
+    ``fixed_size_list`` needs pyarrow 26 or later, to write null rows and to read them back."""
+    if layout == "fixed_size_list" and int(pyarrow_version.split(".")[0]) < 26:
+        raise ConfigurationError(
+            f"vector_layout='fixed_size_list' needs pyarrow 26 or later (this is {pyarrow_version}): older pyarrow "
+            "can neither write nor read a fixed-size list with null rows; use the default 'list' layout "
+            "(list<float32>, the width in the footer), or upgrade pyarrow"
+        )
 
 
 def is_vector_type(kind: pa.DataType) -> bool:
