@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The save / read-back tests on the lowest pyarrow, pandas and numpy that pyproject.toml allows, in a second small
+# The save / read-back tests on the lowest pyarrow, pandas, numpy and dask that pyproject.toml allows, in a second small
 # environment (.venv-floor, ignored by git; no torch: these tests need none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-floor() { sed -n "s/^ *\"$1>=\([0-9.]*\)\",$/\1/p" pyproject.toml; }  # floor NAME: the X of "NAME>=X"
+floor() { sed -n "s/^ *\"$1\(\[[a-z,]*\]\)\?>=\([0-9.]*\)\",$/\2/p" pyproject.toml; }  # floor NAME: X of "NAME[...]>=X"
 if [ ! -x .venv-floor/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv-floor
 fi
 pip() { .venv-floor/bin/python -m pip --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-pip install "pyarrow==$(floor pyarrow).*" "pandas==$(floor pandas).*" "numpy==$(floor numpy).*" "dask[distributed,dataframe]" "fsspec>=2024.2" \
+pip install "pyarrow==$(floor pyarrow).*" "pandas==$(floor pandas).*" "numpy==$(floor numpy).*" \
+    "dask[dataframe]==$(floor dask).*" "distributed==$(floor dask).*" "fsspec>=2024.2" \
     "pillow>=10.1" "safetensors>=0.4" "tqdm>=4.60" "faiss-cpu>=1.8" pytest pytest-timeout
 pip install --no-deps -e .
-.venv-floor/bin/python -c 'import numpy, pandas, pyarrow
-print(f"pyarrow {pyarrow.__version__}, pandas {pandas.__version__}, numpy {numpy.__version__} (the floors of pyproject.toml)")'
+.venv-floor/bin/python -c 'import dask, numpy, pandas, pyarrow
+print(f"pyarrow {pyarrow.__version__}, pandas {pandas.__version__}, numpy {numpy.__version__}, dask {dask.__version__}",
+      "(the floors of pyproject.toml)")'
 exec .venv-floor/bin/python -m pytest -p no:cacheprovider tests/test_null_embeddings.py tests/test_vector_layouts.py "$@"
