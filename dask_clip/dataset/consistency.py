@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
 from dask_clip.errors import MixedProvenanceError, ShardMetadataError
-from dask_clip.execution import ShardTask, compute, failures_named, map_shards
+from dask_clip.execution import ShardTask, compute, failures_named
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from dask_clip.io.metadata import check_stored_contents, table_in_memory
 from dask_clip.io.provenance import (
@@ -103,12 +103,9 @@ def contents_checked(dataset: ImageTextPairDataset, columns: Sequence[str], cons
     stored = [column for column in columns if isinstance(dataset.provenance.get(column), Stored)]
     if not stored:
         return dataset
-    checked = map_shards(
+    checked = dataset.map_shards(
         _checked_rows,
-        dataset.pandas_metadata,
-        dataset.shards,
         dataset.meta,
-        id_col=dataset.id_col,
         label=f"{consumer}-check-contents",
         columns=stored,
     )

@@ -38,7 +38,7 @@ from dask_clip.dataset.index_files import (
     write_index_folder,
 )
 from dask_clip.errors import ShardError, UsageError
-from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.execution import ShardTask, compute
 from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import Computed, digest
@@ -141,12 +141,9 @@ def build_index(
 def _sample(dataset: ImageTextPairDataset, column: str, width: int, share: float, seed: int) -> dd.DataFrame:
     """Each shard's usable vectors, each drawn with probability ``share`` (seeded by ``seed`` and the shard)."""
     meta = pd.DataFrame({"vector": empty_column(embedding_dtype(width))})
-    return map_shards(
+    return dataset.map_shards(
         _sample_of_shard,
-        dataset.pandas_metadata,
-        dataset.shards,
         meta,
-        id_col=dataset.id_col,
         label="index-sample",
         column=column,
         width=width,
@@ -178,12 +175,9 @@ def _add_parts(dataset, column: str, width: int, offsets: np.ndarray, rows: np.n
             dataset.id_col: empty_column(dataset.meta.dtypes[dataset.id_col]),
         }
     )
-    return map_shards(
+    return dataset.map_shards(
         _add_shard,
-        dataset.pandas_metadata,
-        dataset.shards,
         meta,
-        id_col=dataset.id_col,
         label="index-add",
         payloads=[json.dumps({"offset": int(o), "rows": int(r)}) for o, r in zip(offsets, rows, strict=True)],
         column=column,

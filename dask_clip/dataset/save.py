@@ -15,7 +15,7 @@ import pandas as pd
 from dask_clip.arguments import one_of
 from dask_clip.dataset.plan import SHARDS_PER_TASK, plan_save
 from dask_clip.errors import ColumnError, DaskClipError, ShardError, UsageError
-from dask_clip.execution import STAGES, ShardTask, compute, compute_per_shard, map_shards, stage_timings
+from dask_clip.execution import STAGES, ShardTask, compute, compute_per_shard, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.provenance import METADATA_KEY, FileRecords
@@ -142,13 +142,10 @@ def _plan_and_write(
         logger.info("%d of %d shards already hold what this run would write; skipping them", len(skipped), len(urls))
     frames = [pd.DataFrame(skipped, columns=SUMMARY_META.columns)] if skipped else [SUMMARY_META]
     if todo:
-        written = map_shards(
+        written = dataset.map_shards(
             _write_shard,
-            dataset.pandas_metadata.partitions[todo],
-            [dataset.shards[i] for i in todo],
             SUMMARY_META,
-            id_col=dataset.id_col,
-            indices=todo,
+            positions=todo,
             payloads=[plan.records[i].to_json().decode() for i in todo],
             label="save-metadata",
             output_root=output_root,
