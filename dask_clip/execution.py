@@ -8,6 +8,7 @@
   none (never on processes, which would re-import the user's script). Only the tasks that run a function
   ``map_shards`` was given ``resources`` for (an embedder's share of a GPU) ask for them; reading,
   shuffling and summing run on any worker.
+- ``compute_in_batches`` runs a small function (a footer's read) on every shard, many shards per task.
 - ``compute_per_shard`` computes one summary row per shard with a progress bar, and decides what a
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
 import dask.dataframe as dd
@@ -44,9 +46,12 @@ STAGES = ("load_s", "wait_s", "decode_s", "infer_s", "write_s")
 """Stage timings a shard's summary reports, in seconds: ``load_s`` (model from the cache or loaded),
 ``wait_s`` (inference waiting for decoded images), ``decode_s`` (decode-thread time summed over threads,
 plus decoding on the model's device), ``infer_s`` and ``write_s``."""
+SHARDS_PER_TASK = 64
+"""Shards one task handles in ``compute_in_batches``."""
 _TIMINGS_ATTR = "dask_clip.stage_seconds"
 _REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object, "payload": object}
 _prepared_clients: set[str] = set()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,23 @@ def offered(client: Any, resources: TaskResources) -> TaskResources | None:
         return resources
     logger.info("no worker offers resources %s; running without them", sorted(wanted))
     return None
+
+
+def compute_in_batches(function: Callable[..., T], *per_shard: Sequence[Any], **common: Any) -> list[T]:
+    """``[function(*values, **common) for values in zip(*per_shard)]``, computed (as ``compute`` does) with
+    ``SHARDS_PER_TASK`` shards per task: for work on each shard too small to be a task of its own (reading
+    its parquet's footer). ``per_shard`` are sequences of one value per shard, in shard order."""
+    count = len(per_shard[0]) if per_shard else 0
+    run = functools.partial(function, **common)
+    tasks = [
+        dask.delayed(_run_batch)(run, [values[start : start + SHARDS_PER_TASK] for values in per_shard])
+        for start in range(0, count, SHARDS_PER_TASK)
+    ]
+    return [result for batch in compute(tasks) for result in batch]
+
+
+def _run_batch(run: Callable[..., T], per_shard: list[Sequence[Any]]) -> list[T]:
+    return [run(*values) for values in zip(*per_shard, strict=True)]
 
 
 def _prepare(client: Any) -> None:
