@@ -12,6 +12,7 @@
 - ``compute_per_shard`` computes one summary row per shard with a progress bar, and decides what a
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
+- ``map_shuffled`` runs a function on each partition of rows that a shuffle gathered across shards.
 - ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
   partition of their own shard; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
   through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
@@ -199,6 +200,14 @@ class _OnShard:
         with failures_named(task.shard.tar_url):
             result = self.function(rows, task, *parts, **kwargs)
         return _with_timings(result, rows, task)
+
+
+def map_shuffled(
+    function: Callable[..., pd.DataFrame], frame: dd.DataFrame, meta: pd.DataFrame, *, label: str, **kwargs: Any
+) -> dd.DataFrame:
+    """``function(part, **kwargs)`` on each partition of ``frame`` -> a lazy frame like ``meta``, one partition
+    each: for rows a shuffle gathered across shards (a group of equal hashes, the clusters of one partition)."""
+    return frame.map_partitions(function, meta=meta, enforce_metadata=False, token=label, **kwargs)
 
 
 def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) -> dd.DataFrame:

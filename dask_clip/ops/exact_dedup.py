@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
-from dask_clip.execution import ShardTask, shuffle_to_shards
+from dask_clip.execution import ShardTask, map_shuffled, shuffle_to_shards
 from dask_clip.io.tar_samples import RowKeys, is_image_extension, iter_tar_samples
 from dask_clip.ops.deduplicator import Deduplicator
 
@@ -97,12 +97,14 @@ class ExactDeduplicator(Deduplicator):
                 SHARD_NUMBER_COLUMN: empty_column("int64"),
             }
         )
-        duplicates = pairs.shuffle(on=self.hash_column, shuffle_method="tasks").map_partitions(
+        duplicates = map_shuffled(
             _duplicates_in_groups,
-            id_col,
-            self.hash_column,
-            (self.duplicate_of_column, self.duplicate_of_shard_column),
-            meta=duplicates_meta,
+            pairs.shuffle(on=self.hash_column, shuffle_method="tasks"),
+            duplicates_meta,
+            label=f"{self.name}-groups",
+            id_col=id_col,
+            hash_column=self.hash_column,
+            outputs=(self.duplicate_of_column, self.duplicate_of_shard_column),
         )
         by_shard = shuffle_to_shards(duplicates, SHARD_NUMBER_COLUMN, len(dataset.shards))
         return dataset.map_shards(self._flag_rows, output_meta, by_shard, label=self.name)

@@ -40,7 +40,7 @@ from dask_clip.columns import (
     vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import ShardTask, shuffle_on_disk, shuffle_to_shards
+from dask_clip.execution import ShardTask, map_shuffled, shuffle_on_disk, shuffle_to_shards
 from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
 from dask_clip.ops.deduplicator import Deduplicator
 
@@ -192,16 +192,17 @@ class SemanticDeduplicator(Deduplicator):
         # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
         assigned = dd.from_delayed(assigned.to_delayed(), meta=assigned_meta, verify_meta=False)
         by_partition = shuffle_on_disk(assigned, _PARTITION, len(dataset.shards))
-        decisions = by_partition.map_partitions(
+        decisions = map_shuffled(
             cluster_decisions,
+            by_partition,
+            empty_decisions(id_col, meta[id_col].dtype),
+            label=f"{self.name}-decide",
             threshold=1 - self.eps,
             which_to_keep=self.which_to_keep,
             seed=self.seed,
             id_col=id_col,
             id_dtype=meta[id_col].dtype,
             dim=dim,
-            meta=empty_decisions(id_col, meta[id_col].dtype),
-            enforce_metadata=False,
         )
         by_shard = shuffle_to_shards(decisions, _SHARD, len(dataset.shards))
         outputs = (self.keep_column, self.duplicate_of_column, self.duplicate_of_shard_column, self.similarity_column)
