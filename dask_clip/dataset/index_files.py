@@ -29,13 +29,11 @@ import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dask_clip import ann
 from dask_clip.dataset.plan import read_shard_file
 from dask_clip.errors import IndexFileError, StaleIndexError, UsageError
 from dask_clip.execution import compute_in_batches, failures_named
@@ -45,6 +43,8 @@ from dask_clip.io.provenance import digest, file_identity, values_digest
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
 
 if TYPE_CHECKING:
+    import faiss
+
     from dask_clip.dataset import ImageTextPairDataset
 
 FORMAT = 1
@@ -154,6 +154,10 @@ def write_index_folder(
 
 def write_faiss(index: faiss.Index, url: str) -> None:
     """``index`` into the file at ``url`` (a local path, or any fsspec URL through its serialised bytes)."""
+    import faiss
+
+    from dask_clip import ann
+
     fs, path = filesystem_of(url)
     if protocol_of(fs) in ("file", "local"):
         faiss.write_index(index, path)
@@ -165,6 +169,10 @@ def write_faiss(index: faiss.Index, url: str) -> None:
 def read_faiss(url: str) -> faiss.Index:
     """The faiss index in the file at ``url`` (a local path or any fsspec URL); ``IndexFileError`` naming the
     file when faiss cannot read it."""
+    import faiss
+
+    from dask_clip import ann
+
     fs, path = filesystem_of(url)
     try:
         if protocol_of(fs) in ("file", "local"):
@@ -211,6 +219,8 @@ class OpenedIndex:
     def top_k(self, query: np.ndarray, k: int, nprobe: int | None = None) -> pd.DataFrame:
         """The ``k`` indexed rows nearest the unit ``float32 (D,)`` ``query``, best first, as ``search`` returns
         them: the id column, ``score`` (``float32`` cosine; approximate with PQ codes), ``stem``, ``tar_url``."""
+        from dask_clip import ann
+
         scores, labels = ann.search(self.index, query[None, :], k, nprobe or self.nprobe)
         found = labels[0] >= 0
         rows = np.searchsorted(self.labels, labels[0][found])
