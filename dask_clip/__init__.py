@@ -51,6 +51,7 @@ _LAZY_NAMES = {
             "ShardMetadataError",
             "ShardReadError",
             "StaleIndexError",
+            "UnsupportedDaskError",
             "UsageError",
             "WriteError",
         ],

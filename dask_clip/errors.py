@@ -62,6 +62,11 @@ class DeviceOutOfMemoryError(ConfigurationError, RuntimeError):
     """A model's batch does not fit in its device's memory; the message names the host, the batch and the fix."""
 
 
+class UnsupportedDaskError(ConfigurationError, RuntimeError):
+    """The installed dask lacks the dataframe internals dask_clip reads to give each task its worker resources;
+    the message names dask's version."""
+
+
 class FolderLockedError(FileExistsError, ConfigurationError):
     """Another run writes into the folder this run would write into (it holds the folder's lock file); nothing was
     written. The message starts with the lock file, names the holder (host, pid, since when, command) and says how

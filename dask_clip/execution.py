@@ -38,7 +38,7 @@ from dask.local import get_sync
 
 from dask_clip.distributed.client import current_client
 from dask_clip.distributed.worker_setup import MemoryTuningPlugin
-from dask_clip.errors import ConfigurationError, DaskClipError, ShardError
+from dask_clip.errors import ConfigurationError, DaskClipError, ShardError, UnsupportedDaskError
 from dask_clip.io.shards import Shard
 
 logger = logging.getLogger(__name__)
@@ -253,23 +253,40 @@ def optimized_with_resources(collection: Any) -> tuple[Any, TaskResources]:
     that run a ``map_shards`` function given ``resources``. A fused task asks for the most any of its parts asks
     for, resource by resource.
     Collections that are not dataframes (``dask.delayed``) ask for nothing."""
-    from dask.dataframe.dask_expr._expr import Fused
-
     if not isinstance(collection, dd.DataFrame | dd.Series | dd.Scalar):
         return collection, TaskResources({})
     optimized = collection.optimize()
     by_name: dict[str, dict[str, float]] = {}
-    for expr in optimized.expr.walk():
-        for part in expr.exprs if isinstance(expr, Fused) else [expr]:
-            wanted = getattr(_operand(part, "func"), "resources", None)
-            if isinstance(wanted, dict) and wanted:
-                task = by_name.setdefault(expr._name, {})
-                task.update({name: max(amount, task.get(name, 0.0)) for name, amount in wanted.items()})
+    for name, function in task_functions(optimized):
+        wanted = getattr(function, "resources", None)
+        if isinstance(wanted, dict) and wanted:
+            task = by_name.setdefault(name, {})
+            task.update({resource: max(amount, task.get(resource, 0.0)) for resource, amount in wanted.items()})
     return optimized, TaskResources(by_name)
 
 
-def _operand(expr: Any, name: str) -> Any:
-    return expr.operand(name) if name in getattr(expr, "_parameters", ()) else None
+def task_functions(optimized: dd.DataFrame | dd.Series | dd.Scalar) -> list[tuple[str, Any]]:
+    """For each task of the optimised (lowered and fused) ``optimized``, its name and the ``func`` operand of every
+    expression it runs (a fused task runs several; expressions without a ``func`` are left out).
+
+    The one place that reads dask-expr's internals (``Fused``, ``Expr.walk``, ``_parameters``, ``operand``,
+    ``_name``): ``UnsupportedDaskError`` naming dask's version when they are not there.
+    """
+    try:
+        from dask.dataframe.dask_expr._expr import Fused
+
+        return [
+            (expr._name, part.operand("func"))
+            for expr in optimized.expr.walk()
+            for part in (expr.exprs if isinstance(expr, Fused) else [expr])
+            if "func" in part._parameters
+        ]
+    except (ImportError, AttributeError) as error:
+        raise UnsupportedDaskError(
+            f"dask {dask.__version__} changed the dataframe internals dask_clip reads to find each task's "
+            f"resources (Fused, Expr.walk, _parameters, operand, _name): {type(error).__name__}: {error}. "
+            "Install a dask release dask_clip is tested with (see pyproject.toml)"
+        ) from error
 
 
 def offered(client: Any, resources: TaskResources) -> TaskResources | None:
