@@ -60,7 +60,7 @@ def shard_fingerprints(
     records gets that entry back unread, and one whose embeddings no longer match the content digest its footer
     records gets ``"edited"`` (a build checks its vectors as it adds them instead: ``index._add_shard``).
     """
-    known = {entry["stem"]: entry for entry in built or [] if "file" in entry}
+    known = {entry["stem"]: entry for entry in built or []}
     return compute_in_batches(
         _fingerprint,
         dataset.shards,
@@ -103,7 +103,7 @@ def _values_digest(url: str, column: str) -> str:
 def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]], shards: list[Shard]) -> None:
     """``StaleIndexError`` naming the first difference unless ``current`` (the fingerprint of ``shards`` now) is
     the one ``manifest`` records, but for the files' identities (a file rewritten with the same rows and
-    embeddings is current). An index built before files had identities is compared on what it records."""
+    embeddings is current)."""
     built = manifest["shards"]
     stems_then, stems_now = [s["stem"] for s in built], [s["stem"] for s in current]
     if stems_then != stems_now:
