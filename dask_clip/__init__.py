@@ -1,6 +1,6 @@
 """dask_clip: CLIP image embeddings for WebDataset image-text shards, computed on Dask.
 
-The top level is lazy: ``import dask_clip`` imports neither torch nor any GPU library; each name
+The top level is lazy: ``import dask_clip`` imports neither torch, faiss nor any GPU library; each name
 below (the error classes of ``dask_clip.errors`` included) is imported on first use.
 """
 
@@ -51,6 +51,7 @@ _LAZY_NAMES = {
             "ShardMetadataError",
             "ShardReadError",
             "StaleIndexError",
+            "UnsupportedDaskError",
             "UsageError",
             "WriteError",
         ],

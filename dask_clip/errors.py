@@ -7,8 +7,8 @@ Two branches tell a user what to do next, and the CLI maps them to its exit code
 - ``DataError`` (exit 1): fix (or skip) the data. A shard that cannot be read or processed, a write that
   failed. The message starts with the file it concerns.
 
-Each class also derives from the builtin exception that callers caught before this hierarchy existed
-(``ValueError``, ``OSError``, ``ImportError``), so ``except ValueError`` keeps working. Where that builtin
+Each class also derives from the builtin exception of its kind of failure (``ValueError``, ``OSError``,
+``ImportError``), so ``except ValueError`` catches a ``UsageError`` too. Where that builtin
 is an ``OSError``, it comes first among the bases: an error raised on a worker must unpickle on the
 client, and only ``OSError``'s own constructor can rebuild such an instance.
 """
@@ -60,6 +60,11 @@ class DeviceSetupError(ConfigurationError, RuntimeError):
 
 class DeviceOutOfMemoryError(ConfigurationError, RuntimeError):
     """A model's batch does not fit in its device's memory; the message names the host, the batch and the fix."""
+
+
+class UnsupportedDaskError(ConfigurationError, RuntimeError):
+    """The installed dask lacks the dataframe internals dask_clip reads to give each task its worker resources;
+    the message names dask's version."""
 
 
 class FolderLockedError(FileExistsError, ConfigurationError):

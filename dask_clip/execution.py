@@ -8,9 +8,11 @@
   none (never on processes, which would re-import the user's script). Only the tasks that run a function
   ``map_shards`` was given ``resources`` for (an embedder's share of a GPU) ask for them; reading,
   shuffling and summing run on any worker.
+- ``compute_in_batches`` runs a small function (a footer's read) on every shard, many shards per task.
 - ``compute_per_shard`` computes one summary row per shard with a progress bar, and decides what a
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
+- ``map_shuffled`` runs a function on each partition of rows that a shuffle gathered across shards.
 - ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
   partition of their own shard; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
   through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
 import dask.dataframe as dd
@@ -35,7 +38,7 @@ from dask.local import get_sync
 
 from dask_clip.distributed.client import current_client
 from dask_clip.distributed.worker_setup import MemoryTuningPlugin
-from dask_clip.errors import ConfigurationError, DaskClipError, ShardError
+from dask_clip.errors import ConfigurationError, DaskClipError, ShardError, UnsupportedDaskError
 from dask_clip.io.shards import Shard
 
 logger = logging.getLogger(__name__)
@@ -44,9 +47,12 @@ STAGES = ("load_s", "wait_s", "decode_s", "infer_s", "write_s")
 """Stage timings a shard's summary reports, in seconds: ``load_s`` (model from the cache or loaded),
 ``wait_s`` (inference waiting for decoded images), ``decode_s`` (decode-thread time summed over threads,
 plus decoding on the model's device), ``infer_s`` and ``write_s``."""
+SHARDS_PER_TASK = 64
+"""Shards one task handles in ``compute_in_batches``."""
 _TIMINGS_ATTR = "dask_clip.stage_seconds"
 _REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object, "payload": object}
 _prepared_clients: set[str] = set()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,14 @@ class _OnShard:
         return _with_timings(result, rows, task)
 
 
+def map_shuffled(
+    function: Callable[..., pd.DataFrame], frame: dd.DataFrame, meta: pd.DataFrame, *, label: str, **kwargs: Any
+) -> dd.DataFrame:
+    """``function(part, **kwargs)`` on each partition of ``frame`` -> a lazy frame like ``meta``, one partition
+    each: for rows a shuffle gathered across shards (a group of equal hashes, the clusters of one partition)."""
+    return frame.map_partitions(function, meta=meta, enforce_metadata=False, token=label, **kwargs)
+
+
 def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) -> dd.DataFrame:
     """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``shard_column`` is ``i``
     (``shard_count`` partitions, the column becomes the index), ready to be passed to ``map_shards`` as aligned.
@@ -239,23 +253,40 @@ def optimized_with_resources(collection: Any) -> tuple[Any, TaskResources]:
     that run a ``map_shards`` function given ``resources``. A fused task asks for the most any of its parts asks
     for, resource by resource.
     Collections that are not dataframes (``dask.delayed``) ask for nothing."""
-    from dask.dataframe.dask_expr._expr import Fused
-
     if not isinstance(collection, dd.DataFrame | dd.Series | dd.Scalar):
         return collection, TaskResources({})
     optimized = collection.optimize()
     by_name: dict[str, dict[str, float]] = {}
-    for expr in optimized.expr.walk():
-        for part in expr.exprs if isinstance(expr, Fused) else [expr]:
-            wanted = getattr(_operand(part, "func"), "resources", None)
-            if isinstance(wanted, dict) and wanted:
-                task = by_name.setdefault(expr._name, {})
-                task.update({name: max(amount, task.get(name, 0.0)) for name, amount in wanted.items()})
+    for name, function in task_functions(optimized):
+        wanted = getattr(function, "resources", None)
+        if isinstance(wanted, dict) and wanted:
+            task = by_name.setdefault(name, {})
+            task.update({resource: max(amount, task.get(resource, 0.0)) for resource, amount in wanted.items()})
     return optimized, TaskResources(by_name)
 
 
-def _operand(expr: Any, name: str) -> Any:
-    return expr.operand(name) if name in getattr(expr, "_parameters", ()) else None
+def task_functions(optimized: dd.DataFrame | dd.Series | dd.Scalar) -> list[tuple[str, Any]]:
+    """For each task of the optimised (lowered and fused) ``optimized``, its name and the ``func`` operand of every
+    expression it runs (a fused task runs several; expressions without a ``func`` are left out).
+
+    The one place that reads dask-expr's internals (``Fused``, ``Expr.walk``, ``_parameters``, ``operand``,
+    ``_name``): ``UnsupportedDaskError`` naming dask's version when they are not there.
+    """
+    try:
+        from dask.dataframe.dask_expr._expr import Fused
+
+        return [
+            (expr._name, part.operand("func"))
+            for expr in optimized.expr.walk()
+            for part in (expr.exprs if isinstance(expr, Fused) else [expr])
+            if "func" in part._parameters
+        ]
+    except (ImportError, AttributeError) as error:
+        raise UnsupportedDaskError(
+            f"dask {dask.__version__} changed the dataframe internals dask_clip reads to find each task's "
+            f"resources (Fused, Expr.walk, _parameters, operand, _name): {type(error).__name__}: {error}. "
+            "Install a dask release dask_clip is tested with (see pyproject.toml)"
+        ) from error
 
 
 def offered(client: Any, resources: TaskResources) -> TaskResources | None:
@@ -268,6 +299,23 @@ def offered(client: Any, resources: TaskResources) -> TaskResources | None:
         return resources
     logger.info("no worker offers resources %s; running without them", sorted(wanted))
     return None
+
+
+def compute_in_batches(function: Callable[..., T], *per_shard: Sequence[Any], **common: Any) -> list[T]:
+    """``[function(*values, **common) for values in zip(*per_shard)]``, computed (as ``compute`` does) with
+    ``SHARDS_PER_TASK`` shards per task: for work on each shard too small to be a task of its own (reading
+    its parquet's footer). ``per_shard`` are sequences of one value per shard, in shard order."""
+    count = len(per_shard[0]) if per_shard else 0
+    run = functools.partial(function, **common)
+    tasks = [
+        dask.delayed(_run_batch)(run, [values[start : start + SHARDS_PER_TASK] for values in per_shard])
+        for start in range(0, count, SHARDS_PER_TASK)
+    ]
+    return [result for batch in compute(tasks) for result in batch]
+
+
+def _run_batch(run: Callable[..., T], per_shard: list[Sequence[Any]]) -> list[T]:
+    return [run(*values) for values in zip(*per_shard, strict=True)]
 
 
 def _prepare(client: Any) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 from dask_clip.columns import require_columns
 from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.distributed.model_cache import get_or_load
-from dask_clip.execution import ShardTask, map_shards
+from dask_clip.execution import ShardTask
 from dask_clip.io.provenance import Computed, Plain
 
 if TYPE_CHECKING:
@@ -103,12 +103,9 @@ class Operation(ABC):
 
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """The new metadata frame, one partition per shard (by default ``process_shard`` on each shard)."""
-        return map_shards(
+        return dataset.map_shards(
             self._run_on_shard,
-            dataset.pandas_metadata,
-            dataset.shards,
             output_meta,
-            id_col=dataset.id_col,
             label=self.name,
             resources=self.task_resources(),
         )

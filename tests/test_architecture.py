@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,42 @@ def test_import_linter_contracts_are_kept() -> None:
         [str(Path(sys.executable).parent / "lint-imports")], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+COMPUTING_CALLS = {"compute", "persist", "map_partitions"}
+"""Dask calls that run or map work: only ``execution.py`` makes them (``execution.compute``, ``map_shards``...)."""
+ALLOWED_OUTSIDE_EXECUTION = {
+    "dask_clip/backends.py": {"map_partitions"},  # converting each partition to and from cudf, lazily
+    "dask_clip/cli": {"compute"},  # the CLI's summaries; the CLI is being split by command
+}
+
+
+def computing_calls(path: Path) -> list[tuple[int, str]]:
+    """The line and name of every ``x.compute(...)``, ``x.persist(...)`` or ``x.map_partitions(...)`` in ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [
+        (node.lineno, node.func.attr)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COMPUTING_CALLS
+    ]
+
+
+def test_only_execution_computes_or_maps_partitions() -> None:
+    found = []
+    for path in sorted((ROOT / "dask_clip").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative == "dask_clip/execution.py":
+            continue
+        allowed = next(
+            (names for prefix, names in ALLOWED_OUTSIDE_EXECUTION.items() if relative.startswith(prefix)), set()
+        )
+        found += [f"{relative}:{line}: .{name}(" for line, name in computing_calls(path) if name not in allowed]
+    assert found == [], "compute or map through dask_clip.execution (compute, map_shards, map_shuffled):\n" + "\n".join(
+        found
+    )
+
+
+def test_the_call_finder_finds_computing_calls(tmp_path: Path) -> None:
+    module = tmp_path / "module.py"
+    module.write_text("x = frame.map_partitions(f, meta=m)\ny = dask.compute(x)[0]\nz = compute(x)\nw = x.sum()\n")
+    assert computing_calls(module) == [(1, "map_partitions"), (2, "compute")]

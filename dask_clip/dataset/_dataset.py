@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from dask_clip.dataset.reshard import to_webdataset
 from dask_clip.dataset.save import save_metadata
 from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
-from dask_clip.execution import compute
+from dask_clip.execution import compute, map_shards
 from dask_clip.io.metadata import empty_frame, read_parquet_schema, read_shard_metadata
 from dask_clip.io.provenance import Computed, FileRecords, Source, Stored
 from dask_clip.io.shards import Shard, discover_shards
@@ -146,6 +146,41 @@ class ImageTextPairDataset:
                 for column, source in {**self.provenance, **(provenance or {})}.items()
                 if column in metadata.columns
             },
+        )
+
+    def map_shards(
+        self,
+        function: Callable[..., pd.DataFrame],
+        meta: pd.DataFrame,
+        *aligned: dd.DataFrame,
+        label: str = "shard",
+        positions: Sequence[int] | None = None,
+        payloads: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> dd.DataFrame:
+        """``function(rows, task, *aligned_parts, **kwargs)`` on each shard's rows of ``pandas_metadata`` -> a lazy
+        frame like ``meta``, one partition per shard (``execution.map_shards``: ``task`` is the shard's
+        ``ShardTask``, ``payloads`` one string per shard, ``resources`` what each task asks of a worker).
+
+        ``positions`` (ascending) runs it on those shards only: the result has one partition per position, and
+        ``aligned`` frames and ``payloads`` one per position too.
+        """
+        metadata, shards = self.pandas_metadata, self.shards
+        if positions is not None:
+            metadata, shards = metadata.partitions[list(positions)], tuple(self.shards[i] for i in positions)
+        return map_shards(
+            function,
+            metadata,
+            shards,
+            meta,
+            *aligned,
+            id_col=self.id_col,
+            label=label,
+            indices=positions,
+            payloads=payloads,
+            resources=resources,
+            **kwargs,
         )
 
     # What a dataset does with itself, each in its own module (``dataset.save`` and so on), as methods.

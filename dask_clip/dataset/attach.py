@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.columns import STRING, embedding_dtype, empty_column, to_embedding_array
 from dask_clip.errors import ColumnError, DataError, DatasetLayoutError
-from dask_clip.execution import ShardTask, compute, failures_named, map_shards, shuffle_to_shards
+from dask_clip.execution import ShardTask, compute, failures_named, shuffle_to_shards
 from dask_clip.io.npy import NpyHeader, read_npy_header, read_npy_rows
 from dask_clip.io.provenance import Computed, Plain, digest
 from dask_clip.io.shards import as_url, content_sha256, filesystem_of, protocol_of, resolved_url
@@ -122,20 +122,17 @@ def attach_embeddings(
     rows_meta = pd.DataFrame(
         {_KEY: empty_column(STRING), _SHARD: empty_column("int64"), _POSITION: empty_column("int64")}
     )
-    rows = map_shards(_row_keys, dataset.pandas_metadata, dataset.shards, rows_meta, id_col=dataset.id_col, on=on)
+    rows = dataset.map_shards(_row_keys, rows_meta, on=on)
     matches = rows.merge(keys, on=_KEY, how="inner", shuffle_method="tasks")
     by_shard = shuffle_to_shards(matches, _SHARD, len(dataset.shards))
     headers = [part.header for part in parts]
     output_meta = dataset.meta.assign(
         **{embedding_column: empty_column(embedding_dtype(headers[0].width)), error_column: empty_column(STRING)}
     )
-    frame = map_shards(
+    frame = dataset.map_shards(
         _join_vectors,
-        dataset.pandas_metadata,
-        dataset.shards,
         output_meta,
         by_shard,
-        id_col=dataset.id_col,
         label="attach-embeddings",
         files=files,
         headers=headers,

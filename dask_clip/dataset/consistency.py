@@ -26,13 +26,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import dask
 import pandas as pd
 import pyarrow.parquet as pq
 
-from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
-from dask_clip.errors import MixedProvenanceError, ShardMetadataError
-from dask_clip.execution import ShardTask, compute, failures_named, map_shards
+from dask_clip.dataset.plan import read_shard_file
+from dask_clip.errors import MixedProvenanceError
+from dask_clip.execution import ShardTask, compute_in_batches, failures_named
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from dask_clip.io.metadata import check_stored_contents, table_in_memory
 from dask_clip.io.provenance import (
@@ -86,7 +85,7 @@ def check_consumed(
         stored.update(dict.fromkeys(_stored_columns(source)))
     if not stored:
         return operations
-    footers = _read_footers(dataset, list(stored))
+    footers = compute_in_batches(_footer_of, dataset.shards, id_col=dataset.id_col, columns=list(stored))
     expected = ExpectedRecords([footer.inputs for footer in footers])
     for column in stored:
         agreed = _check_column(column, footers, expected, consumer, own, dataset.path)
@@ -103,12 +102,9 @@ def contents_checked(dataset: ImageTextPairDataset, columns: Sequence[str], cons
     stored = [column for column in columns if isinstance(dataset.provenance.get(column), Stored)]
     if not stored:
         return dataset
-    checked = map_shards(
+    checked = dataset.map_shards(
         _checked_rows,
-        dataset.pandas_metadata,
-        dataset.shards,
         dataset.meta,
-        id_col=dataset.id_col,
         label=f"{consumer}-check-contents",
         columns=stored,
     )
@@ -130,40 +126,29 @@ def _stored_columns(source: Source | None) -> Iterator[str]:
             yield from _stored_columns(read)
 
 
-def _read_footers(dataset: ImageTextPairDataset, columns: list[str]) -> list[ShardFooter]:
-    """Every shard's ``ShardFooter``, in order, read on the cluster (``SHARDS_PER_TASK`` shards per task)."""
-    shards = list(dataset.shards)
-    chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
-    parts = compute([dask.delayed(_read_chunk)(chunk, dataset.id_col, columns) for chunk in chunks])
-    return [footer for part in parts for footer in part]
-
-
-def _read_chunk(shards: list[Shard], id_col: str, columns: list[str]) -> list[ShardFooter]:
-    footers = []
-    for shard in shards:
-        output = read_output_file(shard.parquet_url, id_col)
-        if output is None:
-            raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
-        records = output.records.columns
-        plain = {
-            name
-            for column in columns
-            if "dataset" in (records.get(column) or {})
-            for name in records[column].get("reads", {})
-            if name not in records and name in output.names
-        }
-        values = _values_digests(shard.parquet_url, sorted(plain)) if plain else {}
-        inputs = ShardInputs(
-            shard.stem,
-            output.rows,
-            output.ids,
-            shard.tar_identity,
-            dict(records),
-            values,
-            dict(output.records.contents),
-        )
-        footers.append(ShardFooter(frozenset(output.names), inputs))
-    return footers
+def _footer_of(shard: Shard, id_col: str, columns: list[str]) -> ShardFooter:
+    """``shard``'s ``ShardFooter``, with digests of the plain columns that the decisions across shards among
+    ``columns`` read."""
+    output = read_shard_file(shard, id_col)
+    records = output.records.columns
+    plain = {
+        name
+        for column in columns
+        if "dataset" in (records.get(column) or {})
+        for name in records[column].get("reads", {})
+        if name not in records and name in output.names
+    }
+    values = _values_digests(shard.parquet_url, sorted(plain)) if plain else {}
+    inputs = ShardInputs(
+        shard.stem,
+        output.rows,
+        output.ids,
+        shard.tar_identity,
+        dict(records),
+        values,
+        dict(output.records.contents),
+    )
+    return ShardFooter(frozenset(output.names), inputs)
 
 
 def _values_digests(url: str, columns: list[str]) -> dict[str, str]:

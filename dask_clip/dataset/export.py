@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from dask_clip.columns import embeddings_to_numpy
 from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.errors import ColumnError
-from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.execution import ShardTask, compute
 from dask_clip.io.atomic import atomic_write
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 
@@ -70,12 +70,9 @@ def export_clip_retrieval(
         extra = [c for c in metadata_columns if c != dataset.id_col]
     root = path.rstrip("/")
     with replacing_folder(root, overwrite, OUTPUT, dataset.path) as fresh:
-        written = map_shards(
+        written = dataset.map_shards(
             _write_pair,
-            dataset.pandas_metadata,
-            dataset.shards,
             SUMMARY_META,
-            id_col=dataset.id_col,
             label="export-clip-retrieval",
             folder=fresh,
             root=root,

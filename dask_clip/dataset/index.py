@@ -20,11 +20,9 @@ from typing import TYPE_CHECKING
 
 import dask
 import dask.dataframe as dd
-import faiss
 import numpy as np
 import pandas as pd
 
-from dask_clip import ann
 from dask_clip.arguments import at_least
 from dask_clip.columns import embedding_dtype, embeddings_to_numpy, empty_column, to_embedding_array, unit_embeddings
 from dask_clip.dataset.consistency import check_consumed
@@ -38,13 +36,16 @@ from dask_clip.dataset.index_files import (
     write_index_folder,
 )
 from dask_clip.errors import ShardError, UsageError
-from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.execution import ShardTask, compute
 from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.provenance import Computed, digest
 from dask_clip.io.shards import filesystem_of
 
 if TYPE_CHECKING:
+    import faiss
+
+    from dask_clip import ann
     from dask_clip.dataset import ImageTextPairDataset
 
 _TRAINED, _PARTS = "trained.faiss", "parts"
@@ -76,6 +77,10 @@ def build_index(
 
     Returns one row per shard: ``stem``, ``rows``, ``indexed`` and ``without_embedding`` (not indexed).
     """
+    import faiss
+
+    from dask_clip import ann
+
     if not memory_budget_gb > 0:
         raise UsageError(f"memory_budget_gb must be positive, not {memory_budget_gb!r}")
     if nprobe is not None:
@@ -141,12 +146,9 @@ def build_index(
 def _sample(dataset: ImageTextPairDataset, column: str, width: int, share: float, seed: int) -> dd.DataFrame:
     """Each shard's usable vectors, each drawn with probability ``share`` (seeded by ``seed`` and the shard)."""
     meta = pd.DataFrame({"vector": empty_column(embedding_dtype(width))})
-    return map_shards(
+    return dataset.map_shards(
         _sample_of_shard,
-        dataset.pandas_metadata,
-        dataset.shards,
         meta,
-        id_col=dataset.id_col,
         label="index-sample",
         column=column,
         width=width,
@@ -165,6 +167,8 @@ def _sample_of_shard(
 
 def _train_and_write(sample: pd.DataFrame, choice: ann.IndexChoice, width: int, seed: int, url: str) -> None:
     """Train an empty index of ``choice`` on the sample's ``vector`` column and write it to ``url`` (a task)."""
+    from dask_clip import ann
+
     vectors = embeddings_to_numpy(sample["vector"], width) if len(sample) else np.zeros((0, width), np.float32)
     write_faiss(ann.train(choice, vectors, seed), url)
 
@@ -178,12 +182,9 @@ def _add_parts(dataset, column: str, width: int, offsets: np.ndarray, rows: np.n
             dataset.id_col: empty_column(dataset.meta.dtypes[dataset.id_col]),
         }
     )
-    return map_shards(
+    return dataset.map_shards(
         _add_shard,
-        dataset.pandas_metadata,
-        dataset.shards,
         meta,
-        id_col=dataset.id_col,
         label="index-add",
         payloads=[json.dumps({"offset": int(o), "rows": int(r)}) for o, r in zip(offsets, rows, strict=True)],
         column=column,
@@ -197,6 +198,8 @@ def _add_shard(
     rows: pd.DataFrame, task: ShardTask, column: str, width: int, trained_url: str, parts: str
 ) -> pd.DataFrame:
     """Add one shard's usable vectors, labelled by their global row numbers, to a copy of the trained index."""
+    from dask_clip import ann
+
     expected = json.loads(task.payload)
     if len(rows) != expected["rows"]:
         raise ShardError(
@@ -221,6 +224,8 @@ def _add_shard(
 
 def _merge_parts(trained: faiss.Index, parts: list[str]) -> faiss.Index:
     """The trained empty index with every part's vectors moved in, reading one part at a time."""
+    from dask_clip import ann
+
     for part in parts:
         ann.merge_into(trained, read_faiss(part))
     return trained

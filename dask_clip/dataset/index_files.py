@@ -29,23 +29,22 @@ import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import dask
-import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dask_clip import ann
-from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
-from dask_clip.errors import IndexFileError, ShardMetadataError, StaleIndexError, UsageError
-from dask_clip.execution import compute, failures_named
+from dask_clip.dataset.plan import read_shard_file
+from dask_clip.errors import IndexFileError, StaleIndexError, UsageError
+from dask_clip.execution import compute_in_batches, failures_named
 from dask_clip.io.atomic import atomic_write
 from dask_clip.io.metadata import table_in_memory
 from dask_clip.io.provenance import digest, file_identity, values_digest
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
 
 if TYPE_CHECKING:
+    import faiss
+
     from dask_clip.dataset import ImageTextPairDataset
 
 FORMAT = 1
@@ -61,44 +60,36 @@ def shard_fingerprints(
     records gets that entry back unread, and one whose embeddings no longer match the content digest its footer
     records gets ``"edited"`` (a build checks its vectors as it adds them instead: ``index._add_shard``).
     """
-    shards = list(dataset.shards)
-    known = {entry["stem"]: entry for entry in built or [] if "file" in entry}
-    chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
-    tasks = [
-        dask.delayed(_read_chunk)(
-            chunk, dataset.id_col, column, [known.get(shard.stem) for shard in chunk], verify=built is not None
-        )
-        for chunk in chunks
-    ]
-    return [entry for part in compute(tasks) for entry in part]
+    known = {entry["stem"]: entry for entry in built or []}
+    return compute_in_batches(
+        _fingerprint,
+        dataset.shards,
+        [known.get(shard.stem) for shard in dataset.shards],
+        id_col=dataset.id_col,
+        column=column,
+        verify=built is not None,
+    )
 
 
-def _read_chunk(
-    shards: list[Shard], id_col: str, column: str, known: list[dict[str, Any] | None], verify: bool
-) -> list[dict[str, Any]]:
-    found = []
-    for shard, entry in zip(shards, known, strict=True):
-        fs, path = filesystem_of(shard.parquet_url)
-        with failures_named(shard.parquet_url):
-            identity = file_identity(fs.info(path))
-        if entry is not None and entry["file"] == identity:
-            found.append(entry)
-            continue
-        output = read_output_file(shard.parquet_url, id_col, [column] if verify else [])
-        if output is None:
-            raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
-        record = output.records.columns.get(column)
-        embedding = digest(record) if record is not None else _values_digest(shard.parquet_url, column)
-        fingerprint = {
-            "stem": shard.stem,
-            "rows": output.rows,
-            "ids": output.ids,
-            "embedding": embedding,
-            "contents": output.records.contents.get(column),
-            "file": identity,
-        }
-        found.append({**fingerprint, "edited": True} if column in output.changed else fingerprint)
-    return found
+def _fingerprint(shard: Shard, known: dict[str, Any] | None, id_col: str, column: str, verify: bool) -> dict[str, Any]:
+    """``shard``'s fingerprint: ``known`` itself when its file still has the identity ``known`` records."""
+    fs, path = filesystem_of(shard.parquet_url)
+    with failures_named(shard.parquet_url):
+        identity = file_identity(fs.info(path))
+    if known is not None and known["file"] == identity:
+        return known
+    output = read_shard_file(shard, id_col, [column] if verify else [])
+    record = output.records.columns.get(column)
+    embedding = digest(record) if record is not None else _values_digest(shard.parquet_url, column)
+    fingerprint = {
+        "stem": shard.stem,
+        "rows": output.rows,
+        "ids": output.ids,
+        "embedding": embedding,
+        "contents": output.records.contents.get(column),
+        "file": identity,
+    }
+    return {**fingerprint, "edited": True} if column in output.changed else fingerprint
 
 
 def _values_digest(url: str, column: str) -> str:
@@ -112,7 +103,7 @@ def _values_digest(url: str, column: str) -> str:
 def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]], shards: list[Shard]) -> None:
     """``StaleIndexError`` naming the first difference unless ``current`` (the fingerprint of ``shards`` now) is
     the one ``manifest`` records, but for the files' identities (a file rewritten with the same rows and
-    embeddings is current). An index built before files had identities is compared on what it records."""
+    embeddings is current)."""
     built = manifest["shards"]
     stems_then, stems_now = [s["stem"] for s in built], [s["stem"] for s in current]
     if stems_then != stems_now:
@@ -163,6 +154,10 @@ def write_index_folder(
 
 def write_faiss(index: faiss.Index, url: str) -> None:
     """``index`` into the file at ``url`` (a local path, or any fsspec URL through its serialised bytes)."""
+    import faiss
+
+    from dask_clip import ann
+
     fs, path = filesystem_of(url)
     if protocol_of(fs) in ("file", "local"):
         faiss.write_index(index, path)
@@ -174,6 +169,10 @@ def write_faiss(index: faiss.Index, url: str) -> None:
 def read_faiss(url: str) -> faiss.Index:
     """The faiss index in the file at ``url`` (a local path or any fsspec URL); ``IndexFileError`` naming the
     file when faiss cannot read it."""
+    import faiss
+
+    from dask_clip import ann
+
     fs, path = filesystem_of(url)
     try:
         if protocol_of(fs) in ("file", "local"):
@@ -220,6 +219,8 @@ class OpenedIndex:
     def top_k(self, query: np.ndarray, k: int, nprobe: int | None = None) -> pd.DataFrame:
         """The ``k`` indexed rows nearest the unit ``float32 (D,)`` ``query``, best first, as ``search`` returns
         them: the id column, ``score`` (``float32`` cosine; approximate with PQ codes), ``stem``, ``tar_url``."""
+        from dask_clip import ann
+
         scores, labels = ann.search(self.index, query[None, :], k, nprobe or self.nprobe)
         found = labels[0] >= 0
         rows = np.searchsorted(self.labels, labels[0][found])

@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-import dask
 import pandas as pd
 
-from dask_clip.dataset.plan import SHARDS_PER_TASK, read_output_file
-from dask_clip.errors import ShardMetadataError
-from dask_clip.execution import compute
+from dask_clip.dataset.plan import read_shard_file
+from dask_clip.execution import compute_in_batches
 from dask_clip.io.provenance import digest
 from dask_clip.io.shards import Shard
 
@@ -30,13 +28,11 @@ def info(dataset: ImageTextPairDataset) -> pd.DataFrame:
     ``stale``: shards whose record is for other rows, or another tar, than the shard holds now; ``stems``
     of those shards. A column with more than one row is produced differently in different shards.
     """
-    shards = list(dataset.shards)
-    chunks = [shards[i : i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
-    parts = compute([dask.delayed(_read_chunk)(chunk, dataset.id_col) for chunk in chunks])
+    per_shard = compute_in_batches(_recorded_columns, dataset.shards, id_col=dataset.id_col)
     groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(
         lambda: {"operation": None, "shards": 0, "rows": 0, "with_value": 0, "with_reason": 0, "stale": 0, "stems": []}
     )
-    for found in (entry for part in parts for entry in part):
+    for found in (entry for entries in per_shard for entry in entries):
         group = groups[(found["column"], digest(found["operation"]))]
         group["operation"] = found["operation"]
         group["shards"] += 1
@@ -50,28 +46,26 @@ def info(dataset: ImageTextPairDataset) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=INFO_COLUMNS)
 
 
-def _read_chunk(shards: list[Shard], id_col: str) -> list[dict[str, Any]]:
+def _recorded_columns(shard: Shard, id_col: str) -> list[dict[str, Any]]:
+    """One entry per derived column that ``shard``'s file records (its reason columns counted with it)."""
+    output = read_shard_file(shard, id_col)
+    current = {"rows": output.rows, "ids": output.ids, "tar": shard.tar_identity}
     found = []
-    for shard in shards:
-        output = read_output_file(shard.parquet_url, id_col)
-        if output is None:
-            raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
-        current = {"rows": output.rows, "ids": output.ids, "tar": shard.tar_identity}
-        for column, record in output.records.columns.items():
-            reasons = (record or {}).get("reasons", {})
-            if column in reasons.values():
-                continue  # a reason column: counted with the column it explains
-            reason = reasons.get(column)
-            recorded = (record or {}).get("shard") or {}
-            found.append(
-                {
-                    "column": column,
-                    "operation": (record or {}).get("operation"),
-                    "stem": shard.stem,
-                    "rows": output.rows,
-                    "with_value": output.rows - output.null_counts.get(column, output.rows),
-                    "with_reason": output.rows - output.null_counts.get(reason, output.rows) if reason else 0,
-                    "stale": int(record is not None and recorded != {k: current[k] for k in recorded}),
-                }
-            )
+    for column, record in output.records.columns.items():
+        reasons = (record or {}).get("reasons", {})
+        if column in reasons.values():
+            continue  # a reason column: counted with the column it explains
+        reason = reasons.get(column)
+        recorded = (record or {}).get("shard") or {}
+        found.append(
+            {
+                "column": column,
+                "operation": (record or {}).get("operation"),
+                "stem": shard.stem,
+                "rows": output.rows,
+                "with_value": output.rows - output.null_counts.get(column, output.rows),
+                "with_reason": output.rows - output.null_counts.get(reason, output.rows) if reason else 0,
+                "stale": int(record is not None and recorded != {k: current[k] for k in recorded}),
+            }
+        )
     return found

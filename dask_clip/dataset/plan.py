@@ -20,13 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import dask
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dask_clip.errors import DaskClipError, UsageError
-from dask_clip.execution import compute, failures_named
+from dask_clip.errors import DaskClipError, ShardMetadataError, UsageError
+from dask_clip.execution import compute_in_batches, failures_named
 from dask_clip.io.metadata import carried_columns, changed_columns, table_in_memory
 from dask_clip.io.provenance import (
     Computed,
@@ -43,9 +42,6 @@ from dask_clip.io.shards import Shard, filesystem_of
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
-
-SHARDS_PER_TASK = 64
-"""Shards whose files one planning task reads."""
 
 
 @dataclass
@@ -204,6 +200,15 @@ def read_output_file(url: str, id_col: str, verified: Sequence[str] = ()) -> Out
         return None  # an unreadable output is not finished: it is written again
 
 
+def read_shard_file(shard: Shard, id_col: str, verified: Sequence[str] = ()) -> OutputFile:
+    """What ``shard``'s own parquet holds (``read_output_file``); ``ShardMetadataError`` naming the file when it
+    cannot be read or has no ``id_col``."""
+    output = read_output_file(shard.parquet_url, id_col, verified)
+    if output is None:
+        raise ShardMetadataError(f"{shard.parquet_url}: cannot read parquet (or it has no id column {id_col!r})")
+    return output
+
+
 def _output_of(
     schema: pa.Schema, table: pa.Table, id_col: str, null_counts: dict[str, int], verified: list[str]
 ) -> OutputFile:
@@ -228,20 +233,16 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
         stored=read_columns(sources, Stored),
         computed=[c for c in derived if isinstance(dataset.provenance[c], Computed)],
     )
-    chunks = [range(i, min(i + SHARDS_PER_TASK, len(output_urls))) for i in range(0, len(output_urls), SHARDS_PER_TASK)]
-    reads = [
-        dask.delayed(_read_states)(
-            [dataset.shards[i] for i in chunk],
-            [output_urls[i] for i in chunk],
-            dataset.id_col,
-            dataset.meta,
-            derived,
-            columns_read,
-            not overwrite,
-        )
-        for chunk in chunks
-    ]
-    states: list[ShardState] = [state for part in compute(reads) for state in part]
+    states: list[ShardState] = compute_in_batches(
+        read_shard_state,
+        dataset.shards,
+        output_urls,
+        id_col=dataset.id_col,
+        meta=dataset.meta,
+        derived=derived,
+        reads=columns_read,
+        read_output=not overwrite,
+    )
     unreadable = [state.unreadable for state in states if state.unreadable is not None]
     if unreadable and any(_is_cross_shard(dataset.provenance[column]) for column in derived):
         raise unreadable[0]
@@ -315,21 +316,6 @@ def _check_nothing_is_dropped(dataset: ImageTextPairDataset, states: list[ShardS
             f"(its first shard lacks them): {listed}. Compute those columns again in this run, or save into another "
             "folder (path=...)"
         )
-
-
-def _read_states(
-    shards: list[Shard],
-    urls: list[str],
-    id_col: str,
-    meta: pd.DataFrame,
-    derived: list[str],
-    reads: ColumnsRead,
-    read_output: bool,
-) -> list[ShardState]:
-    return [
-        read_shard_state(shard, url, id_col, meta, derived, reads, read_output)
-        for shard, url in zip(shards, urls, strict=True)
-    ]
 
 
 def expected_records(dataset: ImageTextPairDataset, columns: list[str]) -> list[FileRecords]:

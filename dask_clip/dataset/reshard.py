@@ -38,7 +38,7 @@ from dask_clip.columns import BOOL, STRING
 from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.plan import expected_records
 from dask_clip.errors import ColumnError, ShardReadError, UsageError
-from dask_clip.execution import ShardRef, ShardTask, compute, failures_named, map_shards
+from dask_clip.execution import ShardRef, ShardTask, compute, failures_named
 from dask_clip.io.metadata import (
     arrow_to_pandas,
     check_contents,
@@ -227,12 +227,9 @@ def _stage_rows(
         return pd.DataFrame({"kept": [int(kept.sum())]})
 
     meta = pd.DataFrame({"kept": pd.Series([], dtype="int64")})
-    staged = map_shards(
+    staged = dataset.map_shards(
         stage,
-        dataset.pandas_metadata,
-        dataset.shards,
         meta,
-        id_col=dataset.id_col,
         payloads=[shard_records.to_json().decode() for shard_records in records],
         label="reshard-stage",
     )

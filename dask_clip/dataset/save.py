@@ -9,13 +9,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import dask
 import pandas as pd
 
 from dask_clip.arguments import one_of
-from dask_clip.dataset.plan import SHARDS_PER_TASK, plan_save
+from dask_clip.dataset.plan import plan_save
 from dask_clip.errors import ColumnError, DaskClipError, ShardError, UsageError
-from dask_clip.execution import STAGES, ShardTask, compute, compute_per_shard, map_shards, stage_timings
+from dask_clip.execution import STAGES, ShardTask, compute_in_batches, compute_per_shard, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.provenance import METADATA_KEY, FileRecords
@@ -100,8 +99,9 @@ def _check_no_other_shards(dataset: ImageTextPairDataset, output_root: str) -> N
     existing = [
         posixpath.join(output_root, f"{s.stem}.parquet") for s in dataset.shards if f"{s.stem}.parquet" in present
     ]
-    chunks = [existing[i : i + SHARDS_PER_TASK] for i in range(0, len(existing), SHARDS_PER_TASK)]
-    foreign = [url for part in compute([dask.delayed(_not_written_by_dask_clip)(c) for c in chunks]) for url in part]
+    foreign = [
+        url for url, ours in zip(existing, compute_in_batches(_written_by_dask_clip, existing), strict=True) if not ours
+    ]
     if foreign:
         raise UsageError(
             f"{output_root}: holds {len(foreign)} parquets that this save would replace but dask_clip did not write "
@@ -109,17 +109,12 @@ def _check_no_other_shards(dataset: ImageTextPairDataset, output_root: str) -> N
         )
 
 
-def _not_written_by_dask_clip(urls: list[str]) -> list[str]:
-    """Those of ``urls`` whose parquet footer holds no dask_clip record (or that cannot be read as parquet)."""
-    foreign = []
-    for url in urls:
-        try:
-            metadata = read_parquet_schema(url).metadata or {}
-        except DaskClipError:
-            metadata = {}
-        if METADATA_KEY not in metadata:
-            foreign.append(url)
-    return foreign
+def _written_by_dask_clip(url: str) -> bool:
+    """Whether the parquet footer at ``url`` holds a dask_clip record (False for a file that is no parquet)."""
+    try:
+        return METADATA_KEY in (read_parquet_schema(url).metadata or {})
+    except DaskClipError:
+        return False
 
 
 def _plan_and_write(
@@ -143,13 +138,10 @@ def _plan_and_write(
         logger.info("%d of %d shards already hold what this run would write; skipping them", len(skipped), len(urls))
     frames = [pd.DataFrame(skipped, columns=SUMMARY_META.columns)] if skipped else [SUMMARY_META]
     if todo:
-        written = map_shards(
+        written = dataset.map_shards(
             _write_shard,
-            dataset.pandas_metadata.partitions[todo],
-            [dataset.shards[i] for i in todo],
             SUMMARY_META,
-            id_col=dataset.id_col,
-            indices=todo,
+            positions=todo,
             payloads=[plan.records[i].to_json().decode() for i in todo],
             label="save-metadata",
             output_root=output_root,

@@ -20,7 +20,7 @@ from dask_clip.columns import l2_normalize, unit_embeddings
 from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.dataset.index_files import OpenedIndex, open_index
 from dask_clip.errors import UsageError
-from dask_clip.execution import ShardTask, compute, map_shards
+from dask_clip.execution import ShardTask, compute
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
 from dask_clip.io.provenance import Computed, describe_operation, digest
 from dask_clip.io.shards import filesystem_of
@@ -92,12 +92,9 @@ def search(
             "tar_url": pd.Series([], dtype=object),
         }
     )
-    hits = map_shards(
+    hits = dataset.map_shards(
         top_k_of_shard,
-        dataset.pandas_metadata,
-        dataset.shards,
         meta,
-        id_col=id_col,
         label="search",
         query=query,
         k=k,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
-from dask_clip.execution import ShardTask, map_shards, shuffle_to_shards
+from dask_clip.execution import ShardTask, map_shuffled, shuffle_to_shards
 from dask_clip.io.tar_samples import RowKeys, is_image_extension, iter_tar_samples
 from dask_clip.ops.deduplicator import Deduplicator
 
@@ -75,36 +75,20 @@ class ExactDeduplicator(Deduplicator):
 
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         id_col = dataset.id_col
-        metadata = dataset.pandas_metadata
-        if self.hash_column not in metadata.columns:
-            hashed_meta = metadata._meta.assign(**{self.hash_column: empty_column(STRING)})
-            metadata = map_shards(
-                image_sha256,
-                metadata,
-                dataset.shards,
-                hashed_meta,
-                id_col=id_col,
-                label="image-sha256",
-                hash_column=self.hash_column,
-            )
-        id_dtype = metadata.dtypes[id_col]
+        if self.hash_column not in dataset.meta.columns:
+            hashed_meta = dataset.meta.assign(**{self.hash_column: empty_column(STRING)})
+            hashes = dataset.map_shards(image_sha256, hashed_meta, label="image-sha256", hash_column=self.hash_column)
+            dataset = dataset.with_metadata(hashes)
+        id_dtype = dataset.meta.dtypes[id_col]
         pairs_meta = pd.DataFrame(
             {
                 id_col: empty_column(id_dtype),
-                self.hash_column: empty_column(metadata.dtypes[self.hash_column]),
+                self.hash_column: empty_column(dataset.meta.dtypes[self.hash_column]),
                 SHARD_NUMBER_COLUMN: empty_column("int64"),
                 STEM_COLUMN: empty_column(STRING),
             }
         )
-        pairs = map_shards(
-            _hashed_rows,
-            metadata,
-            dataset.shards,
-            pairs_meta,
-            id_col=id_col,
-            label="hashed-rows",
-            hash_column=self.hash_column,
-        )
+        pairs = dataset.map_shards(_hashed_rows, pairs_meta, label="hashed-rows", hash_column=self.hash_column)
         duplicates_meta = pd.DataFrame(
             {
                 id_col: empty_column(id_dtype),
@@ -113,17 +97,17 @@ class ExactDeduplicator(Deduplicator):
                 SHARD_NUMBER_COLUMN: empty_column("int64"),
             }
         )
-        duplicates = pairs.shuffle(on=self.hash_column, shuffle_method="tasks").map_partitions(
+        duplicates = map_shuffled(
             _duplicates_in_groups,
-            id_col,
-            self.hash_column,
-            (self.duplicate_of_column, self.duplicate_of_shard_column),
-            meta=duplicates_meta,
+            pairs.shuffle(on=self.hash_column, shuffle_method="tasks"),
+            duplicates_meta,
+            label=f"{self.name}-groups",
+            id_col=id_col,
+            hash_column=self.hash_column,
+            outputs=(self.duplicate_of_column, self.duplicate_of_shard_column),
         )
         by_shard = shuffle_to_shards(duplicates, SHARD_NUMBER_COLUMN, len(dataset.shards))
-        return map_shards(
-            self._flag_rows, metadata, dataset.shards, output_meta, by_shard, id_col=id_col, label=self.name
-        )
+        return dataset.map_shards(self._flag_rows, output_meta, by_shard, label=self.name)
 
     def _flag_rows(self, rows: pd.DataFrame, task: ShardTask, duplicates: pd.DataFrame) -> pd.DataFrame:
         """One shard's rows plus the flag columns, from the duplicates found in this shard."""

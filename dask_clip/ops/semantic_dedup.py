@@ -40,7 +40,7 @@ from dask_clip.columns import (
     vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import ShardTask, map_shards, shuffle_on_disk, shuffle_to_shards
+from dask_clip.execution import ShardTask, map_shuffled, shuffle_on_disk, shuffle_to_shards
 from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
 from dask_clip.ops.deduplicator import Deduplicator
 
@@ -145,12 +145,9 @@ class SemanticDeduplicator(Deduplicator):
         sample_meta = pd.DataFrame(
             {_VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())), _WEIGHT: empty_column("float64")}
         )
-        samples = map_shards(
+        samples = dataset.map_shards(
             sample_shard,
-            dataset.pandas_metadata,
-            dataset.shards,
             sample_meta,
-            id_col=dataset.id_col,
             label=f"{self.name}-sample",
             embedding_column=self.embedding_column,
             dim=dim,
@@ -183,12 +180,9 @@ class SemanticDeduplicator(Deduplicator):
                 _VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())),
             }
         )
-        assigned = map_shards(
+        assigned = dataset.map_shards(
             assign_shard,
-            dataset.pandas_metadata,
-            dataset.shards,
             assigned_meta,
-            id_col=id_col,
             label=f"{self.name}-assign",
             tree=self.cluster_tree(dataset),
             embedding_column=self.embedding_column,
@@ -198,26 +192,24 @@ class SemanticDeduplicator(Deduplicator):
         # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
         assigned = dd.from_delayed(assigned.to_delayed(), meta=assigned_meta, verify_meta=False)
         by_partition = shuffle_on_disk(assigned, _PARTITION, len(dataset.shards))
-        decisions = by_partition.map_partitions(
+        decisions = map_shuffled(
             cluster_decisions,
+            by_partition,
+            empty_decisions(id_col, meta[id_col].dtype),
+            label=f"{self.name}-decide",
             threshold=1 - self.eps,
             which_to_keep=self.which_to_keep,
             seed=self.seed,
             id_col=id_col,
             id_dtype=meta[id_col].dtype,
             dim=dim,
-            meta=empty_decisions(id_col, meta[id_col].dtype),
-            enforce_metadata=False,
         )
         by_shard = shuffle_to_shards(decisions, _SHARD, len(dataset.shards))
         outputs = (self.keep_column, self.duplicate_of_column, self.duplicate_of_shard_column, self.similarity_column)
-        return map_shards(
+        return dataset.map_shards(
             join_decisions,
-            dataset.pandas_metadata,
-            dataset.shards,
             output_meta,
             by_shard,
-            id_col=id_col,
             label=self.name,
             outputs=outputs,
         )
