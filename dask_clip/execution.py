@@ -11,8 +11,9 @@
 - ``compute_per_shard`` computes one summary row per shard with a progress bar, and decides what a
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
-- ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
-  partition of their own shard; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
+- ``map_shards_with_results`` brings rows computed across shards (deduplication decisions, attached vectors'
+  positions), each naming its shard in ``SHARD_COLUMN``, back to their shard and maps a function over each
+  shard's rows with its results; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
   through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
 """
 
@@ -47,6 +48,8 @@ plus decoding on the model's device), ``infer_s`` and ``write_s``."""
 _TIMINGS_ATTR = "dask_clip.stage_seconds"
 _REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object, "payload": object}
 _prepared_clients: set[str] = set()
+SHARD_COLUMN = "_dask_clip_shard"
+"""The column of rows computed across shards that names the shard (its position in the dataset) each belongs to."""
 
 
 @dataclass(frozen=True)
@@ -196,13 +199,25 @@ class _OnShard:
         return _with_timings(result, rows, task)
 
 
-def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) -> dd.DataFrame:
-    """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``shard_column`` is ``i``
-    (``shard_count`` partitions, the column becomes the index), ready to be passed to ``map_shards`` as aligned.
+def map_shards_with_results(
+    function: Callable[..., pd.DataFrame],
+    metadata: dd.DataFrame,
+    shards: Sequence[Shard],
+    meta: pd.DataFrame,
+    results: dd.DataFrame,
+    *,
+    id_col: str,
+    label: str,
+    **kwargs: Any,
+) -> dd.DataFrame:
+    """``function(rows, task, shard_results, **kwargs)`` on each shard, as ``map_shards``: ``shard_results`` are
+    the rows of ``results`` (computed across shards) whose ``SHARD_COLUMN`` is the shard's position, that column
+    as their index.
 
-    A tasks shuffle: Dask's P2P shuffle cannot move fixed-size list columns.
+    ``results`` is moved by a tasks shuffle: Dask's P2P shuffle cannot move fixed-size list columns.
     """
-    return frame.set_index(shard_column, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
+    by_shard = results.set_index(SHARD_COLUMN, divisions=list(range(len(shards) + 1)), shuffle_method="tasks")
+    return map_shards(function, metadata, shards, meta, by_shard, id_col=id_col, label=label, **kwargs)
 
 
 def shuffle_on_disk(frame: dd.DataFrame, partition_column: str, partition_count: int) -> dd.DataFrame:

@@ -2,8 +2,9 @@
 
 An operation says
 
-- ``config()``: everything that changes its output (recorded next to the columns it writes), and
-  nothing that does not (threads, batch sizes: a re-run with other values keeps its results);
+- ``config()``: its options that change its output, and none that do not (threads, batch sizes: a re-run
+  with other values keeps its results); they are recorded next to the columns it writes, after its identity
+  (``recorded_identity()``: its class, or the function that applies it);
 - ``input_columns(dataset)``: the columns it reads, checked before anything runs, and
   ``reads_tar(dataset)``: whether it reads the shards' tars;
 - ``reasons()``: which column gives the reason where one it writes is null;
@@ -59,15 +60,25 @@ class Operation(ABC):
 
     cross_shard: ClassVar[bool] = False
     model: ModelSpec | None = None
+    function_name: ClassVar[str | None] = None
+    """The function that applies this operation (``clip_score``), if any: provenance names it by that function."""
 
     @property
     def name(self) -> str:
         """How errors and task names refer to this operation."""
         return type(self).__name__
 
+    def recorded_identity(self) -> dict[str, str]:
+        """How provenance names this operation: ``{"function": function_name}``, else ``{"class": <its class>}``."""
+        return {"function": self.function_name} if self.function_name else {"class": type(self).__name__}
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
-        """Everything that changes this operation's output, JSON-serialisable."""
+        """The options that change this operation's output, JSON-serialisable (its identity apart)."""
+
+    def recorded_config(self) -> dict[str, Any]:
+        """What provenance records of this operation: its ``recorded_identity()`` and its ``config()``."""
+        return {**self.recorded_identity(), **self.config()}
 
     @abstractmethod
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
@@ -95,7 +106,7 @@ class Operation(ABC):
     def source(self, dataset: ImageTextPairDataset) -> Computed:
         """The provenance of the columns this operation writes to ``dataset``."""
         reads = {column: dataset.provenance.get(column) or Plain(column) for column in self.input_columns(dataset)}
-        return Computed(self.config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons())
+        return Computed(self.recorded_config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons())
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""
@@ -121,7 +132,7 @@ class Operation(ABC):
         """
         inputs = self.input_columns(dataset)
         require_columns(dataset.meta, inputs, self.name)
-        check_consumed(dataset, inputs, self.name, own=self.config())
+        check_consumed(dataset, inputs, self.name, own=self.recorded_config())
         dataset = contents_checked(dataset, inputs, self.name)
         self.check_inputs(dataset)
         outputs = self.output_columns(dataset)

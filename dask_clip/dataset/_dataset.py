@@ -14,7 +14,6 @@ import pandas as pd
 from dask_clip.backends import check_backend, to_backend, to_pandas
 from dask_clip.columns import embedding_width as declared_width
 from dask_clip.columns import embeddings_to_numpy
-from dask_clip.dataset.attach import attach_embeddings
 from dask_clip.dataset.export import export_clip_retrieval
 from dask_clip.dataset.index import build_index
 from dask_clip.dataset.index_files import open_index
@@ -153,10 +152,25 @@ class ImageTextPairDataset:
     to_webdataset = to_webdataset
     search = search
     export_clip_retrieval = export_clip_retrieval
-    attach_embeddings = attach_embeddings
     info = info
     build_index = build_index
     open_index = open_index
+
+    def attach_embeddings(
+        self,
+        path: str,
+        *,
+        on: str | None = None,
+        source_column: str | None = None,
+        embedding_column: str = "image_embedding",
+        error_column: str | None = None,
+    ) -> ImageTextPairDataset:
+        """A new dataset with the vectors found under ``path`` (clip-retrieval's layout) in ``embedding_column``:
+        ``ops.attach.AttachEmbeddings`` (which says how rows are joined and what is checked) applied to this one."""
+        from dask_clip.ops.attach import AttachEmbeddings
+
+        options = {"on": on, "source_column": source_column, "error_column": error_column}
+        return AttachEmbeddings(path, embedding_column=embedding_column, **options)(self)
 
     def __repr__(self) -> str:
         return (

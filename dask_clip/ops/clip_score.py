@@ -25,6 +25,8 @@ class ClipScore(Operation):
     torchmetrics ``100 * max(cosine, 0)``. LAION-400M kept pairs with cosine >= 0.3 (ViT-B/32).
     """
 
+    function_name = "clip_score"
+
     def __init__(
         self,
         *,
@@ -37,7 +39,7 @@ class ClipScore(Operation):
         self.score_column = score_column
 
     def config(self) -> dict[str, Any]:
-        return {"function": "clip_score", "image_column": self.image_column, "text_column": self.text_column}
+        return {"image_column": self.image_column, "text_column": self.text_column}
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return [self.image_column, self.text_column]

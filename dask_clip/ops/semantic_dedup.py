@@ -40,20 +40,14 @@ from dask_clip.columns import (
     vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import ShardTask, map_shards, shuffle_on_disk, shuffle_to_shards
+from dask_clip.execution import SHARD_COLUMN, ShardTask, map_shards, shuffle_on_disk
 from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
-from dask_clip.ops.deduplicator import Deduplicator
+from dask_clip.ops.deduplicator import DUPLICATE_OF, DUPLICATE_OF_SHARD, KEEP, SIMILARITY, STEM, Deduplicator
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 KEEP_POLICIES = ("hard", "easy", "random")
-_KEEP = "_dask_clip_keep"
-_DUPLICATE_OF = "_dask_clip_duplicate_of"
-_DUPLICATE_OF_SHARD = "_dask_clip_duplicate_of_shard"
-_SIMILARITY = "_dask_clip_similarity"
-_SHARD = "_dask_clip_shard"
-_STEM = "_dask_clip_stem"
 _PARTITION = "_dask_clip_partition"
 _CLUSTER = "_dask_clip_cluster"
 _CENTROID_COSINE = "_dask_clip_centroid_cosine"
@@ -104,9 +98,17 @@ class SemanticDeduplicator(Deduplicator):
         max_iter: int = 30,
         kmeans_sample_size: int = 100_000,
         max_cluster_size: int | None = 100_000,
-        **columns: str,
+        keep_column: str = "keep",
+        duplicate_of_column: str = "duplicate_of",
+        duplicate_of_shard_column: str = "duplicate_of_shard",
+        similarity_column: str = "similarity",
     ) -> None:
-        super().__init__(**columns)
+        super().__init__(
+            keep_column=keep_column,
+            duplicate_of_column=duplicate_of_column,
+            duplicate_of_shard_column=duplicate_of_shard_column,
+            similarity_column=similarity_column,
+        )
         if not 0 <= eps < 1:
             raise UsageError(f"eps must be in [0, 1), not {eps}")
         self.eps = eps
@@ -121,7 +123,6 @@ class SemanticDeduplicator(Deduplicator):
     def config(self) -> dict[str, Any]:
         """The options that determine the output, recorded next to it in the parquet."""
         return {
-            "class": type(self).__name__,
             "eps": self.eps,
             "n_clusters": self.n_clusters,
             "which_to_keep": self.which_to_keep,
@@ -175,8 +176,8 @@ class SemanticDeduplicator(Deduplicator):
         assigned_meta = pd.DataFrame(
             {
                 _PARTITION: empty_column("int64"),
-                _SHARD: empty_column("int64"),
-                _STEM: empty_column(STRING),
+                SHARD_COLUMN: empty_column("int64"),
+                STEM: empty_column(STRING),
                 id_col: meta[id_col].iloc[:0],
                 _CLUSTER: empty_column("int64"),
                 _CENTROID_COSINE: empty_column("float32"),
@@ -209,18 +210,7 @@ class SemanticDeduplicator(Deduplicator):
             meta=empty_decisions(id_col, meta[id_col].dtype),
             enforce_metadata=False,
         )
-        by_shard = shuffle_to_shards(decisions, _SHARD, len(dataset.shards))
-        outputs = (self.keep_column, self.duplicate_of_column, self.duplicate_of_shard_column, self.similarity_column)
-        return map_shards(
-            join_decisions,
-            dataset.pandas_metadata,
-            dataset.shards,
-            output_meta,
-            by_shard,
-            id_col=id_col,
-            label=self.name,
-            outputs=outputs,
-        )
+        return self.join_decisions(dataset.pandas_metadata, dataset, decisions, output_meta)
 
     def _width(self, dataset: ImageTextPairDataset) -> int:
         dim = dataset.embedding_width(self.embedding_column, self.name)
@@ -260,8 +250,8 @@ def assign_shard(
     return pd.DataFrame(
         {
             _PARTITION: partition,
-            _SHARD: np.full(len(vectors), task.shard.index, dtype=np.int64),
-            _STEM: pd.array([task.shard.stem] * len(vectors), dtype=STRING),
+            SHARD_COLUMN: np.full(len(vectors), task.shard.index, dtype=np.int64),
+            STEM: pd.array([task.shard.stem] * len(vectors), dtype=STRING),
             task.id_col: rows[task.id_col].array[valid],
             _CLUSTER: cluster,
             _CENTROID_COSINE: cosine,
@@ -305,13 +295,13 @@ def cluster_decisions(
     decided = []
     for cluster, group in frame.groupby(_CLUSTER, sort=True):
         # the same order whatever order the shuffle gave, ids repeated across shards included
-        group = group.sort_values([id_col, _SHARD], kind="stable")
+        group = group.sort_values([id_col, SHARD_COLUMN], kind="stable")
         group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
         best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], dim))
         duplicate = best >= threshold
         ids = pd.array(group[id_col], dtype=id_dtype)
-        stems = pd.array(group[_STEM], dtype=STRING)
-        decided.append(decision_frame(group[_SHARD], ids, stems, ~duplicate, best, match))
+        stems = pd.array(group[STEM], dtype=STRING)
+        decided.append(decision_frame(group[SHARD_COLUMN], ids, stems, ~duplicate, best, match))
     if not decided:
         return empty_decisions(id_col, id_dtype)
     return pd.concat(decided, ignore_index=True).rename(columns={_ID: id_col})
@@ -326,12 +316,12 @@ def decision_frame(
     matched = np.where(keep, -1, match)
     return pd.DataFrame(
         {
-            _SHARD: shards.to_numpy(dtype=np.int64),
+            SHARD_COLUMN: shards.to_numpy(dtype=np.int64),
             _ID: ids,
-            _KEEP: pd.array(keep, dtype=BOOL),
-            _DUPLICATE_OF: ids.take(matched, allow_fill=True),
-            _DUPLICATE_OF_SHARD: stems.take(matched, allow_fill=True),
-            _SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
+            KEEP: pd.array(keep, dtype=BOOL),
+            DUPLICATE_OF: ids.take(matched, allow_fill=True),
+            DUPLICATE_OF_SHARD: stems.take(matched, allow_fill=True),
+            SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
         }
     )
 
@@ -347,21 +337,3 @@ def empty_decisions(id_col: str, id_dtype: Any) -> pd.DataFrame:
         np.zeros(0, np.int64),
     )
     return empty.rename(columns={_ID: id_col})
-
-
-def join_decisions(
-    rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame, outputs: tuple[str, str, str, str]
-) -> pd.DataFrame:
-    """One shard's rows with its decisions joined by id, as ``outputs`` (keep, duplicate-of, duplicate-of-shard,
-    similarity).
-
-    Rows without a decision (no usable embedding) are kept.
-    """
-    id_col = task.id_col
-    positions = pd.Index(decisions[id_col]).get_indexer(rows[id_col]) if len(decisions) else np.full(len(rows), -1)
-    joined = {
-        name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index)
-        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _DUPLICATE_OF_SHARD, _SIMILARITY), strict=True)
-    }
-    joined[outputs[0]] = joined[outputs[0]].fillna(True)
-    return rows.assign(**joined)
