@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ import dask_clip
 from dask_clip import (
     AestheticClassifier,
     ClipScore,
+    ColumnError,
     ExactDeduplicator,
     ImageTextPairDataset,
     Operation,
@@ -118,3 +122,47 @@ def test_operations_record_themselves_as_datasets_saved_before_record_them(
     }
     for operation, expected in recorded.items():
         assert operation.source(vectors_dataset).operation == expected, type(operation).__name__
+
+
+def list_column_shards(folder: Path, vectors: dict[str, np.ndarray | None], rows_per_shard: int) -> Path:
+    """Shards whose embeddings are ``list<float32>`` recording no width, as another tool writes them."""
+    for parquet in testing.write_embedding_shards(folder, vectors, rows_per_shard=rows_per_shard):
+        table = pq.read_table(parquet)
+        lists = table["image_embedding"].cast(pa.list_(pa.float32()))
+        pq.write_table(pa.table({"key": table["key"], "image_embedding": lists}), parquet)
+    return folder
+
+
+def never_computed(dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+    """``dataset`` whose every partition raises when computed."""
+
+    def fail(rows: pd.DataFrame) -> pd.DataFrame:
+        raise AssertionError("a partition was computed")
+
+    return dataset.with_metadata(dataset.metadata.map_partitions(fail, meta=dataset.meta))
+
+
+def test_operations_on_vectors_of_unrecorded_width_compute_nothing_when_applied(tmp_path: Path) -> None:
+    vectors = {"a": np.ones(4), "b": np.arange(4.0), "c": None, "d": np.arange(4.0) + 0.001}
+    dataset = ImageTextPairDataset.from_webdataset(str(list_column_shards(tmp_path, vectors, rows_per_shard=2)))
+    assert dataset.meta["image_embedding"].dtype == pd.ArrowDtype(pa.list_(pa.float32()))
+    lazy = never_computed(
+        dataset.with_metadata(dataset.metadata.assign(text_embedding=dataset.metadata["image_embedding"]))
+    )
+    ClipScore()(lazy)
+    SemanticDeduplicator(n_clusters=1)(lazy)
+
+    frame = SemanticDeduplicator(n_clusters=1, eps=0.01)(dataset).metadata.compute(scheduler="threads")
+    assert frame.set_index("key")["duplicate_of"].to_dict() == {"a": None, "b": None, "c": None, "d": "b"}
+
+
+def test_shards_of_different_unrecorded_widths_are_named(tmp_path: Path) -> None:
+    list_column_shards(tmp_path / "narrow", {"a": np.ones(4), "b": np.ones(4)}, rows_per_shard=2)
+    list_column_shards(tmp_path / "wide", {"c": np.ones(6), "d": np.ones(6)}, rows_per_shard=2)
+    for suffix in (".tar", ".parquet"):
+        (tmp_path / "wide" / f"00000{suffix}").rename(tmp_path / "narrow" / f"00001{suffix}")
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "narrow"))
+    with pytest.raises(
+        ColumnError, match=r"'image_embedding' holds 4-d embeddings in shard 00000 but 6-d ones in shard 00001"
+    ):
+        SemanticDeduplicator(n_clusters=1)(dataset).metadata.compute(scheduler="threads")

@@ -140,8 +140,11 @@ class SemanticDeduplicator(Deduplicator):
         embedding_width(dataset.meta, self.embedding_column, self.name)
 
     def cluster_tree(self, dataset: ImageTextPairDataset) -> Delayed:
-        """The clusters this deduplicator fits to ``dataset`` (pass 1), lazily: a delayed ``ClusterTree``."""
-        dim = self._width(dataset)
+        """The clusters this deduplicator fits to ``dataset`` (pass 1), lazily: a delayed ``ClusterTree``.
+
+        The vectors' width is the column type's (which a file's footer records, ``io.vectors``); where no type
+        says it (a list column of another tool), each shard's sample tells it and the fitting task checks them."""
+        dim = embedding_width(dataset.meta, self.embedding_column, self.name)
         per_shard = math.ceil(self.kmeans_sample_size / len(dataset.shards))
         sample_meta = pd.DataFrame(
             {_VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())), _WEIGHT: empty_column("float64")}
@@ -161,6 +164,8 @@ class SemanticDeduplicator(Deduplicator):
         return dask.delayed(fit_tree)(
             samples,
             dim=dim,
+            column=self.embedding_column,
+            stems=[shard.stem for shard in dataset.shards],
             n_clusters=self.n_clusters,
             max_cluster_size=self.max_cluster_size,
             partitions=len(dataset.shards),
@@ -171,7 +176,6 @@ class SemanticDeduplicator(Deduplicator):
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """Cluster, decide within clusters, and join the decisions back to each shard's rows."""
         meta = dataset.meta
-        dim = self._width(dataset)
         id_col = dataset.id_col
         assigned_meta = pd.DataFrame(
             {
@@ -193,7 +197,6 @@ class SemanticDeduplicator(Deduplicator):
             label=f"{self.name}-assign",
             tree=self.cluster_tree(dataset),
             embedding_column=self.embedding_column,
-            dim=dim,
         )
         # optimised apart: each shard is read inside its assign task, which waits for the clusters, so no
         # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
@@ -206,24 +209,17 @@ class SemanticDeduplicator(Deduplicator):
             seed=self.seed,
             id_col=id_col,
             id_dtype=meta[id_col].dtype,
-            dim=dim,
             meta=empty_decisions(id_col, meta[id_col].dtype),
             enforce_metadata=False,
         )
         return self.join_decisions(dataset.pandas_metadata, dataset, decisions, output_meta)
 
-    def _width(self, dataset: ImageTextPairDataset) -> int:
-        dim = dataset.embedding_width(self.embedding_column, self.name)
-        if dim is None:
-            raise ColumnError(f"{self.name}: no shard holds an embedding in {self.embedding_column!r}")
-        return dim
-
 
 def sample_shard(
-    rows: pd.DataFrame, task: ShardTask, embedding_column: str, dim: int, count: int, seed: int
+    rows: pd.DataFrame, task: ShardTask, embedding_column: str, dim: int | None, count: int, seed: int
 ) -> pd.DataFrame:
-    """Up to ``count`` of one shard's usable unit vectors, chosen with a generator seeded by ``(seed, shard)``,
-    each with the number of the shard's usable rows it stands for."""
+    """Up to ``count`` of one shard's usable unit vectors (of width ``dim``; None: its first vector's), chosen with
+    a generator seeded by ``(seed, shard)``, each with the number of the shard's usable rows it stands for."""
     vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])[1]
     if len(vectors) > count:
         chosen = np.random.default_rng([seed, task.shard.index]).choice(len(vectors), count, replace=False)
@@ -233,19 +229,33 @@ def sample_shard(
     return pd.DataFrame({_VECTOR: vectors_to_binary(vectors), _WEIGHT: np.full(len(vectors), weight)})
 
 
-def fit_tree(samples: list[pd.DataFrame], dim: int, **options: Any) -> ClusterTree:
-    """The ``ClusterTree`` of the shards' samples (``fit_cluster_tree``'s ``options``)."""
+def fit_tree(
+    samples: list[pd.DataFrame], dim: int | None, column: str, stems: list[str], **options: Any
+) -> ClusterTree:
+    """The ``ClusterTree`` of the shards' samples (``fit_cluster_tree``'s ``options``), of vectors of width ``dim``
+    (None: the samples' own, which must agree: ``ColumnError`` naming two shards and their widths otherwise, or
+    naming ``column`` when no shard holds a vector)."""
+    if dim is None:
+        widths = {stem: binary_width(sample[_VECTOR]) for stem, sample in zip(stems, samples, strict=True)}
+        found = {stem: width for stem, width in widths.items() if width is not None}
+        if not found:
+            raise ColumnError(f"no shard holds an embedding in {column!r}")
+        (first, dim), *others = found.items()
+        other = next(((stem, width) for stem, width in others if width != dim), None)
+        if other is not None:
+            raise ColumnError(
+                f"column {column!r} holds {dim}-d embeddings in shard {first} but {other[1]}-d ones in shard "
+                f"{other[0]}: every embedding must come from the same model"
+            )
     vectors = np.concatenate([binary_to_vectors(s[_VECTOR], dim) for s in samples])
     weights = np.concatenate([s[_WEIGHT].to_numpy() for s in samples])
     return fit_cluster_tree(vectors, weights, **options)
 
 
-def assign_shard(
-    rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str, dim: int
-) -> pd.DataFrame:
+def assign_shard(rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str) -> pd.DataFrame:
     """One shard's usable rows with their partition, shard number and stem, id, cluster, cosine to its centroid
     and unit vector (``binary``, for the shuffle)."""
-    valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])
+    valid, vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])
     cluster, cosine, partition = tree.assign(vectors)
     return pd.DataFrame(
         {
@@ -286,8 +296,13 @@ def best_earlier_match(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best, match
 
 
+def binary_width(column: pd.Series) -> int | None:
+    """The width of the vectors in a column made by ``vectors_to_binary`` (None when it holds none)."""
+    return len(column.iloc[0]) // 4 if len(column) else None
+
+
 def cluster_decisions(
-    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any, dim: int
+    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any
 ) -> pd.DataFrame:
     """Whole clusters of rows (vectors as ``binary``) -> one decision per row: shard, id, keep, duplicate_of,
     duplicate_of_shard (a stem), similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them
@@ -297,7 +312,7 @@ def cluster_decisions(
         # the same order whatever order the shuffle gave, ids repeated across shards included
         group = group.sort_values([id_col, SHARD_COLUMN], kind="stable")
         group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
-        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], dim))
+        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], binary_width(group[_VECTOR])))
         duplicate = best >= threshold
         ids = pd.array(group[id_col], dtype=id_dtype)
         stems = pd.array(group[STEM], dtype=STRING)
