@@ -15,8 +15,9 @@ An operation says
 
 ``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
 through ``execution.map_shards``, once the derived columns it reads are known to come from one run over the
-data the shards hold now (``dataset.consistency``: the shards' footers are read for it). A cross-shard
-operation overrides ``build`` instead of ``process_shard``.
+data the shards hold now (``dataset.consistency``: the shards' footers are read for it). An operation whose
+work moves rows between shards (a deduplication; attaching vectors, joined by a shuffle) overrides ``build``
+instead of ``process_shard``, and brings its results back with ``execution.map_shards_with_results``.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Operation(ABC):
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""
-        raise NotImplementedError(f"{self.name} is a cross-shard operation: it overrides build()")
+        raise NotImplementedError(f"{self.name} works across shards: it overrides build()")
 
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """The new metadata frame, one partition per shard (by default ``process_shard`` on each shard)."""
