@@ -29,6 +29,7 @@ _LAZY_NAMES = {
     "ThresholdFilter": "dask_clip.ops.filters",
     "keep_by_threshold": "dask_clip.ops.filters",
     "ClipScore": "dask_clip.ops.clip_score",
+    "AttachEmbeddings": "dask_clip.ops.attach",
     "clip_score": "dask_clip.ops.clip_score",
     **dict.fromkeys(
         [

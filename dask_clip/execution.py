@@ -13,8 +13,9 @@
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
 - ``map_shuffled`` runs a function on each partition of rows that a shuffle gathered across shards.
-- ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions) back to the
-  partition of their own shard; ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
+- ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions, attached vectors'
+  positions), each naming its shard in ``SHARD_COLUMN``, back to the partition of their own shard (for
+  ``dataset.map_shards_with_results``); ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
   through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
 """
 
@@ -53,6 +54,8 @@ _TIMINGS_ATTR = "dask_clip.stage_seconds"
 _REFERENCE_COLUMNS = {"index": "int64", "stem": object, "tar_url": object, "parquet_url": object, "payload": object}
 _prepared_clients: set[str] = set()
 T = TypeVar("T")
+SHARD_COLUMN = "_dask_clip_shard"
+"""The column of rows computed across shards that names the shard (its position in the dataset) each belongs to."""
 
 
 @dataclass(frozen=True)
@@ -210,13 +213,13 @@ def map_shuffled(
     return frame.map_partitions(function, meta=meta, enforce_metadata=False, token=label, **kwargs)
 
 
-def shuffle_to_shards(frame: dd.DataFrame, shard_column: str, shard_count: int) -> dd.DataFrame:
-    """``frame``'s rows moved so that partition ``i`` holds exactly those whose ``shard_column`` is ``i``
-    (``shard_count`` partitions, the column becomes the index), ready to be passed to ``map_shards`` as aligned.
+def shuffle_to_shards(results: dd.DataFrame, shard_count: int) -> dd.DataFrame:
+    """``results``' rows moved so that partition ``i`` holds exactly those whose ``SHARD_COLUMN`` is ``i``
+    (``shard_count`` partitions, that column becomes the index), ready to be passed to ``map_shards`` as aligned.
 
     A tasks shuffle: Dask's P2P shuffle cannot move fixed-size list columns.
     """
-    return frame.set_index(shard_column, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
+    return results.set_index(SHARD_COLUMN, divisions=list(range(shard_count + 1)), shuffle_method="tasks")
 
 
 def shuffle_on_disk(frame: dd.DataFrame, partition_column: str, partition_count: int) -> dd.DataFrame:

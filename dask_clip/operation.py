@@ -2,8 +2,9 @@
 
 An operation says
 
-- ``config()``: everything that changes its output (recorded next to the columns it writes), and
-  nothing that does not (threads, batch sizes: a re-run with other values keeps its results);
+- ``config()``: its options that change its output, and none that do not (threads, batch sizes: a re-run
+  with other values keeps its results); they are recorded next to the columns it writes, after its identity
+  (``recorded_identity()``: its class, or the function that applies it);
 - ``input_columns(dataset)``: the columns it reads, checked before anything runs, and
   ``reads_tar(dataset)``: whether it reads the shards' tars;
 - ``reasons()``: which column gives the reason where one it writes is null;
@@ -14,8 +15,9 @@ An operation says
 
 ``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
 through ``execution.map_shards``, once the derived columns it reads are known to come from one run over the
-data the shards hold now (``dataset.consistency``: the shards' footers are read for it). A cross-shard
-operation overrides ``build`` instead of ``process_shard``.
+data the shards hold now (``dataset.consistency``: the shards' footers are read for it). An operation whose
+work moves rows between shards (a deduplication; attaching vectors, joined by a shuffle) overrides ``build``
+instead of ``process_shard``, and brings its results back with ``dataset.map_shards_with_results``.
 """
 
 from __future__ import annotations
@@ -59,15 +61,25 @@ class Operation(ABC):
 
     cross_shard: ClassVar[bool] = False
     model: ModelSpec | None = None
+    function_name: ClassVar[str | None] = None
+    """The function that applies this operation (``clip_score``), if any: provenance names it by that function."""
 
     @property
     def name(self) -> str:
         """How errors and task names refer to this operation."""
         return type(self).__name__
 
+    def recorded_identity(self) -> dict[str, str]:
+        """How provenance names this operation: ``{"function": function_name}``, else ``{"class": <its class>}``."""
+        return {"function": self.function_name} if self.function_name else {"class": type(self).__name__}
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
-        """Everything that changes this operation's output, JSON-serialisable."""
+        """The options that change this operation's output, JSON-serialisable (its identity apart)."""
+
+    def recorded_config(self) -> dict[str, Any]:
+        """What provenance records of this operation: its ``recorded_identity()`` and its ``config()``."""
+        return {**self.recorded_identity(), **self.config()}
 
     @abstractmethod
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
@@ -95,11 +107,11 @@ class Operation(ABC):
     def source(self, dataset: ImageTextPairDataset) -> Computed:
         """The provenance of the columns this operation writes to ``dataset``."""
         reads = {column: dataset.provenance.get(column) or Plain(column) for column in self.input_columns(dataset)}
-        return Computed(self.config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons())
+        return Computed(self.recorded_config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons())
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""
-        raise NotImplementedError(f"{self.name} is a cross-shard operation: it overrides build()")
+        raise NotImplementedError(f"{self.name} works across shards: it overrides build()")
 
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """The new metadata frame, one partition per shard (by default ``process_shard`` on each shard)."""
@@ -118,7 +130,7 @@ class Operation(ABC):
         """
         inputs = self.input_columns(dataset)
         require_columns(dataset.meta, inputs, self.name)
-        check_consumed(dataset, inputs, self.name, own=self.config())
+        check_consumed(dataset, inputs, self.name, own=self.recorded_config())
         dataset = contents_checked(dataset, inputs, self.name)
         self.check_inputs(dataset)
         outputs = self.output_columns(dataset)

@@ -194,7 +194,7 @@ class VectorNorms(Operation):
     """A per-shard operation that reads the saved embeddings: the Euclidean norm of each row's vector."""
 
     def config(self) -> dict[str, Any]:
-        return {"function": "vector norms"}
+        return {}
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return ["image_embedding"]

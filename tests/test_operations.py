@@ -35,7 +35,7 @@ class RowNumber(Operation):
         self.failing_stem = failing_stem
 
     def config(self) -> dict[str, Any]:
-        return {"class": self.name}
+        return {}
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return [dataset.id_col]

@@ -36,9 +36,8 @@ class InterruptedEmbedder(ClipImageEmbedder):
         self.dies_at = dies_at
         super().__init__(model_dir, **options)
 
-    @property
-    def name(self) -> str:
-        return "ClipImageEmbedder"
+    def recorded_identity(self) -> dict[str, str]:
+        return {"class": "ClipImageEmbedder"}
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> dict[str, Any]:
         if task.shard.stem == self.dies_at:

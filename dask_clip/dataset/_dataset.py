@@ -14,7 +14,6 @@ import pandas as pd
 from dask_clip.backends import check_backend, to_backend, to_pandas
 from dask_clip.columns import embedding_width as declared_width
 from dask_clip.columns import embeddings_to_numpy
-from dask_clip.dataset.attach import attach_embeddings
 from dask_clip.dataset.export import export_clip_retrieval
 from dask_clip.dataset.index import build_index
 from dask_clip.dataset.index_files import open_index
@@ -23,7 +22,7 @@ from dask_clip.dataset.reshard import to_webdataset
 from dask_clip.dataset.save import save_metadata
 from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
-from dask_clip.execution import compute, map_shards
+from dask_clip.execution import compute, map_shards, shuffle_to_shards
 from dask_clip.io.metadata import empty_frame, read_parquet_schema, read_shard_metadata
 from dask_clip.io.provenance import Computed, FileRecords, Source, Stored
 from dask_clip.io.shards import Shard, discover_shards
@@ -183,15 +182,45 @@ class ImageTextPairDataset:
             **kwargs,
         )
 
+    def map_shards_with_results(
+        self,
+        function: Callable[..., pd.DataFrame],
+        meta: pd.DataFrame,
+        results: dd.DataFrame,
+        *,
+        label: str,
+        **kwargs: Any,
+    ) -> dd.DataFrame:
+        """``function(rows, task, shard_results, **kwargs)`` on each shard, as ``map_shards``: ``shard_results`` are
+        the rows of ``results`` (computed across shards) whose ``execution.SHARD_COLUMN`` is the shard's position,
+        that column as their index (``execution.shuffle_to_shards``)."""
+        by_shard = shuffle_to_shards(results, len(self.shards))
+        return self.map_shards(function, meta, by_shard, label=label, **kwargs)
+
     # What a dataset does with itself, each in its own module (``dataset.save`` and so on), as methods.
     save_metadata = save_metadata
     to_webdataset = to_webdataset
     search = search
     export_clip_retrieval = export_clip_retrieval
-    attach_embeddings = attach_embeddings
     info = info
     build_index = build_index
     open_index = open_index
+
+    def attach_embeddings(
+        self,
+        path: str,
+        *,
+        on: str | None = None,
+        source_column: str | None = None,
+        embedding_column: str = "image_embedding",
+        error_column: str | None = None,
+    ) -> ImageTextPairDataset:
+        """A new dataset with the vectors found under ``path`` (clip-retrieval's layout) in ``embedding_column``:
+        ``ops.attach.AttachEmbeddings`` (which says how rows are joined and what is checked) applied to this one."""
+        from dask_clip.ops.attach import AttachEmbeddings
+
+        options = {"on": on, "source_column": source_column, "error_column": error_column}
+        return AttachEmbeddings(path, embedding_column=embedding_column, **options)(self)
 
     def __repr__(self) -> str:
         return (

@@ -25,7 +25,7 @@ import json
 import math
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -252,11 +252,34 @@ def rewrite_sidecar(payload: bytes, id_col: str, new_id: str, old_id_col: str | 
     return json.dumps(record).encode()
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What pass 3a wrote of one input shard for one output shard: a staged tar at ``url`` holding the members of
+    ``samples`` samples, ``unparsed_json`` of whose ``.json`` members were copied unchanged (not valid JSON)."""
+
+    url: str
+    samples: int
+    unparsed_json: int
+
+
+@dataclass
+class _PieceWriter:
+    """A piece being written: its open file, and the keys of the samples and the unparsed ``.json`` so far."""
+
+    url: str
+    file: Any
+    keys: set[str] = field(default_factory=set)
+    unparsed_json: int = 0
+
+    def piece(self) -> Piece:
+        return Piece(self.url, len(self.keys), self.unparsed_json)
+
+
 def write_tar_pieces(
     shard: ShardRef, staging: str, offset: int, keys: KeyFormat, id_col: str, old_id_col: str | None
-) -> dict[int, tuple[str, int, int]]:
+) -> dict[int, Piece]:
     """Pass 3a, one input shard: stream its tar once, appending each kept sample's members under the new key
-    to the piece of the output shard it goes to. Returns ``{output shard: (piece url, samples, unparsed json)}``."""
+    to the piece of the output shard it goes to. Returns each output shard's ``Piece``."""
     with failures_named(shard.tar_url):
         fs, staged_path = filesystem_of(_staged_url(staging, shard.stem))
         with fs.open(staged_path, "rb") as file:
@@ -264,8 +287,7 @@ def write_tar_pieces(
         rows = RowKeys(staged[id_col], shard.tar_url)
         kept = np.asarray(staged[KEPT], dtype=bool)
         kept_positions = np.cumsum(kept) - 1  # a kept row's position among the kept rows
-        files: dict[int, Any] = {}
-        written: dict[int, list[Any]] = {}
+        writers: dict[int, _PieceWriter] = {}
         unknown: dict[str, None] = {}
         sample_bytes: dict[str, int] = {}
         try:
@@ -285,31 +307,31 @@ def write_tar_pieces(
                 global_position = offset + int(kept_positions[position])
                 output = global_position // keys.samples_per_shard
                 new_key = keys.key(global_position)
-                if output not in files:
+                if output not in writers:
                     url = posixpath.join(staging, f"piece-{keys.stem(output)}-{shard.stem}.tar")
-                    files[output] = fs.open(filesystem_of(url)[1], "wb")
-                    written[output] = [url, set(), 0]
+                    writers[output] = _PieceWriter(url, fs.open(filesystem_of(url)[1], "wb"))
+                writer = writers[output]
                 name = f"{new_key}.{member.extension}"
                 if member.extension.lower() == "json":
                     payload = member.read()
                     rewritten = rewrite_sidecar(payload, id_col, new_key, old_id_col, member.key)
-                    write_member(files[output], name, payload if rewritten is None else rewritten)
-                    written[output][2] += rewritten is None
+                    write_member(writer.file, name, payload if rewritten is None else rewritten)
+                    writer.unparsed_json += rewritten is None
                 else:
-                    copy_member(files[output], name, member.size, member)
-                written[output][1].add(member.key)
+                    copy_member(writer.file, name, member.size, member)
+                writer.keys.add(member.key)
         finally:
-            for file in files.values():
-                file.close()
+            for writer in writers.values():
+                writer.file.close()
         if unknown:
             raise rows.unknown_keys_error(list(unknown), id_col)
-        return {output: (url, len(samples), unparsed) for output, (url, samples, unparsed) in written.items()}
+        return {output: writer.piece() for output, writer in writers.items()}
 
 
 def write_output_shard(
     number: int,
     segments: list[tuple[str, int, int]],
-    pieces: list[dict[int, tuple[str, int, int]]],
+    pieces: list[dict[int, Piece]],
     folder: str,
     final_folder: str,
     keys: KeyFormat,
@@ -338,7 +360,7 @@ def write_output_shard(
         rows[id_col] = pd.array([keys.key(first + i) for i in range(len(rows))], dtype=STRING)
 
         own_pieces = [piece[number] for piece in pieces if number in piece]
-        concatenate_tar_pieces([url for url, _, _ in own_pieces], tar_url)
+        concatenate_tar_pieces([piece.url for piece in own_pieces], tar_url)
         fs = filesystem_of(tar_url)[0]
         identity = {**shard_identity(rows, id_col), "tar": file_identity(fs.info(filesystem_of(tar_url)[1]))}
         records = moved_records(sources, identity, id_col)
@@ -348,8 +370,8 @@ def write_output_shard(
         "tar_path": posixpath.join(final_folder, f"{stem}.tar"),
         "parquet_path": posixpath.join(final_folder, f"{stem}.parquet"),
         "rows": len(rows),
-        "samples": sum(samples for _, samples, _ in own_pieces),
-        "unparsed_json": sum(unparsed for _, _, unparsed in own_pieces),
+        "samples": sum(piece.samples for piece in own_pieces),
+        "unparsed_json": sum(piece.unparsed_json for piece in own_pieces),
     }
 
 

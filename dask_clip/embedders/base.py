@@ -149,7 +149,6 @@ class ImageEmbedder(Operation):
     def config(self) -> dict[str, Any]:
         """The options that determine the embeddings, recorded next to them in the parquet."""
         return {
-            "class": self.name,
             **self.model_options(),
             "autocast": self.autocast,
             "max_image_pixels": self.max_image_pixels,

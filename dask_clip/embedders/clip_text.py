@@ -59,7 +59,6 @@ class ClipTextEmbedder(Operation):
     def config(self) -> dict[str, Any]:
         """The options that determine the embeddings, recorded next to them in the parquet."""
         return {
-            "class": self.name,
             **model_identity(self.model_dir, self.described.family),
             "caption_column": self.caption_column,
             "normalize_embeddings": self.normalize_embeddings,

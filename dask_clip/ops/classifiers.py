@@ -82,7 +82,6 @@ class EmbeddingClassifier(Operation):
     def config(self) -> dict[str, Any]:
         """The options that determine the predictions, recorded next to them in the parquet."""
         return {
-            "class": self.name,
             "model_path": self.model_path,
             "checkpoint_version": {"size": self.checkpoint_size, "mtime_ns": self.checkpoint_mtime_ns},
             "embedding_column": self.embedding_column,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dask_clip.columns import FLOAT32, embeddings_to_numpy, empty_column, nullable, unit_embeddings
+from dask_clip.columns import FLOAT32, embedding_width, embeddings_to_numpy, empty_column, nullable, unit_embeddings
 from dask_clip.errors import ColumnError
 from dask_clip.execution import ShardTask
 from dask_clip.operation import Operation
@@ -20,10 +20,13 @@ if TYPE_CHECKING:
 class ClipScore(Operation):
     """Adds ``score_column`` (``float32``, in [-1, 1]): the cosine of each row's image and text embeddings.
 
-    Null when either embedding is missing. Both must come from the same CLIP (same width, checked
-    when applied). This is the raw cosine; the CLIPScore paper reports ``2.5 * max(cosine, 0)`` and
-    torchmetrics ``100 * max(cosine, 0)``. LAION-400M kept pairs with cosine >= 0.3 (ViT-B/32).
+    Null when either embedding is missing. Both must come from the same CLIP (same width: checked when applied
+    where the columns' types say their widths, as files' footers record them; else row by row, as it runs).
+    This is the raw cosine; the CLIPScore paper reports ``2.5 * max(cosine, 0)`` and torchmetrics
+    ``100 * max(cosine, 0)``. LAION-400M kept pairs with cosine >= 0.3 (ViT-B/32).
     """
+
+    function_name = "clip_score"
 
     def __init__(
         self,
@@ -37,14 +40,14 @@ class ClipScore(Operation):
         self.score_column = score_column
 
     def config(self) -> dict[str, Any]:
-        return {"function": "clip_score", "image_column": self.image_column, "text_column": self.text_column}
+        return {"image_column": self.image_column, "text_column": self.text_column}
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return [self.image_column, self.text_column]
 
     def check_inputs(self, dataset: ImageTextPairDataset) -> None:
-        image_width = dataset.embedding_width(self.image_column, self.name)
-        text_width = dataset.embedding_width(self.text_column, self.name)
+        image_width = embedding_width(dataset.meta, self.image_column, self.name)
+        text_width = embedding_width(dataset.meta, self.text_column, self.name)
         if None not in (image_width, text_width) and image_width != text_width:
             raise ColumnError(
                 f"{self.image_column!r} holds {image_width}-d embeddings but {self.text_column!r} holds "

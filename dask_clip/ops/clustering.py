@@ -43,6 +43,11 @@ class ClusterTree:
     estimated_sizes: np.ndarray
 
     @property
+    def width(self) -> int:
+        """``D``, the width of the vectors it clusters."""
+        return self.centroids.shape[1]
+
+    @property
     def leaves(self) -> np.ndarray:
         """The node numbers of the clusters rows are assigned to: ``int64 (leaves,)``."""
         return np.flatnonzero(self.partition_of >= 0)

@@ -1,16 +1,31 @@
-"""What the deduplicators share: the decision columns they write."""
+"""What the deduplicators share: the decision columns they write, and how decisions reach each shard's rows.
+
+A deduplicator decides across shards, then hands ``join_decisions`` a Dask frame of decisions: one row per
+decided row (rows without one are kept), with its shard's position (``execution.SHARD_COLUMN``), its id (under
+the id column's name) and ``KEEP``, ``DUPLICATE_OF``, ``DUPLICATE_OF_SHARD`` and ``SIMILARITY``.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
+from dask_clip.execution import ShardTask
 from dask_clip.operation import Operation
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
+
+KEEP = "_dask_clip_keep"
+DUPLICATE_OF = "_dask_clip_duplicate_of"
+DUPLICATE_OF_SHARD = "_dask_clip_duplicate_of_shard"
+SIMILARITY = "_dask_clip_similarity"
+STEM = "_dask_clip_stem"
+"""The stem of a row's shard, while decisions are made across shards."""
 
 
 class Deduplicator(Operation):
@@ -42,3 +57,26 @@ class Deduplicator(Operation):
             self.duplicate_of_shard_column: empty_column(STRING),
             self.similarity_column: empty_column(FLOAT64),
         }
+
+    def join_decisions(
+        self, dataset: ImageTextPairDataset, decisions: dd.DataFrame, output_meta: pd.DataFrame
+    ) -> dd.DataFrame:
+        """Each shard's rows of ``dataset`` with the ``decisions`` made for them, joined by id, as this
+        deduplicator's columns; rows without a decision are kept."""
+        return dataset.map_shards_with_results(self._decided, output_meta, decisions, label=self.name)
+
+    def _decided(self, rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame) -> pd.DataFrame:
+        ids = rows[task.id_col]
+        positions = pd.Index(decisions[task.id_col]).get_indexer(ids) if len(decisions) else np.full(len(rows), -1)
+        columns = {
+            self.keep_column: (KEEP, BOOL),
+            self.duplicate_of_column: (DUPLICATE_OF, ids.dtype),
+            self.duplicate_of_shard_column: (DUPLICATE_OF_SHARD, STRING),
+            self.similarity_column: (SIMILARITY, FLOAT64),
+        }
+        joined = {
+            name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index).astype(dtype)
+            for name, (column, dtype) in columns.items()
+        }
+        joined[self.keep_column] = joined[self.keep_column].fillna(True)
+        return rows.assign(**joined)

@@ -15,15 +15,12 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
-from dask_clip.execution import ShardTask, map_shuffled, shuffle_to_shards
+from dask_clip.execution import SHARD_COLUMN, ShardTask, map_shuffled
 from dask_clip.io.tar_samples import RowKeys, is_image_extension, iter_tar_samples
-from dask_clip.ops.deduplicator import Deduplicator
+from dask_clip.ops.deduplicator import DUPLICATE_OF, DUPLICATE_OF_SHARD, KEEP, SIMILARITY, STEM, Deduplicator
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
-
-SHARD_NUMBER_COLUMN = "_dask_clip_shard"
-STEM_COLUMN = "_dask_clip_stem"
 
 
 def image_sha256(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.DataFrame:
@@ -53,15 +50,28 @@ class ExactDeduplicator(Deduplicator):
     (of rows with the same id, the one in the first shard), and the others name it (id and shard), with
     similarity 1.0. Rows without a hash (no image) are always kept. When the
     dataset has no ``hash_column``, it is computed (hex sha256 of the image member) from the tars and
-    added to the dataset. The column names are keyword-only options, as in ``Deduplicator``.
+    added to the dataset. The columns it writes are named by the keyword-only options of ``Deduplicator``.
     """
 
-    def __init__(self, *, hash_column: str = "sha256", **columns: str) -> None:
-        super().__init__(**columns)
+    def __init__(
+        self,
+        *,
+        hash_column: str = "sha256",
+        keep_column: str = "keep",
+        duplicate_of_column: str = "duplicate_of",
+        duplicate_of_shard_column: str = "duplicate_of_shard",
+        similarity_column: str = "similarity",
+    ) -> None:
+        super().__init__(
+            keep_column=keep_column,
+            duplicate_of_column=duplicate_of_column,
+            duplicate_of_shard_column=duplicate_of_shard_column,
+            similarity_column=similarity_column,
+        )
         self.hash_column = hash_column
 
     def config(self) -> dict[str, Any]:
-        return {"class": self.name, "hash_column": self.hash_column}
+        return {"hash_column": self.hash_column}
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
         return [self.hash_column] if self.hash_column in dataset.meta.columns else []  # else the tars' images
@@ -84,50 +94,20 @@ class ExactDeduplicator(Deduplicator):
             {
                 id_col: empty_column(id_dtype),
                 self.hash_column: empty_column(dataset.meta.dtypes[self.hash_column]),
-                SHARD_NUMBER_COLUMN: empty_column("int64"),
-                STEM_COLUMN: empty_column(STRING),
+                SHARD_COLUMN: empty_column("int64"),
+                STEM: empty_column(STRING),
             }
         )
         pairs = dataset.map_shards(_hashed_rows, pairs_meta, label="hashed-rows", hash_column=self.hash_column)
-        duplicates_meta = pd.DataFrame(
-            {
-                id_col: empty_column(id_dtype),
-                self.duplicate_of_column: empty_column(id_dtype),
-                self.duplicate_of_shard_column: empty_column(STRING),
-                SHARD_NUMBER_COLUMN: empty_column("int64"),
-            }
-        )
         duplicates = map_shuffled(
             _duplicates_in_groups,
             pairs.shuffle(on=self.hash_column, shuffle_method="tasks"),
-            duplicates_meta,
+            _duplicates_meta(id_col, id_dtype),
             label=f"{self.name}-groups",
             id_col=id_col,
             hash_column=self.hash_column,
-            outputs=(self.duplicate_of_column, self.duplicate_of_shard_column),
         )
-        by_shard = shuffle_to_shards(duplicates, SHARD_NUMBER_COLUMN, len(dataset.shards))
-        return dataset.map_shards(self._flag_rows, output_meta, by_shard, label=self.name)
-
-    def _flag_rows(self, rows: pd.DataFrame, task: ShardTask, duplicates: pd.DataFrame) -> pd.DataFrame:
-        """One shard's rows plus the flag columns, from the duplicates found in this shard."""
-        ids = rows[task.id_col]
-        positions = pd.Index(duplicates[task.id_col]).get_indexer(ids) if len(duplicates) else np.full(len(rows), -1)
-        removed = positions >= 0
-
-        def of_kept_row(column: str) -> pd.Series:
-            return pd.Series(duplicates[column].array.take(positions, allow_fill=True), index=rows.index)
-
-        return rows.assign(
-            **{
-                self.keep_column: pd.Series(pd.array(~removed, dtype=BOOL), index=rows.index),
-                self.duplicate_of_column: of_kept_row(self.duplicate_of_column).astype(ids.dtype),
-                self.duplicate_of_shard_column: of_kept_row(self.duplicate_of_shard_column).astype(STRING),
-                self.similarity_column: pd.Series(
-                    pd.array([1.0 if r else None for r in removed], dtype=FLOAT64), index=rows.index
-                ),
-            }
-        )
+        return self.join_decisions(dataset, duplicates, output_meta)
 
 
 def _hashed_rows(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.DataFrame:
@@ -135,23 +115,40 @@ def _hashed_rows(rows: pd.DataFrame, task: ShardTask, hash_column: str) -> pd.Da
     hashed = rows.loc[rows[hash_column].notna(), [task.id_col, hash_column]]
     return hashed.assign(
         **{
-            SHARD_NUMBER_COLUMN: np.full(len(hashed), task.shard.index, dtype="int64"),
-            STEM_COLUMN: pd.array([task.shard.stem] * len(hashed), dtype=STRING),
+            SHARD_COLUMN: np.full(len(hashed), task.shard.index, dtype="int64"),
+            STEM: pd.array([task.shard.stem] * len(hashed), dtype=STRING),
         }
     )
 
 
-def _duplicates_in_groups(pairs: pd.DataFrame, id_col: str, hash_column: str, outputs: tuple[str, str]) -> pd.DataFrame:
-    """Within complete hash groups: every row but the first by (id, shard number), with that row's id and shard
-    stem as ``outputs`` (duplicate-of, duplicate-of-shard columns), and its own shard number."""
-    ordered = pairs.sort_values([hash_column, id_col, SHARD_NUMBER_COLUMN], kind="stable", ignore_index=True)
+def _duplicates_in_groups(pairs: pd.DataFrame, id_col: str, hash_column: str) -> pd.DataFrame:
+    """Within complete hash groups: a decision (``ops.deduplicator``) for every row but the first by (id, shard
+    number), which it duplicates with similarity 1.0."""
+    ordered = pairs.sort_values([hash_column, id_col, SHARD_COLUMN], kind="stable", ignore_index=True)
     groups = ordered.groupby(hash_column, sort=False)
     removed = ordered[hash_column].duplicated(keep="first").to_numpy(dtype=bool)
+    count = int(removed.sum())
     return pd.DataFrame(
         {
-            id_col: ordered[id_col][removed],
-            outputs[0]: groups[id_col].transform("first")[removed],
-            outputs[1]: groups[STEM_COLUMN].transform("first")[removed],
-            SHARD_NUMBER_COLUMN: ordered[SHARD_NUMBER_COLUMN][removed],
+            SHARD_COLUMN: ordered[SHARD_COLUMN][removed].to_numpy(dtype=np.int64),
+            id_col: ordered[id_col][removed].array,
+            KEEP: pd.array(np.zeros(count, dtype=bool), dtype=BOOL),
+            DUPLICATE_OF: groups[id_col].transform("first")[removed].array,
+            DUPLICATE_OF_SHARD: groups[STEM].transform("first")[removed].array,
+            SIMILARITY: pd.array(np.ones(count), dtype=FLOAT64),
+        }
+    )
+
+
+def _duplicates_meta(id_col: str, id_dtype: object) -> pd.DataFrame:
+    """The columns and types of ``_duplicates_in_groups``' result."""
+    return pd.DataFrame(
+        {
+            SHARD_COLUMN: empty_column("int64"),
+            id_col: empty_column(id_dtype),
+            KEEP: empty_column(BOOL),
+            DUPLICATE_OF: empty_column(id_dtype),
+            DUPLICATE_OF_SHARD: empty_column(STRING),
+            SIMILARITY: empty_column(FLOAT64),
         }
     )

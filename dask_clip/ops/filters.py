@@ -30,6 +30,8 @@ class ThresholdFilter(Operation):
     it. Deduplicators replace ``keep_column``: run them before the filters.
     """
 
+    function_name = "keep_by_threshold"
+
     def __init__(
         self,
         column: str,
@@ -49,7 +51,6 @@ class ThresholdFilter(Operation):
 
     def config(self) -> dict[str, Any]:
         return {
-            "function": "keep_by_threshold",
             "column": self.column,
             "min": self.min,
             "max": self.max,

@@ -40,20 +40,14 @@ from dask_clip.columns import (
     vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import ShardTask, map_shuffled, shuffle_on_disk, shuffle_to_shards
+from dask_clip.execution import SHARD_COLUMN, ShardTask, map_shuffled, shuffle_on_disk
 from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
-from dask_clip.ops.deduplicator import Deduplicator
+from dask_clip.ops.deduplicator import DUPLICATE_OF, DUPLICATE_OF_SHARD, KEEP, SIMILARITY, STEM, Deduplicator
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 KEEP_POLICIES = ("hard", "easy", "random")
-_KEEP = "_dask_clip_keep"
-_DUPLICATE_OF = "_dask_clip_duplicate_of"
-_DUPLICATE_OF_SHARD = "_dask_clip_duplicate_of_shard"
-_SIMILARITY = "_dask_clip_similarity"
-_SHARD = "_dask_clip_shard"
-_STEM = "_dask_clip_stem"
 _PARTITION = "_dask_clip_partition"
 _CLUSTER = "_dask_clip_cluster"
 _CENTROID_COSINE = "_dask_clip_centroid_cosine"
@@ -104,9 +98,17 @@ class SemanticDeduplicator(Deduplicator):
         max_iter: int = 30,
         kmeans_sample_size: int = 100_000,
         max_cluster_size: int | None = 100_000,
-        **columns: str,
+        keep_column: str = "keep",
+        duplicate_of_column: str = "duplicate_of",
+        duplicate_of_shard_column: str = "duplicate_of_shard",
+        similarity_column: str = "similarity",
     ) -> None:
-        super().__init__(**columns)
+        super().__init__(
+            keep_column=keep_column,
+            duplicate_of_column=duplicate_of_column,
+            duplicate_of_shard_column=duplicate_of_shard_column,
+            similarity_column=similarity_column,
+        )
         if not 0 <= eps < 1:
             raise UsageError(f"eps must be in [0, 1), not {eps}")
         self.eps = eps
@@ -121,7 +123,6 @@ class SemanticDeduplicator(Deduplicator):
     def config(self) -> dict[str, Any]:
         """The options that determine the output, recorded next to it in the parquet."""
         return {
-            "class": type(self).__name__,
             "eps": self.eps,
             "n_clusters": self.n_clusters,
             "which_to_keep": self.which_to_keep,
@@ -139,8 +140,11 @@ class SemanticDeduplicator(Deduplicator):
         embedding_width(dataset.meta, self.embedding_column, self.name)
 
     def cluster_tree(self, dataset: ImageTextPairDataset) -> Delayed:
-        """The clusters this deduplicator fits to ``dataset`` (pass 1), lazily: a delayed ``ClusterTree``."""
-        dim = self._width(dataset)
+        """The clusters this deduplicator fits to ``dataset`` (pass 1), lazily: a delayed ``ClusterTree``.
+
+        The vectors' width is the column type's (which a file's footer records, ``io.vectors``); where no type
+        says it (a list column of another tool), each shard's sample tells it and the fitting task checks them."""
+        dim = embedding_width(dataset.meta, self.embedding_column, self.name)
         per_shard = math.ceil(self.kmeans_sample_size / len(dataset.shards))
         sample_meta = pd.DataFrame(
             {_VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())), _WEIGHT: empty_column("float64")}
@@ -157,6 +161,8 @@ class SemanticDeduplicator(Deduplicator):
         return dask.delayed(fit_tree)(
             samples,
             dim=dim,
+            column=self.embedding_column,
+            stems=[shard.stem for shard in dataset.shards],
             n_clusters=self.n_clusters,
             max_cluster_size=self.max_cluster_size,
             partitions=len(dataset.shards),
@@ -167,13 +173,12 @@ class SemanticDeduplicator(Deduplicator):
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
         """Cluster, decide within clusters, and join the decisions back to each shard's rows."""
         meta = dataset.meta
-        dim = self._width(dataset)
         id_col = dataset.id_col
         assigned_meta = pd.DataFrame(
             {
                 _PARTITION: empty_column("int64"),
-                _SHARD: empty_column("int64"),
-                _STEM: empty_column(STRING),
+                SHARD_COLUMN: empty_column("int64"),
+                STEM: empty_column(STRING),
                 id_col: meta[id_col].iloc[:0],
                 _CLUSTER: empty_column("int64"),
                 _CENTROID_COSINE: empty_column("float32"),
@@ -186,7 +191,6 @@ class SemanticDeduplicator(Deduplicator):
             label=f"{self.name}-assign",
             tree=self.cluster_tree(dataset),
             embedding_column=self.embedding_column,
-            dim=dim,
         )
         # optimised apart: each shard is read inside its assign task, which waits for the clusters, so no
         # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
@@ -202,30 +206,15 @@ class SemanticDeduplicator(Deduplicator):
             seed=self.seed,
             id_col=id_col,
             id_dtype=meta[id_col].dtype,
-            dim=dim,
         )
-        by_shard = shuffle_to_shards(decisions, _SHARD, len(dataset.shards))
-        outputs = (self.keep_column, self.duplicate_of_column, self.duplicate_of_shard_column, self.similarity_column)
-        return dataset.map_shards(
-            join_decisions,
-            output_meta,
-            by_shard,
-            label=self.name,
-            outputs=outputs,
-        )
-
-    def _width(self, dataset: ImageTextPairDataset) -> int:
-        dim = dataset.embedding_width(self.embedding_column, self.name)
-        if dim is None:
-            raise ColumnError(f"{self.name}: no shard holds an embedding in {self.embedding_column!r}")
-        return dim
+        return self.join_decisions(dataset, decisions, output_meta)
 
 
 def sample_shard(
-    rows: pd.DataFrame, task: ShardTask, embedding_column: str, dim: int, count: int, seed: int
+    rows: pd.DataFrame, task: ShardTask, embedding_column: str, dim: int | None, count: int, seed: int
 ) -> pd.DataFrame:
-    """Up to ``count`` of one shard's usable unit vectors, chosen with a generator seeded by ``(seed, shard)``,
-    each with the number of the shard's usable rows it stands for."""
+    """Up to ``count`` of one shard's usable unit vectors (of width ``dim``; None: its first vector's), chosen with
+    a generator seeded by ``(seed, shard)``, each with the number of the shard's usable rows it stands for."""
     vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])[1]
     if len(vectors) > count:
         chosen = np.random.default_rng([seed, task.shard.index]).choice(len(vectors), count, replace=False)
@@ -235,25 +224,39 @@ def sample_shard(
     return pd.DataFrame({_VECTOR: vectors_to_binary(vectors), _WEIGHT: np.full(len(vectors), weight)})
 
 
-def fit_tree(samples: list[pd.DataFrame], dim: int, **options: Any) -> ClusterTree:
-    """The ``ClusterTree`` of the shards' samples (``fit_cluster_tree``'s ``options``)."""
+def fit_tree(
+    samples: list[pd.DataFrame], dim: int | None, column: str, stems: list[str], **options: Any
+) -> ClusterTree:
+    """The ``ClusterTree`` of the shards' samples (``fit_cluster_tree``'s ``options``), of vectors of width ``dim``
+    (None: the samples' own, which must agree: ``ColumnError`` naming two shards and their widths otherwise, or
+    naming ``column`` when no shard holds a vector)."""
+    if dim is None:
+        widths = {stem: binary_width(sample[_VECTOR]) for stem, sample in zip(stems, samples, strict=True)}
+        found = {stem: width for stem, width in widths.items() if width is not None}
+        if not found:
+            raise ColumnError(f"no shard holds an embedding in {column!r}")
+        (first, dim), *others = found.items()
+        other = next(((stem, width) for stem, width in others if width != dim), None)
+        if other is not None:
+            raise ColumnError(
+                f"column {column!r} holds {dim}-d embeddings in shard {first} but {other[1]}-d ones in shard "
+                f"{other[0]}: every embedding must come from the same model"
+            )
     vectors = np.concatenate([binary_to_vectors(s[_VECTOR], dim) for s in samples])
     weights = np.concatenate([s[_WEIGHT].to_numpy() for s in samples])
     return fit_cluster_tree(vectors, weights, **options)
 
 
-def assign_shard(
-    rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str, dim: int
-) -> pd.DataFrame:
+def assign_shard(rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str) -> pd.DataFrame:
     """One shard's usable rows with their partition, shard number and stem, id, cluster, cosine to its centroid
     and unit vector (``binary``, for the shuffle)."""
-    valid, vectors = unit_embeddings(rows[embedding_column], dim, rows[task.id_col])
+    valid, vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])
     cluster, cosine, partition = tree.assign(vectors)
     return pd.DataFrame(
         {
             _PARTITION: partition,
-            _SHARD: np.full(len(vectors), task.shard.index, dtype=np.int64),
-            _STEM: pd.array([task.shard.stem] * len(vectors), dtype=STRING),
+            SHARD_COLUMN: np.full(len(vectors), task.shard.index, dtype=np.int64),
+            STEM: pd.array([task.shard.stem] * len(vectors), dtype=STRING),
             task.id_col: rows[task.id_col].array[valid],
             _CLUSTER: cluster,
             _CENTROID_COSINE: cosine,
@@ -288,8 +291,13 @@ def best_earlier_match(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best, match
 
 
+def binary_width(column: pd.Series) -> int | None:
+    """The width of the vectors in a column made by ``vectors_to_binary`` (None when it holds none)."""
+    return len(column.iloc[0]) // 4 if len(column) else None
+
+
 def cluster_decisions(
-    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any, dim: int
+    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any
 ) -> pd.DataFrame:
     """Whole clusters of rows (vectors as ``binary``) -> one decision per row: shard, id, keep, duplicate_of,
     duplicate_of_shard (a stem), similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them
@@ -297,13 +305,13 @@ def cluster_decisions(
     decided = []
     for cluster, group in frame.groupby(_CLUSTER, sort=True):
         # the same order whatever order the shuffle gave, ids repeated across shards included
-        group = group.sort_values([id_col, _SHARD], kind="stable")
+        group = group.sort_values([id_col, SHARD_COLUMN], kind="stable")
         group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
-        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], dim))
+        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], binary_width(group[_VECTOR])))
         duplicate = best >= threshold
         ids = pd.array(group[id_col], dtype=id_dtype)
-        stems = pd.array(group[_STEM], dtype=STRING)
-        decided.append(decision_frame(group[_SHARD], ids, stems, ~duplicate, best, match))
+        stems = pd.array(group[STEM], dtype=STRING)
+        decided.append(decision_frame(group[SHARD_COLUMN], ids, stems, ~duplicate, best, match))
     if not decided:
         return empty_decisions(id_col, id_dtype)
     return pd.concat(decided, ignore_index=True).rename(columns={_ID: id_col})
@@ -318,12 +326,12 @@ def decision_frame(
     matched = np.where(keep, -1, match)
     return pd.DataFrame(
         {
-            _SHARD: shards.to_numpy(dtype=np.int64),
+            SHARD_COLUMN: shards.to_numpy(dtype=np.int64),
             _ID: ids,
-            _KEEP: pd.array(keep, dtype=BOOL),
-            _DUPLICATE_OF: ids.take(matched, allow_fill=True),
-            _DUPLICATE_OF_SHARD: stems.take(matched, allow_fill=True),
-            _SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
+            KEEP: pd.array(keep, dtype=BOOL),
+            DUPLICATE_OF: ids.take(matched, allow_fill=True),
+            DUPLICATE_OF_SHARD: stems.take(matched, allow_fill=True),
+            SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
         }
     )
 
@@ -339,21 +347,3 @@ def empty_decisions(id_col: str, id_dtype: Any) -> pd.DataFrame:
         np.zeros(0, np.int64),
     )
     return empty.rename(columns={_ID: id_col})
-
-
-def join_decisions(
-    rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame, outputs: tuple[str, str, str, str]
-) -> pd.DataFrame:
-    """One shard's rows with its decisions joined by id, as ``outputs`` (keep, duplicate-of, duplicate-of-shard,
-    similarity).
-
-    Rows without a decision (no usable embedding) are kept.
-    """
-    id_col = task.id_col
-    positions = pd.Index(decisions[id_col]).get_indexer(rows[id_col]) if len(decisions) else np.full(len(rows), -1)
-    joined = {
-        name: pd.Series(decisions[column].array.take(positions, allow_fill=True), index=rows.index)
-        for name, column in zip(outputs, (_KEEP, _DUPLICATE_OF, _DUPLICATE_OF_SHARD, _SIMILARITY), strict=True)
-    }
-    joined[outputs[0]] = joined[outputs[0]].fillna(True)
-    return rows.assign(**joined)

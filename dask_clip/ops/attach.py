@@ -2,8 +2,8 @@
 
 LAION published its CLIP embeddings as ``img_emb/img_emb_{i}.npy`` (rows of vectors) with
 ``metadata/metadata_{i}.parquet`` (one row per vector, in the same order), and ``export_clip_retrieval``
-writes the same layout. ``attach_embeddings`` joins those vectors to the shards' rows by id (or by url,
-where the ids differ), without embedding anything:
+writes the same layout. ``AttachEmbeddings`` (``dataset.attach_embeddings``) joins those vectors to the shards'
+rows by id (or by url, where the ids differ), without embedding anything:
 
 1. each metadata parquet's task lists its join keys with their file and row; each shard's task lists its
    rows' keys with their shard and position;
@@ -20,10 +20,11 @@ join column's values.
 
 from __future__ import annotations
 
+import copy
 import posixpath
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.dataframe as dd
@@ -33,15 +34,16 @@ import pyarrow.parquet as pq
 
 from dask_clip.columns import STRING, embedding_dtype, empty_column, to_embedding_array
 from dask_clip.errors import ColumnError, DataError, DatasetLayoutError
-from dask_clip.execution import ShardTask, compute, failures_named, shuffle_to_shards
+from dask_clip.execution import SHARD_COLUMN, ShardTask, compute, failures_named
 from dask_clip.io.npy import NpyHeader, read_npy_header, read_npy_rows
-from dask_clip.io.provenance import Computed, Plain, digest
+from dask_clip.io.provenance import digest
 from dask_clip.io.shards import as_url, content_sha256, filesystem_of, protocol_of, resolved_url
+from dask_clip.operation import Operation
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
-_KEY, _SHARD, _POSITION, _FILE, _ROW = "_dask_clip_key", "_dask_clip_shard", "_dask_clip_position", "_file", "_row"
+_KEY, _POSITION, _FILE, _ROW = "_dask_clip_key", "_dask_clip_position", "_file", "_row"
 
 ID_COLUMNS = ("key", "image_path")
 """Where clip-retrieval's metadata holds a sample's id when it lacks the id column's own name: ``key`` (an
@@ -76,70 +78,93 @@ def embedding_files(path: str) -> list[tuple[str, str]]:
     ]
 
 
-def attach_embeddings(
-    dataset: ImageTextPairDataset,
-    path: str,
-    *,
-    on: str | None = None,
-    source_column: str | None = None,
-    embedding_column: str = "image_embedding",
-    error_column: str | None = None,
-) -> ImageTextPairDataset:
-    """A new dataset whose ``embedding_column`` holds the vectors found under ``path`` (clip-retrieval's layout),
-    joined to rows by column ``on`` (the id column by default; ``"url"`` where the ids differ) matched against
-    ``source_column`` of the metadata parquets (by default the same name; the id column is also found under
-    ``ID_COLUMNS``, clip-retrieval's names). Keys are compared as NFC-normalised text. Vectors are stored as
-    ``float32``; a row without one gets a null and a reason in ``error_column`` (``embedding_error`` for
-    ``image_embedding``, else ``<embedding_column>_error``), which this replaces too.
+class AttachEmbeddings(Operation):
+    """``AttachEmbeddings(path)(dataset)`` -> a new dataset whose ``embedding_column`` holds the vectors found
+    under ``path`` (clip-retrieval's layout), joined to rows by column ``on`` (the id column by default; ``"url"``
+    where the ids differ) matched against ``source_column`` of the metadata parquets (by default the same name;
+    the id column is also found under ``ID_COLUMNS``, clip-retrieval's names). Keys are compared as NFC-normalised
+    text. Vectors are stored as ``float32``; a row without one gets a null and a reason in ``error_column``
+    (``embedding_error`` for ``image_embedding``, else ``<embedding_column>_error``), which this replaces too.
 
-    Reads every file under ``path`` whole first (one task per file pair) and raises, before anything can be
+    Building it reads every file under ``path`` whole (one task per file pair) and raises, before anything can be
     written: ``DataError`` naming the file where a ``.npy`` is not a complete 2-d array of float16, float32 or
     float64, where its rows differ from its metadata parquet's, or where widths differ; ``ColumnError`` where
     the metadata lacks the join column."""
-    on = on or dataset.id_col
-    error_column = error_column or (
-        "embedding_error" if embedding_column == "image_embedding" else f"{embedding_column}_error"
-    )
-    if on not in dataset.meta.columns:
-        raise ColumnError(f"attach_embeddings joins on column {on!r}, which the dataset lacks")
-    path = resolved_url(path)
-    files = embedding_files(path)
-    parts = _checked_parts(path, files)
-    column = _join_column(parts, [source_column] if source_column else _candidates(on, dataset.id_col))
-    operation = {
-        "function": "attach_embeddings",
-        "path": path,
-        "content": digest([part.sha256 for part in parts]),
-        "on": on,
-        "source_column": column,
-    }
-    source = Computed(
-        operation, {on: dataset.provenance.get(on) or Plain(on)}, reasons={embedding_column: error_column}
-    )
 
-    numbered = [(index, metadata, column) for index, (_, metadata) in enumerate(files)]
-    keys = dd.from_map(_file_keys, numbered, meta=_KEYS_META, label="embedding-keys", enforce_metadata=False)
-    rows_meta = pd.DataFrame(
-        {_KEY: empty_column(STRING), _SHARD: empty_column("int64"), _POSITION: empty_column("int64")}
-    )
-    rows = dataset.map_shards(_row_keys, rows_meta, on=on)
-    matches = rows.merge(keys, on=_KEY, how="inner", shuffle_method="tasks")
-    by_shard = shuffle_to_shards(matches, _SHARD, len(dataset.shards))
-    headers = [part.header for part in parts]
-    output_meta = dataset.meta.assign(
-        **{embedding_column: empty_column(embedding_dtype(headers[0].width)), error_column: empty_column(STRING)}
-    )
-    frame = dataset.map_shards(
-        _join_vectors,
-        output_meta,
-        by_shard,
-        label="attach-embeddings",
-        files=files,
-        headers=headers,
-        columns=(embedding_column, error_column),
-        path=path,
-    )
-    return dataset.with_metadata(frame, dict.fromkeys((embedding_column, error_column), source))
+    function_name = "attach_embeddings"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        on: str | None = None,
+        source_column: str | None = None,
+        embedding_column: str = "image_embedding",
+        error_column: str | None = None,
+    ) -> None:
+        self.path = resolved_url(path)
+        self.files = embedding_files(self.path)
+        self.parts = _checked_parts(self.path, self.files)
+        self.on = on
+        self.source_column = source_column and _join_column(self.parts, [source_column])
+        self.embedding_column = embedding_column
+        self.error_column = error_column or (
+            "embedding_error" if embedding_column == "image_embedding" else f"{embedding_column}_error"
+        )
+
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        """The vectors attached to ``dataset``'s rows, joined on its id column unless ``on`` names another."""
+        if self.on is None or self.source_column is None:
+            return self.joined_on(self.on or dataset.id_col, dataset.id_col)(dataset)
+        return super().__call__(dataset)
+
+    def joined_on(self, on: str, id_col: str) -> AttachEmbeddings:
+        """This operation joining on column ``on`` of a dataset whose id column is ``id_col``, with the metadata
+        column it matches (``source_column``, or the first of ``on`` and, for the id column, ``ID_COLUMNS``)."""
+        joined = copy.copy(self)
+        joined.on = on
+        joined.source_column = self.source_column or _join_column(self.parts, _candidates(on, id_col))
+        return joined
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "content": digest([part.sha256 for part in self.parts]),
+            "on": self.on,
+            "source_column": self.source_column,
+        }
+
+    def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
+        return [self.on or dataset.id_col]
+
+    def reasons(self) -> dict[str, str]:
+        return {self.embedding_column: self.error_column}
+
+    def output_columns(self, dataset: ImageTextPairDataset) -> dict[str, pd.Series]:
+        return {
+            self.embedding_column: empty_column(embedding_dtype(self.parts[0].header.width)),
+            self.error_column: empty_column(STRING),
+        }
+
+    def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
+        """Match the files' keys to the shards' rows (a shuffle on the key), then read each shard's vectors."""
+        numbered = [(index, metadata, self.source_column) for index, (_, metadata) in enumerate(self.files)]
+        keys = dd.from_map(_file_keys, numbered, meta=_KEYS_META, label="embedding-keys", enforce_metadata=False)
+        rows_meta = pd.DataFrame(
+            {_KEY: empty_column(STRING), SHARD_COLUMN: empty_column("int64"), _POSITION: empty_column("int64")}
+        )
+        rows = dataset.map_shards(_row_keys, rows_meta, on=self.on)
+        matches = rows.merge(keys, on=_KEY, how="inner", shuffle_method="tasks")
+        return dataset.map_shards_with_results(
+            _join_vectors,
+            output_meta,
+            matches,
+            label="attach-embeddings",
+            files=self.files,
+            headers=[part.header for part in self.parts],
+            columns=(self.embedding_column, self.error_column),
+            path=self.path,
+        )
 
 
 _KEYS_META = pd.DataFrame({_KEY: empty_column(STRING), _FILE: empty_column("int64"), _ROW: empty_column("int64")})
@@ -247,7 +272,7 @@ def _row_keys(rows: pd.DataFrame, task: ShardTask, on: str) -> pd.DataFrame:
     return pd.DataFrame(
         {
             _KEY: normalized(rows[on][present]).array,
-            _SHARD: np.full(int(present.sum()), task.shard.index, dtype=np.int64),
+            SHARD_COLUMN: np.full(int(present.sum()), task.shard.index, dtype=np.int64),
             _POSITION: np.flatnonzero(present).astype(np.int64),
         }
     )
