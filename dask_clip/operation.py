@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import dask.dataframe as dd
 import pandas as pd
 
+from dask_clip.arguments import fraction
 from dask_clip.columns import require_columns
 from dask_clip.dataset.consistency import check_consumed, contents_checked
-from dask_clip.distributed.model_cache import get_or_load
+from dask_clip.distributed.model_cache import get_or_load, make_cache_key
 from dask_clip.execution import ShardTask, map_shards
 from dask_clip.io.provenance import Computed, Plain
 
@@ -64,6 +65,11 @@ class Operation(ABC):
     def name(self) -> str:
         """How errors and task names refer to this operation."""
         return type(self).__name__
+
+    @property
+    def label(self) -> str:
+        """How progress (Dask's task names) and logs show this step; never part of what identifies its output."""
+        return self.name
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -109,7 +115,7 @@ class Operation(ABC):
             dataset.shards,
             output_meta,
             id_col=dataset.id_col,
-            label=self.name,
+            label=self.label,
             resources=self.task_resources(),
         )
 
@@ -135,6 +141,34 @@ class Operation(ABC):
                 model = self.model.get()
         columns = self.process_shard(rows, task, model)
         return rows.assign(**{name: _aligned(values, rows.index) for name, values in columns.items()})
+
+
+class ModelOperation(Operation):
+    """An operation that runs a model on each shard: the embedders and the classifiers.
+
+    - ``device``: ``None`` picks CUDA when the worker has it, else the CPU;
+    - ``num_gpus_per_worker``: the share of one GPU each shard's task asks for, as the Dask worker resource
+      ``GPU`` where workers offer it (nothing with ``device="cpu"``);
+    - ``name``: the label progress and logs show (NeMo Curator's spelling), never part of the identity of the
+      columns it writes nor of its model-cache key, so renaming a step recomputes nothing.
+    """
+
+    def __init__(self, *, device: str | None, num_gpus_per_worker: float, name: str | None) -> None:
+        self.device = device
+        self.num_gpus_per_worker = fraction("num_gpus_per_worker", num_gpus_per_worker)
+        self._label = name
+
+    @property
+    def label(self) -> str:
+        return self._label or self.name
+
+    def task_resources(self) -> dict[str, float]:
+        return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}
+
+    def model_spec(self, weights: Mapping[str, Any], load: Callable[[], Any]) -> ModelSpec:
+        """The per-worker cache entry of the model ``load()`` returns, keyed by ``weights`` (everything that changes
+        the loaded model: which weights, their version included) and the device."""
+        return ModelSpec(make_cache_key(self.name, {**weights, "device": self.device}), load)
 
 
 def _aligned(values: Any, index: pd.Index) -> pd.Series:
