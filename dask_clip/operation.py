@@ -9,7 +9,9 @@ An operation says
 - ``reasons()``: which column gives the reason where one it writes is null;
 - ``output_columns(dataset)``: the columns it writes, with their types (for the Dask ``meta``);
 - ``cross_shard``: whether its output for one shard depends on other shards (deduplication);
-- ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache;
+- ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache (a
+  ``ModelOperation`` builds it, and asks for a share of a GPU);
+- ``label``: how progress and logs show it (``name`` unless given another);
 - ``process_shard(rows, task, model)``: for a per-shard operation, its new columns for one shard.
 
 ``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
