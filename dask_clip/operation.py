@@ -10,7 +10,9 @@ An operation says
 - ``reasons()``: which column gives the reason where one it writes is null;
 - ``output_columns(dataset)``: the columns it writes, with their types (for the Dask ``meta``);
 - ``cross_shard``: whether its output for one shard depends on other shards (deduplication);
-- ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache;
+- ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache (a
+  ``ModelOperation`` builds it, and asks for a share of a GPU);
+- ``label``: how progress and logs show it (``name`` unless given another);
 - ``process_shard(rows, task, model)``: for a per-shard operation, its new columns for one shard.
 
 ``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
@@ -30,9 +32,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import dask.dataframe as dd
 import pandas as pd
 
+from dask_clip.arguments import fraction
 from dask_clip.columns import require_columns
 from dask_clip.dataset.consistency import check_consumed, contents_checked
-from dask_clip.distributed.model_cache import get_or_load
+from dask_clip.distributed.model_cache import get_or_load, make_cache_key
 from dask_clip.execution import ShardTask
 from dask_clip.io.provenance import Computed, Plain
 
@@ -72,6 +75,11 @@ class Operation(ABC):
     def recorded_identity(self) -> dict[str, str]:
         """How provenance names this operation: ``{"function": function_name}``, else ``{"class": <its class>}``."""
         return {"function": self.function_name} if self.function_name else {"class": type(self).__name__}
+
+    @property
+    def label(self) -> str:
+        """How progress (Dask's task names) and logs show this step; never part of what identifies its output."""
+        return self.name
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -118,7 +126,7 @@ class Operation(ABC):
         return dataset.map_shards(
             self._run_on_shard,
             output_meta,
-            label=self.name,
+            label=self.label,
             resources=self.task_resources(),
         )
 
@@ -144,6 +152,34 @@ class Operation(ABC):
                 model = self.model.get()
         columns = self.process_shard(rows, task, model)
         return rows.assign(**{name: _aligned(values, rows.index) for name, values in columns.items()})
+
+
+class ModelOperation(Operation):
+    """An operation that runs a model on each shard: the embedders and the classifiers.
+
+    - ``device``: ``None`` picks CUDA when the worker has it, else the CPU;
+    - ``num_gpus_per_worker``: the share of one GPU each shard's task asks for, as the Dask worker resource
+      ``GPU`` where workers offer it (nothing with ``device="cpu"``);
+    - ``name``: the label progress and logs show (NeMo Curator's spelling), never part of the identity of the
+      columns it writes nor of its model-cache key, so renaming a step recomputes nothing.
+    """
+
+    def __init__(self, *, device: str | None, num_gpus_per_worker: float, name: str | None) -> None:
+        self.device = device
+        self.num_gpus_per_worker = fraction("num_gpus_per_worker", num_gpus_per_worker)
+        self._label = name
+
+    @property
+    def label(self) -> str:
+        return self._label or self.name
+
+    def task_resources(self) -> dict[str, float]:
+        return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}
+
+    def model_spec(self, weights: Mapping[str, Any], load: Callable[[], Any]) -> ModelSpec:
+        """The per-worker cache entry of the model ``load()`` returns, keyed by ``weights`` (everything that changes
+        the loaded model: which weights, their version included) and the device."""
+        return ModelSpec(make_cache_key(self.name, {**weights, "device": self.device}), load)
 
 
 def _aligned(values: Any, index: pd.Index) -> pd.Series:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -104,6 +105,28 @@ def test_a_rerun_keeps_shards_whose_only_nulls_are_null_captions(
     again = embedder(ImageTextPairDataset.from_webdataset(str(captioned_shards))).save_metadata(str(tmp_path))
     assert list(first["written"]) == [True, True]
     assert list(again["written"]) == [False, False], "the shard with a null caption was recomputed"
+
+
+def test_weights_replaced_in_place_are_loaded_again_by_a_long_lived_process(
+    captioned_shards: Path, model_with_tokenizer: Path, tmp_path: Path
+) -> None:
+    """The model cache's key names the weights' version that ``config()`` records, so a process that embedded
+    with the old weights loads the new ones once they replace the old in the same folder."""
+    folder = Path(shutil.copytree(model_with_tokenizer, tmp_path / "model"))
+    dataset = ImageTextPairDataset.from_webdataset(str(captioned_shards))
+
+    def embed() -> tuple[ClipTextEmbedder, pd.DataFrame]:
+        embedder = ClipTextEmbedder(str(folder))
+        with dask.config.set(scheduler="synchronous"):  # this process's model cache, as a worker's
+            return embedder, embedder(dataset).metadata.compute().set_index("url").drop(index="camera")
+
+    old_version = embed()[0].config()["model_version"]
+    testing.save_random_clip_model(folder, shape="tiny", seed=1)  # other weights, same files, tokenizer kept
+    new, frame = embed()
+    assert new.config()["model_version"] != old_version
+    reference = transformers_text_features(folder, list(frame["caption"]))
+    cosines = (embeddings_to_numpy(frame["text_embedding"]) * reference).sum(axis=1)
+    assert (cosines >= 0.9999).all(), "the old weights, still cached, embedded the captions"
 
 
 def test_clip_score_is_the_cosine_or_null(client, captioned_shards: Path, model_with_tokenizer: Path) -> None:

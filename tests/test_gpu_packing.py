@@ -4,16 +4,30 @@ reading, shuffling and summing run on any worker."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from distributed import Client, LocalCluster, Worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from dask_clip import ClipImageEmbedder, ImageTextPairDataset
+from dask_clip import (
+    AestheticClassifier,
+    ClipImageEmbedder,
+    ClipTextEmbedder,
+    ImageTextPairDataset,
+    NsfwClassifier,
+    TimmImageEmbedder,
+    testing,
+)
 from dask_clip.errors import UsageError
 from dask_clip.execution import compute, map_shards, optimized_with_resources
+from dask_clip.models.classifiers import AestheticMlp, NsfwMlp
+from dask_clip.operation import ModelOperation
 
 
 class Placements(SchedulerPlugin):
@@ -99,3 +113,52 @@ def test_two_steps_fused_into_one_task_ask_for_the_larger_share(pristine_shards:
 def test_a_gpu_share_outside_0_to_1_is_refused(tiny_model, share) -> None:
     with pytest.raises(UsageError, match="num_gpus_per_worker must be a number from 0 to 1"):
         ClipImageEmbedder(model_dir=str(tiny_model), num_gpus_per_worker=share)
+
+
+@pytest.fixture(scope="module")
+def model_steps(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Callable[..., ModelOperation]]:
+    """Every step that runs a model, by class name: a function of its keyword options, on tiny local weights."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("model-steps")
+    text_model = testing.save_tokenizer_for_clip_model(shutil.copytree(tiny_model, folder / "clip"))
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=8).state_dict(), str(folder / "timm.safetensors"))
+    torch.save(AestheticMlp(32).state_dict(), folder / "aesthetic.pth")
+    torch.save(NsfwMlp(32).state_dict(), folder / "nsfw.pth")
+    return {
+        "ClipImageEmbedder": lambda **options: ClipImageEmbedder(str(tiny_model), **options),
+        "TimmImageEmbedder": lambda **options: TimmImageEmbedder(
+            "vit_tiny_patch16_224",
+            checkpoint_path=str(folder / "timm.safetensors"),
+            model_kwargs={"num_classes": 8},
+            **options,
+        ),
+        "ClipTextEmbedder": lambda **options: ClipTextEmbedder(str(text_model), **options),
+        "AestheticClassifier": lambda **options: AestheticClassifier(
+            str(folder / "aesthetic.pth"), embedding_dim=32, **options
+        ),
+        "NsfwClassifier": lambda **options: NsfwClassifier(str(folder / "nsfw.pth"), embedding_dim=32, **options),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["ClipImageEmbedder", "TimmImageEmbedder", "ClipTextEmbedder", "AestheticClassifier", "NsfwClassifier"]
+)
+def test_every_step_with_a_model_asks_for_its_gpu_share_unless_on_the_cpu(model_steps, kind: str) -> None:
+    build = model_steps[kind]
+    assert build().task_resources() == {"GPU": 0.25}  # device None: CUDA where the worker has it
+    assert build(device="cuda", num_gpus_per_worker=0.5).task_resources() == {"GPU": 0.5}
+    assert build(device="cpu").task_resources() == {}
+    with pytest.raises(UsageError, match="num_gpus_per_worker must be a number from 0 to 1"):
+        build(num_gpus_per_worker=2)
+
+
+def test_a_classifiers_tasks_ask_for_the_gpu_as_an_embedders_do(model_steps, tmp_path: Path) -> None:
+    vectors = {f"k{i}": np.random.default_rng(i).normal(size=32) for i in range(4)}
+    testing.write_embedding_shards(tmp_path, vectors, rows_per_shard=2)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
+    on_gpu = model_steps["AestheticClassifier"]()(dataset)
+    assert list(optimized_with_resources(on_gpu.metadata)[1].by_name.values()) == [{"GPU": 0.25}]
+    on_cpu = model_steps["AestheticClassifier"](device="cpu")(dataset)
+    assert not optimized_with_resources(on_cpu.metadata)[1].by_name

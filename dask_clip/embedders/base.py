@@ -1,9 +1,10 @@
 """What every image embedder shares: its options, streaming each shard's tar through a decode thread pool
 into batched inference, and joining the embeddings to rows by id.
 
-A subclass describes its model on the client (width and preprocessing, ``describe_model``) and loads it
-on a worker (``load_model``: anything with ``preprocess``, ``device`` and ``embed(images)``); everything
-about shards, rows, errors and caching lives here and in the operation protocol.
+A subclass describes its model on the client (``describe_model`` returns a ``ModelDescription``: width,
+preprocessing and which weights) and loads it on a worker (``load_model``: anything with ``preprocess``,
+``device`` and ``embed(images)``); everything about shards, rows, errors and caching lives here and in the
+operation protocol.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import pandas as pd
 
 from dask_clip.arguments import alias, at_least, one_of
 from dask_clip.columns import STRING, embedding_dtype, empty_column, l2_normalize, to_embedding_array
-from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.errors import ImageDecodeError, ShardReadError
 from dask_clip.execution import ShardTask
 from dask_clip.images.device_decode import (
@@ -34,7 +34,7 @@ from dask_clip.images.device_decode import (
 )
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessConfig, resolve_decode_mode
 from dask_clip.io.tar_samples import RowKeys, Sample, is_image_extension, iter_tar_samples
-from dask_clip.operation import ModelSpec, Operation
+from dask_clip.operation import ModelOperation
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -47,6 +47,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the client knows of an image embedder's model without loading its weights."""
+
+    width: int
+    """The embedding width ``D``: the model gives ``float32 (B, D)``."""
+    preprocess: PreprocessConfig
+    """How the model wants its pixels (the embedder applies its decode mode to it)."""
+    identity: Mapping[str, Any]
+    """Which weights (model id, checkpoint, their version), JSON-serialisable: recorded in ``config()`` and part
+    of the model-cache key."""
+
+
 @dataclass
 class _Decoded:
     key: str
@@ -57,20 +70,21 @@ class _Decoded:
     error: str | None
 
 
-class ImageEmbedder(Operation):
+class ImageEmbedder(ModelOperation):
     """Base of the image embedders: ``embedder(dataset)`` returns a new dataset with an embedding column.
 
-    Options every embedder takes (keyword-only):
+    Options every embedder takes (keyword-only), besides ``device``, ``num_gpus_per_worker`` (default 0.25)
+    and ``name`` (see ``ModelOperation``):
 
     - ``batch_size``: images per model call (alias ``model_inference_batch_size``, NeMo Curator's name);
     - ``embedding_column`` (alias ``image_embedding_column``) and ``error_column``: the columns written;
     - ``normalize_embeddings``: L2-normalise each vector;
-    - ``autocast``: bf16 where the device computes it natively; ``device``: ``None`` picks CUDA when the
-      worker has it, else the CPU;
+    - ``autocast``: bf16 where the device computes it natively;
     - ``decode_mode``, ``decode_threads``, ``max_image_pixels``: how images are decoded (see ``DECODE_MODES``);
     - ``on_error``: ``"record"`` gives a bad image a null embedding and a reason in ``error_column``,
       ``"raise"`` stops at the first bad image with an error naming the shard and key;
-    - ``verbose``: log a line per shard.
+    - ``verbose``: log a line per shard;
+    - ``remove_image_data``: accepted for NeMo Curator's examples and ignored: no column holds image bytes.
     """
 
     default_decode_mode: str | None = None
@@ -90,9 +104,14 @@ class ImageEmbedder(Operation):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         on_error: str = "record",
         verbose: bool = False,
+        num_gpus_per_worker: float = 0.25,
+        name: str | None = None,
         model_inference_batch_size: int | None = None,
         image_embedding_column: str | None = None,
+        remove_image_data: bool = False,
     ) -> None:
+        del remove_image_data  # nothing to remove: the images stay in the tars
+        super().__init__(device=device, num_gpus_per_worker=num_gpus_per_worker, name=name)
         self.batch_size = at_least(
             "batch_size", alias("batch_size", batch_size, "model_inference_batch_size", model_inference_batch_size, 32)
         )
@@ -102,7 +121,6 @@ class ImageEmbedder(Operation):
         self.error_column = error_column
         self.normalize_embeddings = normalize_embeddings
         self.autocast = autocast
-        self.device = device
         self.decode_threads = at_least("decode_threads", decode_threads)
         self.max_image_pixels = at_least("max_image_pixels", max_image_pixels)
         self.on_error = one_of("on_error", on_error, ERROR_POLICIES)
@@ -110,28 +128,25 @@ class ImageEmbedder(Operation):
         self.decode_mode = resolve_decode_mode(decode_mode or self.default_decode_mode, autocast)
         if self.decode_mode == "device":
             check_device_decode_available()
-        self.embedding_dim, preprocess = self.describe_model()
-        self.preprocess = preprocess.with_decode_mode(self.decode_mode)
+        self.description = self.describe_model(self.max_image_pixels)
+        self.embedding_dim = self.description.width
+        self.preprocess = self.description.preprocess.with_decode_mode(self.decode_mode)
         loaded = {
-            **self.model_options(),
-            "device": device,
+            **self.description.identity,
             "autocast": autocast,
             "max_image_pixels": max_image_pixels,
             "decode_mode": self.decode_mode,
         }
-        self.model = ModelSpec(make_cache_key(self.name, loaded), self._load_checked)
+        self.model = self.model_spec(loaded, self._load_checked)
 
     # --- what a subclass provides -------------------------------------------------------------
     @abstractmethod
-    def describe_model(self) -> tuple[int, PreprocessConfig]:
-        """On the client, without loading weights: the embedding width and the model's preprocessing.
+    def describe_model(self, max_image_pixels: int) -> ModelDescription:
+        """On the client, without loading weights: the model's description, its preprocessing refusing images
+        of more than ``max_image_pixels``.
 
         Raises ``ModelLoadError`` for a model that cannot be loaded, so the run fails before any shard.
         """
-
-    @abstractmethod
-    def model_options(self) -> dict[str, Any]:
-        """The options that say which weights to load (model id, checkpoint, ...), JSON-serialisable."""
 
     @abstractmethod
     def load_model(self) -> Any:
@@ -149,7 +164,7 @@ class ImageEmbedder(Operation):
     def config(self) -> dict[str, Any]:
         """The options that determine the embeddings, recorded next to them in the parquet."""
         return {
-            **self.model_options(),
+            **self.description.identity,
             "autocast": self.autocast,
             "max_image_pixels": self.max_image_pixels,
             "decode_mode": self.decode_mode,
@@ -241,7 +256,8 @@ class ImageEmbedder(Operation):
         task.add_seconds("decode_s", sum(decode_seconds))
         if self.verbose:
             logger.info(
-                "%s: %d rows, %d embedded, %d without embedding, %.1fs (%.1f images/s)",
+                "%s: %s: %d rows, %d embedded, %d without embedding, %.1fs (%.1f images/s)",
+                self.label,
                 tar_url,
                 len(rows),
                 int(valid.sum()),

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from dask_clip.arguments import fraction, model_id
-from dask_clip.embedders.base import ImageEmbedder
-from dask_clip.images.preprocess import PreprocessConfig
-from dask_clip.models.clip import ClipVisionModel, describe_image_model, model_identity
+from dask_clip.arguments import model_id
+from dask_clip.embedders.base import ImageEmbedder, ModelDescription
+from dask_clip.models.clip import ClipVisionModel, ImageModelDescription, describe_image_model, model_identity
 from dask_clip.models.device import resolve_device
+from dask_clip.models.families import Family
 from dask_clip.models.loading import resolved_model_path
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClipModelDescription(ModelDescription):
+    """A CLIP-family image model's description, with its family (which tower a worker loads)."""
+
+    family: Family
 
 
 class ClipImageEmbedder(ImageEmbedder):
@@ -23,8 +29,7 @@ class ClipImageEmbedder(ImageEmbedder):
     ``model_dir`` is a hub id or a local ``save_pretrained`` directory of a ``CLIPModel`` or a
     ``CLIPVisionModelWithProjection`` (with ``preprocessor_config.json``; safetensors weights only). The
     output column holds ``float32`` vectors of the model's projection size (768 for ViT-L/14),
-    L2-normalised when ``normalize_embeddings``. ``num_gpus_per_worker`` is asked for as the Dask worker
-    resource ``GPU`` when workers offer it. Every other option is keyword-only and described in
+    L2-normalised when ``normalize_embeddings``. Every other option is keyword-only and described in
     ``ImageEmbedder``.
 
     ``decode_mode="fast"`` decodes a JPEG at 1/2, 1/4 or 1/8 scale (``Image.draft``) when it is at
@@ -40,30 +45,19 @@ class ClipImageEmbedder(ImageEmbedder):
     JPEG decode.
     """
 
-    def __init__(
-        self, model_dir: str = "openai/clip-vit-large-patch14", *, num_gpus_per_worker: float = 0.25, **options: Any
-    ) -> None:
+    description: ClipModelDescription
+
+    def __init__(self, model_dir: str = "openai/clip-vit-large-patch14", **options: Any) -> None:
         self.model_dir = resolved_model_path(model_id("model_dir", model_dir))
-        self.num_gpus_per_worker = fraction("num_gpus_per_worker", num_gpus_per_worker)
         super().__init__(**options)
 
-    def describe_model(self) -> tuple[int, PreprocessConfig]:
-        self.described = describe_image_model(self.model_dir, self.max_image_pixels)
-        return self.described.width, self.described.preprocess
-
-    @functools.cached_property
-    def identity(self) -> dict[str, Any]:
-        """The model's id, family and weights' version (``models.clip.model_identity``), read once."""
-        return model_identity(self.model_dir, self.described.family)
-
-    def model_options(self) -> dict[str, Any]:
-        return dict(self.identity)
-
-    def task_resources(self) -> dict[str, float]:
-        return {"GPU": self.num_gpus_per_worker} if self.device != "cpu" and self.num_gpus_per_worker else {}
+    def describe_model(self, max_image_pixels: int) -> ClipModelDescription:
+        described = describe_image_model(self.model_dir, max_image_pixels)
+        identity = model_identity(self.model_dir, described.family)
+        return ClipModelDescription(described.width, described.preprocess, identity, described.family)
 
     def load_model(self) -> ClipVisionModel:
         device = resolve_device(self.device)
-        logger.info("loading CLIP vision model %s on %s", self.model_dir, device)
-        described = dataclasses.replace(self.described, preprocess=self.preprocess)
+        logger.info("%s: loading CLIP vision model %s on %s", self.label, self.model_dir, device)
+        described = ImageModelDescription(self.description.family, self.embedding_dim, self.preprocess)
         return ClipVisionModel(self.model_dir, device, self.autocast, described)

@@ -11,12 +11,11 @@ import pandas as pd
 
 from dask_clip.arguments import at_least, model_id
 from dask_clip.columns import embedding_dtype, empty_column, l2_normalize, to_embedding_array
-from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.execution import ShardTask
 from dask_clip.models.clip import ClipTextModel, describe_text_model, model_identity
 from dask_clip.models.device import resolve_device
 from dask_clip.models.loading import resolved_model_path
-from dask_clip.operation import ModelSpec, Operation
+from dask_clip.operation import ModelOperation
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -24,14 +23,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class ClipTextEmbedder(Operation):
+class ClipTextEmbedder(ModelOperation):
     """``embedder(dataset)`` -> a new dataset with the CLIP text embedding of each row's caption.
 
     ``model_dir``: the same CLIP as the image embeddings (hub id or ``save_pretrained`` folder of a
     ``CLIPModel`` or ``CLIPTextModelWithProjection``) with its tokenizer files. Captions are read from
     ``caption_column`` (img2dataset writes ``caption``) and truncated to CLIP's 77 tokens (start and
     end of text included). ``embedding_column`` holds ``float32`` vectors of the projection size,
-    L2-normalised when ``normalize_embeddings``; null where the caption is null.
+    L2-normalised when ``normalize_embeddings``; null where the caption is null. ``device``,
+    ``num_gpus_per_worker`` and ``name`` are as for every ``ModelOperation``.
     """
 
     def __init__(
@@ -43,23 +43,24 @@ class ClipTextEmbedder(Operation):
         caption_column: str = "caption",
         normalize_embeddings: bool = True,
         device: str | None = None,
+        num_gpus_per_worker: float = 0.25,
+        name: str | None = None,
     ) -> None:
+        super().__init__(device=device, num_gpus_per_worker=num_gpus_per_worker, name=name)
         self.model_dir = resolved_model_path(model_id("model_dir", model_dir))
         self.batch_size = at_least("batch_size", batch_size)
         self.embedding_column = embedding_column
         self.caption_column = caption_column
         self.normalize_embeddings = normalize_embeddings
-        self.device = device
         self.described = describe_text_model(self.model_dir)
         self.embedding_dim = self.described.width
-        self.model = ModelSpec(
-            make_cache_key(self.name, {"model_dir": self.model_dir, "device": device}), self.load_model
-        )
+        self.identity = model_identity(self.model_dir, self.described.family)
+        self.model = self.model_spec(self.identity, self.load_model)
 
     def config(self) -> dict[str, Any]:
         """The options that determine the embeddings, recorded next to them in the parquet."""
         return {
-            **model_identity(self.model_dir, self.described.family),
+            **self.identity,
             "caption_column": self.caption_column,
             "normalize_embeddings": self.normalize_embeddings,
             "embedding_dim": self.embedding_dim,
@@ -75,7 +76,7 @@ class ClipTextEmbedder(Operation):
     def load_model(self) -> ClipTextModel:
         """Load the tokenizer and text tower on this worker; called once per worker process."""
         device = resolve_device(self.device)
-        logger.info("loading CLIP text model %s on %s", self.model_dir, device)
+        logger.info("%s: loading CLIP text model %s on %s", self.label, self.model_dir, device)
         return ClipTextModel(self.model_dir, device, self.described)
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:

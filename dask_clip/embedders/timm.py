@@ -6,9 +6,8 @@ import logging
 from typing import Any
 
 from dask_clip.arguments import at_least, model_id
-from dask_clip.embedders.base import ImageEmbedder
+from dask_clip.embedders.base import ImageEmbedder, ModelDescription
 from dask_clip.errors import UsageError
-from dask_clip.images.preprocess import PreprocessConfig
 from dask_clip.models.device import resolve_device
 from dask_clip.models.loading import file_version, resolved_model_path
 from dask_clip.models.timm import TimmModel, describe_timm_model
@@ -52,24 +51,23 @@ class TimmImageEmbedder(ImageEmbedder):
         self.model_kwargs = dict(model_kwargs or {})
         super().__init__(**options)
 
-    def describe_model(self) -> tuple[int, PreprocessConfig]:
-        return describe_timm_model(self.model_name, self.model_kwargs, self.max_image_pixels)
-
-    def model_options(self) -> dict[str, Any]:
-        return {
+    def describe_model(self, max_image_pixels: int) -> ModelDescription:
+        width, preprocess = describe_timm_model(self.model_name, self.model_kwargs, max_image_pixels)
+        identity = {
             "model_name": self.model_name,
             "pretrained": self.pretrained,
             "checkpoint_path": self.checkpoint_path,
             "checkpoint_version": file_version(self.checkpoint_path) if self.checkpoint_path else None,
             "model_kwargs": self.model_kwargs,
         }
+        return ModelDescription(width, preprocess, identity)
 
     def load_model(self) -> TimmModel:
         import torch
 
         torch.set_num_threads(self.num_threads_per_worker)
         device = resolve_device(self.device)
-        logger.info("loading timm model %s on %s", self.model_name, device)
+        logger.info("%s: loading timm model %s on %s", self.label, self.model_name, device)
         return TimmModel(
             self.model_name,
             self.pretrained,

@@ -18,12 +18,11 @@ import pandas as pd
 
 from dask_clip.arguments import at_least
 from dask_clip.columns import FLOAT32, embedding_width, empty_column, nullable, unit_embeddings
-from dask_clip.distributed.model_cache import make_cache_key
 from dask_clip.errors import CheckpointError, ColumnError, UsageError
 from dask_clip.execution import ShardTask
 from dask_clip.models.device import resolve_device
-from dask_clip.models.loading import resolved_model_path
-from dask_clip.operation import ModelSpec, Operation
+from dask_clip.models.loading import file_version, resolved_model_path
+from dask_clip.operation import ModelOperation
 
 if TYPE_CHECKING:
     import torch
@@ -33,11 +32,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class EmbeddingClassifier(Operation):
+class EmbeddingClassifier(ModelOperation):
     """Base: a torch module applied in batches to the L2-normalised embeddings of ``embedding_column``.
 
     Rows without an embedding get a null prediction. The embedding width must equal
     ``embedding_dim`` (768 for CLIP ViT-L/14); the column's width is checked when the classifier is applied.
+    ``device``, ``num_gpus_per_worker`` and ``name`` are as for every ``ModelOperation``.
     """
 
     default_pred_column: str
@@ -52,7 +52,10 @@ class EmbeddingClassifier(Operation):
         batch_size: int = 1024,
         embedding_dim: int = 768,
         device: str | None = None,
+        num_gpus_per_worker: float = 0.25,
+        name: str | None = None,
     ) -> None:
+        super().__init__(device=device, num_gpus_per_worker=num_gpus_per_worker, name=name)
         if not model_path:
             raise UsageError(f"{self.name} needs model_path: a local checkpoint file")
         self.model_path = resolved_model_path(str(model_path))
@@ -62,12 +65,14 @@ class EmbeddingClassifier(Operation):
         self.pred_column = pred_column or self.default_pred_column
         self.batch_size = at_least("batch_size", batch_size)
         self.embedding_dim = at_least("embedding_dim", embedding_dim)
-        self.device = device
+        self.checkpoint_version = file_version(self.model_path)
         self.check_checkpoint()
-        stat = os.stat(self.model_path)
-        self.checkpoint_size, self.checkpoint_mtime_ns = stat.st_size, stat.st_mtime_ns
-        identity = {"path": self.model_path, "mtime": stat.st_mtime_ns, "size": stat.st_size, "dim": embedding_dim}
-        self.model = ModelSpec(make_cache_key(self.name, {**identity, "device": device}), self.load_model)
+        weights = {
+            "model_path": self.model_path,
+            "checkpoint_version": self.checkpoint_version,
+            "embedding_dim": self.embedding_dim,
+        }
+        self.model = self.model_spec(weights, self.load_model)
 
     @abstractmethod
     def build_module(self) -> torch.nn.Module:
@@ -83,7 +88,7 @@ class EmbeddingClassifier(Operation):
         """The options that determine the predictions, recorded next to them in the parquet."""
         return {
             "model_path": self.model_path,
-            "checkpoint_version": {"size": self.checkpoint_size, "mtime_ns": self.checkpoint_mtime_ns},
+            "checkpoint_version": self.checkpoint_version,
             "embedding_column": self.embedding_column,
             "embedding_dim": self.embedding_dim,
         }
@@ -109,7 +114,7 @@ class EmbeddingClassifier(Operation):
         from dask_clip.models.classifiers import load_classifier
 
         device = torch.device(resolve_device(self.device))
-        logger.info("loading %s from %s on %s", self.name, self.model_path, device)
+        logger.info("%s: loading %s on %s", self.label, self.model_path, device)
         return load_classifier(self.build_module(), self.model_path).to(device), device
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
