@@ -16,6 +16,7 @@ from dask.utils import key_split
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, TimmImageEmbedder, embeddings_to_numpy
 from dask_clip import ClipImageEmbedder as ImageEmbeddingStage
+from dask_clip.distributed.model_cache import clear_local_cache
 
 
 @pytest.fixture
@@ -57,6 +58,7 @@ def test_the_named_clip_stage_example_embeds_and_logs_under_its_name(
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
     embedded = stage(dataset)
     assert "clip_embedder" in {key_split(key) for key in embedded.metadata.__dask_graph__()}
+    clear_local_cache()  # an earlier test may have loaded the same model in this process: it is loaded and logged here
     with caplog.at_level(logging.INFO, logger="dask_clip"), dask.config.set(scheduler="synchronous"):
         frame = embedded.metadata.compute()
     assert frame["image_embedding"].notna().sum() == (frame["status"] == "success").sum() > 0
