@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,27 @@ def client():
     with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0") as dask_client:
         yield dask_client
         dask_client.cluster.close()
+
+
+@pytest.fixture
+def cli(client, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """Runs ``dask-clip ARGS`` in this process (``dask_clip.cli.main``), on the session's cluster unless ARGS name
+    where to compute; returns its exit code and what it printed, as ``subprocess.run`` would."""
+    from dask_clip.cli import main
+
+    where = {"--cluster-type", "--scheduler-address", "--scheduler-file", "--n-workers"}
+    dask_logs = logging.getLogger("distributed")
+    level = dask_logs.level
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*args] if where.intersection(args) else [*args, "--scheduler-address", client.scheduler.address]
+        capsys.readouterr()
+        returncode = main(argv)
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, returncode, printed.out, printed.err)
+
+    yield run
+    dask_logs.setLevel(level)  # main quiets Dask's logs for the rest of its process
 
 
 def start_cli_worker(scheduler_file: Path, name: str) -> subprocess.Popen:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +98,10 @@ def test_a_key_with_two_vectors_and_a_broken_layout_are_named(embedded: Path, tm
         dataset.attach_embeddings(str(exported))
 
 
-def test_the_attach_command_saves_next_to_the_shards(embedded: Path, tmp_path: Path) -> None:
+def test_the_attach_command_saves_next_to_the_shards(cli, embedded: Path, tmp_path: Path) -> None:
     exported = tmp_path / "export"
     ImageTextPairDataset.from_webdataset(str(embedded)).export_clip_retrieval(str(exported))
-    command = [sys.executable, "-m", "dask_clip.cli", "attach", str(embedded), str(exported), "--n-workers", "1"]
-    command += ["--embedding-column", "attached"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = cli("attach", str(embedded), str(exported), "--embedding-column", "attached")
     assert result.returncode == 0, result.stderr
     assert "attached 15 vectors to 18 rows of 3 shards" in result.stdout
     assert "attached" in pq.read_schema(embedded / "00001.parquet").names
@@ -216,7 +212,7 @@ def test_a_source_column_the_metadata_lacks_is_refused(shards: Path, tmp_path: P
         dataset.attach_embeddings(str(emb), source_column="sample_id")
 
 
-def test_clip_retrievals_own_inference_output_attaches_by_image_path(shards: Path, tmp_path: Path) -> None:
+def test_clip_retrievals_own_inference_output_attaches_by_image_path(cli, shards: Path, tmp_path: Path) -> None:
     """clip-retrieval's inference over a WebDataset writes float16 vectors and, in its metadata, the sample's
     ``__key__`` as ``image_path`` (and ``caption``), without a ``key`` column."""
     keys = dataset_keys(shards)
@@ -225,8 +221,7 @@ def test_clip_retrievals_own_inference_output_attaches_by_image_path(shards: Pat
     expected = write_clip_retrieval(emb, parts, key_column="image_path")
     attached = ImageTextPairDataset.from_webdataset(str(shards)).attach_embeddings(str(emb))
     assert attached.provenance["image_embedding"].operation["source_column"] == "image_path"
-    command = [sys.executable, "-m", "dask_clip.cli", "attach", str(shards), str(emb), "--n-workers", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = cli("attach", str(shards), str(emb))
     assert result.returncode == 0, result.stderr
     assert (
         "attached 18 vectors to 18 rows of 3 shards (0 without a vector), joined on key = metadata's image_path"
@@ -235,13 +230,12 @@ def test_clip_retrievals_own_inference_output_attaches_by_image_path(shards: Pat
     assert_attached(shards, expected)
 
 
-def test_the_attach_command_refuses_misaligned_vectors_with_exit_1(shards: Path, tmp_path: Path) -> None:
+def test_the_attach_command_refuses_misaligned_vectors_with_exit_1(cli, shards: Path, tmp_path: Path) -> None:
     keys = dataset_keys(shards)
     emb = tmp_path / "emb"
     write_clip_retrieval(emb, [(keys[:12], random_vectors(12)), (keys[12:], random_vectors(4, 1))])
     before = file_states(shards)
-    command = [sys.executable, "-m", "dask_clip.cli", "attach", str(shards), str(emb), "--n-workers", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = cli("attach", str(shards), str(emb))
     assert result.returncode == 1, result.stderr
     assert "img_emb_1.npy: holds 4 vectors but" in result.stderr and "metadata_1.parquet has 6 rows" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,10 +5,7 @@ folder and moving one of its files in, which is what a run killed after its firs
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +24,6 @@ from dask_clip import (
 )
 from dask_clip.errors import DataError, MixedProvenanceError
 from dask_clip.models.classifiers import AestheticMlp
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "dask_clip.cli", *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300
-    )
 
 
 def dataset_of(folder: Path) -> ImageTextPairDataset:
@@ -76,14 +66,13 @@ def kept_per_pair(folder: Path) -> list[int]:
     return [int(frame.loc[a, "keep"]) + int(frame.loc[b, "keep"]) for a, b in (("a0", "b0"), ("a1", "b1"))]
 
 
-def test_a_half_finished_dedup_is_reported_but_never_resharded(client, half_deduplicated: Path, tmp_path: Path) -> None:
+def test_a_half_finished_dedup_is_reported_but_never_resharded(cli, half_deduplicated: Path, tmp_path: Path) -> None:
     assert 1 not in kept_per_pair(half_deduplicated)  # consumed as it is: each pair keeps no copy, or both
-    common = ("--scheduler-address", client.scheduler.address)
-    info = run_cli("info", str(half_deduplicated), *common)
+    info = cli("info", str(half_deduplicated))
     assert info.returncode == 0 and "keep (produced differently in different shards)" in info.stdout
 
     output = tmp_path / "kept"
-    reshard = run_cli("reshard", str(half_deduplicated), str(output), "--filter-column", "keep", *common)
+    reshard = cli("reshard", str(half_deduplicated), str(output), "--filter-column", "keep")
     assert reshard.returncode == 1, reshard.stderr
     assert "MixedProvenanceError" in reshard.stderr
     assert "1 shard (00000)" in reshard.stderr and "2 shards (00001, 00002)" in reshard.stderr
@@ -201,10 +190,9 @@ def test_a_classifier_refuses_two_vector_spaces(
     assert_names_both_models(raised, two_models, tiny_model, other_model)
 
 
-def test_the_refusal_is_a_data_error_with_exit_code_1(client, two_models: Path, tmp_path: Path) -> None:
+def test_the_refusal_is_a_data_error_with_exit_code_1(cli, two_models: Path, tmp_path: Path) -> None:
     assert issubclass(MixedProvenanceError, DataError)
-    common = ("--scheduler-address", client.scheduler.address)
-    result = run_cli("build-index", str(two_models), str(tmp_path / "index"), *common)
+    result = cli("build-index", str(two_models), str(tmp_path / "index"))
     assert result.returncode == 1, result.stderr
     assert "MixedProvenanceError: build_index reads 'image_embedding'" in result.stderr
     assert not (tmp_path / "index").exists()

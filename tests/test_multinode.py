@@ -11,7 +11,6 @@ import pytest
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, cache_info, get_client, prepare_workers
 
 from .conftest import start_cli_cluster, start_cli_worker, stop_processes
-from .test_cli import run_cli
 
 
 @pytest.fixture
@@ -23,7 +22,7 @@ def cli_cluster(tmp_path: Path):
 
 @pytest.mark.slow
 def test_python_api_and_cli_on_a_scheduler_file_cluster(
-    cli_cluster, shards: Path, tiny_model: Path, tmp_path: Path
+    cli, cli_cluster, shards: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     _, scheduler_file = cli_cluster
     with get_client(scheduler_file=str(scheduler_file)) as client:
@@ -33,7 +32,7 @@ def test_python_api_and_cli_on_a_scheduler_file_cluster(
         )
     assert summary["written"].all()
 
-    result = run_cli(
+    result = cli(
         "embed",
         str(shards),
         "--model-dir",

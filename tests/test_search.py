@@ -194,14 +194,8 @@ def test_other_weights_in_the_recorded_folder_are_refused(
 
 
 def test_the_cli_exits_2_for_a_query_in_another_space(
-    client, siglip_embedded: ImageTextPairDataset, model_with_tokenizer: Path
+    cli, siglip_embedded: ImageTextPairDataset, model_with_tokenizer: Path
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "dask_clip.cli", "search", siglip_embedded.path, "--text", "a cat"]
-    command += ["--model-dir", str(model_with_tokenizer), "--scheduler-address", client.scheduler.address]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = cli("search", siglip_embedded.path, "--text", "a cat", "--model-dir", str(model_with_tokenizer))
     assert result.returncode == 2, result.stderr
     assert "UsageError" in result.stderr and "family SigLIP" in result.stderr and "family CLIP" in result.stderr

@@ -1,0 +1,85 @@
+"""``dask-clip embed``: embed every image of a folder of shards and save the vectors with the metadata."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from dask_clip.cli.shared import (
+    add_cluster_options,
+    add_command,
+    add_dataset_options,
+    add_output_options,
+    add_vector_layout_option,
+    defaults,
+    run_on_cluster,
+    save,
+)
+from dask_clip.embedders.clip import ClipImageEmbedder
+from dask_clip.images.preprocess import DECODE_MODES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dask_clip.dataset import ImageTextPairDataset
+
+DEFAULT_MODEL = defaults(ClipImageEmbedder)["model_dir"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(subparsers, "embed", "embed every image of a folder of shards", run)
+    add_dataset_options(parser)
+    add_vector_layout_option(parser)
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    parser.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
+    parser.add_argument(
+        "--decode-mode",
+        choices=DECODE_MODES,
+        default=None,
+        help="fast: reduced-size JPEG decode + torch resize; exact: as transformers' processor; "
+        "device: JPEGs decoded in batches on the GPU (nvJPEG, needs the gpu extra) "
+        "(default: exact with --no-autocast, else fast)",
+    )
+    add_output_options(parser, overwrite="recompute shards whose output is already complete")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_cluster_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    embedder = ClipImageEmbedder(
+        args.model_dir,
+        batch_size=args.batch_size,
+        autocast=not args.no_autocast,
+        verbose=args.verbose,
+        decode_mode=args.decode_mode,
+    )
+
+    def embed(dataset: ImageTextPairDataset) -> pd.DataFrame:
+        return save(args, embedder(dataset), progress=not args.no_progress)
+
+    return run_on_cluster(
+        args, embed, lambda summary, seconds: summary_lines(summary, seconds, args.output or args.path)
+    )
+
+
+def summary_lines(summary: pd.DataFrame, seconds: float, output: str) -> str:
+    """What an embedding run did (a ``save_metadata`` summary, ``seconds`` long): rows with and without an
+    embedding, the rate, where the files are, and the seconds each stage took over the shards written."""
+    rows, errors = int(summary["rows"].sum()), int(summary["errors"].sum())
+    skipped = int((~summary["written"]).sum())
+    resumed = f" ({skipped} already complete, skipped)" if skipped else ""
+    written = summary["written"]
+    computed = int(summary.loc[written, "rows"].sum() - summary.loc[written, "errors"].sum())
+    lines = [
+        f"embedded {len(summary)} shards{resumed}: {rows} rows, {rows - errors} with an embedding, {errors} without "
+        f"(see embedding_error), {seconds:.1f}s ({computed / max(seconds, 1e-9):.1f} images/s); "
+        f"parquet files in {output}"
+    ]
+    stages = summary.loc[written, ["load_s", "wait_s", "decode_s", "infer_s", "write_s"]].sum()
+    if written.any():
+        lines.append(
+            "seconds summed over the shards written: "
+            + ", ".join(f"{name[:-2]} {value:.1f}" for name, value in stages.items())
+        )
+    return "\n".join(lines)
