@@ -28,7 +28,7 @@ COLUMNS = ("image_embedding", "text_embedding")
 
 
 def expectations(dataset: ImageTextPairDataset) -> str:
-    """``--expect`` arguments for each vector column of ``dataset``: its null rows and width, as dask_clip reads them."""
+    """``--expect`` arguments for each vector column of ``dataset``: its nulls and width, as dask_clip reads them."""
     frame = dataset.metadata.compute()
     return " ".join(f"--expect {c}:{int(frame[c].isna().sum())}:{dataset.embedding_width(c)}" for c in COLUMNS)
 

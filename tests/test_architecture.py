@@ -76,7 +76,6 @@ COMPUTING_CALLS = {"compute", "persist", "map_partitions"}
 """Dask calls that run or map work: only ``execution.py`` makes them (``execution.compute``, ``map_shards``...)."""
 ALLOWED_OUTSIDE_EXECUTION = {
     "dask_clip/backends.py": {"map_partitions"},  # converting each partition to and from cudf, lazily
-    "dask_clip/cli": {"compute"},  # the CLI's summaries; the CLI is being split by command
 }
 
 

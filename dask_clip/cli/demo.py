@@ -30,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dask_clip import ClipImageEmbedder, ImageTextPairDataset, ModelLoadError, embeddings_to_numpy, testing
+    from dask_clip.execution import compute
 
     output = Path(args.output).resolve()
     model_dir = args.model_dir
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         lambda summary, seconds: embed.summary_lines(summary, seconds, str(shards)),
         ImageTextPairDataset.from_webdataset(str(shards)),
     )
-    result = ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute()
+    result = compute(ImageTextPairDataset.from_webdataset(str(shards)).metadata)
     vectors = embeddings_to_numpy(result["image_embedding"])
     print(result[["key", "caption", "status", "embedding_error"]].to_string(max_colwidth=40))
     print(f"image_embedding: {vectors.shape[0]} rows x {vectors.shape[1]} float32 (NaN rows: no image)")

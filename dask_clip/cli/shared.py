@@ -172,6 +172,8 @@ def save_counting_not_kept(args: argparse.Namespace, dataset: ImageTextPairDatas
     """``save``, then count the rows whose ``--keep-column`` is False in the files written."""
     import dask.dataframe as dd
 
+    from dask_clip.execution import compute
+
     summary = save(args, dataset)
     kept = dd.read_parquet(summary["path"].tolist(), columns=[args.keep_column])[args.keep_column]
-    return summary, int((~kept.astype(bool)).sum().compute())
+    return summary, int(compute((~kept.astype(bool)).sum()))
