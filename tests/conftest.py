@@ -37,6 +37,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_with_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random CLIP plus a byte-level tokenizer (no tokenizer can be downloaded here)."""
+    folder = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("clip-with-tokenizer") / "model"))
+    return testing.save_tokenizer_for_clip_model(folder)
+
+
+@pytest.fixture(scope="session")
 def pristine_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards 00000, 00001, 00003 (a gap) of 6 rows, one failed download each, tar keys shuffled."""
     return testing.make_img2dataset_shards(tmp_path_factory.mktemp("pristine"))[0].parent
@@ -46,6 +53,25 @@ def pristine_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shards(pristine_shards: Path, tmp_path: Path) -> Path:
     """A private copy of the pristine shards, free to overwrite."""
     return Path(shutil.copytree(pristine_shards, tmp_path / "shards"))
+
+
+@pytest.fixture(scope="session")
+def pristine_embedded(client, pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> Path:
+    """The pristine shards with ``image_embedding`` saved next to them by ``model_with_tokenizer`` (15 vectors,
+    3 failed downloads), embedded once per session. Never change it: take ``embedded_shards`` to write."""
+    from dask_clip import ClipImageEmbedder, ImageTextPairDataset
+
+    folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("embedded") / "shards"))
+    ClipImageEmbedder(str(model_with_tokenizer), autocast=False)(
+        ImageTextPairDataset.from_webdataset(str(folder))
+    ).save_metadata()
+    return folder
+
+
+@pytest.fixture
+def embedded_shards(pristine_embedded: Path, tmp_path: Path) -> Path:
+    """A private copy of the embedded shards, free to overwrite."""
+    return Path(shutil.copytree(pristine_embedded, tmp_path / "embedded"))
 
 
 @pytest.fixture(scope="session")

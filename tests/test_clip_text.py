@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,6 @@ CAPTIONS = {
     "long_a": LONG_PREFIX + "ending one way",
     "long_b": LONG_PREFIX + "ending another way",
 }
-
-
-@pytest.fixture(scope="module")
-def model_with_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("clip-text") / "model"))
-    return testing.save_tokenizer_for_clip_model(folder)
 
 
 @pytest.fixture(scope="module")
