@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,16 +57,25 @@ def shards(pristine_shards: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pristine_embedded(client, pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> Path:
+def pristine_embedded(client, pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> Iterator[Path]:
     """The pristine shards with ``image_embedding`` saved next to them by ``model_with_tokenizer`` (15 vectors,
-    3 failed downloads), embedded once per session. Never change it: take ``embedded_shards`` to write."""
+    3 failed downloads), embedded once per session. Never change it: take ``embedded_shards`` to write; the
+    session ends with an error naming any file a test changed here."""
     from dask_clip import ClipImageEmbedder, ImageTextPairDataset
 
     folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("embedded") / "shards"))
     ClipImageEmbedder(str(model_with_tokenizer), autocast=False)(
         ImageTextPairDataset.from_webdataset(str(folder))
     ).save_metadata()
-    return folder
+    saved = file_states(folder)
+    yield folder
+    changed = sorted({name for name, _ in set(saved.items()) ^ set(file_states(folder).items())})
+    assert not changed, f"a test changed {changed} in the shared embedded shards: take embedded_shards to write"
+
+
+def file_states(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file's name -> (size, modification time in ns)."""
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.iterdir()}
 
 
 @pytest.fixture
