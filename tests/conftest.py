@@ -57,10 +57,10 @@ def shards(pristine_shards: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pristine_embedded(client, pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> Iterator[Path]:
+def pristine_embedded(pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> Iterator[Path]:
     """The pristine shards with ``image_embedding`` saved next to them by ``model_with_tokenizer`` (15 vectors,
-    3 failed downloads), embedded once per session. Never change it: take ``embedded_shards`` to write; the
-    session ends with an error naming any file a test changed here."""
+    3 failed downloads), embedded once per session on whichever scheduler is current. Never change it: take
+    ``embedded_shards`` to write; the session ends with an error naming any file a test changed here."""
     from dask_clip import ClipImageEmbedder, ImageTextPairDataset
 
     folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("embedded") / "shards"))

@@ -15,7 +15,7 @@ from dask_clip.io.provenance import Computed
 
 
 @pytest.fixture(scope="module")
-def embedded(pristine_embedded: Path) -> ImageTextPairDataset:
+def embedded(client, pristine_embedded: Path) -> ImageTextPairDataset:
     return ImageTextPairDataset.from_webdataset(str(pristine_embedded))
 
 

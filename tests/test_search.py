@@ -16,7 +16,7 @@ from dask_clip.errors import ModelLoadError
 
 
 @pytest.fixture(scope="module")
-def embedded(pristine_embedded: Path) -> ImageTextPairDataset:
+def embedded(client, pristine_embedded: Path) -> ImageTextPairDataset:
     """Shards whose parquets hold saved embeddings (15 images, 3 failed downloads), read back."""
     return ImageTextPairDataset.from_webdataset(str(pristine_embedded))
 
