@@ -6,8 +6,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,6 +40,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_with_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random CLIP plus a byte-level tokenizer (no tokenizer can be downloaded here)."""
+    folder = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("clip-with-tokenizer") / "model"))
+    return testing.save_tokenizer_for_clip_model(folder)
+
+
+@pytest.fixture(scope="session")
 def pristine_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards 00000, 00001, 00003 (a gap) of 6 rows, one failed download each, tar keys shuffled."""
     return testing.make_img2dataset_shards(tmp_path_factory.mktemp("pristine"))[0].parent
@@ -51,6 +56,34 @@ def pristine_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shards(pristine_shards: Path, tmp_path: Path) -> Path:
     """A private copy of the pristine shards, free to overwrite."""
     return Path(shutil.copytree(pristine_shards, tmp_path / "shards"))
+
+
+@pytest.fixture(scope="session")
+def pristine_embedded(pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> Iterator[Path]:
+    """The pristine shards with ``image_embedding`` saved next to them by ``model_with_tokenizer`` (15 vectors,
+    3 failed downloads), embedded once per session on whichever scheduler is current. Never change it: take
+    ``embedded_shards`` to write; the session ends with an error naming any file a test changed here."""
+    from dask_clip import ClipImageEmbedder, ImageTextPairDataset
+
+    folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("embedded") / "shards"))
+    ClipImageEmbedder(str(model_with_tokenizer), autocast=False)(
+        ImageTextPairDataset.from_webdataset(str(folder))
+    ).save_metadata()
+    saved = file_states(folder)
+    yield folder
+    changed = sorted({name for name, _ in set(saved.items()) ^ set(file_states(folder).items())})
+    assert not changed, f"a test changed {changed} in the shared embedded shards: take embedded_shards to write"
+
+
+def file_states(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file's name -> (size, modification time in ns)."""
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.iterdir()}
+
+
+@pytest.fixture
+def embedded_shards(pristine_embedded: Path, tmp_path: Path) -> Path:
+    """A private copy of the embedded shards, free to overwrite."""
+    return Path(shutil.copytree(pristine_embedded, tmp_path / "embedded"))
 
 
 @pytest.fixture(scope="session")
@@ -82,61 +115,3 @@ def cli(client, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., su
 
     yield run
     dask_logs.setLevel(level)  # main quiets Dask's logs for the rest of its process
-
-
-def start_cli_worker(scheduler_file: Path, name: str) -> subprocess.Popen:
-    """A worker started with ``dask worker`` (as ``python -m``), one thread, on loopback."""
-    command = [
-        sys.executable,
-        "-m",
-        "distributed.cli.dask_worker",
-        "--scheduler-file",
-        str(scheduler_file),
-        "--nthreads",
-        "1",
-        "--name",
-        name,
-        "--host",
-        "127.0.0.1",
-        "--dashboard-address",
-        ":0",
-    ]
-    return subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
-
-
-def start_cli_cluster(folder: Path, n_workers: int) -> tuple[list[subprocess.Popen], Path]:
-    """A scheduler and ``n_workers`` workers started with Dask's own command-line tools, on loopback."""
-    scheduler_file = folder / "scheduler.json"
-    command = [
-        sys.executable,
-        "-m",
-        "distributed.cli.dask_scheduler",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--dashboard-address",
-        ":0",
-        "--scheduler-file",
-        str(scheduler_file),
-    ]
-    processes = [subprocess.Popen(command, stderr=subprocess.DEVNULL)]
-    deadline = time.monotonic() + 60
-    while not scheduler_file.exists():
-        assert time.monotonic() < deadline, "the scheduler did not start"
-        time.sleep(0.1)
-    processes += [start_cli_worker(scheduler_file, f"worker-{i}") for i in range(n_workers)]
-    return processes, scheduler_file
-
-
-def stop_processes(processes: list[subprocess.Popen]) -> None:
-    """Workers first, then the scheduler (a worker whose scheduler is gone may wait to reconnect);
-    whatever does not stop within 30 s of SIGTERM is killed."""
-    for process in reversed(processes):
-        process.terminate()
-    for process in reversed(processes):
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

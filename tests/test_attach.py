@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dask_clip import (
-    ClipImageEmbedder,
     ColumnError,
     DataError,
     DatasetLayoutError,
@@ -24,11 +23,9 @@ from dask_clip import (
 
 
 @pytest.fixture
-def embedded(shards: Path, tiny_model: Path) -> Path:
-    ClipImageEmbedder(str(tiny_model), autocast=False)(
-        ImageTextPairDataset.from_webdataset(str(shards))
-    ).save_metadata()
-    return shards
+def embedded(embedded_shards: Path) -> Path:
+    """The session's embedded shards, copied: the attach command writes next to them."""
+    return embedded_shards
 
 
 def vectors_of(frame: pd.DataFrame, key: str = "key") -> dict[str, np.ndarray]:

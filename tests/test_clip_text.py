@@ -35,12 +35,6 @@ CAPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def model_with_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("clip-text") / "model"))
-    return testing.save_tokenizer_for_clip_model(folder)
-
-
-@pytest.fixture(scope="module")
 def captioned_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two shards of real photos with the captions above, plus a failed download (caption, no image)."""
     folder = tmp_path_factory.mktemp("captioned")

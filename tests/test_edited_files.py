@@ -168,12 +168,13 @@ def test_a_re_run_recomputes_the_shard_whose_embeddings_were_edited(client, shar
     assert after.column("image_embedding").equals(before.column("image_embedding"))
 
 
-def test_files_without_a_content_digest_are_trusted_as_before(client, shards: Path, tiny_model: Path) -> None:
+def test_files_without_a_content_digest_are_trusted_as_before(
+    client, embedded_shards: Path, model_with_tokenizer: Path
+) -> None:
     def embed() -> Any:
-        return ClipImageEmbedder(str(tiny_model), autocast=False)(dataset_of(shards)).save_metadata()
+        return ClipImageEmbedder(str(model_with_tokenizer), autocast=False)(dataset_of(embedded_shards)).save_metadata()
 
-    embed()
-    for parquet in shards.glob("*.parquet"):  # as the previous dask_clip wrote them: records, no digests
+    for parquet in embedded_shards.glob("*.parquet"):  # as the previous dask_clip wrote them: records, no digests
         table = pq.read_table(parquet)
         document = json.loads(table.schema.metadata[b"dask_clip"])
         del document["contents"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dask_clip import ClipImageEmbedder, ColumnError, ImageTextPairDataset, embeddings_to_numpy
+from dask_clip import ColumnError, ImageTextPairDataset, embeddings_to_numpy
 from dask_clip.io.provenance import Computed
 
 
 @pytest.fixture(scope="module")
-def embedded(client, pristine_shards: Path, tiny_model: Path, tmp_path_factory) -> ImageTextPairDataset:
-    folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("export") / "shards"))
-    dataset = ImageTextPairDataset.from_webdataset(str(folder))
-    ClipImageEmbedder(str(tiny_model), autocast=False, model_inference_batch_size=8)(dataset).save_metadata()
-    return ImageTextPairDataset.from_webdataset(str(folder))
+def embedded(client, pristine_embedded: Path) -> ImageTextPairDataset:
+    return ImageTextPairDataset.from_webdataset(str(pristine_embedded))
 
 
 def test_pairs_hold_the_embedded_rows_in_the_same_order(embedded: ImageTextPairDataset, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, cache_info, get_client, prepare_workers
 
-from .conftest import start_cli_cluster, start_cli_worker, stop_processes
+from .helpers import start_cli_cluster, start_cli_worker, stop_processes
 
 
 @pytest.fixture

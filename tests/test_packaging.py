@@ -15,6 +15,7 @@ LIGHT_DEPENDENCIES = ["dask[dataframe,distributed]", "pandas", "pyarrow", "numpy
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(ROOT)],

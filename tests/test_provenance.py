@@ -204,26 +204,24 @@ def test_an_output_with_missing_rows_or_other_inputs_is_not_finished(
 
 
 # 7 -------------------------------------------------------------------------------------------------------------
-def test_an_interrupted_change_of_width_blocks_nothing(shards: Path, tiny_model: Path, narrow_model: Path) -> None:
-    embed(shards, tiny_model).save_metadata()  # 32-d
-    interrupted_embed(shards, narrow_model, dies_at="00001")  # 00000 and 00003 16-d, 00001 still 32-d
-    dataset = dataset_of(shards)
+def test_an_interrupted_change_of_width_blocks_nothing(embedded_shards: Path, narrow_model: Path) -> None:
+    interrupted_embed(embedded_shards, narrow_model, dies_at="00001")  # 00000 and 00003 16-d, 00001 still 32-d
+    dataset = dataset_of(embedded_shards)
     assert dataset.metadata.compute()["image_embedding"].notna().sum() == 10  # 00001's 32-d rows read as missing
-    again = embed(shards, narrow_model).save_metadata()
+    again = embed(embedded_shards, narrow_model).save_metadata()
     assert written(again) == {"00000": False, "00001": True, "00003": False}
-    assert embed(shards, narrow_model).save_metadata(overwrite=True)["written"].all()
-    assert {len(v) for v in vectors_by_key(shards).values() if not np.isnan(v).all()} == {16}
+    assert embed(embedded_shards, narrow_model).save_metadata(overwrite=True)["written"].all()
+    assert {len(v) for v in vectors_by_key(embedded_shards).values() if not np.isnan(v).all()} == {16}
 
 
 # 8 -------------------------------------------------------------------------------------------------------------
-def test_an_export_replaces_its_folder_as_a_whole(shards: Path, tiny_model: Path, tmp_path: Path) -> None:
-    embed(shards, tiny_model).save_metadata()
+def test_an_export_replaces_its_folder_as_a_whole(embedded_shards: Path, tmp_path: Path) -> None:
     export = tmp_path / "export"
-    dataset_of(shards).export_clip_retrieval(str(export))
+    dataset_of(embedded_shards).export_clip_retrieval(str(export))
     with pytest.raises(UsageError, match="is not empty"):
-        dataset_of(shards).export_clip_retrieval(str(export))
+        dataset_of(embedded_shards).export_clip_retrieval(str(export))
     fewer = tmp_path / "fewer"
-    shutil.copytree(shards, fewer)
+    shutil.copytree(embedded_shards, fewer)
     for suffix in ("tar", "parquet"):
         (fewer / f"00003.{suffix}").unlink()
     dataset_of(fewer).export_clip_retrieval(str(export), overwrite=True)
@@ -292,9 +290,8 @@ def test_info_shows_a_mixed_dataset_at_a_glance(shards: Path, tiny_model: Path, 
     assert "embedding_error" not in set(table["column"])  # described with the column it explains
 
 
-def test_a_threshold_filter_records_the_verdict_it_was_combined_with(shards: Path, tiny_model: Path) -> None:
-    embed(shards, tiny_model).save_metadata()
-    dataset = dataset_of(shards)
+def test_a_threshold_filter_records_the_verdict_it_was_combined_with(embedded_shards: Path) -> None:
+    dataset = dataset_of(embedded_shards)
     scored = dataset.with_metadata(dataset.metadata.assign(score=1.0))
     first = keep_by_threshold(scored, "score", min=0.5)
     both = keep_by_threshold(first, "score", max=2.0)
@@ -302,12 +299,11 @@ def test_a_threshold_filter_records_the_verdict_it_was_combined_with(shards: Pat
     assert both.provenance["keep"].reads["keep"] is first.provenance["keep"]
 
 
-def test_old_files_without_provenance_are_recomputed(shards: Path, tiny_model: Path) -> None:
-    embed(shards, tiny_model).save_metadata()
-    for parquet in shards.glob("*.parquet"):  # as an older dask_clip wrote them: a list, no records
+def test_old_files_without_provenance_are_recomputed(embedded_shards: Path, model_with_tokenizer: Path) -> None:
+    for parquet in embedded_shards.glob("*.parquet"):  # as an older dask_clip wrote them: a list, no records
         table = pq.read_table(parquet)
         old = {"derived_columns": ["embedding_error", "image_embedding"], "configs": {}, "id_col": "key"}
         pq.write_table(table.replace_schema_metadata({b"dask_clip": json.dumps(old).encode()}), parquet)
-    dataset = dataset_of(shards)
+    dataset = dataset_of(embedded_shards)
     assert set(dataset.provenance) == {"image_embedding", "embedding_error"}
-    assert embed(shards, tiny_model).save_metadata()["written"].all()
+    assert embed(embedded_shards, model_with_tokenizer).save_metadata()["written"].all()

@@ -16,7 +16,7 @@ import pytest
 from dask_clip import ClipImageEmbedder, ImageTextPairDataset, testing
 from dask_clip.errors import ShardReadError
 
-from .conftest import start_cli_cluster, stop_processes
+from .helpers import start_cli_cluster, stop_processes
 
 
 def embed(shards: Path, model: Path, **options) -> ImageTextPairDataset:

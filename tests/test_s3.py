@@ -23,11 +23,38 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1, configured for s3fs through fsspec's environment variables."""
+def point_fsspec_at(endpoint: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """Point this process's s3fs at the server on ``endpoint``, through fsspec's environment variables and its
+    config; returns what to restore."""
     import fsspec.config
 
+    saved = dict(os.environ), {k: dict(v) for k, v in fsspec.config.conf.items()}
+    os.environ.update(
+        {
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,
+            "FSSPEC_S3_KEY": "testing",
+            "FSSPEC_S3_SECRET": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    fsspec.config.conf.setdefault("s3", {}).update(endpoint_url=endpoint, key="testing", secret="testing")
+    return saved
+
+
+def restore_fsspec(saved: tuple[dict[str, str], dict[str, dict]]) -> None:
+    import fsspec.config
+
+    environment, conf = saved
+    os.environ.clear()
+    os.environ.update(environment)
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(conf)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(client):
+    """A moto S3 server on 127.0.0.1, configured for s3fs through fsspec's settings here and on the session's
+    workers."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -35,15 +62,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    settings = {
-        "FSSPEC_S3_ENDPOINT_URL": endpoint,
-        "FSSPEC_S3_KEY": "testing",
-        "FSSPEC_S3_SECRET": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved_env, saved_conf = dict(os.environ), {k: dict(v) for k, v in fsspec.config.conf.items()}
-    os.environ.update(settings)
-    fsspec.config.conf.setdefault("s3", {}).update(endpoint_url=endpoint, key="testing", secret="testing")
+    saved, saved_on_workers = point_fsspec_at(endpoint), client.run(point_fsspec_at, endpoint)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -57,10 +76,9 @@ def s3_endpoint():
     finally:
         server.terminate()
         server.wait(timeout=30)
-        os.environ.clear()
-        os.environ.update(saved_env)
-        fsspec.config.conf.clear()
-        fsspec.config.conf.update(saved_conf)
+        restore_fsspec(saved)
+        for worker, state in saved_on_workers.items():
+            client.run(restore_fsspec, state, workers=[worker])
 
 
 @pytest.mark.slow
@@ -68,18 +86,16 @@ def test_embed_shards_on_s3_and_write_parquet_back(s3_endpoint: str, pristine_sh
     import pyarrow.parquet as pq
     import s3fs
 
-    from dask_clip import ClipImageEmbedder, ImageTextPairDataset, get_client
+    from dask_clip import ClipImageEmbedder, ImageTextPairDataset
 
     s3 = s3fs.S3FileSystem()
     s3.mkdir(BUCKET)
     for path in pristine_shards.iterdir():
         s3.put(str(path), f"{BUCKET}/shards/{path.name}")
 
-    with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0") as client:
-        dataset = ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/shards")
-        assert dataset.tar_files[0] == f"s3://{BUCKET}/shards/00000.tar"
-        summary = ClipImageEmbedder(str(tiny_model), autocast=False)(dataset).save_metadata(f"s3://{BUCKET}/embeddings")
-        client.cluster.close()
+    dataset = ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/shards")
+    assert dataset.tar_files[0] == f"s3://{BUCKET}/shards/00000.tar"
+    summary = ClipImageEmbedder(str(tiny_model), autocast=False)(dataset).save_metadata(f"s3://{BUCKET}/embeddings")
     assert summary["rows"].sum() == 18 and summary["errors"].sum() == 3
 
     s3.invalidate_cache()
@@ -98,7 +114,7 @@ def test_locks_and_the_overwrite_rule_on_object_storage(s3_endpoint: str, tmp_pa
     import numpy as np
     import s3fs
 
-    from dask_clip import FolderLockedError, ImageTextPairDataset, UsageError, get_client, testing
+    from dask_clip import FolderLockedError, ImageTextPairDataset, UsageError, testing
     from dask_clip.io.locks import writer_lock
 
     s3 = s3fs.S3FileSystem()
@@ -116,14 +132,12 @@ def test_locks_and_the_overwrite_rule_on_object_storage(s3_endpoint: str, tmp_pa
     s3.invalidate_cache()
     assert not s3.exists(lock)
 
-    with get_client("cpu", n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
-        dataset = ImageTextPairDataset.from_webdataset("s3://outputs/shards")
-        for output in ("s3://outputs/shards", "s3://outputs/shards/", "s3://outputs/x/../shards", "s3://outputs"):
-            with pytest.raises(UsageError, match="holds the dataset s3://outputs/shards"):
-                dataset.export_clip_retrieval(output, overwrite=True)
-        dataset.export_clip_retrieval("s3://outputs/export")
-        dataset.export_clip_retrieval("s3://outputs/export", overwrite=True)
-        client.cluster.close()
+    dataset = ImageTextPairDataset.from_webdataset("s3://outputs/shards")
+    for output in ("s3://outputs/shards", "s3://outputs/shards/", "s3://outputs/x/../shards", "s3://outputs"):
+        with pytest.raises(UsageError, match="holds the dataset s3://outputs/shards"):
+            dataset.export_clip_retrieval(output, overwrite=True)
+    dataset.export_clip_retrieval("s3://outputs/export")
+    dataset.export_clip_retrieval("s3://outputs/export", overwrite=True)
     s3.invalidate_cache()
     assert sorted(s3.ls("outputs/shards", detail=False)) == before
     assert sorted(s3.ls("outputs", detail=False)) == ["outputs/export", "outputs/shards"]  # no scratch, no lock

@@ -16,19 +16,9 @@ from dask_clip.errors import ModelLoadError
 
 
 @pytest.fixture(scope="module")
-def model_with_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random CLIP plus a byte-level tokenizer (no tokenizer can be downloaded here)."""
-    folder = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("clip-with-tokenizer") / "model"))
-    return testing.save_tokenizer_for_clip_model(folder)
-
-
-@pytest.fixture(scope="module")
-def embedded(client, pristine_shards: Path, model_with_tokenizer: Path, tmp_path_factory) -> ImageTextPairDataset:
+def embedded(client, pristine_embedded: Path) -> ImageTextPairDataset:
     """Shards whose parquets hold saved embeddings (15 images, 3 failed downloads), read back."""
-    folder = Path(shutil.copytree(pristine_shards, tmp_path_factory.mktemp("search") / "shards"))
-    dataset = ImageTextPairDataset.from_webdataset(str(folder))
-    ClipImageEmbedder(str(model_with_tokenizer), autocast=False, model_inference_batch_size=8)(dataset).save_metadata()
-    return ImageTextPairDataset.from_webdataset(str(folder))
+    return ImageTextPairDataset.from_webdataset(str(pristine_embedded))
 
 
 def brute_force(dataset: ImageTextPairDataset, query: np.ndarray) -> list[tuple[str, float]]:

@@ -43,19 +43,20 @@ def layout_in(parquet: Path, column: str = "image_embedding") -> tuple[pa.DataTy
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="embeds: no torch here (ci/floor.sh)")
-def test_half_old_half_new_stays_finished_and_usable(client, shards: Path, tiny_model: Path, tmp_path: Path) -> None:
-    embedder = ClipImageEmbedder(str(tiny_model), autocast=False)
-    embedder(ImageTextPairDataset.from_webdataset(str(shards))).save_metadata()
-    assert layout_in(shards / "00001.parquet") == (pa.list_(pa.float32()), "list")
-    before = ImageTextPairDataset.from_webdataset(str(shards)).metadata.compute()
+def test_half_old_half_new_stays_finished_and_usable(
+    client, embedded_shards: Path, model_with_tokenizer: Path, tmp_path: Path
+) -> None:
+    embedder = ClipImageEmbedder(str(model_with_tokenizer), autocast=False)
+    assert layout_in(embedded_shards / "00001.parquet") == (pa.list_(pa.float32()), "list")
+    before = ImageTextPairDataset.from_webdataset(str(embedded_shards)).metadata.compute()
     for stem in ("00000", "00003"):  # the first shard (whose footer gives the dataset its types) and the last
-        written_before(shards / f"{stem}.parquet")
-    assert layout_in(shards / "00000.parquet") == (pa.list_(pa.float32(), 32), None)
+        written_before(embedded_shards / f"{stem}.parquet")
+    assert layout_in(embedded_shards / "00000.parquet") == (pa.list_(pa.float32(), 32), None)
 
-    again = embedder(ImageTextPairDataset.from_webdataset(str(shards))).save_metadata()
+    again = embedder(ImageTextPairDataset.from_webdataset(str(embedded_shards))).save_metadata()
     assert not again["written"].any(), "a change of layout alone never re-embeds"
 
-    dataset = ImageTextPairDataset.from_webdataset(str(shards))
+    dataset = ImageTextPairDataset.from_webdataset(str(embedded_shards))
     assert dataset.meta["image_embedding"].dtype.pyarrow_dtype == pa.list_(pa.float32(), 32)
     assert dataset.embedding_width("image_embedding") == 32
     frame = dataset.metadata.compute()
@@ -81,12 +82,12 @@ def test_half_old_half_new_stays_finished_and_usable(client, shards: Path, tiny_
     assert back["image_embedding"].isna().sum() == 3
 
     dataset.save_metadata(overwrite=True)  # converts to the default layout, computing nothing
-    assert layout_in(shards / "00000.parquet") == (pa.list_(pa.float32()), "list")
-    current = ImageTextPairDataset.from_webdataset(str(shards))
+    assert layout_in(embedded_shards / "00000.parquet") == (pa.list_(pa.float32()), "list")
+    current = ImageTextPairDataset.from_webdataset(str(embedded_shards))
     assert current.open_index(str(tmp_path / "index")).manifest["column"] == "image_embedding"  # same embeddings
 
     current.save_metadata(str(tmp_path / "f16"), vector_layout="float16")  # rounded: not taken for an edit
-    for tar in shards.glob("*.tar"):
+    for tar in embedded_shards.glob("*.tar"):
         shutil.copyfile(tar, tmp_path / "f16" / tar.name)
     assert layout_in(tmp_path / "f16" / "00000.parquet") == (pa.list_(pa.float16()), "float16")
     assert read_output_file(str(tmp_path / "f16" / "00000.parquet"), "key", ["image_embedding"]).changed == []
