@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from dask_clip.columns import STRING, embeddings_to_numpy, to_embedding_array
 from dask_clip.io.metadata import write_shard_metadata
-from dask_clip.io.provenance import FileRecords
+from dask_clip.provenance import FileRecords
 
 COLUMN = "image_embedding"
 NULL_ROWS = (3, 22, 50, 77, 108)  # 5 of the 109 rows of a candidate shard; 22 as in the issue

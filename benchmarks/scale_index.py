@@ -47,7 +47,7 @@ ROWS_PER_SHARD = 10_000
 def make_dataset(folder: Path, n: int, seed: int = 0) -> Path:
     """Shards of ``n`` clustered unit ``float32`` 768-d vectors (``key``, ``image_embedding``, empty tars), their
     embedding column recorded as a dask_clip derived column, as a saved embedding run leaves it."""
-    from dask_clip.io.provenance import METADATA_KEY, FileRecords, ids_digest
+    from dask_clip.provenance import METADATA_KEY, FileRecords, ids_digest
 
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((DIM, 32)))[0].T  # (32, 768), orthonormal rows

@@ -37,7 +37,7 @@ from dask_clip.columns import require_columns
 from dask_clip.dataset.consistency import check_consumed, contents_checked
 from dask_clip.distributed.model_cache import get_or_load, make_cache_key
 from dask_clip.execution import ShardTask
-from dask_clip.io.provenance import Computed, Plain
+from dask_clip.provenance import Computed, Plain
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

@@ -24,9 +24,9 @@ from dask_clip import (
 )
 from dask_clip.columns import FLOAT64, empty_column
 from dask_clip.execution import ShardTask
-from dask_clip.io.provenance import Computed, content_digest
 from dask_clip.io.vectors import variable
 from dask_clip.operation import Operation
+from dask_clip.provenance import Computed, content_digest
 
 WIDTH = 16
 

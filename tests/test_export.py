@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dask_clip import ColumnError, ImageTextPairDataset, embeddings_to_numpy
-from dask_clip.io.provenance import Computed
+from dask_clip.provenance import Computed
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from dask_clip import ImageTextPairDataset, IndexFileError, StaleIndexError, UsageError, testing
 from dask_clip.ann import choose_index
-from dask_clip.io.provenance import METADATA_KEY, Computed, FileRecords
+from dask_clip.provenance import METADATA_KEY, Computed, FileRecords
 
 WIDTH = 16
 

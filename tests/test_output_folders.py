@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dask_clip import ImageTextPairDataset, UsageError, testing
-from dask_clip.io.provenance import Computed
 from dask_clip.io.shards import discover_shards
+from dask_clip.provenance import Computed
 
 MANIFEST_NAME = ".dask_clip-output.json"  # the name is a contract: users see it in their folders
 WIDTH = 8

@@ -76,7 +76,7 @@ WRITER = """
 import sys, numpy as np, pandas as pd
 from dask_clip.columns import to_embedding_array
 from dask_clip.io.metadata import write_shard_metadata
-from dask_clip.io.provenance import FileRecords
+from dask_clip.provenance import FileRecords
 rows = 400_000
 vectors = np.random.default_rng(0).standard_normal((rows, 256), dtype=np.float32)
 frame = pd.DataFrame({"key": np.arange(rows).astype(str)})

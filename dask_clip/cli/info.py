@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(table: pd.DataFrame) -> list[str]:
     """Lines for ``dataset.info()``'s table: each column, then each configuration that produced it and its counts."""
-    from dask_clip.io.provenance import describe_operation
+    from dask_clip.provenance import describe_operation
 
     lines = [] if not table.empty else ["no derived columns recorded"]
     for column, group in table.groupby("column", sort=False):

@@ -24,8 +24,8 @@ from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
 from dask_clip.execution import compute, map_shards, shuffle_to_shards
 from dask_clip.io.metadata import empty_frame, read_parquet_schema, read_shard_metadata
-from dask_clip.io.provenance import Computed, FileRecords, Source, Stored
 from dask_clip.io.shards import Shard, discover_shards
+from dask_clip.provenance import Computed, FileRecords, Source, Stored
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +37,7 @@ class ImageTextPairDataset:
     ``"cudf"`` (GPU extra; embeddings are ``list<float32>`` there, converted at ``backends``'s boundary).
     Every operation returns a new dataset and leaves this one unchanged.
     ``provenance`` maps each derived column to its source: ``Stored`` in the shards' files (each shard's
-    file records its own provenance), or ``Computed`` by an operation of this run (``io.provenance``).
+    file records its own provenance), or ``Computed`` by an operation of this run (``provenance``).
     Two datasets are equal only when they are the same object (``==`` is identity).
     """
 

@@ -34,7 +34,8 @@ from dask_clip.errors import MixedProvenanceError
 from dask_clip.execution import ShardTask, compute_in_batches, failures_named
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from dask_clip.io.metadata import check_stored_contents, table_in_memory
-from dask_clip.io.provenance import (
+from dask_clip.io.shards import Shard, filesystem_of
+from dask_clip.provenance import (
     Computed,
     ExpectedRecords,
     Plain,
@@ -46,7 +47,6 @@ from dask_clip.io.provenance import (
     read_digest,
     values_digest,
 )
-from dask_clip.io.shards import Shard, filesystem_of
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

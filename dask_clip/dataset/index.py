@@ -39,8 +39,8 @@ from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute
 from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.output_folder import OutputKind, replacing_folder
-from dask_clip.io.provenance import Computed, digest
 from dask_clip.io.shards import filesystem_of
+from dask_clip.provenance import Computed, digest
 
 if TYPE_CHECKING:
     import faiss

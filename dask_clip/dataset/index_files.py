@@ -11,7 +11,7 @@ An index is a folder, written as a whole (``io.atomic.replacing_folder``)::
 
 The fingerprint lists, for each shard, its stem, its rows, a digest of its ids, a digest of the embedding
 column's recorded provenance (of its values, where no dask_clip operation recorded one), the content digest
-its file records for the column (``io.provenance.content_digest``; null in files of an older dask_clip) and
+its file records for the column (``provenance.content_digest``; null in files of an older dask_clip) and
 the file's identity (size and modification time, or ETag on object stores) when it was read.
 
 Opening an index for a dataset checks every shard on the cluster. A file whose identity is unchanged is
@@ -39,8 +39,8 @@ from dask_clip.errors import IndexFileError, StaleIndexError, UsageError
 from dask_clip.execution import compute_in_batches, failures_named
 from dask_clip.io.atomic import atomic_write
 from dask_clip.io.metadata import table_in_memory
-from dask_clip.io.provenance import digest, file_identity, values_digest
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
+from dask_clip.provenance import digest, file_identity, values_digest
 
 if TYPE_CHECKING:
     import faiss

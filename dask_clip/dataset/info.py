@@ -10,8 +10,8 @@ import pandas as pd
 
 from dask_clip.dataset.plan import read_shard_file
 from dask_clip.execution import compute_in_batches
-from dask_clip.io.provenance import digest
 from dask_clip.io.shards import Shard
+from dask_clip.provenance import digest
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

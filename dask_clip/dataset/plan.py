@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from dask_clip.errors import DaskClipError, ShardMetadataError, UsageError
 from dask_clip.execution import compute_in_batches, failures_named
 from dask_clip.io.metadata import carried_columns, changed_columns, table_in_memory
-from dask_clip.io.provenance import (
+from dask_clip.io.shards import Shard, filesystem_of
+from dask_clip.provenance import (
     Computed,
     ExpectedRecords,
     FileRecords,
@@ -38,7 +39,6 @@ from dask_clip.io.provenance import (
     ids_digest,
     values_digest,
 )
-from dask_clip.io.shards import Shard, filesystem_of
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

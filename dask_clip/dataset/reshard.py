@@ -47,11 +47,11 @@ from dask_clip.io.metadata import (
     write_shard_metadata,
 )
 from dask_clip.io.output_folder import OutputKind, replacing_folder
-from dask_clip.io.provenance import FileRecords, digest, file_identity
 from dask_clip.io.shards import filesystem_of
 from dask_clip.io.tar_samples import DEFAULT_MAX_SAMPLE_BYTES, RowKeys, iter_tar_members
 from dask_clip.io.tar_writing import concatenate_tar_pieces, copy_member, write_member
 from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS, check_writable
+from dask_clip.provenance import FileRecords, digest, file_identity
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

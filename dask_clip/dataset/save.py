@@ -17,9 +17,9 @@ from dask_clip.errors import ColumnError, DaskClipError, ShardError, UsageError
 from dask_clip.execution import STAGES, ShardTask, compute_in_batches, compute_per_shard, stage_timings
 from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
-from dask_clip.io.provenance import METADATA_KEY, FileRecords
 from dask_clip.io.shards import filesystem_of, resolved_url
 from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS, check_writable
+from dask_clip.provenance import METADATA_KEY, FileRecords
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

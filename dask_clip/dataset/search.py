@@ -22,7 +22,6 @@ from dask_clip.dataset.index_files import OpenedIndex, open_index
 from dask_clip.errors import UsageError
 from dask_clip.execution import ShardTask, compute
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_and_preprocess
-from dask_clip.io.provenance import Computed, describe_operation, digest
 from dask_clip.io.shards import filesystem_of
 from dask_clip.models.clip import (
     ClipTextModel,
@@ -34,6 +33,7 @@ from dask_clip.models.clip import (
     model_identity,
 )
 from dask_clip.models.loading import resolved_model_path, same_weights
+from dask_clip.provenance import Computed, describe_operation, digest
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset

@@ -7,7 +7,7 @@ embedding column is a fixed-size list of float32 in memory, whatever layout its 
 ever wrote read the same, so a dataset half in one layout and half in another is one dataset.
 
 Columns that dask_clip derived (embeddings, error reasons, decisions) are recorded in the parquet's
-key-value metadata with their provenance (``io.provenance``).
+key-value metadata with their provenance (``provenance``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from dask_clip.errors import ShardMetadataError
 from dask_clip.io.atomic import atomic_write
-from dask_clip.io.provenance import METADATA_KEY, FileRecords, content_digest, ids_digest
 from dask_clip.io.shards import filesystem_of
 from dask_clip.io.vectors import DEFAULT_LAYOUT, WidthMismatch, in_memory_schema, recorded_widths, to_disk, to_memory
+from dask_clip.provenance import METADATA_KEY, FileRecords, content_digest, ids_digest
 
 logger = logging.getLogger(__name__)
 

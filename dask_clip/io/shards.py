@@ -17,7 +17,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from dask_clip.errors import DatasetLayoutError, DatasetNotFoundError
-from dask_clip.io.provenance import file_identity
+from dask_clip.provenance import file_identity
 
 _HASH_CHUNK_BYTES = 8 << 20
 

@@ -36,9 +36,9 @@ from dask_clip.columns import STRING, embedding_dtype, empty_column, to_embeddin
 from dask_clip.errors import ColumnError, DataError, DatasetLayoutError
 from dask_clip.execution import SHARD_COLUMN, ShardTask, compute, failures_named
 from dask_clip.io.npy import NpyHeader, read_npy_header, read_npy_rows
-from dask_clip.io.provenance import digest
 from dask_clip.io.shards import as_url, content_sha256, filesystem_of, protocol_of, resolved_url
 from dask_clip.operation import Operation
+from dask_clip.provenance import digest
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
