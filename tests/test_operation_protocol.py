@@ -145,7 +145,7 @@ def never_computed(dataset: ImageTextPairDataset) -> ImageTextPairDataset:
     return dataset.with_metadata(dataset.metadata.map_partitions(fail, meta=dataset.meta))
 
 
-def test_operations_on_vectors_of_unrecorded_width_compute_nothing_when_applied(tmp_path: Path) -> None:
+def test_operations_on_vectors_of_unrecorded_width_compute_nothing_when_applied(client, tmp_path: Path) -> None:
     vectors = {"a": np.ones(4), "b": np.arange(4.0), "c": None, "d": np.arange(4.0) + 0.001}
     dataset = ImageTextPairDataset.from_webdataset(str(list_column_shards(tmp_path, vectors, rows_per_shard=2)))
     assert dataset.meta["image_embedding"].dtype == pd.ArrowDtype(pa.list_(pa.float32()))
@@ -155,7 +155,7 @@ def test_operations_on_vectors_of_unrecorded_width_compute_nothing_when_applied(
     ClipScore()(lazy)
     SemanticDeduplicator(n_clusters=1)(lazy)
 
-    frame = SemanticDeduplicator(n_clusters=1, eps=0.01)(dataset).metadata.compute(scheduler="threads")
+    frame = SemanticDeduplicator(n_clusters=1, eps=0.01)(dataset).metadata.compute()  # P2P: on the cluster
     assert frame.set_index("key")["duplicate_of"].to_dict() == {"a": None, "b": None, "c": None, "d": "b"}
 
 
