@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: install everything, check the code's form and architecture
-# (ruff, import-linter), run the whole suite (GPU tests are skipped when no GPU is visible), then the
-# save / read-back tests again on the lowest pyarrow, pandas and numpy pyproject.toml allows (ci/floor.sh).
+# (ruff, import-linter), run the whole suite in two pytest-xdist processes, a file each at a time (GPU tests are
+# skipped when no GPU is visible), then the save / read-back tests again on the lowest pyarrow, pandas, numpy
+# and dask pyproject.toml allows (ci/floor.sh).
 # Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
 # the package index, not a GPU), and ci/readers.sh reads files dask_clip wrote back with every reader of the
 # README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
@@ -16,7 +17,7 @@ bash ci/readers.sh --check >"$readers_log" 2>&1 &
 readers=$!
 status=0
 { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
-    .venv/bin/python -m pytest "$@" && bash ci/floor.sh -q; } || status=$?
+    .venv/bin/python -m pytest -n 2 --dist loadfile "$@" && bash ci/floor.sh -q; } || status=$?
 wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
 wait "$readers" || status=$((status ? status : $?))
