@@ -77,6 +77,20 @@ def test_help_lists_every_command_with_defaults() -> None:
     assert "(default: 32)" in embed_help and "--scheduler-file" in embed_help and "--decode-mode" in embed_help
 
 
+def test_the_command_list_imports_no_command_it_does_not_run() -> None:
+    """``dask-clip --help`` lists every command from its name and help: the classes whose defaults a command's
+    options show (and dask.dataframe, torch behind them) are imported only for that command."""
+    probe = (
+        "import sys\n"
+        "from dask_clip.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('dask.dataframe', 'torch', 'dask_clip.dataset', 'dask_clip.ops')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "build-index" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout
+
+
 @pytest.mark.parametrize("decode_mode", ["exact", "device"])
 def test_decode_mode_is_recorded_with_the_embeddings(cli, shards: Path, tiny_model: Path, decode_mode: str) -> None:
     import json

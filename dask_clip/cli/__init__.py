@@ -24,7 +24,9 @@ COMMANDS = (embed, dedup, filter_, reshard, search, build_index, export, attach,
 """The subcommands' modules, in the order ``--help`` lists them."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; with ``only``, of that one, the others listed by name and help alone (their
+    options read defaults from the classes they configure, whose imports take seconds)."""
     parser = argparse.ArgumentParser(
         prog="dask-clip",
         description="CLIP image embeddings and curation for WebDataset shards, on Dask.",
@@ -33,13 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-shard progress and Dask's own logs")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(subparsers)
+        if only is None or only == command.NAME:
+            command.add_parser(subparsers)
+        else:
+            subparsers.add_parser(command.NAME, help=command.HELP)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str:
+    """The first word of ``argv`` that is no option: the subcommand (``""`` for ``dask-clip --help``). The only
+    option before it, ``-v``, takes no value."""
+    return next((word for word in argv if not word.startswith("-")), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dask-clip ARGV`` (default: ``sys.argv[1:]``) and return its exit code; bad arguments exit (2)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(only=_command_in(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -15,19 +15,19 @@ from dask_clip.cli.shared import (
     run_on_cluster,
     save,
 )
-from dask_clip.dataset import ImageTextPairDataset
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
+NAME = "attach"
+HELP = "attach embeddings in clip-retrieval's layout (LAION's, or an export) to the rows, and save"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "attach",
-        "attach embeddings in clip-retrieval's layout (LAION's, or an export) to the rows, and save",
-        run,
-    )
+    from dask_clip.dataset import ImageTextPairDataset
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_vector_layout_option(parser)
     parser.add_argument("embeddings", help="folder with img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet")
@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.dataset import ImageTextPairDataset
+
     def attach(dataset: ImageTextPairDataset) -> tuple[ImageTextPairDataset, pd.DataFrame]:
         attached = dataset.attach_embeddings(
             args.embeddings, on=args.on, source_column=args.source_column, embedding_column=args.embedding_column

@@ -13,19 +13,19 @@ from dask_clip.cli.shared import (
     defaults,
     run_on_cluster,
 )
-from dask_clip.dataset import ImageTextPairDataset
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
+NAME = "build-index"
+HELP = "build an approximate nearest-neighbour index of the saved embeddings for search --index"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "build-index",
-        "build an approximate nearest-neighbour index of the saved embeddings for search --index",
-        run,
-    )
+    from dask_clip.dataset import ImageTextPairDataset
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_new_folder_options(parser, "index", "the index", "build-index")
     options = defaults(ImageTextPairDataset.build_index)
@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.dataset import ImageTextPairDataset
+
     def build(dataset: ImageTextPairDataset) -> pd.DataFrame:
         return dataset.build_index(
             args.index,

@@ -15,9 +15,6 @@ from dask_clip.cli.shared import (
     run_on_cluster,
     save_counting_not_kept,
 )
-from dask_clip.ops.deduplicator import Deduplicator
-from dask_clip.ops.exact_dedup import ExactDeduplicator
-from dask_clip.ops.semantic_dedup import KEEP_POLICIES, SemanticDeduplicator
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,8 +22,15 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 
+NAME = "dedup"
+HELP = "flag duplicate images (keep column) and save the metadata"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(subparsers, "dedup", "flag duplicate images (keep column) and save the metadata", run)
+    from dask_clip.ops.deduplicator import Deduplicator
+    from dask_clip.ops.semantic_dedup import KEEP_POLICIES, SemanticDeduplicator
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_vector_layout_option(parser)
     parser.add_argument(
@@ -71,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.ops.deduplicator import Deduplicator
+    from dask_clip.ops.exact_dedup import ExactDeduplicator
+    from dask_clip.ops.semantic_dedup import SemanticDeduplicator
+
     if args.method == "exact":
         deduplicator: Deduplicator = ExactDeduplicator(keep_column=args.keep_column)
     else:

@@ -12,12 +12,14 @@ from dask_clip.cli.shared import EXIT_USAGE, add_cluster_options, add_command, r
 DEMO_WORKERS = 2
 
 
+NAME = "demo"
+HELP = "write sample shards from real photos and embed them (on a local cluster by default)"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers, "demo", "write sample shards from real photos and embed them (on a local cluster by default)", run
-    )
+    parser = add_command(subparsers, NAME, HELP, run)
     parser.add_argument(
-        "--model-dir", default=embed.DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model"
+        "--model-dir", default=embed.default_model(), help="hub id or save_pretrained folder of a CLIP model"
     )
     parser.add_argument(
         "--random-weights",

@@ -15,22 +15,30 @@ from dask_clip.cli.shared import (
     run_on_cluster,
     save,
 )
-from dask_clip.embedders.clip import ClipImageEmbedder
-from dask_clip.images.preprocess import DECODE_MODES
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from dask_clip.dataset import ImageTextPairDataset
 
-DEFAULT_MODEL = defaults(ClipImageEmbedder)["model_dir"]
+NAME = "embed"
+HELP = "embed every image of a folder of shards"
+
+
+def default_model() -> str:
+    """The default ``--model-dir``: ``ClipImageEmbedder``'s."""
+    from dask_clip.embedders.clip import ClipImageEmbedder
+
+    return defaults(ClipImageEmbedder)["model_dir"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(subparsers, "embed", "embed every image of a folder of shards", run)
+    from dask_clip.images.preprocess import DECODE_MODES
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_vector_layout_option(parser)
-    parser.add_argument("--model-dir", default=DEFAULT_MODEL, help="hub id or save_pretrained folder of a CLIP model")
+    parser.add_argument("--model-dir", default=default_model(), help="hub id or save_pretrained folder of a CLIP model")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
     parser.add_argument("--no-autocast", action="store_true", help="run in float32 even where bf16 is fast")
     parser.add_argument(
@@ -47,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.embedders.clip import ClipImageEmbedder
+
     embedder = ClipImageEmbedder(
         args.model_dir,
         batch_size=args.batch_size,

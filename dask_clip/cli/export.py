@@ -19,8 +19,12 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 
+NAME = "export"
+HELP = "write embeddings in clip-retrieval's layout"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(subparsers, "export", "write embeddings in clip-retrieval's layout", run)
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_new_folder_options(parser, "output", "img_emb/ and metadata/", "export")
     add_cluster_options(parser)

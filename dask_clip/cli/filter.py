@@ -17,7 +17,6 @@ from dask_clip.cli.shared import (
     run_on_cluster,
     save_counting_not_kept,
 )
-from dask_clip.ops.filters import keep_by_threshold
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,10 +24,14 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 
+NAME = "filter"
+HELP = "score rows (aesthetic, NSFW or CLIP score) and mark them kept by threshold"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers, "filter", "score rows (aesthetic, NSFW or CLIP score) and mark them kept by threshold", run
-    )
+    from dask_clip.ops.filters import keep_by_threshold
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_vector_layout_option(parser)
     parser.add_argument(
@@ -53,6 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.ops.filters import keep_by_threshold
+
     scored, column = scores(args, open_dataset(args))
     filtered = keep_by_threshold(scored, column, min=args.min, max=args.max, keep_column=args.keep_column)
 

@@ -14,13 +14,12 @@ SHARDS_NAMED = 5
 """Shards a configuration lists by name; the others are counted."""
 
 
+NAME = "info"
+HELP = "which configuration produced each derived column, in how many shards, and which shards disagree"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "info",
-        "which configuration produced each derived column, in how many shards, and which shards disagree",
-        run,
-    )
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_cluster_options(parser)
 

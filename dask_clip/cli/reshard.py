@@ -14,14 +14,19 @@ from dask_clip.cli.shared import (
     defaults,
     run_on_cluster,
 )
-from dask_clip.dataset import ImageTextPairDataset
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
+NAME = "reshard"
+HELP = "write kept rows as new shards with new ids"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(subparsers, "reshard", "write kept rows as new shards with new ids", run)
+    from dask_clip.dataset import ImageTextPairDataset
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_vector_layout_option(parser)
     add_new_folder_options(parser, "output", "the new shards", "reshard")
@@ -38,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.dataset import ImageTextPairDataset
+
     def reshard(dataset: ImageTextPairDataset) -> pd.DataFrame:
         return dataset.to_webdataset(
             args.output,

@@ -6,14 +6,19 @@ import argparse
 from typing import TYPE_CHECKING
 
 from dask_clip.cli.shared import add_cluster_options, add_command, add_dataset_options, defaults, run_on_cluster
-from dask_clip.dataset import ImageTextPairDataset
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
+NAME = "search"
+HELP = "top-k images by similarity to a text or an image"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(subparsers, "search", "top-k images by similarity to a text or an image", run)
+    from dask_clip.dataset import ImageTextPairDataset
+
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a caption to search for (needs the model's tokenizer)")
@@ -28,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.dataset import ImageTextPairDataset
     from dask_clip.dataset.search import read_image_query
 
     image = read_image_query(args.image) if args.image else None  # a path that names no file: before a cluster
