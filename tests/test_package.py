@@ -11,7 +11,7 @@ import dask_clip
 def test_import_pulls_in_neither_torch_nor_faiss_nor_gpu_libraries() -> None:
     code = (
         "import sys, dask_clip\n"
-        "from dask_clip import ImageTextPairDataset, ClipImageEmbedder, get_client\n"
+        "from dask_clip import ImageTextPairDataset, ClipImageEmbedder, SemanticDeduplicator, get_client\n"
         "heavy = ('torch', 'faiss', 'cudf', 'dask_cudf', 'dask_cuda', 'transformers')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )

@@ -22,7 +22,6 @@ import heapq
 import math
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 
@@ -73,6 +72,8 @@ class ClusterTree:
 
 def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each unit vector's most cosine-similar centroid: ``int64 (n,)`` and that cosine ``float32 (n,)``."""
+    import faiss  # only where k-means or a search runs: import dask_clip stays light
+
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     cosine, label = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
@@ -82,6 +83,8 @@ def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.
 def spherical_kmeans(vectors: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
     """faiss's spherical k-means of unit vectors ``float32 (n, D)`` -> ``float32 (min(k, n), D)`` unit centroids,
     using every row given (no subsampling inside faiss)."""
+    import faiss  # only where k-means or a search runs: import dask_clip stays light
+
     k = min(k, len(vectors))
     kmeans = faiss.Kmeans(
         vectors.shape[1],
