@@ -46,6 +46,7 @@ _LAZY_NAMES = {
             "DeviceSetupError",
             "DeviceUnavailableError",
             "FolderLockedError",
+            "ImageLocationError",
             "IndexFileError",
             "MissingDependencyError",
             "MixedProvenanceError",
