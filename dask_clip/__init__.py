@@ -31,6 +31,8 @@ _LAZY_NAMES = {
     "ClipScore": "dask_clip.ops.clip_score",
     "AttachEmbeddings": "dask_clip.ops.attach",
     "clip_score": "dask_clip.ops.clip_score",
+    "LocateImages": "dask_clip.ops.locate",
+    "locate_images": "dask_clip.ops.locate",
     **dict.fromkeys(
         [
             "CheckpointError",
@@ -44,6 +46,7 @@ _LAZY_NAMES = {
             "DeviceSetupError",
             "DeviceUnavailableError",
             "FolderLockedError",
+            "ImageLocationError",
             "IndexFileError",
             "MissingDependencyError",
             "MixedProvenanceError",

@@ -22,6 +22,7 @@ STRING = pd.ArrowDtype(pa.string())
 BOOL = pd.ArrowDtype(pa.bool_())
 FLOAT32 = pd.ArrowDtype(pa.float32())
 FLOAT64 = pd.ArrowDtype(pa.float64())
+INT64 = pd.ArrowDtype(pa.int64())
 
 
 def embedding_dtype(dim: int) -> pd.ArrowDtype:

@@ -113,6 +113,12 @@ class MixedProvenanceError(DataError):
     rows or inputs. The message names the shards, the configurations found and the command that fixes it."""
 
 
+class ImageLocationError(DataError):
+    """A recorded image location (``image_offset``, ``image_size``) does not hold the row's image: the tar changed
+    since its images were located, or the location is wrong. The message names the tar, the key and the offset;
+    ``dask-clip locate`` records the locations again."""
+
+
 class ImageDecodeError(DataError):
     """One sample's bytes cannot be made into an image; the message is the row's reason.
 

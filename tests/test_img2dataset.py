@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from dask_clip import ClipImageEmbedder, ImageTextPairDataset, embeddings_to_numpy, testing
+from dask_clip import ClipImageEmbedder, ImageTextPairDataset, LocateImages, embeddings_to_numpy, testing
 
 img2dataset = pytest.importorskip("img2dataset")
 
@@ -53,3 +54,15 @@ def test_embeds_img2dataset_output(client, img2dataset_shards: Path, tiny_model:
     assert frame.loc[ok, "embedding_error"].isna().all()
     assert not pd.isna(embeddings_to_numpy(frame.loc[ok, "image_embedding"])).any()
     assert frame.loc[~ok, "embedding_error"].str.contains("failed_to_download").all()
+
+
+def test_img2dataset_tars_are_located(img2dataset_shards: Path) -> None:
+    """img2dataset's ``sha256`` hashes the image as downloaded, before its resize: the members are compared instead."""
+    frame = LocateImages()(ImageTextPairDataset.from_webdataset(str(img2dataset_shards))).metadata.compute()
+    ok = frame["status"] == "success"
+    assert frame.loc[~ok, "image_offset"].isna().all() and frame.loc[ok, "image_offset"].notna().all()
+    for row in frame[ok].itertuples():
+        with tarfile.open(img2dataset_shards / f"{row.key[:5]}.tar") as archive:
+            member = archive.extractfile(f"{row.key}.jpg").read()
+            archive.fileobj.seek(row.image_offset)
+            assert archive.fileobj.read(row.image_size) == member, row.key

@@ -21,6 +21,7 @@ from dask_clip import (
     ColumnError,
     ExactDeduplicator,
     ImageTextPairDataset,
+    LocateImages,
     Operation,
     SemanticDeduplicator,
     ThresholdFilter,
@@ -31,6 +32,7 @@ from dask_clip.models.classifiers import AestheticMlp
 FUNCTION_ENTRIES = {
     "clip_score": "ClipScore",
     "keep_by_threshold": "ThresholdFilter",
+    "locate_images": "LocateImages",
     "ImageTextPairDataset.attach_embeddings": "AttachEmbeddings",
 }
 """Public functions and dataset methods that add columns, and the operation each applies."""
@@ -104,6 +106,7 @@ def test_operations_record_themselves_as_datasets_saved_before_record_them(
             "keep_missing": False,
         },
         ExactDeduplicator(): {"class": "ExactDeduplicator", "hash_column": "sha256"},
+        LocateImages(): {"function": "locate_images"},
         SemanticDeduplicator(): {
             "class": "SemanticDeduplicator",
             "eps": 0.01,

@@ -142,3 +142,27 @@ def test_locks_and_the_overwrite_rule_on_object_storage(s3_endpoint: str, tmp_pa
     assert sorted(s3.ls("outputs/shards", detail=False)) == before
     assert sorted(s3.ls("outputs", detail=False)) == ["outputs/export", "outputs/shards"]  # no scratch, no lock
     assert s3.exists("outputs/export/.dask_clip-output.json") and len(s3.ls("outputs/export/img_emb")) == 2
+
+
+@pytest.mark.slow
+def test_images_located_on_s3_are_read_with_one_ranged_read(s3_endpoint: str, pristine_shards: Path) -> None:
+    import hashlib
+
+    import s3fs
+
+    from dask_clip import ImageTextPairDataset, LocateImages
+    from dask_clip.io.image_access import read_member, recorded_tar_identity
+
+    s3 = s3fs.S3FileSystem()
+    s3.mkdir("located")
+    for path in pristine_shards.iterdir():
+        s3.put(str(path), f"located/shards/{path.name}")
+    LocateImages()(ImageTextPairDataset.from_webdataset("s3://located/shards")).save_metadata()
+    s3.invalidate_cache()
+    frame = ImageTextPairDataset.from_webdataset("s3://located/shards").metadata.compute()
+    row = frame[frame["image_offset"].notna()].iloc[-1]
+    shard = f"s3://located/shards/{row['key'][:5]}"
+    identity = recorded_tar_identity(f"{shard}.parquet")
+    assert identity is not None and "etag" in identity
+    data = read_member(f"{shard}.tar", row["image_offset"], row["image_size"], key=row["key"], tar_identity=identity)
+    assert hashlib.sha256(data).hexdigest() == row["sha256"]

@@ -2,9 +2,10 @@
 and match their keys to a shard's rows.
 
 The tar is read front to back as a stream (``mode="r|*"``), so a shard on object storage is never
-downloaded whole nor held in memory. ``iter_tar_members`` yields one member at a time; ``iter_tar_samples``
-groups them into samples, reading only the members an operation wants and at most ``max_sample_bytes``
-of them per sample (a member's size is its expanded size, so a sparse member counts in full).
+downloaded whole nor held in memory. ``iter_tar_members`` yields one member at a time (with
+``headers_only=True`` it seeks past each member's data instead, to locate members without reading them);
+``iter_tar_samples`` groups them into samples, reading only the members an operation wants and at most
+``max_sample_bytes`` of them per sample (a member's size is its expanded size, so a sparse member counts in full).
 ``RowKeys`` is the one rule, for every operation, that says which row a sample's key belongs to.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -53,22 +54,29 @@ class Sample:
         return sorted([*self.members, *self.problems, *self.unread])
 
     def image_member(self) -> str | None:
-        """The extension of the sample's image member (read, or refused with a reason in ``problems``): the
-        first of ``IMAGE_EXTENSIONS`` it has, in any case; None when it has no image member."""
-        present = {extension.lower(): extension for extension in [*self.problems, *self.members]}
-        return next((present[e] for e in IMAGE_EXTENSIONS if e in present), None)
+        """The extension of the sample's image member (read, or refused with a reason in ``problems``)."""
+        return image_extension([*self.problems, *self.members])
+
+
+def image_extension(extensions: Iterable[str]) -> str | None:
+    """Which of a sample's member ``extensions`` is its image: the first of ``IMAGE_EXTENSIONS`` it has, in any
+    case, as written (``"JPG"``); None when it has no image member."""
+    present = {extension.lower(): extension for extension in extensions}
+    return next((present[e] for e in IMAGE_EXTENSIONS if e in present), None)
 
 
 @dataclass
 class Member:
-    """One file of the tar at ``url``: its full name, its sample's key and extension, and its size; ``read``
-    its bytes (before the next member is yielded)."""
+    """One file of the tar at ``url``: its full name, its sample's key and extension, its size and ``offset``, the
+    byte of the tar where its data starts (None for a sparse member, whose data is not stored in one piece);
+    ``read`` its bytes (before the next member is yielded)."""
 
     url: str
     name: str
     key: str
     extension: str
     size: int
+    offset: int | None
     data: IO[bytes] | None
 
     def read(self, size: int = -1) -> bytes:
@@ -118,8 +126,11 @@ def tarinfo_recording_header_errors(header_errors: list[tarfile.HeaderError]) ->
     return RecordingTarInfo
 
 
-def iter_tar_members(url: str) -> Iterator[Member]:
+def iter_tar_members(url: str, headers_only: bool = False) -> Iterator[Member]:
     """Yield the files of the tar at ``url`` in file order; each member's ``data`` is readable until the next.
+
+    ``headers_only=True`` opens the tar as a seekable file and seeks past each member's data rather than reading
+    through it (a tar read for its members' offsets); such a tar must be uncompressed.
 
     Raises ``ShardReadError`` naming the file for a truncated or corrupt tar, an unsafe member name, a
     link member, a member name that appears twice (as the webdataset library does), or a key whose members
@@ -133,7 +144,8 @@ def iter_tar_members(url: str) -> Iterator[Member]:
     header_errors: list[tarfile.HeaderError] = []
     tarinfo = tarinfo_recording_header_errors(header_errors)
     try:
-        with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|*", tarinfo=tarinfo) as archive:
+        mode = "r:" if headers_only else "r|*"
+        with fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode=mode, tarinfo=tarinfo) as archive:
             for member in archive:
                 member_name = member.name
                 if member.isdir():
@@ -150,7 +162,8 @@ def iter_tar_members(url: str) -> Iterator[Member]:
                         raise ShardReadError(f"{url}: members of key {key!r} are not contiguous in the tar")
                     keys.add(key)
                     current_key = key
-                yield Member(url, member.name, key, extension, member.size, archive.extractfile(member))
+                offset = None if member.issparse() else member.offset_data
+                yield Member(url, member.name, key, extension, member.size, offset, archive.extractfile(member))
             end = header_errors[-1] if header_errors else None
             if not isinstance(end, tarfile.EOFHeaderError):
                 raise ShardReadError(
@@ -159,7 +172,8 @@ def iter_tar_members(url: str) -> Iterator[Member]:
                 )
     except (tarfile.TarError, EOFError, OSError) as error:
         where = f"at member {member_name!r}" if member_name is not None else "at its start"
-        raise ShardReadError(f"{url}: cannot read tar ({where}): {error}") from error
+        hint = "; members are located only in uncompressed tars" if headers_only and member_name is None else ""
+        raise ShardReadError(f"{url}: cannot read tar ({where}): {error}{hint}") from error
 
 
 def iter_tar_samples(
