@@ -14,7 +14,6 @@ from dask_clip.cli.shared import (
     run_on_cluster,
     save,
 )
-from dask_clip.ops.locate import LocateImages
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,13 +21,12 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 
+NAME = "locate"
+HELP = "record each row's image offset and size in its tar (image_offset, image_size), for ranged reads"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "locate",
-        "record each row's image offset and size in its tar (image_offset, image_size), for ranged reads",
-        run,
-    )
+    parser = add_command(subparsers, NAME, HELP, run)
     add_dataset_options(parser)
     add_vector_layout_option(parser)
     add_output_options(parser, overwrite="locate again even where the saved locations are current")
@@ -36,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dask_clip.ops.locate import LocateImages
+
     def locate(dataset: ImageTextPairDataset) -> pd.DataFrame:
         return save(args, LocateImages()(dataset))
 
