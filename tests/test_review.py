@@ -165,6 +165,8 @@ def test_duplicate_groups_in_the_order_asked_with_the_kept_image_first(tmp_path:
     assert [list(frame["key"]) for frame in tighter] == [["a", "b"], ["d", "h"]] and tighter.total == 2
     first = dataset.duplicate_groups(n=1, cache=cache)
     assert len(first) == 1 and first.total == 3
+    capped = dataset.duplicate_groups(max_removed=1, cache=cache)
+    assert len(capped[0]) == 3 and len(capped.grids[0].tiles) == 2 and capped[0]["caption"].iloc[2] == "photo c"
 
     html = by_size._repr_html_()
     shown = [(tars[stem], key) for frame in by_size for stem, key in zip(frame["stem"], frame["key"], strict=True)]

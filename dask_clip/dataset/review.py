@@ -103,6 +103,7 @@ def duplicate_groups(
     sort: str = "size",
     min_similarity: float | None = None,
     *,
+    max_removed: int | None = None,
     max_side: int = 128,
     cache: ThumbnailCache | None = None,
 ) -> DuplicateGroups:
@@ -117,7 +118,8 @@ def duplicate_groups(
 
     Each group's frame has the stem, id, ``role`` (``"kept"`` then ``"removed"``, by similarity, highest first),
     ``similarity``, ``duplicate_of`` and the shown columns. ``ColumnError`` names the missing columns when the
-    dataset was not deduplicated.
+    dataset was not deduplicated. ``max_removed`` caps the removed rows each grid shows (the most similar; the
+    frames hold them all).
     """
     at_least("n", n)
     one_of("sort", sort, SORTS)
@@ -140,15 +142,24 @@ def duplicate_groups(
     frames = [_group_frame(group, id_col) for group in groups[:n]]
     if not frames:
         return DuplicateGroups((), (), len(groups))
-    everything = show(pd.concat(frames, ignore_index=True), dataset, _group_lines(id_col), max_side, cache=cache)
-    grids, start = [], 0
-    for frame in frames:
-        grid_rows = everything.frame.iloc[start : start + len(frame)].reset_index(drop=True)
-        tiles = everything.tiles[start : start + len(frame)]
+    joined = _with_dataset_columns(pd.concat(frames, ignore_index=True), dataset, ERRORS)
+    frames = [joined.iloc[start : start + len(frame)] for start, frame in zip(_starts(frames), frames, strict=True)]
+    shown = [frame.head(1 + max_removed) if max_removed is not None else frame for frame in frames]
+    lines = _group_lines(id_col)
+    tiles = row_tiles(pd.concat(shown), id_col, lines, error_columns=ERRORS, max_side=max_side, cache=cache)
+    grids = []
+    for start, frame, rows in zip(_starts(shown), frames, shown, strict=True):
         kept = f"{frame[STEM].iloc[0]}/{frame[id_col].iloc[0]}"
-        grids.append(ThumbnailGrid(tiles, grid_rows, max_side, f"kept {kept}: {len(frame) - 1} removed"))
-        start += len(frame)
-    return DuplicateGroups(tuple(grid.frame for grid in grids), tuple(grids), len(groups))
+        title = f"kept {kept}: {len(frame) - 1} removed"
+        group_tiles = tuple(tiles[start : start + len(rows)])
+        grids.append(ThumbnailGrid(group_tiles, rows.reset_index(drop=True), max_side, title))
+    frames = [frame.reset_index(drop=True) for frame in frames]
+    return DuplicateGroups(tuple(frames), tuple(grids), len(groups))
+
+
+def _starts(frames: Sequence[pd.DataFrame]) -> list[int]:
+    """Where each of ``frames`` starts in their concatenation."""
+    return [sum(len(frame) for frame in frames[:index]) for index in range(len(frames))]
 
 
 def _group_lines(id_col: str) -> list[str]:
