@@ -130,7 +130,7 @@ def duplicate_groups(
             "first (ExactDeduplicator or SemanticDeduplicator, or `dask-clip dedup`) and save its metadata"
         )
     id_col = dataset.id_col
-    removed = _shard_rows(dataset, [id_col, "duplicate_of", "duplicate_of_shard", "similarity"], removed_only=True)
+    removed = shard_rows(dataset, [id_col, "duplicate_of", "duplicate_of_shard", "similarity"], removed_only=True)
     removed["kept_stem"], removed["kept_id"] = _kept_rows(removed, id_col)
     if min_similarity is not None:
         removed = removed[removed["similarity"].astype("float64") >= min_similarity]
@@ -226,10 +226,10 @@ def _with_dataset_columns(
         if unknown:
             raise UsageError(f"{dataset.path}: no shards {unknown[:5]} in the dataset (stems are {list(by_stem)[:5]})")
         positions = sorted({by_stem[stem] for stem in frame[STEM]})
-        found = _shard_rows(dataset, [id_col, *wanted], positions=positions)
+        found = shard_rows(dataset, [id_col, *wanted], positions=positions)
         keys = [STEM, id_col]
     else:
-        found = _shard_rows(dataset, [id_col, *wanted])
+        found = shard_rows(dataset, [id_col, *wanted])
         repeated = found[found.duplicated(id_col, keep=False) & found[id_col].isin(frame[id_col])]
         if len(repeated):
             raise UsageError(
@@ -242,7 +242,7 @@ def _with_dataset_columns(
     return frame.merge(found.astype({id_col: frame[id_col].dtype}), on=keys, how="left", validate="many_to_one")
 
 
-def _shard_rows(
+def shard_rows(
     dataset: ImageTextPairDataset,
     columns: list[str],
     positions: Sequence[int] | None = None,
