@@ -2,8 +2,8 @@
 score column and the rows without an embedding, thumbnails inline (base64), no script and no link to fetch.
 
 Its size is bounded by the thumbnails it holds: at most ``groups * (1 + removed_per_group)`` for the duplicates
-and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (about 5-10 KB as base64 at 128 px):
-with the defaults at most 160 thumbnails, a few MB at most.
+and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (2-11 KB as base64 at 128 px for the
+test photos): with the defaults at most 160 thumbnails, under 2 MB.
 """
 
 from __future__ import annotations
