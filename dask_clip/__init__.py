@@ -33,6 +33,7 @@ _LAZY_NAMES = {
     "clip_score": "dask_clip.ops.clip_score",
     "LocateImages": "dask_clip.ops.locate",
     "locate_images": "dask_clip.ops.locate",
+    "show": "dask_clip.dataset.review",
     **dict.fromkeys(
         [
             "CheckpointError",

@@ -19,6 +19,7 @@ from dask_clip.dataset.index import build_index
 from dask_clip.dataset.index_files import open_index
 from dask_clip.dataset.info import info
 from dask_clip.dataset.reshard import to_webdataset
+from dask_clip.dataset.review import duplicate_groups
 from dask_clip.dataset.save import save_metadata
 from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
@@ -205,6 +206,7 @@ class ImageTextPairDataset:
     info = info
     build_index = build_index
     open_index = open_index
+    duplicate_groups = duplicate_groups
 
     def attach_embeddings(
         self,

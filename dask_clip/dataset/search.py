@@ -66,6 +66,7 @@ def search(
 
     Returns a pandas frame: the id column, ``score`` (``float32`` cosine), ``stem`` and ``tar_url``
     of the shard holding the row.
+    ``dask_clip.show(frame, dataset)`` draws it as a grid of thumbnails in Jupyter.
     """
     if (text is None) == (image is None):
         raise UsageError("give exactly one of text= or image=")

@@ -11,18 +11,53 @@ with the locations (``recorded_tar_identity``).
 
 from __future__ import annotations
 
+import itertools
 import tarfile
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dask_clip.errors import ImageLocationError
 from dask_clip.io.metadata import read_parquet_schema
 from dask_clip.io.shards import filesystem_of
-from dask_clip.io.tar_samples import RowKeys, split_member_name
+from dask_clip.io.tar_samples import RowKeys, image_extension, iter_tar_members, split_member_name
 from dask_clip.provenance import FileRecords, file_identity
 
 HEADER_BYTES = tarfile.BLOCKSIZE
+
+
+@dataclass(frozen=True)
+class ImageLocations:
+    """Where the image of each of ``n`` rows lies in a tar: ``offsets`` and ``sizes`` (``int64 (n,)``, bytes),
+    valid where ``found`` (``bool (n,)``: False for a row whose sample has no image member, or a sparse one), and
+    the tar's sample keys that no row has (``unknown_keys``)."""
+
+    offsets: np.ndarray
+    sizes: np.ndarray
+    found: np.ndarray
+    unknown_keys: list[str]
+
+
+def image_locations(tar_url: str, keys: RowKeys, rows: int) -> ImageLocations:
+    """The image members of ``rows`` rows (matched to sample keys by ``keys``) in the uncompressed tar at
+    ``tar_url``, from its member headers alone: each member's data is seeked past, never read. The image member is
+    the one the embedders read (``image_extension``)."""
+    offsets = np.zeros(rows, dtype=np.int64)
+    sizes = np.zeros(rows, dtype=np.int64)
+    found = np.zeros(rows, dtype=bool)
+    unknown: list[str] = []
+    members = iter_tar_members(tar_url, headers_only=True)
+    for key, group in itertools.groupby(members, key=lambda member: member.key):
+        by_extension = {member.extension: member for member in group}
+        position = keys.position(key)
+        image = by_extension.get(image_extension(by_extension) or "")
+        if position is None:
+            unknown.append(key)
+        elif image is not None and image.offset is not None:
+            offsets[position], sizes[position], found[position] = image.offset, image.size, True
+    return ImageLocations(offsets, sizes, found, unknown)
 
 
 def recorded_tar_identity(parquet_url: str, offset_column: str = "image_offset") -> dict[str, Any] | None:

@@ -8,16 +8,15 @@ a tar replaced since makes them stale and a re-run locates its images again.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from dask_clip.columns import INT64, empty_column, nullable
 from dask_clip.execution import ShardTask
-from dask_clip.io.tar_samples import RowKeys, image_extension, iter_tar_members
+from dask_clip.io.image_access import image_locations
+from dask_clip.io.tar_samples import RowKeys
 from dask_clip.operation import Operation
 
 if TYPE_CHECKING:
@@ -55,22 +54,13 @@ class LocateImages(Operation):
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         keys = RowKeys(rows[task.id_col], task.shard.tar_url)
-        offsets = np.zeros(len(rows), dtype=np.int64)
-        sizes = np.zeros(len(rows), dtype=np.int64)
-        found = np.zeros(len(rows), dtype=bool)
-        unknown: list[str] = []
-        members = iter_tar_members(task.shard.tar_url, headers_only=True)
-        for key, group in itertools.groupby(members, key=lambda member: member.key):
-            by_extension = {member.extension: member for member in group}
-            position = keys.position(key)
-            image = by_extension.get(image_extension(by_extension) or "")
-            if position is None:
-                unknown.append(key)
-            elif image is not None and image.offset is not None:
-                offsets[position], sizes[position], found[position] = image.offset, image.size, True
-        if unknown:
-            raise keys.unknown_keys_error(unknown, task.id_col)
-        return {self.offset_column: nullable(offsets, found, INT64), self.size_column: nullable(sizes, found, INT64)}
+        located = image_locations(task.shard.tar_url, keys, len(rows))
+        if located.unknown_keys:
+            raise keys.unknown_keys_error(located.unknown_keys, task.id_col)
+        return {
+            self.offset_column: nullable(located.offsets, located.found, INT64),
+            self.size_column: nullable(located.sizes, located.found, INT64),
+        }
 
 
 def locate_images(
