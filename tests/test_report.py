@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dask_clip import ImageTextPairDataset
+import pytest
+
+from dask_clip import ImageTextPairDataset, testing
 from dask_clip.dataset.report import write_report
 from dask_clip.images.thumbnails import ThumbnailCache
 from tests.test_review import PLACEHOLDER, inline_jpegs, write_deduplicated_shards
@@ -52,3 +54,19 @@ def test_the_command_writes_failures_with_their_reasons(shards: Path, tmp_path: 
     assert_offline(document)
     assert "<h3>HTTP Error 404: Not Found: 3 rows</h3>" in document and "3 with a reason in error_message" in document
     assert PLACEHOLDER.findall(document) == ["HTTP Error 404: Not Found"] * 3
+
+
+def test_a_file_that_is_no_report_is_never_replaced(tmp_path: Path) -> None:
+    from dask_clip.errors import UsageError
+
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>my notes</html>")
+    dataset = ImageTextPairDataset.from_webdataset(str(testing.make_img2dataset_shards(tmp_path / "s")[0].parent))
+    with pytest.raises(UsageError, match="exists; pass overwrite=True"):
+        write_report(dataset, notes)
+    with pytest.raises(UsageError, match="is not a dask_clip report"):
+        write_report(dataset, notes, overwrite=True)
+    assert notes.read_text() == "<html>my notes</html>"
+    report = tmp_path / "report.html"
+    write_report(dataset, report)
+    assert write_report(dataset, report, overwrite=True) == report.stat().st_size

@@ -16,13 +16,17 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.dataset.review import DEDUP_COLUMNS, ERRORS, STEM, duplicate_groups, shard_rows, show
+from dask_clip.errors import UsageError
 from dask_clip.images.thumbnails import ThumbnailCache
+from dask_clip.io.atomic import atomic_write
 from dask_clip.provenance import describe_operation
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 BINS = 30
+GENERATOR = '<meta name="generator" content="dask_clip report">'
+"""Marks a file this module wrote: only such a file is replaced, and only with ``overwrite``."""
 STYLE = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left}"
 
 
@@ -36,8 +40,12 @@ def write_report(
     per_reason: int = 8,
     max_side: int = 128,
     cache: ThumbnailCache | None = None,
+    overwrite: bool = False,
 ) -> int:
-    """Write the report of ``dataset`` to ``path`` (a local file); returns its size in bytes."""
+    """Write the report of ``dataset`` to ``path`` (a local file); returns its size in bytes. An existing file is
+    replaced only with ``overwrite`` and only when it is a report this function wrote (``UsageError`` otherwise),
+    checked before any work; the file appears whole or not at all."""
+    _check_replaceable(Path(path), overwrite)
     score_columns = [
         column
         for column, dtype in dataset.meta.dtypes.items()
@@ -54,11 +62,24 @@ def write_report(
         sections.append(_failures(dataset, rows, error_column, reasons, per_reason, max_side, cache))
     title = html.escape(f"dask_clip report: {dataset.path}")
     document = (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>'
-        f"<body><h1>{title}</h1>{''.join(sections)}</body></html>"
-    )
-    Path(path).write_text(document, encoding="utf-8")
-    return len(document.encode("utf-8"))
+        f'<!DOCTYPE html><html><head><meta charset="utf-8">{GENERATOR}<title>{title}</title><style>{STYLE}</style>'
+        f"</head><body><h1>{title}</h1>{''.join(sections)}</body></html>"
+    ).encode()
+    with atomic_write(str(path)) as file:
+        file.write(document)
+    return len(document)
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """``UsageError`` when ``path`` exists and may not be replaced: without ``overwrite``, or not a report."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise UsageError(f"{path}: exists; pass overwrite=True (--overwrite) to replace a report written before")
+    with path.open("rb") as file:
+        head = file.read(4096)
+    if GENERATOR.encode() not in head:
+        raise UsageError(f"{path}: exists and is not a dask_clip report; it is never replaced: write elsewhere")
 
 
 def _is_float(dtype: object) -> bool:
