@@ -193,3 +193,40 @@ def test_a_query_against_a_stale_index_is_refused(embedded_shards: Path, tmp_pat
     stale = TestClient(stale_app, base_url=LOOPBACK).get("/api/search", params={"text": "a photo", "k": 3})
     assert stale.status_code == 409 and "StaleIndexError" in stale.json()["detail"]
     assert "00003" in stale.json()["detail"]
+
+
+@pytest.mark.slow
+def test_the_command_off_loopback_prints_a_token_and_asks_for_it(deduplicated: Path) -> None:
+    """``dask-clip serve --host 0.0.0.0`` generates a token, prints the address with it, and refuses requests
+    without it."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "dask_clip.cli", "serve", str(deduplicated), "--host", "0.0.0.0"]
+    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        printed = ""
+        while "?token=" not in printed and server.poll() is None:
+            printed += server.stderr.readline()
+        token = re.search(r"\?token=(\S+)", printed).group(1)
+        address = f"http://127.0.0.1:{port}/api/overview"
+        for _ in range(100):
+            try:
+                refused = httpx.get(address)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        assert refused.status_code == 401 and "a token is needed" in refused.json()["detail"]
+        answered = httpx.get(address, params={"token": token})
+        assert answered.status_code == 200 and answered.json()["rows"] == 18
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
