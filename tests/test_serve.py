@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dask_clip import ImageTextPairDataset, SemanticDeduplicator
+from dask_clip import ImageTextPairDataset
 from dask_clip.serve import create_app
 from dask_clip.serve.security import token_for
 
@@ -20,14 +19,6 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 LOOPBACK = "http://127.0.0.1"
-
-
-@pytest.fixture(scope="module")
-def deduplicated(pristine_embedded: Path, tmp_path_factory: pytest.TempPathFactory, client) -> Path:
-    """The embedded shards, deduplicated with a loose eps so that the random model makes groups."""
-    folder = Path(shutil.copytree(pristine_embedded, tmp_path_factory.mktemp("served") / "shards"))
-    SemanticDeduplicator(n_clusters=1, eps=0.3)(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
-    return folder
 
 
 @pytest.fixture(scope="module")
