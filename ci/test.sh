@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI: install everything, check the code's form and architecture
-# (ruff, import-linter), run the whole suite in two pytest-xdist processes, a file each at a time (GPU tests are
-# skipped when no GPU is visible), then the save / read-back tests again on the lowest pyarrow, pandas, numpy
+# The test command of the README and of CI: install everything (and Debian's chromium for the browser tests, where
+# it is missing and we are root with apt), check the code's form and architecture (ruff, import-linter), run the
+# whole suite in two pytest-xdist processes, a file each at a time (GPU tests are skipped when no GPU is visible),
+# then the save / read-back tests again on the lowest pyarrow, pandas, numpy
 # and dask pyproject.toml allows (ci/floor.sh).
 # Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
 # the package index, not a GPU), and ci/readers.sh reads files dask_clip wrote back with every reader of the
 # README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The browser tests (tests/test_serve_browser.py) drive Debian's Chromium; they never download a browser.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 bash ci/install.sh
 gpu_extras_log=$(mktemp)
 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &

@@ -87,6 +87,16 @@ def embedded_shards(pristine_embedded: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deduplicated(pristine_embedded: Path, tmp_path_factory: pytest.TempPathFactory, client) -> Path:
+    """The embedded shards, deduplicated with a loose eps so that the random model makes groups (the app's data)."""
+    from dask_clip import ImageTextPairDataset, SemanticDeduplicator
+
+    folder = Path(shutil.copytree(pristine_embedded, tmp_path_factory.mktemp("served") / "shards"))
+    SemanticDeduplicator(n_clusters=1, eps=0.3)(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
+    return folder
+
+
+@pytest.fixture(scope="session")
 def client():
     """A real LocalCluster: 2 worker processes with 1 thread each."""
     from dask_clip import get_client

@@ -15,12 +15,25 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dask_clip.cli import attach, build_index, dedup, demo, embed, export, info, locate, report, reshard, search
+from dask_clip.cli import (
+    attach,
+    build_index,
+    dedup,
+    demo,
+    embed,
+    export,
+    info,
+    locate,
+    report,
+    reshard,
+    search,
+    serve,
+)
 from dask_clip.cli import filter as filter_
 from dask_clip.cli.shared import EXIT_FAILED, EXIT_USAGE, dask_log_level
 from dask_clip.errors import ConfigurationError, DaskClipError
 
-COMMANDS = (embed, dedup, filter_, reshard, search, build_index, export, attach, locate, info, report, demo)
+COMMANDS = (embed, dedup, filter_, reshard, search, build_index, export, attach, locate, info, report, serve, demo)
 """The subcommands' modules, in the order ``--help`` lists them."""
 
 
