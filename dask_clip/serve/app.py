@@ -18,7 +18,7 @@ from dask_clip.dataset import ImageTextPairDataset
 from dask_clip.errors import ConfigurationError, DataError, ImageDecodeError, ShardReadError
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from dask_clip.serve.catalog import EMBEDDING_COLUMN, Catalog
-from dask_clip.serve.images import image_bytes, thumbnail_bytes
+from dask_clip.serve.images import thumbnail_bytes
 from dask_clip.serve.queries import Searcher
 from dask_clip.serve.security import guard
 
@@ -179,13 +179,10 @@ def create_app(
         if shard is None:
             raise HTTPException(404, "no such image in this dataset: address one by its shard's stem and its key")
         try:
-            data = image_bytes(shard.tar_url, key)
+            jpeg = thumbnail_bytes(shard.tar_url, key, max_image_pixels=max_image_pixels)
         except ShardReadError as error:
             raise HTTPException(404, str(error)) from None
-        headers = {"Cache-Control": "private, max-age=3600"}
-        return Response(
-            thumbnail_bytes(data, max_image_pixels=max_image_pixels), media_type="image/jpeg", headers=headers
-        )
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     return app
 
