@@ -9,11 +9,15 @@
 # README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The browser tests (tests/test_serve_browser.py) drive Debian's Chromium; they never download a browser.
+# The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
+# never download a browser.
+chromium=true
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) &
+    chromium=$!
 fi
 bash ci/install.sh
+[ "$chromium" = true ] || wait "$chromium"
 gpu_extras_log=$(mktemp)
 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
 gpu_extras=$!
