@@ -140,7 +140,7 @@ def vectors_to_binary(vectors: np.ndarray) -> pd.api.extensions.ExtensionArray:
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     row_bytes = vectors.shape[1] * 4
-    offsets = np.arange(0, (len(vectors) + 1) * row_bytes, row_bytes, dtype=np.int64)
+    offsets = np.arange(len(vectors) + 1, dtype=np.int64) * row_bytes  # a step of 0 bytes: no rows, or 0-d
     array = pa.Array.from_buffers(pa.large_binary(), len(vectors), [None, pa.py_buffer(offsets), pa.py_buffer(vectors)])
     return pd.arrays.ArrowExtensionArray(array)
 

@@ -76,6 +76,22 @@ def values_digest(values: pa.Array | pa.ChunkedArray) -> str:
     return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
 
 
+def plain_digest(values: pa.Array | pa.ChunkedArray) -> str:
+    """The digest of a column that came with the shards (``values_digest``), as an operation records what it read.
+
+    A column whose every row is null digests as its length alone, whatever its type: pandas writes an all-None
+    column as Arrow's ``null`` type, which reads as the dataset's type and is written back so by a save. A list
+    column (another tool's vectors) digests by its values (``content_digest``), not by its buffers, which hold
+    whatever a writer left under null rows. Neither may make what read the column stale once a save rewrites it.
+    """
+    if values.null_count == len(values):
+        return digest({"null rows": len(values)})
+    kind = values.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return content_digest(values)
+    return values_digest(values)
+
+
 def content_digest(values: pa.Array | pa.ChunkedArray) -> str:
     """A digest of a column's values: which rows are null, and the others' values, whatever the chunking.
 

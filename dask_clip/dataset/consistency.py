@@ -44,8 +44,8 @@ from dask_clip.provenance import (
     Stored,
     describe_operation,
     digest,
+    plain_digest,
     read_digest,
-    values_digest,
 )
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def _values_digests(url: str, columns: list[str]) -> dict[str, str]:
         fs, path = filesystem_of(url)
         with fs.open(path, "rb") as file:
             table = table_in_memory(pq.read_table(file, columns=columns), url)
-        return {column: values_digest(table.column(column)) for column in columns}
+        return {column: plain_digest(table.column(column)) for column in columns}
 
 
 def _check_column(

@@ -40,7 +40,7 @@ from dask_clip.execution import compute_in_batches, failures_named
 from dask_clip.io.atomic import atomic_write
 from dask_clip.io.metadata import table_in_memory
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
-from dask_clip.provenance import digest, file_identity, values_digest
+from dask_clip.provenance import digest, file_identity, plain_digest
 
 if TYPE_CHECKING:
     import faiss
@@ -97,7 +97,7 @@ def _values_digest(url: str, column: str) -> str:
     with failures_named(url):
         fs, path = filesystem_of(url)
         with fs.open(path, "rb") as file:
-            return values_digest(table_in_memory(pq.read_table(file, columns=[column]), url).column(0))
+            return plain_digest(table_in_memory(pq.read_table(file, columns=[column]), url).column(0))
 
 
 def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, Any]], shards: list[Shard]) -> None:

@@ -37,7 +37,7 @@ from dask_clip.provenance import (
     Source,
     Stored,
     ids_digest,
-    values_digest,
+    plain_digest,
 )
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def read_shard_state(
             records = FileRecords.from_schema(schema)
             carried = carried_columns(schema, meta, set(derived) | set(records.columns))
             values = {
-                column: values_digest(table.column(column)) for column in reads.plain if column in table.column_names
+                column: plain_digest(table.column(column)) for column in reads.plain if column in table.column_names
             }
             contents = {column: records.contents.get(column) for column in carried}
             stored = {column: table.column(column) for column in reads.stored if column in carried}
