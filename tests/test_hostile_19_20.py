@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dask_clip import ImageTextPairDataset, SemanticDeduplicator
+from dask_clip import ClipImageEmbedder, ImageTextPairDataset, SemanticDeduplicator
+from dask_clip.errors import UsageError
 from dask_clip.testing import write_embedding_shards, write_shard
 
 WIDTH = 8
@@ -76,17 +77,36 @@ def test_a_shard_whose_plain_column_pandas_wrote_as_null_type_is_not_stale_after
     assert written["rows"].sum() == kept > 0
 
 
-@pytest.mark.xfail(strict=True, reason="open: a float16 save rounds the embeddings a decision of the same save read")
-def test_a_dedup_saved_in_float16_over_float32_embeddings_is_current(tmp_path: Path) -> None:
-    """``dask-clip dedup --method semantic --vector-layout float16`` on float32 embeddings: the save rounds the
-    carried embeddings and records the digest of the rounded values, but the decisions record the float32
-    values they read. The decisions just written are refused by every consumer (MixedProvenanceError, "decided
-    for other inputs than the shards hold now") while ``info`` reports nothing stale, and a re-run decides
-    again."""
+def test_float16_never_rounds_embeddings_another_written_column_was_computed_from(tmp_path: Path) -> None:
+    """``dask-clip dedup --vector-layout float16`` on float32 embeddings used to round the embeddings under the
+    decisions just computed from them: every consumer then refused those decisions. Such a save is refused, before
+    anything is written, whether the decisions are computed now or carried from the files."""
     rng = np.random.default_rng(0)
     vectors = {f"{i:09d}": rng.normal(size=WIDTH) for i in range(12)}
     write_embedding_shards(tmp_path / "shards", vectors, rows_per_shard=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("*.parquet")}
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
-    SemanticDeduplicator(n_clusters=2, eps=0.5)(dataset).save_metadata(vector_layout="float16")
+    with pytest.raises(UsageError, match=r"would round \['image_embedding'\], from which 'keep'"):
+        SemanticDeduplicator(n_clusters=2, eps=0.5)(dataset).save_metadata(vector_layout="float16")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("*.parquet")} == before, "nothing written"
+
+    SemanticDeduplicator(n_clusters=2, eps=0.5)(dataset).save_metadata()
     saved = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
-    saved.to_webdataset(str(tmp_path / "out"), filter_column="keep")
+    with pytest.raises(UsageError, match=r"would round \['image_embedding'\], from which 'keep'"):
+        saved.save_metadata(str(tmp_path / "half"), vector_layout="float16")
+    saved.save_metadata(str(tmp_path / "half"), columns=["image_embedding"], vector_layout="float16")
+    assert pq.read_schema(tmp_path / "half" / "00000.parquet").field("image_embedding").type == pa.list_(pa.float16())
+    written = saved.to_webdataset(str(tmp_path / "out"), filter_column="keep")
+    assert written["rows"].sum() == saved.metadata.compute()["keep"].sum() > 0
+
+
+def test_float16_refuses_to_round_embeddings_a_dedup_of_the_same_save_read(
+    client, shards: Path, tiny_model: Path
+) -> None:
+    before = {p.name: p.read_bytes() for p in shards.glob("*.parquet")}
+    dataset = ClipImageEmbedder(str(tiny_model), autocast=False)(ImageTextPairDataset.from_webdataset(str(shards)))
+    with pytest.raises(UsageError, match=r"would round \['image_embedding'\], from which 'keep'"):
+        SemanticDeduplicator(n_clusters=1)(dataset).save_metadata(vector_layout="float16")
+    assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == before, "nothing is written"
+    dataset.save_metadata(vector_layout="float16")  # the embeddings alone: computed here, so rounded
+    assert pq.read_schema(shards / "00000.parquet").field("image_embedding").type == pa.list_(pa.float16())

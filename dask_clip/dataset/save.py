@@ -18,8 +18,8 @@ from dask_clip.execution import STAGES, ShardTask, compute_in_batches, compute_p
 from dask_clip.io.locks import LOCK_NAME, writer_lock
 from dask_clip.io.metadata import read_parquet_schema, rows_with_reasons, shard_identity, write_shard_metadata
 from dask_clip.io.shards import filesystem_of, resolved_url
-from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS, check_writable
-from dask_clip.provenance import METADATA_KEY, FileRecords
+from dask_clip.io.vectors import DEFAULT_LAYOUT, LAYOUTS, check_writable, is_vector_type
+from dask_clip.provenance import METADATA_KEY, Computed, FileRecords, Stored
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -77,6 +77,7 @@ def save_metadata(
     with writer_lock(posixpath.join(output_root, LOCK_NAME), "save_metadata"):
         if not in_place:
             _check_no_other_shards(dataset, output_root)
+        check_rounding(dataset, selected, vector_layout)
         return _plan_and_write(dataset, output_root, urls, selected, overwrite, progress, vector_layout)
 
 
@@ -115,6 +116,35 @@ def _written_by_dask_clip(url: str) -> bool:
         return METADATA_KEY in (read_parquet_schema(url).metadata or {})
     except DaskClipError:
         return False
+
+
+def check_rounding(dataset: ImageTextPairDataset, columns: Sequence[str], vector_layout: str) -> None:
+    """``UsageError`` when ``vector_layout`` is ``"float16"`` (it rounds every vector column written) and another
+    column written with them was computed from one of them: its record would name values the file no longer holds,
+    and every step that reads it would refuse it. Carried columns are judged by their first shard's record."""
+    if vector_layout != "float16":
+        return
+    rounded = {c for c in columns if _is_vector(dataset.meta[c].dtype)}
+    first = FileRecords.from_schema(read_parquet_schema(dataset.shards[0].parquet_url)) if dataset.shards else None
+    for column in (c for c in columns if c not in rounded):
+        source = dataset.provenance.get(column)
+        if isinstance(source, Computed):
+            read = set(source.reads)
+        elif isinstance(source, Stored) and first is not None:
+            read = set((first.columns.get(column) or {}).get("reads") or {})
+        else:
+            read = set()
+        if rounded & read:
+            raise UsageError(
+                f"vector_layout='float16' would round {sorted(rounded & read)}, from which {column!r} (also written "
+                f"by this save) was computed: its record would name values the files no longer hold. Save the "
+                f"embeddings in float16 before computing {column!r}, leave {column!r} out (columns=...), or save in "
+                "the default layout"
+            )
+
+
+def _is_vector(dtype: object) -> bool:
+    return isinstance(dtype, pd.ArrowDtype) and is_vector_type(dtype.pyarrow_dtype)
 
 
 def _plan_and_write(
