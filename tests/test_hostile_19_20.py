@@ -110,3 +110,17 @@ def test_float16_refuses_to_round_embeddings_a_dedup_of_the_same_save_read(
     assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == before, "nothing is written"
     dataset.save_metadata(vector_layout="float16")  # the embeddings alone: computed here, so rounded
     assert pq.read_schema(shards / "00000.parquet").field("image_embedding").type == pa.list_(pa.float16())
+
+
+@pytest.mark.parametrize("kind", [pa.list_(pa.float64(), WIDTH), pa.list_(pa.float64())])
+def test_an_input_column_of_float64_vectors_keeps_its_type_and_values_through_an_in_place_save(
+    tmp_path: Path, kind: pa.DataType
+) -> None:
+    """Another tool's float64 vectors are an input column: an in-place save keeps every original column as it is,
+    so it must not write them back as float32."""
+    folder = other_tools_shards(tmp_path / "shards", kind)
+    before = pq.read_table(folder / "00000.parquet").column("image_embedding")
+    SemanticDeduplicator(n_clusters=2, eps=0.5)(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
+    after = pq.read_table(folder / "00000.parquet").column("image_embedding")
+    assert after.type == before.type
+    assert after.to_pylist() == before.to_pylist()

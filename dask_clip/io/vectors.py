@@ -84,11 +84,12 @@ def recorded_widths(schema: pa.Schema, vectors: dict[str, dict[str, object]] | N
 
 
 def in_memory_schema(schema: pa.Schema, widths: dict[str, int]) -> pa.Schema:
-    """The schema a file of ``schema`` has in memory: each vector column of known width ``fixed_size_list<float32>``."""
+    """The schema a file of ``schema`` has in memory: each vector column of known width in a layout dask_clip writes
+    ``fixed_size_list<float32>``; another tool's vectors in another type (float64) stay as they are."""
     return pa.schema(
         [
             field.with_type(pa.list_(pa.float32(), widths[field.name]))
-            if field.name in widths and is_vector_type(field.type)
+            if field.name in widths and layout_of(field.type) is not None
             else field
             for field in schema
         ],
@@ -100,7 +101,7 @@ def to_memory(table: pa.Table, widths: dict[str, int]) -> pa.Table:
     """``table`` as read from a file with every vector column of known width (``widths``) as
     ``fixed_size_list<float32>[D]``, nulls kept. ``WidthMismatch`` (with ``column`` set) for a wrong row."""
     for index, field in enumerate(table.schema):
-        if field.name not in widths or not is_vector_type(field.type):
+        if field.name not in widths or layout_of(field.type) is None:
             continue
         width = widths[field.name]
         if field.type == pa.list_(pa.float32(), width):
@@ -117,11 +118,12 @@ def to_memory(table: pa.Table, widths: dict[str, int]) -> pa.Table:
 
 
 def to_disk(table: pa.Table, layout: str = DEFAULT_LAYOUT) -> tuple[pa.Table, dict[str, dict[str, object]]]:
-    """``table`` (in memory) with every ``fixed_size_list`` vector column in ``layout``, the width on its field and
+    """``table`` (in memory) with every ``fixed_size_list<float32>`` vector column (dask_clip's in memory; another
+    tool's float64 vectors are written back as they were) in ``layout``, the width on its field and
     in the schema's ``dask_clip.widths``; and ``{column: {"layout", "width"}}`` for the provenance document."""
     written: dict[str, dict[str, object]] = {}
     for index, field in enumerate(table.schema):
-        if not (pa.types.is_fixed_size_list(field.type) and pa.types.is_floating(field.type.value_type)):
+        if not (pa.types.is_fixed_size_list(field.type) and pa.types.is_float32(field.type.value_type)):
             continue
         width = field.type.list_size
         column = one_array(table.column(index))
