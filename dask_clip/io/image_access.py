@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,23 +41,30 @@ class ImageLocations:
     unknown_keys: list[str]
 
 
+def sample_images(tar_url: str) -> Iterator[tuple[str, tuple[int, int] | None]]:
+    """Each sample key of the uncompressed tar at ``tar_url``, in tar order, with ``(offset, size)`` of its image
+    member's data (None without one, or for a sparse member), from the member headers alone: each member's data
+    is seeked past, never read. The image member is the one the embedders read (``image_extension``)."""
+    members = iter_tar_members(tar_url, headers_only=True)
+    for key, group in itertools.groupby(members, key=lambda member: member.key):
+        by_extension = {member.extension: member for member in group}
+        image = by_extension.get(image_extension(by_extension) or "")
+        yield key, (image.offset, image.size) if image is not None and image.offset is not None else None
+
+
 def image_locations(tar_url: str, keys: RowKeys, rows: int) -> ImageLocations:
-    """The image members of ``rows`` rows (matched to sample keys by ``keys``) in the uncompressed tar at
-    ``tar_url``, from its member headers alone: each member's data is seeked past, never read. The image member is
-    the one the embedders read (``image_extension``)."""
+    """The image members of ``rows`` rows (matched to sample keys by ``keys``) in the tar at ``tar_url``
+    (``sample_images``)."""
     offsets = np.zeros(rows, dtype=np.int64)
     sizes = np.zeros(rows, dtype=np.int64)
     found = np.zeros(rows, dtype=bool)
     unknown: list[str] = []
-    members = iter_tar_members(tar_url, headers_only=True)
-    for key, group in itertools.groupby(members, key=lambda member: member.key):
-        by_extension = {member.extension: member for member in group}
+    for key, location in sample_images(tar_url):
         position = keys.position(key)
-        image = by_extension.get(image_extension(by_extension) or "")
         if position is None:
             unknown.append(key)
-        elif image is not None and image.offset is not None:
-            offsets[position], sizes[position], found[position] = image.offset, image.size, True
+        elif location is not None:
+            (offsets[position], sizes[position]), found[position] = location, True
     return ImageLocations(offsets, sizes, found, unknown)
 
 

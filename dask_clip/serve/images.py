@@ -1,7 +1,7 @@
 """The app's access to image bytes: where a sample's image lies in its shard's tar, and its thumbnail.
 
 The app calls ``has_image`` and ``thumbnail_bytes`` only. A tar's image locations are read once, from its member
-headers alone (``io.tar_samples.iter_tar_members(headers_only=True)``, the embedders' image-member rule), and
+headers alone (``io.image_access.sample_images``, the embedders' image-member rule), and
 kept; each thumbnail is then one ranged read checked against the member's header
 (``images.thumbnails.row_thumbnail``), made under ``max_image_pixels`` and cached on disk.
 """
@@ -9,12 +9,12 @@ kept; each thumbnail is then one ranged read checked against the member's header
 from __future__ import annotations
 
 import functools
-import itertools
 
 from dask_clip.errors import ShardReadError
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from dask_clip.images.thumbnails import DEFAULT_MAX_SIDE, ThumbnailCache, row_thumbnail
-from dask_clip.io.tar_samples import image_extension, iter_tar_members, normalized_key
+from dask_clip.io.image_access import sample_images
+from dask_clip.io.tar_samples import normalized_key
 
 TARS_REMEMBERED = 4096
 """Tars whose image locations are kept (a dict of key -> (offset, size) each)."""
@@ -50,11 +50,4 @@ def thumbnail_bytes(
 @functools.lru_cache(maxsize=TARS_REMEMBERED)
 def image_locations(shard_tar_url: str) -> dict[str, tuple[int, int]]:
     """Each sample key of the tar (NFC-normalised) -> ``(offset, size)`` of its image member's data."""
-    found: dict[str, tuple[int, int]] = {}
-    members = iter_tar_members(shard_tar_url, headers_only=True)
-    for key, group in itertools.groupby(members, key=lambda member: member.key):
-        by_extension = {member.extension: member for member in group}
-        image = by_extension.get(image_extension(by_extension) or "")
-        if image is not None and image.offset is not None:
-            found[normalized_key(key)] = (image.offset, image.size)
-    return found
+    return {normalized_key(key): found for key, found in sample_images(shard_tar_url) if found is not None}
