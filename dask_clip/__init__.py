@@ -28,6 +28,8 @@ _LAZY_NAMES = {
     "NsfwClassifier": "dask_clip.ops.classifiers",
     "ThresholdFilter": "dask_clip.ops.filters",
     "keep_by_threshold": "dask_clip.ops.filters",
+    "TopFractionFilter": "dask_clip.ops.top_fraction",
+    "keep_top_fraction": "dask_clip.ops.top_fraction",
     "ClipScore": "dask_clip.ops.clip_score",
     "AttachEmbeddings": "dask_clip.ops.attach",
     "clip_score": "dask_clip.ops.clip_score",

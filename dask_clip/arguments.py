@@ -24,6 +24,13 @@ def fraction(name: str, value: float) -> float:
     return float(value)
 
 
+def share(name: str, value: float) -> float:
+    """``value`` when it is a number greater than 0 and at most 1 (a share of the rows), else ``UsageError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise UsageError(f"{name} must be a number greater than 0 and at most 1 (0.3: 30% of the rows), not {value!r}")
+    return float(value)
+
+
 def one_of(name: str, value: T, choices: Collection[T]) -> T:
     """``value`` when it is one of ``choices``, else ``UsageError`` listing them."""
     if value not in choices:

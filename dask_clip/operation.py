@@ -13,7 +13,9 @@ An operation says
 - ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache (a
   ``ModelOperation`` builds it, and asks for a share of a GPU);
 - ``label``: how progress and logs show it (``name`` unless given another);
-- ``process_shard(rows, task, model)``: for a per-shard operation, its new columns for one shard.
+- ``process_shard(rows, task, model)``: for a per-shard operation, its new columns for one shard;
+- ``fitted(dataset)``: for an operation whose configuration depends on statistics of the whole dataset (a global
+  threshold), itself configured with them, computed when it is applied, so the record of its output names them.
 
 ``operation(dataset)`` then returns a new dataset with those columns, computed lazily, shard by shard,
 through ``execution.map_shards``, once the derived columns it reads are known to come from one run over the
@@ -141,9 +143,16 @@ class Operation(ABC):
         check_consumed(dataset, inputs, self.name, own=self.recorded_config())
         dataset = contents_checked(dataset, inputs, self.name)
         self.check_inputs(dataset)
-        outputs = self.output_columns(dataset)
-        frame = self.build(dataset, dataset.meta.assign(**outputs))
-        return dataset.with_metadata(frame, dict.fromkeys(outputs, self.source(dataset)))
+        operation = self.fitted(dataset)
+        outputs = operation.output_columns(dataset)
+        frame = operation.build(dataset, dataset.meta.assign(**outputs))
+        return dataset.with_metadata(frame, dict.fromkeys(outputs, operation.source(dataset)))
+
+    def fitted(self, dataset: ImageTextPairDataset) -> Operation:
+        """This operation configured with what it learns from the whole of ``dataset`` (eagerly, once its inputs
+        are checked): itself by default. Its ``config()`` then names what was learnt, so a re-run over other data
+        records another configuration."""
+        return self
 
     def _run_on_shard(self, rows: pd.DataFrame, task: ShardTask) -> pd.DataFrame:
         model = None

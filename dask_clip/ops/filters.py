@@ -1,7 +1,8 @@
 """Threshold filters on a score column: mark rows to keep, never drop them.
 
 Rows stay in every shard (each parquet keeps one row per input row, as the tar pairs with it);
-the verdict is a boolean column. Select the kept rows with ``dataset.metadata[dataset.metadata["keep"]]``.
+the verdict is a boolean column, ``keep_by_threshold`` unless named. Select the kept rows with
+``dataset.metadata[dataset.metadata["keep_by_threshold"]]``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ from dask_clip.operation import Operation
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
+OWN_COLUMN = "keep_by_threshold"
+"""The column a threshold filter writes its verdict to unless told another."""
+
 
 class ThresholdFilter(Operation):
     """Sets ``keep_column`` (``bool``) to False where ``column`` is outside ``[min, max]``.
 
     Both bounds are inclusive; ``None`` leaves that side open. A null score counts as inside when
-    ``keep_missing``, else outside. When ``keep_column`` exists already (a deduplication or another
-    filter), the verdicts combine with AND, so filters chain: a row is kept only when every step keeps
-    it. Deduplicators replace ``keep_column``: run them before the filters.
+    ``keep_missing``, else outside. By default the verdict is this step's own column, ``keep_by_threshold``
+    (replaced by a re-run, never combined). A ``keep_column`` you name that exists already (``"keep"`` of a
+    deduplication, or another filter's) is combined with AND, so filters chain: a row is kept only when every
+    step keeps it. Deduplicators replace their ``keep_column``: run them before the filters.
     """
 
     function_name = "keep_by_threshold"
@@ -38,7 +43,7 @@ class ThresholdFilter(Operation):
         *,
         min: float | None = None,
         max: float | None = None,
-        keep_column: str = "keep",
+        keep_column: str | None = None,
         keep_missing: bool = False,
     ) -> None:
         if min is None and max is None:
@@ -46,7 +51,8 @@ class ThresholdFilter(Operation):
         self.column = column
         self.min = min
         self.max = max
-        self.keep_column = keep_column
+        self.keep_column = keep_column or OWN_COLUMN
+        self.chains = keep_column is not None
         self.keep_missing = keep_missing
 
     def config(self) -> dict[str, Any]:
@@ -58,7 +64,11 @@ class ThresholdFilter(Operation):
         }
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
-        return [self.column] + ([self.keep_column] if self.keep_column in dataset.meta.columns else [])
+        return [self.column] + ([self.keep_column] if self._combines(dataset.meta.columns) else [])
+
+    def _combines(self, columns: pd.Index) -> bool:
+        """Whether the verdict is ANDed with an existing column: one the user named, not this step's own."""
+        return self.chains and self.keep_column in columns
 
     def check_inputs(self, dataset: ImageTextPairDataset) -> None:
         dtype = dataset.meta[self.column].dtype
@@ -76,7 +86,7 @@ class ThresholdFilter(Operation):
         if self.max is not None:
             inside &= scores <= self.max
         inside = inside.where(scores.notna(), self.keep_missing).astype(bool)
-        if self.keep_column in rows.columns:
+        if self._combines(rows.columns):
             inside &= rows[self.keep_column].fillna(True).astype(bool)
         return {self.keep_column: pd.array(np.asarray(inside, dtype=bool), dtype=BOOL)}
 
@@ -86,8 +96,9 @@ def keep_by_threshold(
     column: str,
     min: float | None = None,
     max: float | None = None,
-    keep_column: str = "keep",
+    keep_column: str | None = None,
     keep_missing: bool = False,
 ) -> ImageTextPairDataset:
-    """A new dataset whose ``keep_column`` is False where ``column`` is outside ``[min, max]`` (``ThresholdFilter``)."""
+    """A new dataset whose ``keep_column`` (``keep_by_threshold`` unless named; a named one that exists is ANDed
+    with) is False where ``column`` is outside ``[min, max]`` (``ThresholdFilter``)."""
     return ThresholdFilter(column, min=min, max=max, keep_column=keep_column, keep_missing=keep_missing)(dataset)
