@@ -278,6 +278,11 @@ def rerun_command(operation: dict[str, Any] | None, path: str) -> str:
         return command if operation.get("normalize_embeddings", True) else _python(operation)
     if name == "ExactDeduplicator" and operation.get("hash_column") == "sha256":
         return f"dask-clip dedup {path} --method exact"
+    if name == "keep_top_fraction":  # the command ranks the scores again: the threshold recorded is not an option
+        flags = (" --smallest" if not operation.get("largest", True) else "") + (
+            " --keep-missing" if operation.get("keep_missing") else ""
+        )
+        return f"dask-clip filter {path} --column {operation['column']} --top-fraction {operation['fraction']}{flags}"
     semantic_cli = {"embedding_column": "image_embedding", "max_iter": 30}  # what the command does not set
     if name == "SemanticDeduplicator" and all(operation.get(key) == value for key, value in semantic_cli.items()):
         return (
