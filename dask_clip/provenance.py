@@ -253,10 +253,13 @@ class ExpectedRecords:
     """The record each derived column would get in each shard: ``record(source, shard)``.
 
     Cross-shard sources fold every shard's inputs into one ``dataset`` digest, computed once per source.
+    ``saved_together``: the stored columns were read as they were computed, in the save that wrote them with the
+    columns read from them (their record alone, ``read_digests``).
     """
 
-    def __init__(self, shards: list[ShardInputs]) -> None:
+    def __init__(self, shards: list[ShardInputs], saved_together: bool = False) -> None:
         self.shards = shards
+        self.saved_together = saved_together
         self._records: dict[tuple[int, int], dict[str, Any] | None] = {}
         self._datasets: dict[int, str] = {}
 
@@ -274,7 +277,7 @@ class ExpectedRecords:
         """The digest of what an operation reads from ``source``: its record and, for a column stored in a file
         that records its content digest, that digest (and whether the values still match it)."""
         inputs = self.shards[shard]
-        if not isinstance(source, Stored):
+        if not isinstance(source, Stored) or self.saved_together:
             return _digest_or_none(self.record(source, shard))
         return read_digest(
             self.record(source, shard), inputs.contents.get(source.column), source.column in inputs.changed
@@ -305,6 +308,14 @@ def read_digest(record: dict[str, Any] | None, contents: str | None, changed: bo
     if contents is None:
         return _digest_or_none(record)
     return digest({"record": record, "contents": contents, "changed": changed})
+
+
+def read_digests(record: dict[str, Any] | None, contents: str | None) -> set[str | None]:
+    """What an operation may have recorded of reading a stored column whose file records ``record`` and ``contents``
+    (footers only: values edited since are refused where they are read): ``read_digest``, or its record alone where
+    the operation read the column as it was computed and saved with it (``dask-clip filter --by``: a score and its
+    filter), before its content digest was known."""
+    return {read_digest(record, contents, False), _digest_or_none(record)}
 
 
 def _digest_or_none(record: dict[str, Any] | None) -> str | None:

@@ -154,10 +154,14 @@ def test_keep_by_threshold_marks_and_chains(client, tmp_path: Path) -> None:
     meta = add_score(dataset.metadata._meta)
     scored = dataset.with_metadata(dataset.metadata.map_partitions(add_score, meta=meta))
 
-    pretty = keep_by_threshold(scored, "score", min=5.0)
-    assert pretty.metadata.compute()["keep"].tolist() == [False, True, True, True, True, False]
-    assert keep_by_threshold(scored, "score", min=5.0, keep_missing=True).metadata.compute()["keep"].tolist()[-1]
-    both = keep_by_threshold(pretty, "nsfw", max=0.6)  # ANDed with the earlier verdict
+    pretty = keep_by_threshold(scored, "score", min=5.0)  # its own column
+    assert pretty.metadata.compute()["keep_by_threshold"].tolist() == [False, True, True, True, True, False]
+    own = keep_by_threshold(scored, "score", min=5.0, keep_missing=True).metadata.compute()["keep_by_threshold"]
+    assert own.tolist()[-1]
+    replaced = keep_by_threshold(pretty, "nsfw", max=0.6)  # its own column again: replaced, not combined
+    assert replaced.metadata.compute()["keep_by_threshold"].tolist() == [True, True, False, False, True, False]
+    pretty = keep_by_threshold(scored, "score", min=5.0, keep_column="keep")
+    both = keep_by_threshold(pretty, "nsfw", max=0.6, keep_column="keep")  # a column named: ANDed with
     assert both.metadata.npartitions == 3
     assert both.metadata.compute()["keep"].tolist() == [False, True, False, False, True, False]
     assert both.provenance["keep"].reads["keep"] is pretty.provenance["keep"]  # the verdict it was ANDed with

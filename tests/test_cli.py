@@ -208,7 +208,8 @@ def test_semantic_dedup_and_filters(cli, shards: Path, tiny_model: Path, tmp_pat
 
     scored = cli("filter", str(folder), "--by", "clip-score", "--model-dir", str(model), "--min", "2")
     assert scored.returncode == 0, scored.stderr
-    assert "filter by clip_score over 3 shards: 19 rows, 19 marked keep=False" in scored.stdout  # cosine <= 1 < 2
+    marked = "filter by clip_score over 3 shards: 19 rows, 19 marked keep_by_threshold=False"  # cosine <= 1 < 2
+    assert marked in scored.stdout
     assert pq.read_table(folder / "00001.parquet").column("clip_score").null_count == 1  # the failed download
 
     import torch

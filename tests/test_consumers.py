@@ -20,6 +20,7 @@ from dask_clip import (
     SemanticDeduplicator,
     clip_score,
     keep_by_threshold,
+    keep_top_fraction,
     testing,
 )
 from dask_clip.errors import DataError, MixedProvenanceError
@@ -92,17 +93,19 @@ def test_finishing_the_dedup_makes_it_consumable(client, half_deduplicated: Path
 
 def test_a_filter_refuses_a_half_finished_keep_and_resumes_its_own(client, half_deduplicated: Path) -> None:
     with pytest.raises(MixedProvenanceError, match=r"ThresholdFilter reads '(similarity|keep)'"):
-        keep_by_threshold(dataset_of(half_deduplicated), "similarity", max=0.999, keep_missing=True)
+        keep_by_threshold(dataset_of(half_deduplicated), "similarity", max=0.999, keep_missing=True, keep_column="keep")
     dedup("hard")(dataset_of(half_deduplicated)).save_metadata()
     # a filter killed after its first file: its own keep in 00000, the dedup's in the others
     other = half_deduplicated.parent / "filter-run"
-    keep_by_threshold(dataset_of(half_deduplicated), "similarity", max=0.999, keep_missing=True).save_metadata(
-        str(other)
-    )
+    keep_by_threshold(
+        dataset_of(half_deduplicated), "similarity", max=0.999, keep_missing=True, keep_column="keep"
+    ).save_metadata(str(other))
     move_in(other, half_deduplicated, "00000")
     with pytest.raises(MixedProvenanceError, match=r"to_webdataset reads 'keep'"):
         dataset_of(half_deduplicated).to_webdataset(str(half_deduplicated.parent / "out"), filter_column="keep")
-    resumed = keep_by_threshold(dataset_of(half_deduplicated), "similarity", max=0.999, keep_missing=True)
+    resumed = keep_by_threshold(
+        dataset_of(half_deduplicated), "similarity", max=0.999, keep_missing=True, keep_column="keep"
+    )
     resumed.save_metadata()  # the same filter again finishes its own run
     dataset_of(half_deduplicated).to_webdataset(str(half_deduplicated.parent / "out"), filter_column="keep")
 
@@ -125,6 +128,23 @@ def test_a_shard_that_lacks_the_column_is_named(client, tmp_path: Path) -> None:
     move_in(tmp_path / "first-run", folder, "00000")  # the first dedup ever, killed after its first file
     with pytest.raises(MixedProvenanceError, match=r"2 shards \(00001, 00002\): no 'keep' column"):
         dataset_of(folder).to_webdataset(str(tmp_path / "out"), filter_column="keep")
+
+
+# --- columns computed in one save, one from the other -------------------------------------------------------------
+def test_a_decision_saved_with_the_score_it_read_is_consumable(client, tmp_path: Path) -> None:
+    """A score and the filters of it computed and saved together (``dask-clip filter --by``) are current once saved:
+    their files record the score's content digest, which the filters could not know when they read it."""
+    folder = tmp_path / "shards"
+    testing.write_embedding_shards(folder, planted_vectors(), rows_per_shard=4)
+    weights = tmp_path / "aesthetic.pth"
+    torch.save(AestheticMlp(16).state_dict(), weights)
+    scored = AestheticClassifier(str(weights), embedding_dim=16, device="cpu")(dataset_of(folder))
+    by_threshold = keep_by_threshold(scored, "aesthetic_score", min=-1e9)  # per shard
+    keep_top_fraction(by_threshold, "aesthetic_score", 0.5).save_metadata()  # across shards
+    saved = dataset_of(folder)
+    for column, kept in (("keep_by_threshold", 12), ("keep_top_fraction", 6)):
+        summary = saved.to_webdataset(str(tmp_path / column), filter_column=column)
+        assert int(summary["rows"].sum()) == kept
 
 
 # --- embeddings left by an interrupted switch of model -----------------------------------------------------------

@@ -32,6 +32,7 @@ from dask_clip.models.classifiers import AestheticMlp
 FUNCTION_ENTRIES = {
     "clip_score": "ClipScore",
     "keep_by_threshold": "ThresholdFilter",
+    "keep_top_fraction": "TopFractionFilter",
     "locate_images": "LocateImages",
     "ImageTextPairDataset.attach_embeddings": "AttachEmbeddings",
 }

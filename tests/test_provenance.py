@@ -293,10 +293,12 @@ def test_info_shows_a_mixed_dataset_at_a_glance(shards: Path, tiny_model: Path, 
 def test_a_threshold_filter_records_the_verdict_it_was_combined_with(embedded_shards: Path) -> None:
     dataset = dataset_of(embedded_shards)
     scored = dataset.with_metadata(dataset.metadata.assign(score=1.0))
-    first = keep_by_threshold(scored, "score", min=0.5)
-    both = keep_by_threshold(first, "score", max=2.0)
+    first = keep_by_threshold(scored, "score", min=0.5, keep_column="keep")
+    both = keep_by_threshold(first, "score", max=2.0, keep_column="keep")
     assert set(both.provenance["keep"].reads) == {"score", "keep"}
     assert both.provenance["keep"].reads["keep"] is first.provenance["keep"]
+    own = keep_by_threshold(keep_by_threshold(scored, "score", min=0.5), "score", max=2.0)  # its own column: replaced
+    assert set(own.provenance["keep_by_threshold"].reads) == {"score"}
 
 
 def test_old_files_without_provenance_are_recomputed(embedded_shards: Path, model_with_tokenizer: Path) -> None:

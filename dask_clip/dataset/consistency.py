@@ -45,7 +45,7 @@ from dask_clip.provenance import (
     describe_operation,
     digest,
     plain_digest,
-    read_digest,
+    read_digests,
 )
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ def check_consumed(
     if not stored:
         return operations
     footers = compute_in_batches(_footer_of, dataset.shards, id_col=dataset.id_col, columns=list(stored))
-    expected = ExpectedRecords([footer.inputs for footer in footers])
+    inputs = [footer.inputs for footer in footers]
+    expected = (ExpectedRecords(inputs), ExpectedRecords(inputs, saved_together=True))
     for column in stored:
         agreed = _check_column(column, footers, expected, consumer, own, dataset.path)
         if column in operations:
@@ -163,12 +164,15 @@ def _values_digests(url: str, columns: list[str]) -> dict[str, str]:
 def _check_column(
     column: str,
     footers: list[ShardFooter],
-    expected: ExpectedRecords,
+    expected: tuple[ExpectedRecords, ExpectedRecords],
     consumer: str,
     own: Mapping[str, Any] | None,
     path: str,
 ) -> dict[str, Any] | None:
-    """The configuration every judged shard records for ``column``; ``MixedProvenanceError`` when there is none."""
+    """The configuration every judged shard records for ``column``; ``MixedProvenanceError`` when there is none.
+
+    ``expected`` are the records as a save would make them now: of columns read once saved, and as read when saved
+    together with ``column`` (a decision across shards may have read its inputs either way)."""
     own_digest = None if own is None else digest(own)
     judged = [
         (index, footer.inputs.records.get(column))
@@ -208,8 +212,8 @@ def _check_column(
     fix = rerun_command(record["operation"], path)
     if "dataset" in record:
         source = _cross_shard_source(record, footers[judged[0][0]].inputs.records)
-        if expected.dataset_digest(source) != record["dataset"]:
-            changed = [i for i, r in judged if _inputs_of(expected.record(source, i)) != _inputs_of(r)]
+        if all(each.dataset_digest(source) != record["dataset"] for each in expected):
+            changed = [i for i, r in judged if _inputs_of(expected[0].record(source, i)) != _inputs_of(r)]
             where = _shards(stems, changed) if changed else "shards added or removed"
             raise MixedProvenanceError(
                 f"{start}, but it was decided for other inputs than the shards hold now (what changed since: "
@@ -248,7 +252,7 @@ def _current(column: str, record: dict[str, Any], inputs: ShardInputs) -> bool:
     for name, read in record.get("reads", {}).items():
         current = inputs.records.get(name)
         # footers only: a column whose values were edited since is refused where it is read (check_contents)
-        if name != column and current is not None and read_digest(current, inputs.contents.get(name), False) != read:
+        if name != column and current is not None and read not in read_digests(current, inputs.contents.get(name)):
             return False
     return True
 
