@@ -29,6 +29,8 @@ _LAZY_NAMES = {
     "ThresholdFilter": "dask_clip.ops.filters",
     "keep_by_threshold": "dask_clip.ops.filters",
     "TopFractionFilter": "dask_clip.ops.top_fraction",
+    "CombineDecisions": "dask_clip.ops.combine",
+    "combine_decisions": "dask_clip.ops.combine",
     "keep_top_fraction": "dask_clip.ops.top_fraction",
     "ClipScore": "dask_clip.ops.clip_score",
     "AttachEmbeddings": "dask_clip.ops.attach",

@@ -33,6 +33,7 @@ FUNCTION_ENTRIES = {
     "clip_score": "ClipScore",
     "keep_by_threshold": "ThresholdFilter",
     "keep_top_fraction": "TopFractionFilter",
+    "combine_decisions": "CombineDecisions",
     "locate_images": "LocateImages",
     "ImageTextPairDataset.attach_embeddings": "AttachEmbeddings",
 }

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dask_clip import ImageTextPairDataset, TopFractionFilter, keep_top_fraction
+from dask_clip import ImageTextPairDataset, TopFractionFilter, combine_decisions, keep_by_threshold, keep_top_fraction
 from dask_clip.errors import ColumnError, MixedProvenanceError, UsageError
 from dask_clip.ops import top_fraction
 
@@ -113,7 +113,7 @@ def test_bad_fractions_columns_and_sizes_are_refused(tmp_path: Path, monkeypatch
         with pytest.raises(UsageError, match=r"fraction must be a number greater than 0 and at most 1"):
             keep_top_fraction(dataset, "score", fraction)
     for column in ("caption", "flag"):
-        with pytest.raises(ColumnError, match=f"column '{column}' is .*, not a numeric score"):
+        with pytest.raises(ColumnError, match=rf"column '{column}' is .*, not a numeric score"):
             keep_top_fraction(dataset, column, 0.3)
     with pytest.raises(ColumnError, match=r"reads columns \['nope'\]"):
         keep_top_fraction(dataset, "nope", 0.3)
@@ -214,3 +214,21 @@ def test_cli_keeps_the_top_clip_scores_end_to_end(cli, embedded_shards: Path, mo
     assert both.returncode == 2 and "give --top-fraction or --min/--max, not both" in both.stderr
     bad = cli("filter", folder, "--column", "clip_score", "--top-fraction", "0")
     assert bad.returncode == 2 and "fraction must be a number greater than 0" in bad.stderr
+
+
+def test_decisions_are_combined_into_a_column_of_their_own(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"key": list("abcdef"), "score": [5.0, 4.0, 3.0, 2.0, 1.0, None]})
+    dataset = ImageTextPairDataset.from_webdataset(str(write_scored_shards(tmp_path / "shards", split(frame, 2))))
+    top = keep_top_fraction(dataset, "score", 0.5, keep_missing=True)  # a, b, c and the unscored f
+    both = keep_by_threshold(top, "score", max=4.5)  # b, c, d, e
+    combined = combine_decisions(both, [COLUMN, "keep_by_threshold"])
+    kept = decided(combined, "curated")
+    assert kept["curated"].to_dict() == dict(a=False, b=True, c=True, d=False, e=False, f=False)
+    assert kept[COLUMN]["a"] and kept["keep_by_threshold"]["e"]  # each decision stays as it was made
+    recorded = {"function": "combine_decisions", "columns": [COLUMN, "keep_by_threshold"]}
+    assert combined.provenance["curated"].operation == recorded
+    assert set(combined.provenance["curated"].reads) == {COLUMN, "keep_by_threshold"}
+    with pytest.raises(UsageError, match="one of the decisions combined"):
+        combine_decisions(both, [COLUMN], keep_column=COLUMN)
+    with pytest.raises(ColumnError, match=r"column 'score' is .*, not a boolean decision"):
+        combine_decisions(both, [COLUMN, "score"])
