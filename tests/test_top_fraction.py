@@ -178,6 +178,8 @@ def test_shards_decided_with_two_fractions_are_refused(client, tmp_path: Path) -
     shutil.copyfile(other / "00000.parquet", folder / "00000.parquet")
     with pytest.raises(MixedProvenanceError, match=r"to_webdataset reads 'keep_top_fraction'.*fraction=0\.5"):
         ImageTextPairDataset.from_webdataset(str(folder)).to_webdataset(str(tmp_path / "out"), filter_column=COLUMN)
+    with pytest.raises(MixedProvenanceError, match=r"CombineDecisions reads 'keep_top_fraction'"):
+        combine_decisions(ImageTextPairDataset.from_webdataset(str(folder)), [COLUMN])  # a step refuses it too
     finished = keep_top_fraction(ImageTextPairDataset.from_webdataset(str(folder)), "score", 0.5).save_metadata()
     assert finished["written"].all()
 
