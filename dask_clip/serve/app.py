@@ -98,6 +98,7 @@ def create_app(
     app = FastAPI(
         title="dask-clip", summary=f"see the images of {dataset_path}", docs_url="/api/docs", lifespan=lifespan
     )
+    app.state.thumbnail_cache = cache
     app.middleware("http")(_limit_uploads(max_upload_bytes))
     app.middleware("http")(guard(token))  # the outer one: a request without the token is refused before anything
     for error, status in ((ImageDecodeError, 422), (ConfigurationError, 400), (DataError, 409)):
