@@ -6,10 +6,10 @@ Run from the root of a checkout (``.venv/bin/python benchmarks/bench_serve.py --
 of ``n`` rows first: shards of 10,000 rows, each a parquet of ``key``, ``caption`` and synthetic 512-d
 ``image_embedding`` vectors (a mixture of 1,000 clusters, as ``scale_index.py`` makes) recorded as embedded by a
 random-weight ViT-B/32-shaped CLIP (``testing.save_random_clip_model``: real compute per text query), and a real
-tar holding a JPEG (a scikit-image photo, 320 px on its longest side) for every row. ``build_index`` indexes it.
-Then it starts ``dask-clip serve DIR --index INDEX`` (one Dask worker) and, for each concurrency, runs two
-scenarios of ``--seconds`` each with that many clients (httpx, asyncio), each client sending one request after
-another:
+tar holding a JPEG (a scikit-image photo, 320 px on its longest side, ``--image-side``) for every row.
+``build_index`` indexes it. Then it starts ``dask-clip serve DIR --index INDEX`` (one Dask worker) and, for each
+concurrency, runs three scenarios of ``--seconds`` each with that many clients (httpx, asyncio), each client
+sending one request after another:
 
 - search: ``GET /api/search?text=...&k=20``, every text distinct (``a photo of <word> <n>``);
 - thumbnails: ``GET /thumb/{stem}/{key}``, every key distinct over the whole run, in random order across all
@@ -76,7 +76,7 @@ WORDS = [
 ]
 
 
-def write_dataset(folder: Path, n: int, model_dir: str, seed: int = 0) -> None:
+def write_dataset(folder: Path, n: int, model_dir: str, image_side: int = IMAGE_SIDE, seed: int = 0) -> None:
     """Shards of ``n`` rows (parquet + real tar of JPEGs), the vectors recorded as ``model_dir``'s embeddings."""
     from PIL import Image
 
@@ -94,7 +94,7 @@ def write_dataset(folder: Path, n: int, model_dir: str, seed: int = 0) -> None:
     images = []
     for name, pixels in testing.sample_photos().items():
         image = Image.fromarray(pixels).convert("RGB")
-        image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
+        image.thumbnail((image_side, image_side))
         images.append((name, testing.encode_jpeg(np.asarray(image), quality=85)))
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((DIM, 32)))[0].T
@@ -244,7 +244,7 @@ def summary(results: list[tuple[float, int, str]], seconds: float) -> dict[str, 
     }
 
 
-def prepare(n: int, folder: Path, begun: float) -> dict[str, Any]:
+def prepare(n: int, image_side: int, folder: Path, begun: float) -> dict[str, Any]:
     """The dataset (``folder/shards``) and its index (``folder/index``), written unless an earlier run left them
     (``folder/ready``); what writing them took."""
     from dask_clip import testing
@@ -255,7 +255,7 @@ def prepare(n: int, folder: Path, begun: float) -> dict[str, Any]:
         return {"reused": True}
     model_dir = testing.save_tokenizer_for_clip_model(testing.save_random_clip_model(folder / "model", "vit-b-32"))
     started = time.perf_counter()
-    write_dataset(dataset, n, str(model_dir))
+    write_dataset(dataset, n, str(model_dir), image_side)
     written_s = time.perf_counter() - started
     harness.log(begun, f"wrote {n} rows in {written_s:.0f} s; locating the images and building the index")
     locate_s, index_s = locate_and_index(dataset, index)
@@ -322,9 +322,9 @@ def measure(n: int, seconds: float, folder: Path, pythonpath: str, label: str, b
     }
 
 
-def run(n: int, seconds: float, folder: Path, baseline: str | None) -> dict[str, Any]:
+def run(n: int, seconds: float, image_side: int, folder: Path, baseline: str | None) -> dict[str, Any]:
     begun = time.perf_counter()
-    prepared = prepare(n, folder, begun)
+    prepared = prepare(n, image_side, folder, begun)
     servers = [("baseline", baseline)] if baseline else []
     servers.append(("this checkout", str(harness.ROOT)))
     dataset = folder / "shards"
@@ -332,7 +332,7 @@ def run(n: int, seconds: float, folder: Path, baseline: str | None) -> dict[str,
         "n": n,
         "dim": DIM,
         "seconds_per_scenario": seconds,
-        "image_side": IMAGE_SIDE,
+        "image_side": image_side,
         "tar_bytes": sum(path.stat().st_size for path in dataset.glob("*.tar")),
         **prepared,
         "index_files": sorted(path.name for path in (folder / "index").iterdir()),
@@ -380,12 +380,13 @@ def main() -> None:
     parser.add_argument(
         "--folder", default=None, help="where to write the dataset, kept for the next run (default: a temporary one)"
     )
+    parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="longest side of the JPEGs in the tars")
     parser.add_argument("--baseline", default=None, help="a checkout to measure first, on the same data")
     args = parser.parse_args()
     folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-serve-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args.n, args.seconds, folder, args.baseline)
+        result = run(args.n, args.seconds, args.image_side, folder, args.baseline)
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
