@@ -127,7 +127,7 @@ def create_app(
         return {"query": query, "k": k, "offset": offset, "index": index is not None, "results": results}
 
     async def text_search(text: str, k: int, offset: int) -> dict[str, Any]:
-        _searcher(searcher)
+        _searcher(searcher)  # 400 before the query waits for a batch, when there is nothing to search
         vector = await texts.submit(text)
         return await run_in_threadpool(search, vector, k, offset, {"text": text})
 
