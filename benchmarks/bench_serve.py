@@ -6,15 +6,23 @@ Run from the root of a checkout (``.venv/bin/python benchmarks/bench_serve.py --
 of ``n`` rows first: shards of 10,000 rows, each a parquet of ``key``, ``caption`` and synthetic 512-d
 ``image_embedding`` vectors (a mixture of 1,000 clusters, as ``scale_index.py`` makes) recorded as embedded by a
 random-weight ViT-B/32-shaped CLIP (``testing.save_random_clip_model``: real compute per text query), and a real
-tar holding a JPEG (a scikit-image photo, 320 px on its longest side) for every row. ``build_index`` indexes it.
-Then it starts ``dask-clip serve DIR --index INDEX`` (one Dask worker) and, for each concurrency, runs two
-scenarios of ``--seconds`` each with that many clients (httpx, asyncio), each client sending one request after
-another:
+tar holding a JPEG (a scikit-image photo, 320 px on its longest side, ``--image-side``) for every row.
+``build_index`` indexes it. Then it starts ``dask-clip serve DIR --index INDEX`` (one Dask worker) and, for each
+concurrency, runs three scenarios of ``--seconds`` each with that many clients (httpx, asyncio), each client
+sending one request after another:
 
 - search: ``GET /api/search?text=...&k=20``, every text distinct (``a photo of <word> <n>``);
 - thumbnails: ``GET /thumb/{stem}/{key}``, every key distinct over the whole run, in random order across all
-  shards. The server keeps no thumbnails; it keeps each tar's image locations after reading its headers once,
-  so the first request for each tar reads its headers as well ("first of a tar", counted apart).
+  shards: uncached thumbnails read from the tars. The first request for each tar is counted apart ("first of a
+  tar"): a server that cannot use the recorded image locations reads that tar's headers then;
+- cached thumbnails: ``GET /thumb/{stem}/{key}`` of keys the thumbnail scenario at one client asked for already,
+  in random order: the server's thumbnail cache answers.
+
+The dataset's image locations are recorded (``LocateImages``, as ``dask-clip locate`` does) before the index is
+built. ``--baseline CHECKOUT`` runs the same scenarios first against a server started from another checkout (its
+``PYTHONPATH``), on the same data in the same run, so the two are compared under the same load. Each server
+keeps its thumbnails under a fresh ``XDG_CACHE_HOME`` in the run's folder (no hits left by an earlier run).
+``--folder DIR`` keeps the dataset and index there and reuses them on the next run.
 
 Latencies are measured by the clients (request sent to body read). The server's RSS (its process and its
 Dask worker, apart) is sampled every 0.2 s; the peak of each scenario is reported. The clients share the
@@ -68,7 +76,7 @@ WORDS = [
 ]
 
 
-def write_dataset(folder: Path, n: int, model_dir: str, seed: int = 0) -> None:
+def write_dataset(folder: Path, n: int, model_dir: str, image_side: int = IMAGE_SIDE, seed: int = 0) -> None:
     """Shards of ``n`` rows (parquet + real tar of JPEGs), the vectors recorded as ``model_dir``'s embeddings."""
     from PIL import Image
 
@@ -86,7 +94,7 @@ def write_dataset(folder: Path, n: int, model_dir: str, seed: int = 0) -> None:
     images = []
     for name, pixels in testing.sample_photos().items():
         image = Image.fromarray(pixels).convert("RGB")
-        image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
+        image.thumbnail((image_side, image_side))
         images.append((name, testing.encode_jpeg(np.asarray(image), quality=85)))
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((DIM, 32)))[0].T
@@ -122,15 +130,20 @@ def write_dataset(folder: Path, n: int, model_dir: str, seed: int = 0) -> None:
                 archive.addfile(info, io.BytesIO(data))
 
 
-def build_index(folder: Path, index: Path) -> float:
-    """``build_index`` of the dataset into ``index`` on a 2-worker ``LocalCluster``; seconds taken."""
+def locate_and_index(folder: Path, index: Path) -> tuple[float, float]:
+    """Record the image locations (``LocateImages``), then ``build_index`` of the dataset into ``index``, on a
+    2-worker ``LocalCluster``; seconds each took."""
     from dask_clip import ImageTextPairDataset, get_client
+    from dask_clip.ops.locate import locate_images
 
-    started = time.perf_counter()
     with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0") as client:
+        started = time.perf_counter()
+        locate_images(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
+        located = time.perf_counter()
         ImageTextPairDataset.from_webdataset(str(folder)).build_index(str(index))
+        indexed = time.perf_counter()
         client.cluster.close()
-    return time.perf_counter() - started
+    return located - started, indexed - located
 
 
 def free_port() -> int:
@@ -139,12 +152,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(folder: Path, index: Path, port: int) -> subprocess.Popen[str]:
-    """``dask-clip serve`` on ``port``, returned once it answers ``/api/overview``."""
+def start_server(folder: Path, index: Path, port: int, pythonpath: str, cache_home: Path) -> subprocess.Popen[str]:
+    """``dask-clip serve`` from the checkout at ``pythonpath`` on ``port`` (thumbnails cached under
+    ``cache_home``), returned once it answers ``/api/overview``."""
     import httpx
 
     command = [sys.executable, "-m", "dask_clip.cli", "serve", str(folder), "--index", str(index)]
-    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], text=True)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(cache_home)}
+    cache_home.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], text=True, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -228,22 +244,32 @@ def summary(results: list[tuple[float, int, str]], seconds: float) -> dict[str, 
     }
 
 
-def run(n: int, seconds: float, folder: Path) -> dict[str, Any]:
+def prepare(n: int, image_side: int, folder: Path, begun: float) -> dict[str, Any]:
+    """The dataset (``folder/shards``) and its index (``folder/index``), written unless an earlier run left them
+    (``folder/ready``); what writing them took."""
     from dask_clip import testing
 
-    begun = time.perf_counter()
-
+    dataset, index, ready = folder / "shards", folder / "index", folder / "ready"
+    if ready.exists() and int(ready.read_text().split()[0]) == n:
+        harness.log(begun, f"reusing the {n} rows and index in {folder}")
+        return {"reused": True}
     model_dir = testing.save_tokenizer_for_clip_model(testing.save_random_clip_model(folder / "model", "vit-b-32"))
-    dataset, index = folder / "shards", folder / "index"
     started = time.perf_counter()
-    write_dataset(dataset, n, str(model_dir))
+    write_dataset(dataset, n, str(model_dir), image_side)
     written_s = time.perf_counter() - started
-    harness.log(begun, f"wrote {n} rows in {written_s:.0f} s; building the index")
-    index_s = build_index(dataset, index)
-    harness.log(begun, f"index built in {index_s:.0f} s; starting dask-clip serve")
+    harness.log(begun, f"wrote {n} rows in {written_s:.0f} s; locating the images and building the index")
+    locate_s, index_s = locate_and_index(dataset, index)
+    ready.write_text(f"{n}\n")
+    return {"write_s": round(written_s, 1), "locate_s": round(locate_s, 1), "index_s": round(index_s, 1)}
+
+
+def measure(n: int, seconds: float, folder: Path, pythonpath: str, label: str, begun: float) -> dict[str, Any]:
+    """Every scenario at every concurrency against one ``dask-clip serve`` started from ``pythonpath``."""
+    dataset, index = folder / "shards", folder / "index"
     port = free_port()
+    cache_home = Path(tempfile.mkdtemp(prefix=f"cache-{label}-", dir=folder))
     started = time.perf_counter()
-    server = start_server(dataset, index, port)
+    server = start_server(dataset, index, port, pythonpath, cache_home)
     startup_s = time.perf_counter() - started
     base = f"http://127.0.0.1:{port}"
     addresses = [
@@ -258,9 +284,16 @@ def run(n: int, seconds: float, folder: Path) -> dict[str, Any]:
     asyncio.run(load(base, texts, 1, 2))  # the text model loads and the index opens on the first query
     rows: list[dict[str, Any]] = []
     seen_stems: set[str] = set()
+    cached: list[str] = []
     try:
         for clients in CONCURRENCY:
-            for scenario, paths in (("search", texts), ("thumbnail", thumbnails)):
+            for scenario in ("search", "thumbnail", "cached thumbnail"):
+                if scenario == "search":
+                    paths: Any = texts
+                elif scenario == "thumbnail":
+                    paths = thumbnails
+                else:
+                    paths = iter(random.Random(clients).choice(cached) for _ in counter)
                 with MemorySampler(server.pid) as memory:
                     results = asyncio.run(load(base, paths, clients, seconds))
                 row = {"scenario": scenario, "clients": clients, **summary(results, seconds), **memory.peak}
@@ -272,45 +305,71 @@ def run(n: int, seconds: float, folder: Path) -> dict[str, Any]:
                     ]
                     row["first_of_a_tar"] = summary(first, seconds)
                     row["others"] = summary([r for r in results if r not in first], seconds)
+                    cached = cached or [path for _, status, path in results if status == 200]
                 rows.append(row)
-                harness.log(begun, f"{scenario} x{clients}: {row}")
+                harness.log(begun, f"{label}: {scenario} x{clients}: {row}")
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(cache_home, ignore_errors=True)
+    commit = subprocess.run(["git", "-C", pythonpath, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {
-        "n": n,
-        "dim": DIM,
-        "seconds_per_scenario": seconds,
-        "image_side": IMAGE_SIDE,
-        "tar_bytes": sum(path.stat().st_size for path in dataset.glob("*.tar")),
-        "write_s": round(written_s, 1),
-        "index_s": round(index_s, 1),
-        "index_files": sorted(path.name for path in index.iterdir()),
+        "label": label,
+        "pythonpath": pythonpath,
+        "commit": commit.stdout.strip(),
         "server_startup_s": round(startup_s, 1),
         "rows": rows,
     }
 
 
+def run(n: int, seconds: float, image_side: int, folder: Path, baseline: str | None) -> dict[str, Any]:
+    begun = time.perf_counter()
+    prepared = prepare(n, image_side, folder, begun)
+    servers = [("baseline", baseline)] if baseline else []
+    servers.append(("this checkout", str(harness.ROOT)))
+    dataset = folder / "shards"
+    return {
+        "n": n,
+        "dim": DIM,
+        "seconds_per_scenario": seconds,
+        "image_side": image_side,
+        "tar_bytes": sum(path.stat().st_size for path in dataset.glob("*.tar")),
+        **prepared,
+        "index_files": sorted(path.name for path in (folder / "index").iterdir()),
+        "load_average_at_start": os.getloadavg(),
+        "servers": [measure(n, seconds, folder, path, label, begun) for label, path in servers],
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
     lines = [
         f"`dask-clip serve` on {result['n']:,} rows ({result['dim']}-d vectors, index), "
-        f"{result['seconds_per_scenario']:g} s per scenario; {result['machine']['cpu']}, {result['machine']['cores']} "
-        f"cores, avx2 {result['machine']['avx2']}, avx512_bf16 {result['machine']['avx512_bf16']}",
-        "",
-        "| scenario | clients | requests/s | p50 ms | p99 ms | errors | server RSS MB | worker RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{result['seconds_per_scenario']:g} s per scenario; {machine['cpu']}, {machine['cores']} "
+        f"cores, avx2 {machine['avx2']}, avx512_bf16 {machine['avx512_bf16']}; load average at the start "
+        f"{result['load_average_at_start'][0]:.1f}",
     ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['scenario']} | {row['clients']} | {row['per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-            f"{row['errors']} | {row['server_mb']:.0f} | {row['workers_mb']:.0f} |"
-        )
-    firsts = [row["first_of_a_tar"] for row in result["rows"] if row.get("first_of_a_tar", {}).get("requests")]
-    for first in firsts:
-        lines.append(
-            f"\nFirst thumbnail of each tar (reads its headers): {first['requests']} requests, "
-            f"p50 {first['p50_ms']} ms, p99 {first['p99_ms']} ms."
-        )
+    for server in result["servers"]:
+        lines += [
+            "",
+            f"{server['label']} ({server['pythonpath']} at {server['commit']}), "
+            f"started in {server['server_startup_s']} s:",
+            "",
+            "| scenario | clients | requests/s | p50 ms | p99 ms | errors | server RSS MB | worker RSS MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in server["rows"]:
+            lines.append(
+                f"| {row['scenario']} | {row['clients']} | {row['per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
+                f"{row['errors']} | {row['server_mb']:.0f} | {row['workers_mb']:.0f} |"
+            )
+        for row in server["rows"]:
+            first = row.get("first_of_a_tar", {})
+            if first.get("requests"):
+                lines.append(
+                    f"\nFirst thumbnail of each tar at {row['clients']} clients: {first['requests']} requests, "
+                    f"p50 {first['p50_ms']} ms, p99 {first['p99_ms']} ms."
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -318,11 +377,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000, help="rows (vectors and images)")
     parser.add_argument("--seconds", type=float, default=20, help="length of each scenario")
-    parser.add_argument("--folder", default=None, help="where to write the dataset (default: a temporary one)")
+    parser.add_argument(
+        "--folder", default=None, help="where to write the dataset, kept for the next run (default: a temporary one)"
+    )
+    parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="longest side of the JPEGs in the tars")
+    parser.add_argument("--baseline", default=None, help="a checkout to measure first, on the same data")
     args = parser.parse_args()
     folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-serve-"))
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args.n, args.seconds, folder)
+        result = run(args.n, args.seconds, args.image_side, folder, args.baseline)
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,6 +16,7 @@ import pytest
 from PIL import Image
 
 from dask_clip import ImageTextPairDataset
+from dask_clip.images.thumbnails import thumbnail
 from dask_clip.serve import create_app
 from dask_clip.serve.security import token_for
 
@@ -21,9 +26,16 @@ from fastapi.testclient import TestClient
 LOOPBACK = "http://127.0.0.1"
 
 
+@pytest.fixture(autouse=True)
+def temporary_folders_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app run without its lifespan (a ``TestClient`` outside ``with``) leaves its thumbnail folder: here."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture(scope="module")
-def app_client(deduplicated: Path) -> TestClient:
-    return TestClient(create_app(str(deduplicated)), base_url=LOOPBACK)
+def app_client(deduplicated: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(str(deduplicated)), base_url=LOOPBACK) as running:  # its thumbnails deleted after
+        yield running
 
 
 def first_image(folder: Path, stem: str = "00001") -> tuple[str, bytes]:
@@ -221,3 +233,86 @@ def test_the_command_off_loopback_prints_a_token_and_asks_for_it(deduplicated: P
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def located(deduplicated: Path, tmp_path: Path) -> Path:
+    """A copy of the app's data whose image locations are recorded (``dask-clip locate``)."""
+    from dask_clip import LocateImages
+
+    folder = Path(shutil.copytree(deduplicated, tmp_path / "located"))
+    LocateImages()(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
+    return folder
+
+
+def test_thumbnails_use_the_recorded_locations_and_never_read_a_tars_headers(
+    located: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dask_clip.serve import images
+
+    def no_header_pass(tar_url: str) -> None:
+        raise AssertionError(f"{tar_url}: the headers were read although the locations are recorded")
+
+    monkeypatch.setattr(images, "sample_images", no_header_pass)
+    app = TestClient(create_app(str(located), thumbnail_cache_dir=tmp_path / "cache"), base_url=LOOPBACK)
+    overview = app.get("/api/overview").json()["image_locations"]
+    assert (overview["recorded"], overview["tar headers"], overview["reasons"]) == (3, 0, {})
+    hits = app.get("/api/search", params={"text": "a photo", "k": 6}).json()["results"]
+    assert all(app.get(hit["thumbnail"]).status_code == 200 for hit in hits)
+    failures = app.get("/api/failures").json()["groups"]
+    assert not any(row["has_image"] for group in failures for row in group["rows"])
+
+
+def test_a_tar_changed_since_it_was_located_is_read_from_its_headers_and_the_overview_says_why(
+    located: Path, tmp_path: Path
+) -> None:
+    tar = located / "00001.tar"
+    os.utime(tar, (tar.stat().st_atime, tar.stat().st_mtime + 60))  # replaced (by the same bytes) after `locate`
+    app = TestClient(create_app(str(located), thumbnail_cache_dir=tmp_path / "cache"), base_url=LOOPBACK)
+    overview = app.get("/api/overview").json()["image_locations"]
+    assert (overview["recorded"], overview["tar headers"]) == (2, 1)
+    (stale,) = [shard for shard in overview["shards"] if shard["source"] == "tar headers"]
+    assert stale["stem"] == "00001" and "changed since its images were located" in stale["reason"]
+    key, data = first_image(located)
+    thumb = app.get(f"/thumb/00001/{key}")
+    assert thumb.status_code == 200 and thumb.content == thumbnail(data)
+    page = app.get("/")
+    assert page.status_code == 200 and "changed since its images were located" in page.text
+
+
+def test_without_recorded_locations_the_overview_says_to_locate(app_client: TestClient) -> None:
+    overview = app_client.get("/api/overview").json()["image_locations"]
+    assert (overview["recorded"], overview["tar headers"]) == (0, 3)
+    (reason,) = overview["reasons"]
+    assert reason.startswith("no 'image_offset' column: run `dask-clip locate`")
+
+
+def test_concurrent_text_queries_each_get_their_own_results(app_client: TestClient, deduplicated: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    texts = ["a photo of a cat", "a dog", "the sea at night", "a red car"]
+    alone = [app_client.get("/api/search", params={"text": text, "k": 5}).json()["results"] for text in texts]
+    app = create_app(str(deduplicated))
+
+    async def together() -> list[dict]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=LOOPBACK) as http:
+            answers = await asyncio.gather(*(http.get("/api/search", params={"text": t, "k": 5}) for t in texts))
+        return [answer.json() for answer in answers]
+
+    for text, expected, answer in zip(texts, alone, asyncio.run(together()), strict=True):
+        assert answer["query"] == {"text": text}
+        assert [(r["stem"], r["key"]) for r in answer["results"]] == [(r["stem"], r["key"]) for r in expected]
+        assert [r["score"] for r in answer["results"]] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_the_app_deletes_the_thumbnails_it_cached_when_it_stops(deduplicated: Path) -> None:
+    app = create_app(str(deduplicated))
+    with TestClient(app, base_url=LOOPBACK) as running:
+        hit = running.get("/api/search", params={"text": "a photo", "k": 1}).json()["results"][0]
+        assert running.get(hit["thumbnail"]).status_code == 200
+        folder = app.state.thumbnail_cache.folder
+        assert folder.parent == Path(tempfile.gettempdir()) and len(list(folder.rglob("*.jpg"))) == 1
+    assert not folder.exists()

@@ -92,3 +92,33 @@ def test_a_replaced_tar_serves_no_thumbnail_of_the_tar_before(
 def test_the_default_cache_is_in_the_users_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert ThumbnailCache().folder == tmp_path / "dask_clip" / "thumbnails"
+
+
+def test_a_bounded_cache_deletes_the_least_recently_used_files_it_wrote(tmp_path: Path) -> None:
+    cache = ThumbnailCache(tmp_path / "cache", max_bytes=250)
+    for name in ("a", "b"):
+        cache.put({"key": name}, name.encode() * 100)
+    assert cache.get({"key": "a"}) == b"a" * 100  # read: now more recently used than b
+    cache.put({"key": "c"}, b"c" * 100)
+    assert cache.get({"key": "b"}) is None and not cache.path({"key": "b"}).exists()
+    assert cache.get({"key": "a"}) == b"a" * 100 and cache.get({"key": "c"}) == b"c" * 100
+    assert cache.bytes_written == 200
+    cache.put({"key": "huge"}, b"h" * 300)  # over the bound alone: not kept, nothing evicted for it
+    assert cache.get({"key": "huge"}) is None and cache.bytes_written == 200
+    assert sum(path.stat().st_size for path in (tmp_path / "cache").rglob("*.jpg")) == 200
+
+
+def test_a_bounded_cache_never_deletes_a_file_it_did_not_write(tmp_path: Path) -> None:
+    earlier = ThumbnailCache(tmp_path / "cache")  # another process, or an earlier run, in the same folder
+    earlier.put({"key": "theirs"}, b"t" * 100)
+    notes = tmp_path / "cache" / "notes.txt"
+    notes.write_text("not a thumbnail")
+    cache = ThumbnailCache(tmp_path / "cache", max_bytes=150)
+    assert cache.get({"key": "theirs"}) == b"t" * 100  # a hit, but not the cache's to delete
+    for number in range(10):
+        cache.put({"key": number}, b"m" * 100)
+    assert cache.get({"key": "theirs"}) == b"t" * 100 and notes.exists()
+    assert cache.get({"key": 9}) == b"m" * 100 and cache.get({"key": 8}) is None
+    cache.clear()
+    assert cache.get({"key": 9}) is None and cache.bytes_written == 0
+    assert cache.get({"key": "theirs"}) == b"t" * 100 and notes.read_text() == "not a thumbnail"

@@ -9,11 +9,14 @@ the thumbnails of the one before.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +60,26 @@ def thumbnail(
 
 
 class ThumbnailCache:
-    """Thumbnails in ``folder``, one file each, named by the digest of what identifies it."""
+    """Thumbnails in ``folder``, one file each, named by the digest of what identifies it.
 
-    def __init__(self, folder: str | Path | None = None) -> None:
+    ``max_bytes`` bounds the bytes of the files this cache wrote (None: no bound): a ``put`` that would pass it
+    first deletes the files it wrote that were least recently used (written or read), and a thumbnail larger than
+    the bound is not kept. It deletes only files it wrote itself: a file another process or an earlier run left in
+    ``folder`` is read as a hit, but neither counted nor deleted. Safe to use from many threads.
+    """
+
+    def __init__(self, folder: str | Path | None = None, max_bytes: int | None = None) -> None:
         self.folder = Path(folder) if folder is not None else default_cache_dir()
+        self.max_bytes = max_bytes
+        self._written: OrderedDict[Path, int] = OrderedDict()  # least recently used first, with its bytes
+        self._bytes = 0
+        self._made_folders: set[Path] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_written(self) -> int:
+        """The bytes of the files this cache wrote that it holds now (at most ``max_bytes``)."""
+        return self._bytes
 
     def path(self, identity: dict[str, Any]) -> Path:
         name = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
@@ -68,19 +87,48 @@ class ThumbnailCache:
 
     def get(self, identity: dict[str, Any]) -> bytes | None:
         """The cached thumbnail, or None."""
+        path = self.path(identity)
         try:
-            data = self.path(identity).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        with self._lock:
+            if path in self._written:
+                self._written.move_to_end(path)
         return data or None
 
     def put(self, identity: dict[str, Any], data: bytes) -> None:
-        """Cache ``data``: written to a temporary file and renamed, so a reader never sees half of it."""
+        """Cache ``data``: written to a temporary file and renamed, so a reader never sees half of it; then the
+        least recently used files this cache wrote are deleted until it holds at most ``max_bytes``."""
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            return
         path = self.path(identity)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._made_folders.add(path.parent)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".", suffix=".tmp", delete=False) as file:
             file.write(data)
         os.replace(file.name, path)
+        with self._lock:
+            self._bytes += len(data) - self._written.pop(path, 0)
+            self._written[path] = len(data)
+            while self.max_bytes is not None and self._bytes > self.max_bytes:
+                oldest, size = self._written.popitem(last=False)
+                self._bytes -= size
+                oldest.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Delete every file this cache wrote, and the empty folders it made for them."""
+        with self._lock:
+            for path in self._written:
+                path.unlink(missing_ok=True)
+            self._written.clear()
+            self._bytes = 0
+            for folder in self._made_folders:
+                with contextlib.suppress(OSError):  # not empty: holds files this cache did not write
+                    folder.rmdir()
+            self._made_folders.clear()
 
 
 def row_thumbnail(

@@ -1,24 +1,35 @@
 """The web app: five pages rendered on the server, each backed by a JSON endpoint under ``/api/``, and thumbnails.
 
-Every handler reads the ``Catalog`` loaded at startup; nothing writes. Hostile input gets a 4xx with the reason
+Every handler reads the ``Catalog`` loaded at startup; nothing writes to the dataset (thumbnails are cached in a
+folder the app made, bounded, and deleted when it stops). Text queries that arrive together are embedded in one
+forward pass (``batching.MicroBatcher``); blocking work runs in a threadpool of ``THREADS_PER_CORE`` threads per
+core. Hostile input gets a 4xx with the reason
 (``{"detail": ...}``): a bound out of range 422, an upload too large 413, data that is no image 422, an index that
 no longer matches the dataset 409, an image that is not the dataset's 404.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio.to_thread
+import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from dask_clip.dataset import ImageTextPairDataset
 from dask_clip.errors import ConfigurationError, DataError, ImageDecodeError, ShardReadError
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from dask_clip.images.thumbnails import ThumbnailCache
+from dask_clip.serve.batching import MicroBatcher
 from dask_clip.serve.catalog import EMBEDDING_COLUMN, Catalog
-from dask_clip.serve.images import thumbnail_bytes
 from dask_clip.serve.queries import Searcher
 from dask_clip.serve.security import guard
 
@@ -28,6 +39,8 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_TEXT_CHARS = 1000
 MAX_GROUPS = 200
 DEFAULT_QUANTILES = "0.01,0.1,0.5,0.9,0.99"
+THUMBNAIL_CACHE_BYTES = 2**30
+THREADS_PER_CORE = 4
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
@@ -54,15 +67,38 @@ def create_app(
     id_col: str = "key",
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    thumbnail_cache_bytes: int = THUMBNAIL_CACHE_BYTES,
+    thumbnail_cache_dir: str | Path | None = None,
 ) -> FastAPI:
     """The app over the dataset at ``dataset_path``, its metadata read now (on the current Dask client, else
     threads). ``index``: a ``build_index`` folder that search uses (else exact search). ``token``: asked of every
     request (None: requests must be addressed to a loopback host). Uploads over ``max_upload_bytes`` and images
-    over ``max_image_pixels`` are refused."""
+    over ``max_image_pixels`` are refused. Thumbnails are cached in ``thumbnail_cache_dir`` (default: a new
+    temporary folder), at most ``thumbnail_cache_bytes`` of them (the least recently used are deleted first); the
+    app deletes the files it cached there when it stops."""
     dataset = ImageTextPairDataset.from_webdataset(dataset_path, id_col=id_col)
     catalog = Catalog.load(dataset)
     searcher = Searcher(dataset, EMBEDDING_COLUMN, index) if EMBEDDING_COLUMN in dataset.meta.columns else None
-    app = FastAPI(title="dask-clip", summary=f"see the images of {dataset_path}", docs_url="/api/docs")
+    texts = MicroBatcher(lambda batch: list(_searcher(searcher).text_vectors(batch)))
+    made_folder = thumbnail_cache_dir is None
+    cache_folder = Path(tempfile.mkdtemp(prefix="dask-clip-serve-")) if made_folder else Path(thumbnail_cache_dir)
+    cache = ThumbnailCache(cache_folder, max_bytes=thumbnail_cache_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS_PER_CORE * (os.cpu_count() or 1)
+        try:
+            yield
+        finally:
+            cache.clear()
+            if made_folder:
+                with contextlib.suppress(OSError):  # not empty: holds files the app did not write
+                    cache_folder.rmdir()
+
+    app = FastAPI(
+        title="dask-clip", summary=f"see the images of {dataset_path}", docs_url="/api/docs", lifespan=lifespan
+    )
+    app.state.thumbnail_cache = cache
     app.middleware("http")(_limit_uploads(max_upload_bytes))
     app.middleware("http")(guard(token))  # the outer one: a request without the token is refused before anything
     for error, status in ((ImageDecodeError, 422), (ConfigurationError, 400), (DataError, 409)):
@@ -81,43 +117,43 @@ def create_app(
         return render(request, "overview", overview=catalog.overview())
 
     # --- search -------------------------------------------------------------------------------------------
-    def search(vector: Any, k: int, offset: int, query: dict[str, Any]) -> dict[str, Any]:
+    def search(vector: np.ndarray, k: int, offset: int, query: dict[str, Any]) -> dict[str, Any]:
         hits = _searcher(searcher).search(vector, offset + k).iloc[offset:]
-        keys = hits[dataset.id_col].astype(str)
-        hits = hits[["stem", "score"]].assign(key=keys)
-        found = hits.merge(catalog.frame.drop(columns=["score"], errors="ignore"), on=["stem", "key"], how="left")
+        found = catalog.found_rows(hits["stem"], hits[dataset.id_col].astype(str))
         results = [
             {"rank": offset + position + 1, "score": float(score), **row}
-            for position, (row, score) in enumerate(zip(catalog.rows(found), found["score"], strict=True))
+            for position, (row, score) in enumerate(zip(catalog.rows(found), hits["score"], strict=True))
         ]
         return {"query": query, "k": k, "offset": offset, "index": index is not None, "results": results}
 
-    def text_search(text: str, k: int, offset: int) -> dict[str, Any]:
-        return search(_searcher(searcher).text_vector(text), k, offset, {"text": text})
+    async def text_search(text: str, k: int, offset: int) -> dict[str, Any]:
+        _searcher(searcher)  # 400 before the query waits for a batch, when there is nothing to search
+        vector = await texts.submit(text)
+        return await run_in_threadpool(search, vector, k, offset, {"text": text})
 
     async def image_search(image: UploadFile, k: int, offset: int) -> dict[str, Any]:
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"the uploaded image is over {max_upload_bytes} bytes")
-        vector = _searcher(searcher).image_vector(data, max_image_pixels)
-        return search(vector, k, offset, {"image": image.filename})
+        vector = await run_in_threadpool(_searcher(searcher).image_vector, data, max_image_pixels)
+        return await run_in_threadpool(search, vector, k, offset, {"image": image.filename})
 
     @app.get("/api/search")
-    def search_api(text: Text, k: K = 20, offset: OFFSET = 0) -> dict[str, Any]:
-        return text_search(text, k, offset)
+    async def search_api(text: Text, k: K = 20, offset: OFFSET = 0) -> dict[str, Any]:
+        return await text_search(text, k, offset)
 
     @app.post("/api/search")
     async def image_search_api(image: Image, k: KForm = 20, offset: OffsetForm = 0) -> dict[str, Any]:
         return await image_search(image, k, offset)
 
     @app.get("/search", response_class=HTMLResponse)
-    def search_page(
+    async def search_page(
         request: Request,
         text: Annotated[str | None, Query(max_length=MAX_TEXT_CHARS)] = None,
         k: K = 20,
         offset: OFFSET = 0,
     ) -> HTMLResponse:
-        found = text_search(text, k, offset) if text else None
+        found = await text_search(text, k, offset) if text else None
         return render(request, "search", found=found, text=text or "", k=k)
 
     @app.post("/search", response_class=HTMLResponse)
@@ -175,11 +211,11 @@ def create_app(
     # --- thumbnails -----------------------------------------------------------------------------------------
     @app.get("/thumb/{stem}/{key:path}")
     def thumbnail(stem: str, key: str) -> Response:
-        shard = catalog.shard_and_key(stem, key)
-        if shard is None:
+        position = catalog.position(stem, key)
+        if position is None:
             raise HTTPException(404, "no such image in this dataset: address one by its shard's stem and its key")
         try:
-            jpeg = thumbnail_bytes(shard.tar_url, key, max_image_pixels=max_image_pixels)
+            jpeg = catalog.images.thumbnail(stem, key, position, cache, max_image_pixels=max_image_pixels)
         except ShardReadError as error:
             raise HTTPException(404, str(error)) from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -7,6 +7,7 @@ Every view returns plain lists and dicts (JSON as it is sent); rows are ``{"stem
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from dask_clip.dataset import ImageTextPairDataset
 from dask_clip.execution import compute
 from dask_clip.io.shards import Shard
 from dask_clip.provenance import describe_operation
-from dask_clip.serve.images import has_image
+from dask_clip.serve.images import ImageLocator
 
 EMBEDDING_COLUMN = "image_embedding"
 HAS_EMBEDDING = "_has_embedding"
@@ -30,15 +31,17 @@ CHAIN_LIMIT = 64
 @dataclasses.dataclass(frozen=True, eq=False)
 class Catalog:
     """A dataset as the app shows it: ``frame`` (one row per sample; ``stem`` of its shard; ``HAS_EMBEDDING``),
-    ``shards`` by stem, ``columns`` (``dataset.info()``'s rows as dicts), the reason column, if any, and ``keys``:
-    the row keys of each shard."""
+    ``shards`` by stem, ``columns`` (``dataset.info()``'s rows as dicts), the reason column, if any,
+    ``positions``: each shard's row keys -> their positions in ``frame``, and ``images``: where each row's image
+    lies in its tar."""
 
     dataset: ImageTextPairDataset
     frame: pd.DataFrame
     shards: dict[str, Shard]
     columns: list[dict[str, Any]]
     reason_column: str | None
-    keys: dict[str, set[str]]
+    positions: dict[str, dict[str, int]]
+    images: ImageLocator
 
     @classmethod
     def load(cls, dataset: ImageTextPairDataset) -> Catalog:
@@ -67,16 +70,20 @@ class Catalog:
         ]
         reason = dataset.reason_column(EMBEDDING_COLUMN) if EMBEDDING_COLUMN in meta.columns else None
         shards = {shard.stem: shard for shard in dataset.shards}
-        keys = {stem: set(keys) for stem, keys in frame.groupby("stem")["key"]}
-        return cls(dataset, frame, shards, columns, reason, keys)
+        positions: dict[str, dict[str, int]] = {stem: {} for stem in shards}
+        for position, (stem, key) in enumerate(zip(frame["stem"], frame["key"], strict=True)):
+            positions[stem].setdefault(key, position)
+        return cls(dataset, frame, shards, columns, reason, positions, ImageLocator(shards, frame))
 
     # --- lookups -----------------------------------------------------------------------------------------
-    def shard_and_key(self, stem: str, key: str) -> Shard | None:
-        """The shard ``stem`` when it is one of the dataset's and holds a row ``key``; None otherwise."""
-        shard = self.shards.get(stem)
-        if shard is None or key not in self.keys.get(stem, ()):
-            return None
-        return shard
+    def position(self, stem: str, key: str) -> int | None:
+        """The position in ``frame`` of row ``key`` of shard ``stem``; None when the dataset holds no such row."""
+        return self.positions.get(stem, {}).get(key)
+
+    def found_rows(self, stems: Iterable[str], keys: Iterable[str]) -> pd.DataFrame:
+        """The rows of ``frame`` at these shards' stems and keys, in their order (by position: no join over the
+        whole frame). ``KeyError`` for a row the dataset does not hold."""
+        return self.frame.iloc[[self.positions[stem][key] for stem, key in zip(stems, keys, strict=True)]]
 
     def rows(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
         """``frame``'s rows as the pages show a sample: stem, key, caption, and the thumbnail's address."""
@@ -102,6 +109,7 @@ class Catalog:
             "columns": [{"name": name, "dtype": str(dtype)} for name, dtype in self.dataset.meta.dtypes.items()],
             "derived_columns": self.columns,
             "without_embedding": self.failure_counts(),
+            "image_locations": self.images.summary(),
         }
 
     def failure_counts(self) -> dict[str, int]:
@@ -115,7 +123,8 @@ class Catalog:
         for reason, count in reasons.value_counts().items():
             rows = self.rows(self.frame.loc[reasons.index[reasons == reason][:per_reason]])
             for row in rows:
-                row["has_image"] = has_image(self.shards[row["stem"]].tar_url, row["key"])
+                position = self.positions[row["stem"]][row["key"]]
+                row["has_image"] = self.images.location(row["stem"], row["key"], position) is not None
             groups.append({"reason": reason, "count": int(count), "rows": rows})
         return groups
 

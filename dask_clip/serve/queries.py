@@ -41,9 +41,9 @@ class Searcher:
         index = self._get("index", lambda: open_index(self.dataset, self.index, self.column)) if self.index else None
         return self.dataset.search(image=query, k=k, embedding_column=self.column, index=index)
 
-    def text_vector(self, text: str) -> np.ndarray:
-        """``text`` embedded by the recorded model's text tower."""
-        return self._get("text", self._text_model).embed([text])[0]
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """``texts`` embedded by the recorded model's text tower in one forward pass: ``float32 (len(texts), D)``."""
+        return self._get("text", self._text_model).embed(texts)
 
     def image_vector(self, image: bytes, max_image_pixels: int) -> np.ndarray:
         """Encoded ``image`` embedded by the recorded model, preprocessed as the embedder did; ``ImageDecodeError``
