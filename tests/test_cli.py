@@ -65,6 +65,8 @@ def test_demo_with_random_weights_runs_the_whole_pipeline(cli, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "MEANINGLESS" in result.stdout
     assert "embedded 4 shards: 32 rows, 28 with an embedding, 4 without" in result.stdout
+    assert "SemDeDup (eps=0.005, similarity >= 0.995) removed 12 of 32 rows" in result.stdout
+    assert f"dask-clip serve {tmp_path / 'demo' / 'shards'}" in result.stdout
     assert len(list((tmp_path / "demo" / "shards").glob("*.parquet"))) == 4
 
 
