@@ -172,8 +172,10 @@ def test_a_duplicate_group_shows_the_kept_image_beside_the_removed_ones(page: Pa
     with page.expect_navigation():
         page.click("button:has-text('Show')")
     assert "sort=similarity" in page.url and "min_similarity=0.9999" in page.url
-    preview = int(re.search(r"(\d+) rows removed", page.inner_text("body")).group(1))
-    assert 1 <= preview < 12
+    preview = re.search(
+        r"Preview: \d+ groups, (\d+) rows removed at similarity ≥ 0.9999 \(the run", page.inner_text("body")
+    )
+    assert 1 <= int(preview.group(1)) < 12
     lowest = page.locator(".group .card.removed").first.inner_text()
     assert float(re.search(r"similarity (\S+)", lowest).group(1)) >= 0.9999
 
