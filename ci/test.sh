@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
-# never download a browser.
+# never download a browser. Their screenshots of each page are CI's artifacts.
+export DASK_CLIP_SCREENSHOTS="${DASK_CLIP_SCREENSHOTS:-test-artifacts/screenshots}"
 chromium=true
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) &

@@ -42,6 +42,9 @@ PHOTO_NAMES = (
     "retina",
 )
 
+TRUNCATED_BYTES = 200
+"""What ``make_img2dataset_shards`` keeps of a truncated JPEG: its first markers, no image data."""
+
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # a model whose cost is negligible next to decoding
     "tiny": dict(
@@ -150,12 +153,15 @@ def make_img2dataset_shards(
     failed_per_shard: int = 1,
     seed: int = 0,
     photos: Mapping[str, np.ndarray] | None = None,
+    truncated_per_shard: int = 0,
 ) -> list[Path]:
     """Write shards like img2dataset's, from real photos at their original sizes.
 
     By default: shard numbers with a gap (0, 1, 3), one failed download per shard (a row with no
     image), and tar members in a shuffled order. Successive samples cycle through the photos,
-    each cropped differently so that no two images are identical. Returns the tar paths.
+    each cropped differently so that no two images are identical. ``truncated_per_shard`` samples of
+    each shard are recorded as successes but their JPEG in the tar stops after ``TRUNCATED_BYTES`` (a
+    download cut short: no image can be decoded from it). Returns the tar paths.
     """
     photos = dict(photos or sample_photos())
     names = list(photos)
@@ -165,6 +171,10 @@ def make_img2dataset_shards(
     for shard_number in shard_numbers:
         rows, members = [], {}
         failed = set(rng.sample(range(samples_per_shard), min(failed_per_shard, samples_per_shard)))
+        downloaded = [index for index in range(samples_per_shard) if index not in failed]
+        truncated = (
+            set(rng.sample(downloaded, min(truncated_per_shard, len(downloaded)))) if truncated_per_shard else set()
+        )
         for index in range(samples_per_shard):
             key = img2dataset_key(shard_number, index)
             name = names[counter % len(names)]
@@ -176,6 +186,8 @@ def make_img2dataset_shards(
                 rows.append(_row(url, caption, key, "failed_to_download", "HTTP Error 404: Not Found"))
                 continue
             jpeg = encode_jpeg(pixels)
+            if index in truncated:
+                jpeg = jpeg[:TRUNCATED_BYTES]
             height, width = pixels.shape[:2]
             rows.append(_row(url, caption, key, "success", None, width, height, hashlib.sha256(jpeg).hexdigest()))
             sidecar = {

@@ -6,12 +6,15 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dask_clip import testing
+
+from .helpers import DemoRun
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -94,6 +97,18 @@ def deduplicated(pristine_embedded: Path, tmp_path_factory: pytest.TempPathFacto
     folder = Path(shutil.copytree(pristine_embedded, tmp_path_factory.mktemp("served") / "shards"))
     SemanticDeduplicator(n_clusters=1, eps=0.3)(ImageTextPairDataset.from_webdataset(str(folder))).save_metadata()
     return folder
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """``dask-clip demo --random-weights`` as the README runs it: a process of its own, on its own local cluster, in
+    a fresh folder (its output in ``demo_output/`` there). Taken by one test file only (tests/test_serve_browser.py),
+    so that under ``--dist loadfile`` the demo runs once per session."""
+    folder = tmp_path_factory.mktemp("demo")
+    command = [sys.executable, "-m", "dask_clip.cli", "demo", "--random-weights"]
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"dask-clip demo failed:\n{result.stdout}\n{result.stderr}"
+    return DemoRun(folder, result.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Helpers that tests import (fixtures live in conftest.py): a cluster started with Dask's own command-line
-tools, as on many nodes."""
+tools, as on many nodes, and what a run of the demo left."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+
+class DemoRun(NamedTuple):
+    """A ``dask-clip demo`` run: the folder it ran in (its output under ``demo_output/`` there) and what it printed."""
+
+    folder: Path
+    stdout: str
 
 
 def start_cli_worker(scheduler_file: Path, name: str) -> subprocess.Popen:

@@ -60,14 +60,6 @@ def test_demo_without_weights_shows_both_ways_out(cli, tmp_path: Path) -> None:
     assert "--model-dir" in result.stderr and "--random-weights" in result.stderr
 
 
-def test_demo_with_random_weights_runs_the_whole_pipeline(cli, tmp_path: Path) -> None:
-    result = cli("demo", "--random-weights", "--output", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr
-    assert "MEANINGLESS" in result.stdout
-    assert "embedded 4 shards: 32 rows, 28 with an embedding, 4 without" in result.stdout
-    assert len(list((tmp_path / "demo" / "shards").glob("*.parquet"))) == 4
-
-
 def test_help_lists_every_command_with_defaults() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
