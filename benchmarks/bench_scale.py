@@ -92,6 +92,8 @@ def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, sta
             label = f"n={n:,} {data} n_clusters={n_clusters} max_copies={max_copies}"
             harness.log(started, f"{label}: semantic dedup")
             dedup_options = {"n_clusters": n_clusters, "max_copies": max_copies}
+            if options.kmeans_sample_size:
+                dedup_options["kmeans_sample_size"] = options.kmeans_sample_size
             run = measure(
                 scale_dedup.run, str(synthetic.dataset), n, options.workers, dedup_options, options.p2p_buffer
             )
@@ -130,6 +132,7 @@ def print_report(results: dict[str, Any]) -> None:
         "data",
         "n_clusters",
         "max_copies",
+        "sample",
         "rows copied",
         "wall (s)",
         "peak RSS / worker (MB)",
@@ -149,6 +152,7 @@ def print_report(results: dict[str, Any]) -> None:
             entry["data"],
             f"{d['options']['n_clusters']:,}",
             f"{d['options']['max_copies']}",
+            f"{d['options'].get('kmeans_sample_size', 'default')}",
             f"{d['copied_rows']:,} ({d['copies']:,} copies)",
             f"{d['wall_s']:.0f}",
             " / ".join(f"{v:.0f}" for v in d["peak_rss_mb_per_worker"]),
@@ -179,6 +183,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", action="append", choices=list(DATA_SETS), help="data set (repeatable; default both)")
     parser.add_argument("--n-clusters", type=int, action="append", help="n_clusters (repeatable; default 1000)")
     parser.add_argument("--max-copies", type=int, action="append", help="max_copies (repeatable; default 2)")
+    parser.add_argument(
+        "--kmeans-sample-size",
+        type=int,
+        help="kmeans_sample_size (default: the deduplicator's, 100,000: at N = 100,000, 10,000 samples as many "
+        "rows as the default does at 1,000,000)",
+    )
     parser.add_argument("--p2p-buffer", default=None, help="distributed.p2p.comm.buffer (default: Dask's own)")
     parser.add_argument("--skip-index", action="store_true", help="measure semantic dedup only")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each")
