@@ -201,8 +201,9 @@ def boundary_reference(
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The decision rule with copies, all rows in memory, for a tree without splits: each row at home in its nearest
     leaf and copied to the (at most ``max_copies``, nearest first) other leaves within its home angle plus twice the
-    duplicate angle; within a cluster, rows and copies ranked by (cosine to the home centroid, key); a row is removed
-    iff an earlier-ranked row of its home or of a cluster it was copied to is a duplicate, naming the most similar.
+    duplicate angle; within a cluster, rows and copies ranked by (cosine to the home centroid, key), a row at home
+    compared with every earlier one, a copy with the earlier rows at home; a row is removed iff an earlier-ranked row
+    it was compared with, in its home or a cluster it was copied to, is a duplicate, naming the most similar.
     Also returns each key's home leaf."""
     assert not tree.children
     vectors = embeddings_to_numpy(frame["image_embedding"]).astype(np.float64)
@@ -214,18 +215,19 @@ def boundary_reference(
     angles = np.arccos(np.clip(cosines, -1, 1))
     home = np.argmax(cosines, axis=1)
     rank = tree.assign(rows.astype(np.float32))[1]  # the float32 cosine the deduplicator ranks by
-    members: dict[int, list[int]] = {leaf: [] for leaf in range(len(tree.centroids))}
+    members: dict[int, list[tuple[int, bool]]] = {leaf: [] for leaf in range(len(tree.centroids))}
     for row in range(len(rows)):
-        members[home[row]].append(row)
+        members[home[row]].append((row, False))
         bound = angles[row, home[row]] + 2 * np.arccos(1 - eps)
         others = [leaf for leaf in np.argsort(-cosines[row], kind="stable") if leaf != home[row]]
         for leaf in [leaf for leaf in others if angles[row, leaf] <= bound][:max_copies]:
-            members[leaf].append(row)
+            members[leaf].append((row, True))
     found: dict[int, tuple[float, int]] = {}
     for cluster_rows in members.values():
-        ordered = sorted(cluster_rows, key=lambda row: (rank[row], keys[row]))
-        for position, row in enumerate(ordered):
-            earlier = [(float(rows[row] @ rows[other]), other) for other in ordered[:position]]
+        ordered = sorted(cluster_rows, key=lambda member: (rank[member[0]], keys[member[0]]))
+        for position, (row, copy) in enumerate(ordered):
+            compared = [other for other, other_copy in ordered[:position] if not (copy and other_copy)]
+            earlier = [(float(rows[row] @ rows[other]), other) for other in compared]
             best = max(earlier, default=(-1.0, -1))
             if best[0] >= 1 - eps and best[0] > found.get(row, (-1.0, -1))[0]:
                 found[row] = best
@@ -295,6 +297,8 @@ def test_copies_are_compared_but_never_decided() -> None:
         (2, "z", 0, 0.0, True, w),  # an earlier copy: z is not decided here, and w names it
         (2, "w", 1, 0.5, False, w),
         (2, "v", 1, 0.9, True, x),  # a copy that finds no duplicate: no row at all
+        (3, "s", 0, 0.1, True, x),  # two copies are not compared: they meet where they are at home
+        (3, "t", 0, 0.2, True, x),
     ]
     frame = pd.DataFrame(
         {
@@ -316,3 +320,23 @@ def test_copies_are_compared_but_never_decided() -> None:
     assert merged.loc["w", "_dask_clip_duplicate_of_shard"] == "00000"
     x_decision = decided[decided["key"] == "x"]
     assert len(x_decision) == 1 and x_decision["_dask_clip_keep"].all()
+
+
+def test_best_earlier_match_in_blocks_agrees_with_all_pairs(monkeypatch) -> None:
+    """Blocks of 3 rows over 40 rows, a third of them copies, with repeated vectors (ties go to the earliest row)."""
+    from dask_clip.ops import semantic_dedup
+
+    monkeypatch.setattr(semantic_dedup, "SIMILARITY_BLOCK", 3)
+    rng = np.random.default_rng(5)
+    vectors = np.stack([unit(v) for v in rng.normal(size=(20, 6))] * 2).astype(np.float32)[rng.permutation(40)]
+    copy = rng.random(40) < 1 / 3
+    best, match = semantic_dedup.best_earlier_match(vectors, copy)
+    for row in range(40):
+        compared = [other for other in range(row) if not (copy[row] and copy[other])]
+        cosines = [float(vectors[row] @ vectors[other]) for other in compared]
+        if not compared:
+            assert best[row] == -np.inf and match[row] == -1
+            continue
+        top = max(cosines)
+        assert best[row] == pytest.approx(top, abs=1e-6)
+        assert match[row] == min(o for o, c in zip(compared, cosines, strict=True) if c >= top - 1e-6), row

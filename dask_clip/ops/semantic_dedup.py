@@ -378,20 +378,35 @@ def rank_keys(
     return draws[positions]
 
 
-def best_earlier_match(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For unit vectors ``(n, D)`` in rank order: each one's highest cosine to an earlier row and that row.
+def best_earlier_match(vectors: np.ndarray, copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For unit vectors ``(n, D)`` in rank order, some of them copies (``bool (n,)``): each one's highest cosine to an
+    earlier row and that row (the earliest of equals). A row at home is compared with every earlier one, a copy
+    with the earlier rows at home only: two copies meet in the clusters where they are at home.
 
-    Returns ``float32 (n,)`` (``-inf`` for the first row) and ``int64 (n,)`` (``-1`` for the first row).
+    Returns ``float32 (n,)`` (``-inf`` where there is none) and ``int64 (n,)`` (``-1`` there). Cost: a row at home
+    times the rows before it, plus rows at home times the copies after them, in ``SIMILARITY_BLOCK`` rows at a time.
     """
     n = vectors.shape[0]
     best = np.full(n, -np.inf, dtype=np.float32)
     match = np.full(n, -1, dtype=np.int64)
-    for start in range(1, n, SIMILARITY_BLOCK):
-        stop = min(start + SIMILARITY_BLOCK, n)
-        cosines = vectors[start:stop] @ vectors[:stop].T
-        cosines[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf
-        match[start:stop] = np.argmax(cosines, axis=1)
-        best[start:stop] = cosines[np.arange(stop - start), match[start:stop]]
+    homes, copies = np.flatnonzero(~copy), np.flatnonzero(copy)
+    for start in range(0, len(homes), SIMILARITY_BLOCK):
+        rows = homes[start : start + SIMILARITY_BLOCK]
+        stop = rows[-1] + 1
+        cosines = vectors[rows] @ vectors[:stop].T
+        cosines[np.arange(stop)[None, :] >= rows[:, None]] = -np.inf
+        match[rows] = np.argmax(cosines, axis=1)
+        best[rows] = cosines[np.arange(len(rows)), match[rows]]
+        later = copies[copies > rows[0]]
+        if len(later):
+            cosines = vectors[rows] @ vectors[later].T
+            cosines[later[None, :] <= rows[:, None]] = -np.inf
+            nearest = np.argmax(cosines, axis=0)
+            found = cosines[nearest, np.arange(len(later))]
+            better = found > best[later]  # earlier blocks hold earlier rows: they win ties
+            best[later[better]] = found[better]
+            match[later[better]] = rows[nearest[better]]
+    match[best == -np.inf] = -1
     return best, match
 
 
@@ -409,9 +424,10 @@ def cluster_decisions(frame: pd.DataFrame, threshold: float, id_col: str, id_dty
     for _, group in frame.groupby(_CLUSTER, sort=True):
         # one global order whatever order the shuffle gave, ids repeated across shards included
         group = group.sort_values([_RANK, id_col, SHARD_COLUMN], kind="stable")
-        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], binary_width(group[_VECTOR])))
+        copy = group[_COPY].to_numpy(dtype=bool)
+        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], binary_width(group[_VECTOR])), copy)
         duplicate = best >= threshold
-        reported = ~group[_COPY].to_numpy(dtype=bool) | duplicate
+        reported = ~copy | duplicate
         ids = pd.array(group[id_col], dtype=id_dtype)
         stems = pd.array(group[STEM], dtype=STRING)
         decision = decision_frame(group[SHARD_COLUMN], ids, stems, ~duplicate, best, match)
