@@ -12,10 +12,11 @@ Three passes over the shards, each holding one shard's rows at a time:
    ``y``'s own), nearest first. Dask's P2P shuffle (on disk) brings each partition's clusters together, the
    vectors travelling as ``binary`` values.
 3. **Decide**: within a cluster, its rows and the copies sent to it are ranked one global way (the keep
-   policy's value, then id, then shard: the same order in every cluster) and each is compared with every
-   earlier-ranked one. A row is removed if and only if an earlier-ranked row of a cluster it was compared in
-   (its home or one it was copied to) is a duplicate (cosine ``>= 1 - eps``); it names the most similar one.
-   Its home cluster gives its one decision; a copy only adds the duplicate it found, if any.
+   policy's value, then id, then shard: the same order in every cluster); a row at home is compared with every
+   earlier-ranked one, a copy with the earlier-ranked rows at home (two copies meet where they are at home).
+   A row is removed if and only if an earlier-ranked row it was compared with, in its home or a cluster it was
+   copied to, is a duplicate (cosine ``>= 1 - eps``); it names the most similar one. Its home cluster gives its
+   one decision; a copy only adds the duplicate it found, if any.
 4. **Join**: the decisions go back to their shard (a shuffle of small rows, on the shard number) and join
    the rows by id.
 
