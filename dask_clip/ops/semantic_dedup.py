@@ -93,8 +93,8 @@ class SemanticDeduplicator(Deduplicator):
     ``max_copies``: besides its own cluster, a row is compared in up to that many other clusters (nearest
     first) where it could have a duplicate by the angle bound in ``ClusterTree.neighbours``. 0 compares rows
     only within their own cluster (pairs across a cluster boundary are missed); the default, 2, found every
-    planted pair in the benchmarks at a cost of about 1.4x the wall time (README). ``copy_counts`` reports
-    how many rows were copied.
+    planted pair in the benchmarks, where 1 missed some on data without structure (README). ``copy_counts``
+    reports how many rows were copied.
 
     Writes the ``Deduplicator`` columns (their names are keyword-only options): a removed row names
     the most similar earlier-ranked item (which may itself be a duplicate), its shard and their cosine.
