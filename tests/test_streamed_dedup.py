@@ -340,3 +340,32 @@ def test_best_earlier_match_in_blocks_agrees_with_all_pairs(monkeypatch) -> None
         top = max(cosines)
         assert best[row] == pytest.approx(top, abs=1e-6)
         assert match[row] == min(o for o, c in zip(compared, cosines, strict=True) if c >= top - 1e-6), row
+
+
+def test_a_duplicate_s_cluster_is_among_a_row_s_neighbours_down_split_clusters() -> None:
+    """The angle bound level by level, on a tree with split clusters: for 400 pairs at just under the duplicate
+    angle, each row's cluster is its partner's own or one of its partner's neighbours (none capped), both ways."""
+    from dask_clip.ops.clustering import fit_cluster_tree
+
+    rng = np.random.default_rng(2)
+    sample = rng.normal(size=(3000, 8)).astype(np.float32)
+    sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+    tree = fit_cluster_tree(
+        sample, np.ones(3000), n_clusters=4, max_cluster_size=300, partitions=4, seed=0, max_iter=10
+    )
+    assert len(tree.children) >= 2
+    theta = np.arccos(1 - 0.05)
+    y = sample[:400].astype(np.float64)
+    away = rng.normal(size=y.shape)
+    away = away - (away * y).sum(axis=1, keepdims=True) * y
+    away /= np.linalg.norm(away, axis=1, keepdims=True)
+    x = (np.cos(0.999 * theta) * y + np.sin(0.999 * theta) * away).astype(np.float32)
+    y = y.astype(np.float32)
+    home_x, home_y = tree.assign(x)[0], tree.assign(y)[0]
+    assert (home_x != home_y).sum() >= 40
+    for rows, home, partner_home in ((y, home_y, home_x), (x, home_x, home_y)):
+        row, leaf = tree.neighbours(rows, home, 2 * theta, most=len(tree.centroids))
+        reached = set(zip(row.tolist(), leaf.tolist(), strict=True))
+        assert all(partner_home[i] == home[i] or (i, partner_home[i]) in reached for i in range(len(rows)))
+        capped = tree.neighbours(rows, home, 2 * theta, most=1)[0]
+        assert np.bincount(capped).max() == 1
