@@ -5,14 +5,26 @@ Run from the root of a checkout::
 
     .venv/bin/python benchmarks/bench_scale.py                     # N = 100,000 then 1,000,000
     .venv/bin/python benchmarks/bench_scale.py --rows 100000       # one size
+    .venv/bin/python benchmarks/bench_scale.py --rows 100000 --data isotropic --n-clusters 100 \
+        --max-copies 0 --max-copies 2                              # the trade-off of boundary copies
 
-For each N, ``synthetic_vectors.write_synthetic`` writes the shards (10,000 rows each, about 1% of the rows
-in planted near-duplicate groups of pairwise cosine 0.995, spread over the shards) into a temporary folder,
-then each measurement runs on a fresh ``LocalCluster`` of ``--workers`` single-threaded workers:
+For each N and each data set (``--data``), ``synthetic_vectors.write_synthetic`` writes the shards (10,000 rows
+each) into a temporary folder:
 
-- ``scale_dedup.run``: wall time, peak RSS per worker, recall and precision of the planted pairs, and an exact
-  all-pairs check on a subset (goals at 1,000,000: RSS under 2 GB per worker, under 20 minutes, recall >= 0.99);
-- ``scale_index.run(dataset_path, n, workers) -> dict``, when that module is present (skipped otherwise).
+- ``clustered``: rows around 1,000 topics, about 1% of them in planted groups of 2 to 4 near-copies of pairwise
+  cosine 0.995, spread over the shards;
+- ``isotropic``: rows uniform on the sphere (no topics), about 1% of them in planted pairs of cosine 0.999,
+  spread over the shards: cluster boundaries cut through the data anywhere.
+
+Then each measurement runs on a fresh ``LocalCluster`` of ``--workers`` single-threaded workers, at
+``SemanticDeduplicator``'s defaults but for ``eps=0.01`` and each ``--n-clusters`` and ``--max-copies``, with
+Dask's own P2P settings (``--p2p-buffer`` to set one):
+
+- ``scale_dedup.run``: wall time, peak RSS per worker, recall and precision of the planted pairs, an exact
+  all-pairs check on a subset and the rows copied to other clusters (goals at 1,000,000: RSS under 2 GB per
+  worker, under 20 minutes, recall >= 0.99);
+- ``scale_index.run(dataset_path, n, workers) -> dict``, on the clustered set, when that module is present
+  (skipped otherwise).
 
 The machine's CPU flags (AVX2 / AVX-512 bf16 / AMX) and its load average before and after each
 measurement go with the figures: the machine may be shared. Results are printed as a table and written as
@@ -38,6 +50,11 @@ import scale_dedup
 from synthetic_vectors import write_synthetic
 
 SIZES = (100_000, 1_000_000)
+DATA_SETS = {
+    "clustered": {},
+    "isotropic": {"isotropic": True, "pair_cosine": 0.999, "group_sizes": (2, 2)},
+}
+"""``write_synthetic`` options of each data set."""
 
 
 def scale_index() -> Any:
@@ -56,27 +73,38 @@ def measure(function: Any, *args: Any) -> dict[str, Any]:
     return {**result, "load_average_before": before, "load_average_after": os.getloadavg()}
 
 
-def measure_size(n: int, workers: int, work: Path, started: float) -> dict[str, Any]:
-    folder = work / f"n{n}"
-    harness.log(started, f"n={n:,}: writing synthetic vectors")
+def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, started: float) -> dict[str, Any]:
+    folder = work / f"{data}-n{n}"
+    harness.log(started, f"n={n:,} {data}: writing synthetic vectors")
     began = time.perf_counter()
-    synthetic = write_synthetic(folder, n)
+    synthetic = write_synthetic(folder, n, **DATA_SETS[data])
     entry: dict[str, Any] = {
         "rows": n,
+        "data": data,
         "shards": synthetic.shards,
         "planted_groups": synthetic.groups,
         "planted_rows": synthetic.planted_rows,
         "generate_s": time.perf_counter() - began,
+        "dedup": [],
     }
-    harness.log(started, f"n={n:,}: semantic dedup")
-    entry["dedup"] = measure(scale_dedup.run, str(synthetic.dataset), n, workers)
-    harness.log(started, f"n={n:,}: dedup {json.dumps(summary_of(entry['dedup']))}")
-    index = scale_index()
+    for n_clusters in options.n_clusters or [1000]:
+        for max_copies in options.max_copies or [2]:
+            label = f"n={n:,} {data} n_clusters={n_clusters} max_copies={max_copies}"
+            harness.log(started, f"{label}: semantic dedup")
+            dedup_options = {"n_clusters": n_clusters, "max_copies": max_copies}
+            if options.kmeans_sample_size:
+                dedup_options["kmeans_sample_size"] = options.kmeans_sample_size
+            run = measure(
+                scale_dedup.run, str(synthetic.dataset), n, options.workers, dedup_options, options.p2p_buffer
+            )
+            entry["dedup"].append(run)
+            harness.log(started, f"{label}: {json.dumps(summary_of(run))}")
+    index = None if options.skip_index else scale_index()
     if index is None:
-        harness.log(started, "benchmarks/scale_index.py is absent: index measurement skipped")
-    else:
+        harness.log(started, "index measurement skipped (--skip-index, or benchmarks/scale_index.py absent)")
+    elif data == "clustered":
         harness.log(started, f"n={n:,}: index")
-        entry["index"] = measure(index.run, str(synthetic.dataset), n, workers)
+        entry["index"] = measure(index.run, str(synthetic.dataset), n, options.workers)
     shutil.rmtree(folder, ignore_errors=True)
     return entry
 
@@ -87,6 +115,7 @@ def summary_of(dedup: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": [round(v) for v in dedup["peak_rss_mb_per_worker"]],
         "recall": dedup["planted"]["recall"],
         "precision": dedup["planted"]["precision"],
+        "copied_rows": dedup["copied_rows"],
     }
 
 
@@ -100,6 +129,11 @@ def print_report(results: dict[str, Any]) -> None:
     )
     header = (
         "rows",
+        "data",
+        "n_clusters",
+        "max_copies",
+        "sample",
+        "rows copied",
         "wall (s)",
         "peak RSS / worker (MB)",
         "planted pairs",
@@ -111,11 +145,15 @@ def print_report(results: dict[str, Any]) -> None:
         "load before / after",
     )
     rows = []
-    for entry in results["sizes"]:
-        d = entry["dedup"]
+    for entry, d in ((size, run) for size in results["sizes"] for run in size["dedup"]):
         p, s = d["planted"], d["exact_subset"]
         cells = [
             f"{entry['rows']:,}",
+            entry["data"],
+            f"{d['options']['n_clusters']:,}",
+            f"{d['options']['max_copies']}",
+            f"{d['options'].get('kmeans_sample_size', 'default')}",
+            f"{d['copied_rows']:,} ({d['copies']:,} copies)",
             f"{d['wall_s']:.0f}",
             " / ".join(f"{v:.0f}" for v in d["peak_rss_mb_per_worker"]),
             f"{p['pairs']:,}",
@@ -129,9 +167,9 @@ def print_report(results: dict[str, Any]) -> None:
         rows.append(cells)
     harness.print_table(header, rows)
     print(
-        f"\n(semantic dedup {json.dumps(scale_dedup.DEDUP_OPTIONS)}, {results['workers']} workers x 1 thread, "
-        f"memory limit {scale_dedup.WORKER_MEMORY_LIMIT}, P2P comm buffer {scale_dedup.P2P_COMM_BUFFER}; "
-        "wall time from the call to the end of save_metadata)"
+        f"\n(semantic dedup {json.dumps(scale_dedup.DEDUP_OPTIONS)} and the table's options, the rest at the "
+        f"defaults; {results['workers']} workers x 1 thread, memory limit {scale_dedup.WORKER_MEMORY_LIMIT}, P2P comm "
+        f"buffer {results['p2p_buffer'] or 'at Dask default'}; wall time from the call to the end of save_metadata)"
     )
     for entry in results["sizes"]:
         if "index" in entry:
@@ -142,6 +180,17 @@ def print_report(results: dict[str, Any]) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, action="append", help=f"N (repeatable; default {SIZES})")
+    parser.add_argument("--data", action="append", choices=list(DATA_SETS), help="data set (repeatable; default both)")
+    parser.add_argument("--n-clusters", type=int, action="append", help="n_clusters (repeatable; default 1000)")
+    parser.add_argument("--max-copies", type=int, action="append", help="max_copies (repeatable; default 2)")
+    parser.add_argument(
+        "--kmeans-sample-size",
+        type=int,
+        help="kmeans_sample_size (default: the deduplicator's, 100,000: at N = 100,000, 10,000 samples as many "
+        "rows as the default does at 1,000,000)",
+    )
+    parser.add_argument("--p2p-buffer", default=None, help="distributed.p2p.comm.buffer (default: Dask's own)")
+    parser.add_argument("--skip-index", action="store_true", help="measure semantic dedup only")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each")
     parser.add_argument("--work-dir", default=None, help="where to write the shards (default: a temporary folder)")
     return parser.parse_args(argv)
@@ -156,11 +205,18 @@ def main(argv: list[str]) -> dict[str, Any]:
     machine = harness.machine()
     with open("/proc/cpuinfo") as file:
         machine["avx512"] = " avx512f " in file.read()
-    results: dict[str, Any] = {"machine": machine, "faiss": faiss.__version__, "workers": options.workers, "sizes": []}
+    results: dict[str, Any] = {
+        "machine": machine,
+        "faiss": faiss.__version__,
+        "workers": options.workers,
+        "p2p_buffer": options.p2p_buffer,
+        "sizes": [],
+    }
     work = Path(tempfile.mkdtemp(prefix="dask_clip_scale_", dir=options.work_dir))
     try:
         for n in options.rows or SIZES:
-            results["sizes"].append(measure_size(n, options.workers, work, started))
+            for data in options.data or list(DATA_SETS):
+                results["sizes"].append(measure_size(n, data, options, work, started))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["total_s"] = time.perf_counter() - started

@@ -1,8 +1,10 @@
 """Semantic dedup at scale: wall time, peak RSS per worker, and recall and precision of the planted pairs.
 
-``run(dataset_path, n, workers)`` deduplicates a dataset written by ``synthetic_vectors.write_synthetic``
-(its planted groups in ``planted.parquet`` next to the dataset folder) on a fresh ``LocalCluster`` of
-``workers`` processes with one thread each, saving only the decision columns into a folder of their own.
+``run(dataset_path, n, workers, options, p2p_buffer)`` deduplicates a dataset written by
+``synthetic_vectors.write_synthetic`` (its planted groups in ``planted.parquet`` next to the dataset folder) with
+``SemanticDeduplicator(**options)`` on a fresh ``LocalCluster`` of ``workers`` processes with one thread each
+(Dask's own P2P settings unless ``p2p_buffer`` is given), saving only the decision columns into a folder of their
+own, then counts the rows compared in other clusters than their own (``copy_counts``, not timed).
 A thread samples every worker's RSS twice a second while it runs. Then, on the client:
 
 - **planted pairs**: every pair of members of a planted group is found when the dedup did not keep both;
@@ -28,10 +30,8 @@ from synthetic_vectors import read_vectors
 SUBSET_ROWS = 20_000
 RSS_INTERVAL_S = 0.5
 WORKER_MEMORY_LIMIT = "3GiB"  # above the 2 GB goal, so a run that misses it is measured rather than killed
-P2P_COMM_BUFFER = "256 MiB"
-"""Shards a worker's P2P shuffle holds in memory before sending (Dask's default: 1 GiB, half the 2 GB goal).
-Read when a worker starts, so it is set before the cluster starts (nannies pass their config on)."""
-DEDUP_OPTIONS = {"eps": 0.01, "n_clusters": 1000, "kmeans_sample_size": 100_000, "max_cluster_size": 100_000}
+DEDUP_OPTIONS = {"eps": 0.01, "n_clusters": 1000}
+"""The options every run sets (the others at ``SemanticDeduplicator``'s defaults), before a run's own."""
 
 
 class PeakRss:
@@ -78,17 +78,25 @@ def _rss_and_tasks(dask_worker: Any) -> tuple[int, list[str]]:
     return _rss(), sorted({key_split(task.key) for task in dask_worker.state.executing})
 
 
-def run(dataset_path: str, n: int, workers: int) -> dict[str, Any]:
-    """Deduplicate the synthetic dataset at ``dataset_path`` (``n`` rows) on ``workers`` workers -> figures."""
+def run(
+    dataset_path: str, n: int, workers: int, options: dict[str, Any] | None = None, p2p_buffer: str | None = None
+) -> dict[str, Any]:
+    """Deduplicate the synthetic dataset at ``dataset_path`` (``n`` rows) on ``workers`` workers -> figures.
+
+    ``options``: ``SemanticDeduplicator`` options over ``DEDUP_OPTIONS``. ``p2p_buffer``: the rows a worker's P2P
+    shuffle holds in memory before sending (``distributed.p2p.comm.buffer``; None: Dask's default, 1 GiB). It is
+    read when a worker starts, so it is set before the cluster starts (nannies pass their config on)."""
     import dask
 
     from dask_clip import ImageTextPairDataset, SemanticDeduplicator, get_client
 
     dataset_path = Path(dataset_path)
     output = dataset_path.parent / "dedup"
+    options = {**DEDUP_OPTIONS, **(options or {})}
+    p2p_config = {} if p2p_buffer is None else {"distributed.p2p.comm.buffer": p2p_buffer}
     started = time.perf_counter()
     with (
-        dask.config.set({"distributed.p2p.comm.buffer": P2P_COMM_BUFFER}),
+        dask.config.set(p2p_config),
         get_client(
             "cpu", n_workers=workers, threads_per_worker=1, memory_limit=WORKER_MEMORY_LIMIT, dashboard_address=":0"
         ) as client,
@@ -96,13 +104,14 @@ def run(dataset_path: str, n: int, workers: int) -> dict[str, Any]:
         startup_s = time.perf_counter() - started
         baseline = client.run(_rss)
         dataset = ImageTextPairDataset.from_webdataset(str(dataset_path))
-        dedup = SemanticDeduplicator(**DEDUP_OPTIONS)
+        dedup = SemanticDeduplicator(**options)
         with PeakRss(client) as rss:
             began = time.perf_counter()
             summary = dedup(dataset).save_metadata(
                 str(output), columns=["keep", "duplicate_of", "similarity"], overwrite=True
             )
             wall_s = time.perf_counter() - began
+        copies = dedup.copy_counts(dataset)
         client.cluster.close()
     decisions = pd.concat(pd.read_parquet(p) for p in sorted(output.glob("*.parquet"))).set_index("key")
     assert len(decisions) == n == int(summary["rows"].sum()), (len(decisions), n)
@@ -112,17 +121,19 @@ def run(dataset_path: str, n: int, workers: int) -> dict[str, Any]:
         "workers": workers,
         "threads_per_worker": 1,
         "worker_memory_limit": WORKER_MEMORY_LIMIT,
-        "options": DEDUP_OPTIONS,
+        "options": options,
         "cluster_startup_s": startup_s,
         "wall_s": wall_s,
         "peak_rss_mb_per_worker": sorted(v / 2**20 for v in rss.peaks.values()),
         "rss_mb_at_start_per_worker": sorted(v / 2**20 for v in baseline.values()),
         "tasks_at_peak_rss": [rss.tasks_at_peak[w] for w in sorted(rss.peaks, key=rss.peaks.get)],
-        "p2p_comm_buffer": P2P_COMM_BUFFER,
+        "p2p_comm_buffer": p2p_buffer or "Dask's default",
+        "copied_rows": int(copies["copied_rows"].sum()),
+        "copies": int(copies["copies"].sum()),
         "rss_timeline": rss.timeline,
         "removed": int((~decisions["keep"]).sum()),
         "planted": planted_scores(decisions, pd.read_parquet(dataset_path.parent / "planted.parquet")),
-        "exact_subset": subset_scores(decisions, dataset_path, 1 - DEDUP_OPTIONS["eps"]),
+        "exact_subset": subset_scores(decisions, dataset_path, 1 - options["eps"]),
     }
     return result
 

@@ -1,5 +1,5 @@
 """SemanticDeduplicator on a real 2-worker LocalCluster: constructed vectors with known cosines, keep
-policies, clusters spanning shards, a near-duplicate pair split by a cluster boundary, and the
+policies, clusters spanning shards, a near-duplicate pair across a cluster boundary, and the
 plumbing on real photos embedded by a random-weight CLIP."""
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ def test_big_cluster_across_shards_and_a_pair_split_by_a_cluster_boundary(client
       0.75 (below 0.93): all kept.
     - ``x`` and ``y`` (cosine 0.96, a duplicate pair at eps=0.05) sit 8 degrees either side of the bisector
       of the left and right groups, so k-means puts ``x`` with the left cluster and ``y`` with the right one.
-      Pairs are only compared within a cluster, so both are kept: SemDeDup's known miss at a boundary.
-      With one cluster the same pair is caught, which shows the boundary is the reason.
+      Each is also compared in the other's cluster (the angle bound), so one of them is removed; with
+      ``max_copies=0`` (rows compared only within their own cluster) both are kept, which shows the boundary
+      is between them.
     """
     dim = 32
     rng = np.random.default_rng(7)
@@ -159,14 +160,21 @@ def test_big_cluster_across_shards_and_a_pair_split_by_a_cluster_boundary(client
     order = list(rng.permutation(list(vectors)))
     dataset = write_vector_shards(tmp_path, {k: vectors[k] for k in order}, rows_per_shard=4)
 
-    frame = SemanticDeduplicator(eps=0.05, n_clusters=3, seed=1)(dataset).metadata.compute()
-    removed = decisions_of(frame)
+    dedup = SemanticDeduplicator(eps=0.05, n_clusters=3, seed=1)
+    tree = dedup.cluster_tree(dataset).compute()
+    home = tree.assign(np.stack([vectors["x"], vectors["y"]]).astype(np.float32))[0]
+    assert home[0] != home[1]
+    removed = decisions_of(dedup(dataset).metadata.compute())
     assert sum(v is not None for k, v in removed.items() if k.startswith("dup")) == 9
-    assert all(v is None for k, v in removed.items() if not k.startswith("dup"))  # x and y both kept
+    assert all(v is None for k, v in removed.items() if k.startswith(("left", "right")))
+    assert (removed["x"] is None) != (removed["y"] is None)  # the pair across the boundary is found
     for key, (duplicate_of, similarity) in ((k, v) for k, v in removed.items() if v is not None):
-        assert duplicate_of.startswith("dup")
+        assert duplicate_of.startswith("dup") or {key, duplicate_of} == {"x", "y"}
         assert similarity == pytest.approx(float(vectors[key] @ vectors[duplicate_of]), abs=1e-5)
 
+    own_cluster_only = SemanticDeduplicator(eps=0.05, n_clusters=3, seed=1, max_copies=0)
+    lost = decisions_of(own_cluster_only(dataset).metadata.compute())
+    assert lost["x"] is None and lost["y"] is None
     one_cluster = decisions_of(SemanticDeduplicator(eps=0.05, n_clusters=1)(dataset).metadata.compute())
     assert (one_cluster["x"] is None) != (one_cluster["y"] is None)
 

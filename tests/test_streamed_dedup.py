@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from dask_clip import ImageTextPairDataset, SemanticDeduplicator, embeddings_to_numpy, testing
+from dask_clip.columns import vectors_to_binary
 from dask_clip.errors import ShardError
 from dask_clip.ops.clustering import ClusterTree
+from dask_clip.ops.semantic_dedup import cluster_decisions, one_decision_per_row
 
 DIM = 32
 
@@ -177,3 +179,193 @@ def test_a_vector_of_another_width_names_its_shard_and_row(client, tmp_path: Pat
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
     with pytest.raises(ShardError, match=r"00001\.tar.*'k06'.*31 values"):
         SemanticDeduplicator(n_clusters=2)(dataset).metadata.compute()
+
+
+@pytest.mark.parametrize("max_cluster_size", [50, 3])
+def test_near_identical_vectors_are_not_split_apart(client, tmp_path: Path, max_cluster_size: int) -> None:
+    """200 vectors of pairwise cosine 1.00000 (noise 1e-6) are one duplicate group however small the cap: a cluster
+    within half the duplicate angle is not split, so one of them is kept (the splits kept 8 and 78 of them)."""
+    rng = np.random.default_rng(0)
+    base = unit(rng.normal(size=DIM))
+    vectors = {f"copy{i:03d}": unit(base + rng.normal(size=DIM) * 1e-6) for i in range(200)}
+    dataset = shards_of(tmp_path, vectors, rows_per_shard=40)
+    dedup = SemanticDeduplicator(n_clusters=1, max_cluster_size=max_cluster_size, kmeans_sample_size=1000)
+    got = decisions(dedup(dataset))
+    assert got["keep"].sum() == 1
+    assert got.loc[~got["keep"], "duplicate_of"].str.startswith("copy").all()  # the most similar earlier copy
+    assert not dedup.cluster_tree(dataset).compute().children
+
+
+def boundary_reference(
+    frame: pd.DataFrame, tree: ClusterTree, eps: float, max_copies: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The decision rule with copies, all rows in memory, for a tree without splits: each row at home in its nearest
+    leaf and copied to the (at most ``max_copies``, nearest first) other leaves within its home angle plus twice the
+    duplicate angle; within a cluster, rows and copies ranked by (cosine to the home centroid, key), a row at home
+    compared with every earlier one, a copy with the earlier rows at home; a row is removed iff an earlier-ranked row
+    it was compared with, in its home or a cluster it was copied to, is a duplicate, naming the most similar.
+    Also returns each key's home leaf."""
+    assert not tree.children
+    vectors = embeddings_to_numpy(frame["image_embedding"]).astype(np.float64)
+    norms = np.linalg.norm(vectors, axis=1)
+    usable = np.isfinite(norms) & (norms > 0)
+    rows = vectors[usable] / norms[usable, None]
+    keys = frame["key"].to_numpy()[usable]
+    cosines = rows @ tree.centroids.astype(np.float64).T
+    angles = np.arccos(np.clip(cosines, -1, 1))
+    home = np.argmax(cosines, axis=1)
+    rank = tree.assign(rows.astype(np.float32))[1]  # the float32 cosine the deduplicator ranks by
+    members: dict[int, list[tuple[int, bool]]] = {leaf: [] for leaf in range(len(tree.centroids))}
+    for row in range(len(rows)):
+        members[home[row]].append((row, False))
+        bound = angles[row, home[row]] + 2 * np.arccos(1 - eps)
+        others = [leaf for leaf in np.argsort(-cosines[row], kind="stable") if leaf != home[row]]
+        for leaf in [leaf for leaf in others if angles[row, leaf] <= bound][:max_copies]:
+            members[leaf].append((row, True))
+    found: dict[int, tuple[float, int]] = {}
+    for cluster_rows in members.values():
+        ordered = sorted(cluster_rows, key=lambda member: (rank[member[0]], keys[member[0]]))
+        for position, (row, copy) in enumerate(ordered):
+            compared = [other for other, other_copy in ordered[:position] if not (copy and other_copy)]
+            earlier = [(float(rows[row] @ rows[other]), other) for other in compared]
+            best = max(earlier, default=(-1.0, -1))
+            if best[0] >= 1 - eps and best[0] > found.get(row, (-1.0, -1))[0]:
+                found[row] = best
+    out = pd.DataFrame({"key": frame["key"], "keep": True, "duplicate_of": None, "similarity": np.nan}).set_index("key")
+    for row, (similarity, other) in found.items():
+        out.loc[keys[row]] = (False, keys[other], similarity)
+    return out, dict(zip(keys, home, strict=True))
+
+
+def test_pairs_across_cluster_boundaries_are_found_by_the_copies(client, tmp_path: Path) -> None:
+    """Eight groups of 30 spread points (pairwise cosine about 0.75) around orthogonal directions, and 24 planted
+    pairs of cosine 0.96 (duplicates at eps = 0.05) whose rows sit 8 degrees either side of the bisector of two
+    groups: k-means (8 centroids) puts the two rows of a pair in different clusters. With copies every pair is
+    found and the decisions follow the rule exactly (a brute-force reference); compared only within their own
+    cluster (``max_copies=0``), rows miss exactly the pairs across a boundary."""
+    rng = np.random.default_rng(11)
+    eye = np.eye(DIM)
+    vectors: dict[str, np.ndarray | None] = {}
+    for group in range(8):
+        for i in range(30):
+            noise = np.zeros(DIM)
+            noise[8:] = rng.normal(size=DIM - 8) / np.sqrt(DIM - 8) * 0.6
+            vectors[f"g{group}-{i:02d}"] = unit(eye[group] + noise)
+    half = np.arccos(0.96) / 2
+    for pair in range(24):
+        first, second = rng.choice(8, size=2, replace=False)
+        offset = np.zeros(DIM)
+        offset[8:] = rng.normal(size=DIM - 8) / np.sqrt(DIM - 8) * 0.5
+        middle, across = unit(eye[first] + eye[second] + offset), unit(eye[first] - eye[second])
+        vectors[f"p{pair:02d}-a"] = np.cos(half) * middle + np.sin(half) * across
+        vectors[f"p{pair:02d}-b"] = np.cos(half) * middle - np.sin(half) * across
+    vectors = {key: vectors[key] for key in rng.permutation(list(vectors))}
+    dataset = shards_of(tmp_path, vectors, rows_per_shard=50)
+    frame = dataset.metadata.compute()
+
+    def options(max_copies: int) -> SemanticDeduplicator:
+        return SemanticDeduplicator(eps=0.05, n_clusters=8, max_cluster_size=None, max_copies=max_copies)
+
+    tree = options(2).cluster_tree(dataset).compute()
+    pairs = [(f"p{pair:02d}-a", f"p{pair:02d}-b") for pair in range(24)]
+    for max_copies in (7, 2):
+        got = decisions(options(max_copies)(dataset))
+        expected, home = boundary_reference(frame, tree, 0.05, max_copies)
+        assert_agree(got, expected)
+        assert all(not (got.loc[a, "keep"] and got.loc[b, "keep"]) for a, b in pairs), max_copies
+        assert got.loc[got.index.str.startswith("g"), "keep"].all()
+    across = [home[a] != home[b] for a, b in pairs]
+    assert sum(across) >= 20  # the pairs the copies are for
+    own_cluster_only = decisions(options(0)(dataset))
+    missed = [own_cluster_only.loc[a, "keep"] and own_cluster_only.loc[b, "keep"] for a, b in pairs]
+    assert missed == across
+    counts = options(2).copy_counts(dataset)
+    assert counts["stem"].tolist() == [shard.stem for shard in dataset.shards]
+    assert counts["rows"].sum() == len(frame) and (counts["copies"] <= 2 * counts["copied_rows"]).all()
+    assert 48 >= counts["copied_rows"].sum() >= 2 * sum(across)  # the pairs' rows, and rarely a group's
+
+
+def test_copies_are_compared_but_never_decided() -> None:
+    """Hand-made clusters: a copy removes the row it copies only by finding an earlier-ranked duplicate; it never
+    gets a decision of its own, and a row's decisions from several clusters merge into one."""
+    x, w = np.eye(4, dtype=np.float32)[0], np.eye(4, dtype=np.float32)[1]
+    near = unit(np.array([1, 0.01, 0, 0])).astype(np.float32)
+    rows = [  # cluster, key, shard, rank, copy, vector
+        (0, "x", 0, 0.1, False, x),
+        (0, "y", 1, 0.2, True, near),  # y's copy finds the earlier x: y is removed, though its home never sees x
+        (1, "y", 1, 0.2, False, near),
+        (2, "z", 0, 0.0, True, w),  # an earlier copy: z is not decided here, and w names it
+        (2, "w", 1, 0.5, False, w),
+        (2, "v", 1, 0.9, True, x),  # a copy that finds no duplicate: no row at all
+        (3, "s", 0, 0.1, True, x),  # two copies are not compared: they meet where they are at home
+        (3, "t", 0, 0.2, True, x),
+    ]
+    frame = pd.DataFrame(
+        {
+            "_dask_clip_cluster": [r[0] for r in rows],
+            "key": [r[1] for r in rows],
+            "_dask_clip_shard": [r[2] for r in rows],
+            "_dask_clip_stem": [f"0000{r[2]}" for r in rows],
+            "_dask_clip_rank": [r[3] for r in rows],
+            "_dask_clip_copy": [r[4] for r in rows],
+            "_dask_clip_vector": vectors_to_binary(np.stack([r[5] for r in rows])),
+        }
+    )
+    decided = cluster_decisions(frame, threshold=0.99, id_col="key", id_dtype=pd.StringDtype("pyarrow"))
+    assert sorted(decided["key"]) == ["w", "x", "y", "y"]
+    merged = one_decision_per_row(decided[decided["_dask_clip_shard"] == 1], "key").set_index("key")
+    assert sorted(merged.index) == ["w", "y"]
+    assert not merged.loc["y", "_dask_clip_keep"] and merged.loc["y", "_dask_clip_duplicate_of"] == "x"
+    assert not merged.loc["w", "_dask_clip_keep"] and merged.loc["w", "_dask_clip_duplicate_of"] == "z"
+    assert merged.loc["w", "_dask_clip_duplicate_of_shard"] == "00000"
+    x_decision = decided[decided["key"] == "x"]
+    assert len(x_decision) == 1 and x_decision["_dask_clip_keep"].all()
+
+
+def test_best_earlier_match_in_blocks_agrees_with_all_pairs(monkeypatch) -> None:
+    """Blocks of 3 rows over 40 rows, a third of them copies, with repeated vectors (ties go to the earliest row)."""
+    from dask_clip.ops import semantic_dedup
+
+    monkeypatch.setattr(semantic_dedup, "SIMILARITY_BLOCK", 3)
+    rng = np.random.default_rng(5)
+    vectors = np.stack([unit(v) for v in rng.normal(size=(20, 6))] * 2).astype(np.float32)[rng.permutation(40)]
+    copy = rng.random(40) < 1 / 3
+    best, match = semantic_dedup.best_earlier_match(vectors, copy)
+    for row in range(40):
+        compared = [other for other in range(row) if not (copy[row] and copy[other])]
+        cosines = [float(vectors[row] @ vectors[other]) for other in compared]
+        if not compared:
+            assert best[row] == -np.inf and match[row] == -1
+            continue
+        top = max(cosines)
+        assert best[row] == pytest.approx(top, abs=1e-6)
+        assert match[row] == min(o for o, c in zip(compared, cosines, strict=True) if c >= top - 1e-6), row
+
+
+def test_a_duplicate_s_cluster_is_among_a_row_s_neighbours_down_split_clusters() -> None:
+    """The angle bound level by level, on a tree with split clusters: for 400 pairs at just under the duplicate
+    angle, each row's cluster is its partner's own or one of its partner's neighbours (none capped), both ways."""
+    from dask_clip.ops.clustering import fit_cluster_tree
+
+    rng = np.random.default_rng(2)
+    sample = rng.normal(size=(3000, 8)).astype(np.float32)
+    sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+    tree = fit_cluster_tree(
+        sample, np.ones(3000), n_clusters=4, max_cluster_size=300, partitions=4, seed=0, max_iter=10
+    )
+    assert len(tree.children) >= 2
+    theta = np.arccos(1 - 0.05)
+    y = sample[:400].astype(np.float64)
+    away = rng.normal(size=y.shape)
+    away = away - (away * y).sum(axis=1, keepdims=True) * y
+    away /= np.linalg.norm(away, axis=1, keepdims=True)
+    x = (np.cos(0.999 * theta) * y + np.sin(0.999 * theta) * away).astype(np.float32)
+    y = y.astype(np.float32)
+    home_x, home_y = tree.assign(x)[0], tree.assign(y)[0]
+    assert (home_x != home_y).sum() >= 40
+    for rows, home, partner_home in ((y, home_y, home_x), (x, home_x, home_y)):
+        row, leaf = tree.neighbours(rows, home, 2 * theta, most=len(tree.centroids))
+        reached = set(zip(row.tolist(), leaf.tolist(), strict=True))
+        assert all(partner_home[i] == home[i] or (i, partner_home[i]) in reached for i in range(len(rows)))
+        capped = tree.neighbours(rows, home, 2 * theta, most=1)[0]
+        assert np.bincount(capped).max() == 1

@@ -70,6 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=semantic["max_cluster_size"],
         help="semantic: clusters estimated to hold more rows are split (bounds a worker's memory); 0: never split",
     )
+    parser.add_argument(
+        "--max-copies",
+        type=int,
+        default=semantic["max_copies"],
+        help="semantic: other clusters a row is also compared in, where it could have a duplicate; 0: its own only",
+    )
     add_output_options(parser, overwrite="decide again even where the saved decisions are current")
     add_cluster_options(parser)
 
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             kmeans_sample_size=args.kmeans_sample_size,
             max_cluster_size=args.max_cluster_size or None,
+            max_copies=args.max_copies,
         )
 
     def deduplicate(dataset: ImageTextPairDataset) -> tuple[pd.DataFrame, int]:

@@ -6,13 +6,15 @@ many rows of its shard it stands for), with faiss's spherical k-means:
 1. ``n_clusters`` top-level centroids;
 2. a cluster whose estimated size (the sum of its sample rows' weights) exceeds ``max_cluster_size`` is
    split by a second k-means on its own sample rows into ``ceil(size / max_cluster_size)`` sub-clusters,
-   and so on while a piece is still too big. A cluster whose sample rows are all (nearly) the same vector
-   cannot be split and stays whole;
+   and so on while a piece is still too big. A cluster whose sample rows all lie within ``max_radius``
+   (an angle) of their mean direction is not split: within half the duplicate angle of it, every two of
+   its rows are duplicates of each other, and pieces would only separate them;
 3. the leaves (clusters that were not split) are packed into ``partitions`` groups of about equal
    estimated size (largest first, each to the lightest group), one group per partition of the shuffle.
 
 ``assign`` then gives every row its leaf (nearest top-level centroid, then nearest sub-centroid, down
-the tree), its cosine to that leaf's centroid, and its partition. Everything here works on NumPy
+the tree), its cosine to that leaf's centroid, and its partition. ``neighbours`` gives the other leaves
+where a row could have a duplicate (see its docstring for the bound). Everything here works on NumPy
 ``float32`` arrays in memory: the sample and one shard's vectors at a time.
 """
 
@@ -23,6 +25,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+ANGLE_TOLERANCE = 1e-4
+"""Radians added to an angle bound computed from ``float32`` cosines (their rounding near 1 is about 3e-4 rad)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,59 @@ class ClusterTree:
                 leaf[rows] = kids[sub]
         return leaf, cosine, self.partition_of[leaf]
 
+    def neighbours(
+        self, vectors: np.ndarray, leaf: np.ndarray, slack: float, most: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The leaves other than their own (``leaf``, ``int64 (n,)`` from ``assign``) where each of the unit vectors
+        ``float32 (n, D)`` could have a duplicate: ``int64 (m,)`` row numbers and ``int64 (m,)`` leaves, at most
+        ``most`` per row, nearest centroid first.
+
+        ``slack`` is twice the duplicate angle ``theta`` (``arccos(1 - eps)``). On the sphere the angle is a
+        distance, so for a duplicate ``x`` of ``y`` (angle at most ``theta``) and ``c_x`` the centroid ``x``
+        is nearest to among some siblings, ``c_y`` the one ``y`` is nearest to among the same siblings::
+
+            angle(y, c_x) <= angle(y, x) + angle(x, c_x) <= theta + angle(x, c_y) <= 2 theta + angle(y, c_y)
+
+        So, level by level down the tree, ``x``'s leaf is among the nodes within ``angle(y, c_y) + slack`` of
+        ``y``: those are followed (at most ``most + 1`` per node, nearest first) and their leaves, less ``y``'s
+        own, are returned. The bound is symmetric: ``y``'s leaf is among ``x``'s too. Rows have no
+        neighbours when ``most`` is 0 or there are no centroids."""
+        if most == 0 or self.roots == 0 or len(vectors) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows, node, cosine = within_slack(vectors, self.centroids[: self.roots], np.arange(self.roots), slack, most + 1)
+        for parent in sorted(self.children):  # children are numbered after their parent: one pass reaches the leaves
+            at = node == parent
+            if at.any():
+                kids = self.children[parent]
+                found, sub, sub_cosine = within_slack(vectors[rows[at]], self.centroids[kids], kids, slack, most + 1)
+                rows = np.concatenate([rows[~at], rows[at][found]])
+                node = np.concatenate([node[~at], sub])
+                cosine = np.concatenate([cosine[~at], sub_cosine])
+        other = node != leaf[rows]
+        rows, node, cosine = rows[other], node[other], cosine[other]
+        order = np.lexsort((node, -cosine, rows))  # per row, nearest first (ties by node number)
+        rows, node = rows[order], node[order]
+        first = np.searchsorted(rows, rows)  # where each row's run starts, in the sorted rows
+        nearest_first = np.arange(len(rows)) - first < most
+        return rows[nearest_first], node[nearest_first]
+
+
+def within_slack(
+    vectors: np.ndarray, centroids: np.ndarray, nodes: np.ndarray, slack: float, most: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each unit vector ``float32 (n, D)``, the ``nodes`` (numbers of ``centroids``, ``float32 (k, D)``) whose
+    angle to it is at most its angle to its nearest one plus ``slack``, at most ``most``, nearest first: ``int64``
+    row numbers, ``int64`` nodes and ``float32`` cosines, one element per (row, node) found."""
+    import faiss  # only where k-means or a search runs: import dask_clip stays light
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    cosine, label = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(most, len(centroids)))
+    angle = np.arccos(np.clip(cosine.astype(np.float64), -1.0, 1.0))
+    near = (label >= 0) & (angle <= angle[:, :1] + slack + ANGLE_TOLERANCE)
+    rows = np.nonzero(near)[0].astype(np.int64)
+    return rows, nodes[label[near]].astype(np.int64), cosine[near]
+
 
 def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each unit vector's most cosine-similar centroid: ``int64 (n,)`` and that cosine ``float32 (n,)``."""
@@ -107,10 +165,12 @@ def fit_cluster_tree(
     partitions: int,
     seed: int,
     max_iter: int,
+    max_radius: float = 0.0,
 ) -> ClusterTree:
     """Fit the tree on sample rows ``float32 (n, D)`` standing for ``weights`` ``float64 (n,)`` rows each.
 
-    ``max_cluster_size=None`` never splits. See the module's docstring for the steps.
+    ``max_cluster_size=None`` never splits; nor is a cluster split whose sample rows all lie within ``max_radius``
+    radians of their mean direction. See the module's docstring for the steps.
     """
     if len(vectors) == 0:
         empty = np.zeros(0, np.int64)
@@ -123,7 +183,8 @@ def fit_cluster_tree(
     node = 0
     while node < len(sizes):
         members = np.flatnonzero(leaf == node)
-        if max_cluster_size is not None and sizes[node] > max_cluster_size and len(members) > 1:
+        oversized = max_cluster_size is not None and sizes[node] > max_cluster_size and len(members) > 1
+        if oversized and radius(vectors[members]) > max_radius:
             pieces = math.ceil(sizes[node] / max_cluster_size)
             sub = spherical_kmeans(vectors[members], pieces, seed + node + 1, max_iter)
             sub_leaf = nearest(vectors[members], sub)[0]
@@ -143,6 +204,17 @@ def fit_cluster_tree(
         pack(estimated, set(children), partitions),
         estimated,
     )
+
+
+def radius(vectors: np.ndarray) -> float:
+    """The largest angle (radians) of unit vectors ``float32 (n, D)`` to their mean direction (pi when they
+    cancel out)."""
+    mean = vectors.astype(np.float64).sum(axis=0)
+    norm = np.linalg.norm(mean)
+    if norm == 0:
+        return math.pi
+    cosine = vectors.astype(np.float64) @ (mean / norm)
+    return float(np.arccos(np.clip(cosine.min(), -1.0, 1.0)))
 
 
 def pack(sizes: np.ndarray, split: set[int], partitions: int) -> np.ndarray:

@@ -5,20 +5,30 @@ Three passes over the shards, each holding one shard's rows at a time:
 1. **Sample**: each shard gives a seeded sample of its unit vectors (``kmeans_sample_size`` in all); one task
    fits a ``ClusterTree`` on them (``dask_clip.ops.clustering``: faiss spherical k-means, oversized clusters
    split, leaves packed into as many shuffle partitions as there are shards).
-2. **Assign**: each shard's rows get their cluster (a leaf of the tree), their cosine to its centroid and
-   their partition; Dask's P2P shuffle (on disk) brings each partition's clusters together, the vectors
-   travelling as ``binary`` values. Within a cluster, items are ranked by the keep policy; an item whose
-   cosine similarity to an earlier-ranked item is ``>= 1 - eps`` is a duplicate of the most similar one.
-3. **Join**: the decisions go back to their shard (a shuffle of small rows, on the shard number) and join
+2. **Assign**: each shard's rows get their cluster (a leaf of the tree, their *home*), their rank key and
+   their partition, and a copy of each row goes to up to ``max_copies`` other clusters where it could have a
+   duplicate (``ClusterTree.neighbours``: by the triangle inequality on the sphere, a duplicate of ``y`` can
+   only be at home in a cluster whose centroid is at most ``2 * arccos(1 - eps)`` further from ``y`` than
+   ``y``'s own), nearest first. Dask's P2P shuffle (on disk) brings each partition's clusters together, the
+   vectors travelling as ``binary`` values.
+3. **Decide**: within a cluster, its rows and the copies sent to it are ranked one global way (the keep
+   policy's value, then id, then shard: the same order in every cluster); a row at home is compared with every
+   earlier-ranked one, a copy with the earlier-ranked rows at home (two copies meet where they are at home).
+   A row is removed if and only if an earlier-ranked row it was compared with, in its home or a cluster it was
+   copied to, is a duplicate (cosine ``>= 1 - eps``); it names the most similar one. Its home cluster gives its
+   one decision; a copy only adds the duplicate it found, if any.
+4. **Join**: the decisions go back to their shard (a shuffle of small rows, on the shard number) and join
    the rows by id.
 
-Rows without an embedding are kept. Similar images that k-means puts in different clusters are
-never compared (the price of clustering); more clusters make that likelier, fewer make clusters
-bigger (pairwise cost grows with the square of a cluster's size).
+Rows without an embedding are kept. Duplicates that k-means puts in different clusters are compared as long
+as each row's candidate clusters fit in ``max_copies``; past that (rows far from every centroid, many
+centroids at about the same angle: high-dimensional data without structure) a pair can be missed, rarely
+(see the README for measurements). More copies cost shuffle volume and comparisons in proportion.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -40,17 +50,20 @@ from dask_clip.columns import (
     vectors_to_binary,
 )
 from dask_clip.errors import ColumnError, UsageError
-from dask_clip.execution import SHARD_COLUMN, ShardTask, map_shuffled, shuffle_on_disk
+from dask_clip.execution import SHARD_COLUMN, ShardTask, compute, map_shuffled, shuffle_on_disk
 from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
 from dask_clip.ops.deduplicator import DUPLICATE_OF, DUPLICATE_OF_SHARD, KEEP, SIMILARITY, STEM, Deduplicator
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
+logger = logging.getLogger(__name__)
+
 KEEP_POLICIES = ("hard", "easy", "random")
 _PARTITION = "_dask_clip_partition"
 _CLUSTER = "_dask_clip_cluster"
-_CENTROID_COSINE = "_dask_clip_centroid_cosine"
+_RANK = "_dask_clip_rank"
+_COPY = "_dask_clip_copy"
 _VECTOR = "_dask_clip_vector"
 _ID = "_dask_clip_id"
 _WEIGHT = "_dask_clip_weight"
@@ -66,14 +79,22 @@ class SemanticDeduplicator(Deduplicator):
     ``eps=0.05`` (0.95+: near-duplicates such as crops and resizes), ``eps=0.1`` (0.90+: similar
     images, which removes much more). Check a sample of removed pairs before trusting a threshold.
 
-    ``which_to_keep``: ``"hard"`` keeps the item farthest from its cluster's centroid first (the
-    SemDeDup default), ``"easy"`` the closest, ``"random"`` a seeded random one.
+    ``which_to_keep``: ``"hard"`` keeps the item farthest from its (home) cluster's centroid first (the
+    SemDeDup default), ``"easy"`` the closest, ``"random"`` a seeded random one (a draw per row, seeded by
+    ``seed`` and its shard). Ties go to the smaller id, then the earlier shard.
 
     ``n_clusters`` centroids are fitted (faiss spherical k-means, ``max_iter`` iterations, ``seed``) on a
     seeded sample of ``kmeans_sample_size`` unit vectors drawn evenly from the shards. A cluster estimated
     (from the sample) to hold more than ``max_cluster_size`` rows is split by a k-means of its own into
-    clusters of at most about that size (None: never split); rows are compared only within their final
-    cluster. A cluster of (nearly) identical vectors cannot be split and stays whole.
+    clusters of at most about that size (None: never split). A cluster whose sample rows all lie within half
+    the duplicate angle (``arccos(1 - eps) / 2``) of their mean direction is not split: its rows are all
+    duplicates of each other, and it stays whole.
+
+    ``max_copies``: besides its own cluster, a row is compared in up to that many other clusters (nearest
+    first) where it could have a duplicate by the angle bound in ``ClusterTree.neighbours``. 0 compares rows
+    only within their own cluster (pairs across a cluster boundary are missed); the default, 2, found every
+    planted pair in the benchmarks, where 1 missed some on data without structure (README). ``copy_counts``
+    reports how many rows were copied.
 
     Writes the ``Deduplicator`` columns (their names are keyword-only options): a removed row names
     the most similar earlier-ranked item (which may itself be a duplicate), its shard and their cosine.
@@ -81,7 +102,8 @@ class SemanticDeduplicator(Deduplicator):
     Memory per worker: one shard's rows at a time while sampling, assigning and joining; the sample
     (``kmeans_sample_size`` x D float32) in the one task that fits the clusters; and in the within-cluster
     pass one shuffle partition (about as many rows as a shard, or one cluster when that is larger, so at
-    most about ``max_cluster_size`` rows) plus a ``SIMILARITY_BLOCK`` x cluster-size matrix. Nothing grows
+    most about ``max_cluster_size`` rows, plus the copies sent to it: up to ``max_copies`` times as many) plus a
+    ``SIMILARITY_BLOCK`` x cluster-size matrix. Nothing grows
     with the number of shards: the P2P shuffle keeps the vectors on the workers' disks in between. The
     result is lazy; computing it reads each shard's rows three times (one per pass), so when the
     embeddings come from an embedder, ``save_metadata`` and read them back first.
@@ -98,6 +120,7 @@ class SemanticDeduplicator(Deduplicator):
         max_iter: int = 30,
         kmeans_sample_size: int = 100_000,
         max_cluster_size: int | None = 100_000,
+        max_copies: int = 2,
         keep_column: str = "keep",
         duplicate_of_column: str = "duplicate_of",
         duplicate_of_shard_column: str = "duplicate_of_shard",
@@ -119,6 +142,12 @@ class SemanticDeduplicator(Deduplicator):
         self.max_iter = at_least("max_iter", max_iter)
         self.kmeans_sample_size = at_least("kmeans_sample_size", kmeans_sample_size)
         self.max_cluster_size = None if max_cluster_size is None else at_least("max_cluster_size", max_cluster_size)
+        self.max_copies = at_least("max_copies", max_copies, 0)
+
+    @property
+    def duplicate_angle(self) -> float:
+        """``arccos(1 - eps)``: the largest angle (radians) between two duplicates."""
+        return math.acos(1 - self.eps)
 
     def config(self) -> dict[str, Any]:
         """The options that determine the output, recorded next to it in the parquet."""
@@ -131,6 +160,7 @@ class SemanticDeduplicator(Deduplicator):
             "max_iter": self.max_iter,
             "kmeans_sample_size": self.kmeans_sample_size,
             "max_cluster_size": self.max_cluster_size,
+            "max_copies": self.max_copies,
         }
 
     def input_columns(self, dataset: ImageTextPairDataset) -> list[str]:
@@ -168,6 +198,37 @@ class SemanticDeduplicator(Deduplicator):
             partitions=len(dataset.shards),
             seed=self.seed,
             max_iter=self.max_iter,
+            max_radius=self.duplicate_angle / 2,
+        )
+
+    def copy_counts(self, dataset: ImageTextPairDataset) -> pd.DataFrame:
+        """How many of each shard's rows are compared in other clusters than their own, computed now (the sample
+        and the assign passes: it reads every shard twice): one row per shard, ``stem``, ``rows`` (with a usable
+        embedding), ``copied_rows`` and ``copies`` (at most ``max_copies`` per row)."""
+        counts_meta = pd.DataFrame(
+            {
+                "stem": empty_column(STRING),
+                "rows": empty_column("int64"),
+                "copied_rows": empty_column("int64"),
+                "copies": empty_column("int64"),
+            }
+        )
+        return compute(self.with_neighbours(dataset, count_copies, counts_meta, "copies")).reset_index(drop=True)
+
+    def with_neighbours(
+        self, dataset: ImageTextPairDataset, function: Any, meta: pd.DataFrame, label: str, **options: Any
+    ) -> dd.DataFrame:
+        """``function(rows, task, tree, embedding_column, slack, max_copies, **options)`` on each shard, with the
+        cluster tree of ``dataset`` and the slack of the angle bound (``ClusterTree.neighbours``)."""
+        return dataset.map_shards(
+            function,
+            meta,
+            label=f"{self.name}-{label}",
+            tree=self.cluster_tree(dataset),
+            embedding_column=self.embedding_column,
+            slack=2 * self.duplicate_angle,
+            max_copies=self.max_copies,
+            **options,
         )
 
     def build(self, dataset: ImageTextPairDataset, output_meta: pd.DataFrame) -> dd.DataFrame:
@@ -181,16 +242,13 @@ class SemanticDeduplicator(Deduplicator):
                 STEM: empty_column(STRING),
                 id_col: meta[id_col].iloc[:0],
                 _CLUSTER: empty_column("int64"),
-                _CENTROID_COSINE: empty_column("float32"),
+                _RANK: empty_column("float64"),
+                _COPY: empty_column("bool"),
                 _VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())),
             }
         )
-        assigned = dataset.map_shards(
-            assign_shard,
-            assigned_meta,
-            label=f"{self.name}-assign",
-            tree=self.cluster_tree(dataset),
-            embedding_column=self.embedding_column,
+        assigned = self.with_neighbours(
+            dataset, assign_shard, assigned_meta, "assign", which_to_keep=self.which_to_keep, seed=self.seed
         )
         # optimised apart: each shard is read inside its assign task, which waits for the clusters, so no
         # shard's rows wait in memory for them, nor for the join pass, which reads the shard again
@@ -202,12 +260,14 @@ class SemanticDeduplicator(Deduplicator):
             empty_decisions(id_col, meta[id_col].dtype),
             label=f"{self.name}-decide",
             threshold=1 - self.eps,
-            which_to_keep=self.which_to_keep,
-            seed=self.seed,
             id_col=id_col,
             id_dtype=meta[id_col].dtype,
         )
         return self.join_decisions(dataset, decisions, output_meta)
+
+    def _decided(self, rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame) -> pd.DataFrame:
+        """A row's decision from its home cluster, or a duplicate a copy of it found: ``one_decision_per_row``."""
+        return super()._decided(rows, task, one_decision_per_row(decisions, task.id_col))
 
 
 def sample_shard(
@@ -247,47 +307,107 @@ def fit_tree(
     return fit_cluster_tree(vectors, weights, **options)
 
 
-def assign_shard(rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str) -> pd.DataFrame:
-    """One shard's usable rows with their partition, shard number and stem, id, cluster, cosine to its centroid
-    and unit vector (``binary``, for the shuffle)."""
+def assign_shard(
+    rows: pd.DataFrame,
+    task: ShardTask,
+    tree: ClusterTree,
+    embedding_column: str,
+    which_to_keep: str,
+    seed: int,
+    slack: float,
+    max_copies: int,
+) -> pd.DataFrame:
+    """One shard's usable rows in their home cluster, then their copies in up to ``max_copies`` other clusters
+    (``ClusterTree.neighbours`` with ``slack``): partition, shard number and stem, id, cluster, rank key
+    (``rank_keys``, a row's own on its copies), whether it is a copy, and unit vector (``binary``, for the
+    shuffle). Logs how many rows were copied."""
     valid, vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])
-    cluster, cosine, partition = tree.assign(vectors)
+    cluster, cosine, _ = tree.assign(vectors)
+    rank = rank_keys(cosine, which_to_keep, seed, task.shard.index, np.flatnonzero(valid))
+    copied, copy_cluster = tree.neighbours(vectors, cluster, slack, max_copies)
+    logger.info(
+        "%s: %d of %d rows copied to other clusters (%d copies)",
+        task.shard.stem,
+        len(np.unique(copied)),
+        len(vectors),
+        len(copied),
+    )
+    instance = np.concatenate([np.arange(len(vectors)), copied])
+    cluster = np.concatenate([cluster, copy_cluster])
     return pd.DataFrame(
         {
-            _PARTITION: partition,
-            SHARD_COLUMN: np.full(len(vectors), task.shard.index, dtype=np.int64),
-            STEM: pd.array([task.shard.stem] * len(vectors), dtype=STRING),
-            task.id_col: rows[task.id_col].array[valid],
+            _PARTITION: tree.partition_of[cluster],
+            SHARD_COLUMN: np.full(len(instance), task.shard.index, dtype=np.int64),
+            STEM: pd.array([task.shard.stem] * len(instance), dtype=STRING),
+            task.id_col: rows[task.id_col].array[valid].take(instance),
             _CLUSTER: cluster,
-            _CENTROID_COSINE: cosine,
-            _VECTOR: vectors_to_binary(vectors),
+            _RANK: rank[instance],
+            _COPY: np.arange(len(instance)) >= len(vectors),
+            _VECTOR: vectors_to_binary(vectors[instance]),
         }
     )
 
 
-def keep_order(centroid_cosines: np.ndarray, which_to_keep: str, seed: int, cluster: int) -> np.ndarray:
-    """Positions of a cluster's items (sorted by id) in the order the keep policy prefers them."""
+def count_copies(
+    rows: pd.DataFrame, task: ShardTask, tree: ClusterTree, embedding_column: str, slack: float, max_copies: int
+) -> pd.DataFrame:
+    """One shard's row for ``SemanticDeduplicator.copy_counts``."""
+    vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])[1]
+    copied = tree.neighbours(vectors, tree.assign(vectors)[0], slack, max_copies)[0]
+    return pd.DataFrame(
+        {
+            "stem": pd.array([task.shard.stem], dtype=STRING),
+            "rows": [len(vectors)],
+            "copied_rows": [len(np.unique(copied))],
+            "copies": [len(copied)],
+        }
+    )
+
+
+def rank_keys(
+    centroid_cosines: np.ndarray, which_to_keep: str, seed: int, shard: int, positions: np.ndarray
+) -> np.ndarray:
+    """Each row's key in the keep policy's order (smaller ranks earlier): ``float64 (n,)`` from its cosine to its home
+    centroid (``"hard"``: ascending, ``"easy"``: descending) or, for ``"random"``, a draw of a generator seeded by
+    ``(seed, shard)`` for the row at each of ``positions`` in its shard. A row's key is the same in every cluster
+    it is compared in."""
     if which_to_keep == "hard":
-        return np.argsort(centroid_cosines, kind="stable")
+        return centroid_cosines.astype(np.float64)
     if which_to_keep == "easy":
-        return np.argsort(-centroid_cosines, kind="stable")
-    return np.random.default_rng([seed, cluster]).permutation(len(centroid_cosines))
+        return -centroid_cosines.astype(np.float64)
+    draws = np.random.default_rng([seed, shard]).random(int(positions.max()) + 1 if len(positions) else 0)
+    return draws[positions]
 
 
-def best_earlier_match(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For unit vectors ``(n, D)`` in rank order: each one's highest cosine to an earlier row and that row.
+def best_earlier_match(vectors: np.ndarray, copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For unit vectors ``(n, D)`` in rank order, some of them copies (``bool (n,)``): each one's highest cosine to an
+    earlier row and that row (the earliest of equals). A row at home is compared with every earlier one, a copy
+    with the earlier rows at home only: two copies meet in the clusters where they are at home.
 
-    Returns ``float32 (n,)`` (``-inf`` for the first row) and ``int64 (n,)`` (``-1`` for the first row).
+    Returns ``float32 (n,)`` (``-inf`` where there is none) and ``int64 (n,)`` (``-1`` there). Cost: a row at home
+    times the rows before it, plus rows at home times the copies after them, in ``SIMILARITY_BLOCK`` rows at a time.
     """
     n = vectors.shape[0]
     best = np.full(n, -np.inf, dtype=np.float32)
     match = np.full(n, -1, dtype=np.int64)
-    for start in range(1, n, SIMILARITY_BLOCK):
-        stop = min(start + SIMILARITY_BLOCK, n)
-        cosines = vectors[start:stop] @ vectors[:stop].T
-        cosines[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf
-        match[start:stop] = np.argmax(cosines, axis=1)
-        best[start:stop] = cosines[np.arange(stop - start), match[start:stop]]
+    homes, copies = np.flatnonzero(~copy), np.flatnonzero(copy)
+    for start in range(0, len(homes), SIMILARITY_BLOCK):
+        rows = homes[start : start + SIMILARITY_BLOCK]
+        stop = rows[-1] + 1
+        cosines = vectors[rows] @ vectors[:stop].T
+        cosines[np.arange(stop)[None, :] >= rows[:, None]] = -np.inf
+        match[rows] = np.argmax(cosines, axis=1)
+        best[rows] = cosines[np.arange(len(rows)), match[rows]]
+        later = copies[copies > rows[0]]
+        if len(later):
+            cosines = vectors[rows] @ vectors[later].T
+            cosines[later[None, :] <= rows[:, None]] = -np.inf
+            nearest = np.argmax(cosines, axis=0)
+            found = cosines[nearest, np.arange(len(later))]
+            better = found > best[later]  # earlier blocks hold earlier rows: they win ties
+            best[later[better]] = found[better]
+            match[later[better]] = rows[nearest[better]]
+    match[best == -np.inf] = -1
     return best, match
 
 
@@ -296,22 +416,23 @@ def binary_width(column: pd.Series) -> int | None:
     return len(column.iloc[0]) // 4 if len(column) else None
 
 
-def cluster_decisions(
-    frame: pd.DataFrame, threshold: float, which_to_keep: str, seed: int, id_col: str, id_dtype: Any
-) -> pd.DataFrame:
-    """Whole clusters of rows (vectors as ``binary``) -> one decision per row: shard, id, keep, duplicate_of,
-    duplicate_of_shard (a stem), similarity. Ids come back as ``id_dtype`` (the shuffle may have turned them
-    into Python objects)."""
+def cluster_decisions(frame: pd.DataFrame, threshold: float, id_col: str, id_dtype: Any) -> pd.DataFrame:
+    """Whole clusters of rows and copies (vectors as ``binary``) -> a decision for each row at home here (shard,
+    id, keep, duplicate_of, duplicate_of_shard (a stem), similarity) and one for each copy that found a duplicate
+    (a removal; ``one_decision_per_row`` merges it with its row's). Ids come back as ``id_dtype`` (the shuffle
+    may have turned them into Python objects)."""
     decided = []
-    for cluster, group in frame.groupby(_CLUSTER, sort=True):
-        # the same order whatever order the shuffle gave, ids repeated across shards included
-        group = group.sort_values([id_col, SHARD_COLUMN], kind="stable")
-        group = group.iloc[keep_order(group[_CENTROID_COSINE].to_numpy(), which_to_keep, seed, int(cluster))]
-        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], binary_width(group[_VECTOR])))
+    for _, group in frame.groupby(_CLUSTER, sort=True):
+        # one global order whatever order the shuffle gave, ids repeated across shards included
+        group = group.sort_values([_RANK, id_col, SHARD_COLUMN], kind="stable")
+        copy = group[_COPY].to_numpy(dtype=bool)
+        best, match = best_earlier_match(binary_to_vectors(group[_VECTOR], binary_width(group[_VECTOR])), copy)
         duplicate = best >= threshold
+        reported = ~copy | duplicate
         ids = pd.array(group[id_col], dtype=id_dtype)
         stems = pd.array(group[STEM], dtype=STRING)
-        decided.append(decision_frame(group[SHARD_COLUMN], ids, stems, ~duplicate, best, match))
+        decision = decision_frame(group[SHARD_COLUMN], ids, stems, ~duplicate, best, match)
+        decided.append(decision[reported])
     if not decided:
         return empty_decisions(id_col, id_dtype)
     return pd.concat(decided, ignore_index=True).rename(columns={_ID: id_col})
@@ -334,6 +455,22 @@ def decision_frame(
             SIMILARITY: pd.arrays.ArrowExtensionArray(similarity),
         }
     )
+
+
+def one_decision_per_row(decisions: pd.DataFrame, id_col: str) -> pd.DataFrame:
+    """One shard's decisions (``cluster_decisions``' rows for it, in any order) -> one per id: a row is removed
+    when its home cluster or a copy found a duplicate, naming the most similar one (ties: the smaller id, then
+    shard stem, so that the result does not depend on the shuffle's order)."""
+    if not decisions[id_col].duplicated().any():
+        return decisions
+    ordered = decisions.assign(_order_similarity=decisions[SIMILARITY].astype("float64").fillna(-np.inf))
+    ordered = ordered.sort_values(
+        ["_order_similarity", DUPLICATE_OF, DUPLICATE_OF_SHARD, id_col],
+        ascending=[False, True, True, True],
+        kind="stable",
+        na_position="last",
+    )
+    return ordered.drop_duplicates(id_col).drop(columns="_order_similarity")
 
 
 def empty_decisions(id_col: str, id_dtype: Any) -> pd.DataFrame:
