@@ -13,6 +13,7 @@ provenance records: a re-run over other data ranks every shard again and records
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ class TopFractionFilter(Operation):
     is written as: 0.3 of 10 rows is 3); ties at the threshold go to the smaller id, then the shard whose stem
     sorts first. A null (or NaN) score is True when ``keep_missing``, else False, and is not counted in ``n``.
     The column is this step's own decision: one of its name is replaced, never combined with (combine decisions
-    yourself: ``keep = a & b``). Applying it ranks the scores at once (``fitted``: it computes ``column`` when it
-    is not saved yet); ``UsageError`` above ``MAX_EXACT_ROWS`` rows.
+    yourself: ``combine_decisions``). Applying it ranks the scores at once (``fitted``: it computes ``column`` when
+    it is not saved yet); ``UsageError`` above ``MAX_EXACT_ROWS`` rows. ``cut`` is what ``fitted`` found (None:
+    found when the filter is applied).
     """
 
     function_name = "keep_top_fraction"
@@ -130,8 +132,9 @@ class TopFractionFilter(Operation):
         scored = compute(dataset.map_shards(_scored_rows, meta, label=f"{self.label}-rank", column=self.column))
         stems = [shard.stem for shard in dataset.shards]
         cut = find_cut(scored, self.fraction, self.largest, stems)
-        options = {"largest": self.largest, "keep_missing": self.keep_missing, "keep_column": self.keep_column}
-        return TopFractionFilter(self.column, self.fraction, **options, cut=cut)
+        fitted = copy.copy(self)
+        fitted.cut = cut
+        return fitted
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         if self.cut is None:
@@ -165,7 +168,8 @@ def find_cut(scored: pd.DataFrame, fraction: float, largest: bool, stems: list[s
     tied = tied.assign(_stem_rank=stem_rank[tied[SHARD].to_numpy(dtype="int64")])
     last = tied.sort_values([ID, "_stem_rank"], kind="stable").iloc[k - before - 1]
     last_id = last[ID].item() if isinstance(last[ID], np.generic) else last[ID]
-    return Cut(-threshold if largest else threshold, last_id, stems[int(last[SHARD])], n, k)
+    found = (-threshold if largest else threshold) + 0.0  # never -0.0
+    return Cut(found, last_id, stems[int(last[SHARD])], n, k)
 
 
 def _scored_rows(rows: pd.DataFrame, task: ShardTask, column: str) -> pd.DataFrame:
