@@ -160,7 +160,8 @@ def start_server(folder: Path, index: Path, port: int, pythonpath: str, cache_ho
     command = [sys.executable, "-m", "dask_clip.cli", "serve", str(folder), "--index", str(index)]
     env = {**os.environ, "PYTHONPATH": pythonpath, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(cache_home)}
     cache_home.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], text=True, env=env)
+    # run from the checkout: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH
+    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], text=True, env=env, cwd=pythonpath)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
