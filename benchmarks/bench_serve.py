@@ -384,10 +384,11 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="longest side of the JPEGs in the tars")
     parser.add_argument("--baseline", default=None, help="a checkout to measure first, on the same data")
     args = parser.parse_args()
-    folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-serve-"))
+    folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-serve-")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args.n, args.seconds, args.image_side, folder, args.baseline)
+        baseline = str(Path(args.baseline).resolve()) if args.baseline else None
+        result = run(args.n, args.seconds, args.image_side, folder, baseline)
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
