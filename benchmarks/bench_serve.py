@@ -19,9 +19,9 @@ sending one request after another:
   in random order: the server's thumbnail cache answers.
 
 The dataset's image locations are recorded (``LocateImages``, as ``dask-clip locate`` does) before the index is
-built. ``--baseline CHECKOUT`` runs the same scenarios first against a server started from another checkout (its
-``PYTHONPATH``), on the same data in the same run, so the two are compared under the same load. Each server
-keeps its thumbnails under a fresh ``XDG_CACHE_HOME`` in the run's folder (no hits left by an earlier run).
+built. ``--baseline CHECKOUT`` also starts a server from another checkout (its ``PYTHONPATH``) on the same data, and
+each scenario runs against the baseline and then this checkout, so the two meet the same load on the machine.
+Each server keeps its thumbnails under a fresh ``XDG_CACHE_HOME`` in the run's folder (no hits left by an earlier run).
 ``--folder DIR`` keeps the dataset and index there and reuses them on the next run.
 
 Latencies are measured by the clients (request sent to body read). The server's RSS (its process and its
@@ -160,7 +160,8 @@ def start_server(folder: Path, index: Path, port: int, pythonpath: str, cache_ho
     command = [sys.executable, "-m", "dask_clip.cli", "serve", str(folder), "--index", str(index)]
     env = {**os.environ, "PYTHONPATH": pythonpath, "XDG_CACHE_HOME": str(cache_home), "TMPDIR": str(cache_home)}
     cache_home.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], text=True, env=env)
+    # run from the checkout: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH
+    server = subprocess.Popen([*command, "--port", str(port), "--n-workers", "1"], text=True, env=env, cwd=pythonpath)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -263,70 +264,96 @@ def prepare(n: int, image_side: int, folder: Path, begun: float) -> dict[str, An
     return {"write_s": round(written_s, 1), "locate_s": round(locate_s, 1), "index_s": round(index_s, 1)}
 
 
-def measure(n: int, seconds: float, folder: Path, pythonpath: str, label: str, begun: float) -> dict[str, Any]:
-    """Every scenario at every concurrency against one ``dask-clip serve`` started from ``pythonpath``."""
-    dataset, index = folder / "shards", folder / "index"
-    port = free_port()
-    cache_home = Path(tempfile.mkdtemp(prefix=f"cache-{label}-", dir=folder))
-    started = time.perf_counter()
-    server = start_server(dataset, index, port, pythonpath, cache_home)
-    startup_s = time.perf_counter() - started
-    base = f"http://127.0.0.1:{port}"
-    addresses = [
-        (f"{shard:05d}", f"{shard:05d}{row:05d}")
-        for shard in range(-(-n // ROWS_PER_SHARD))
-        for row in range(min(ROWS_PER_SHARD, n - shard * ROWS_PER_SHARD))
-    ]
-    random.Random(0).shuffle(addresses)
-    thumbnails = iter(f"/thumb/{stem}/{key}" for stem, key in addresses)
-    counter = iter(range(10**9))
-    texts = (f"/api/search?text=a+photo+of+a+{WORDS[i % len(WORDS)]}+{i}&k=20" for i in counter)
-    asyncio.run(load(base, texts, 1, 2))  # the text model loads and the index opens on the first query
-    rows: list[dict[str, Any]] = []
-    seen_stems: set[str] = set()
-    cached: list[str] = []
+class Server:
+    """One ``dask-clip serve`` started from the checkout at ``pythonpath``, with its own thumbnail cache, the
+    requests left for it (every thumbnail key once, in the same random order for every server) and its results."""
+
+    def __init__(self, n: int, folder: Path, label: str, pythonpath: str) -> None:
+        self.label, self.pythonpath = label, pythonpath
+        commit = subprocess.run(
+            ["git", "-C", pythonpath, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        self.commit = commit.stdout.strip()
+        self.cache_home = Path(tempfile.mkdtemp(prefix="cache-", dir=folder))
+        port = free_port()
+        started = time.perf_counter()
+        self.process = start_server(folder / "shards", folder / "index", port, pythonpath, self.cache_home)
+        self.startup_s = time.perf_counter() - started
+        self.base = f"http://127.0.0.1:{port}"
+        addresses = [
+            (f"{shard:05d}", f"{shard:05d}{row:05d}")
+            for shard in range(-(-n // ROWS_PER_SHARD))
+            for row in range(min(ROWS_PER_SHARD, n - shard * ROWS_PER_SHARD))
+        ]
+        random.Random(0).shuffle(addresses)
+        self.thumbnails = iter(f"/thumb/{stem}/{key}" for stem, key in addresses)
+        self.counter = iter(range(10**9))
+        self.texts = (f"/api/search?text=a+photo+of+a+{WORDS[i % len(WORDS)]}+{i}&k=20" for i in self.counter)
+        self.seen_stems: set[str] = set()
+        self.cached: list[str] = []
+        self.rows: list[dict[str, Any]] = []
+        asyncio.run(load(self.base, self.texts, 1, 2))  # the text model loads and the index opens on the first query
+
+    def measure(self, scenario: str, clients: int, seconds: float) -> dict[str, Any]:
+        if scenario == "search":
+            paths: Any = self.texts
+        elif scenario == "thumbnail":
+            paths = self.thumbnails
+        else:
+            chooser = random.Random(clients)
+            paths = iter(chooser.choice(self.cached) for _ in self.counter)
+        load_average = os.getloadavg()[0]
+        with MemorySampler(self.process.pid) as memory:
+            results = asyncio.run(load(self.base, paths, clients, seconds))
+        row = {"scenario": scenario, "clients": clients, **summary(results, seconds), **memory.peak}
+        row["load_average"] = round(load_average, 1)
+        if scenario == "thumbnail":
+            first = [
+                r
+                for r in results
+                if (stem := r[2].split("/")[2]) not in self.seen_stems and not self.seen_stems.add(stem)
+            ]
+            row["first_of_a_tar"] = summary(first, seconds)
+            row["others"] = summary([r for r in results if r not in first], seconds)
+            self.cached = self.cached or [path for _, status, path in results if status == 200]
+        self.rows.append(row)
+        return row
+
+    def stop(self) -> dict[str, Any]:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        shutil.rmtree(self.cache_home, ignore_errors=True)
+        return {
+            "label": self.label,
+            "pythonpath": self.pythonpath,
+            "commit": self.commit,
+            "server_startup_s": round(self.startup_s, 1),
+            "rows": self.rows,
+        }
+
+
+def measure(n: int, seconds: float, folder: Path, checkouts: list[tuple[str, str]], begun: float) -> list[Any]:
+    """Every scenario at every concurrency against one ``dask-clip serve`` per checkout, all started first; each
+    scenario runs against each server in turn, so that they meet the same load on the machine."""
+    servers: list[Server] = []
     try:
+        for label, pythonpath in checkouts:
+            servers.append(Server(n, folder, label, pythonpath))
         for clients in CONCURRENCY:
             for scenario in ("search", "thumbnail", "cached thumbnail"):
-                if scenario == "search":
-                    paths: Any = texts
-                elif scenario == "thumbnail":
-                    paths = thumbnails
-                else:
-                    paths = iter(random.Random(clients).choice(cached) for _ in counter)
-                with MemorySampler(server.pid) as memory:
-                    results = asyncio.run(load(base, paths, clients, seconds))
-                row = {"scenario": scenario, "clients": clients, **summary(results, seconds), **memory.peak}
-                if scenario == "thumbnail":
-                    first = [
-                        r
-                        for r in results
-                        if (stem := r[2].split("/")[2]) not in seen_stems and not seen_stems.add(stem)
-                    ]
-                    row["first_of_a_tar"] = summary(first, seconds)
-                    row["others"] = summary([r for r in results if r not in first], seconds)
-                    cached = cached or [path for _, status, path in results if status == 200]
-                rows.append(row)
-                harness.log(begun, f"{label}: {scenario} x{clients}: {row}")
+                for server in servers:
+                    row = server.measure(scenario, clients, seconds)
+                    harness.log(begun, f"{server.label}: {scenario} x{clients}: {row}")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-        shutil.rmtree(cache_home, ignore_errors=True)
-    commit = subprocess.run(["git", "-C", pythonpath, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {
-        "label": label,
-        "pythonpath": pythonpath,
-        "commit": commit.stdout.strip(),
-        "server_startup_s": round(startup_s, 1),
-        "rows": rows,
-    }
+        stopped = [server.stop() for server in servers]
+    return stopped
 
 
 def run(n: int, seconds: float, image_side: int, folder: Path, baseline: str | None) -> dict[str, Any]:
     begun = time.perf_counter()
     prepared = prepare(n, image_side, folder, begun)
-    servers = [("baseline", baseline)] if baseline else []
-    servers.append(("this checkout", str(harness.ROOT)))
+    checkouts = [("baseline", baseline)] if baseline else []
+    checkouts.append(("this checkout", str(harness.ROOT)))
     dataset = folder / "shards"
     return {
         "n": n,
@@ -337,7 +364,7 @@ def run(n: int, seconds: float, image_side: int, folder: Path, baseline: str | N
         **prepared,
         "index_files": sorted(path.name for path in (folder / "index").iterdir()),
         "load_average_at_start": os.getloadavg(),
-        "servers": [measure(n, seconds, folder, path, label, begun) for label, path in servers],
+        "servers": measure(n, seconds, folder, checkouts, begun),
     }
 
 
@@ -355,13 +382,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{server['label']} ({server['pythonpath']} at {server['commit']}), "
             f"started in {server['server_startup_s']} s:",
             "",
-            "| scenario | clients | requests/s | p50 ms | p99 ms | errors | server RSS MB | worker RSS MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| scenario | clients | requests/s | p50 ms | p99 ms | errors | server RSS MB | worker RSS MB | load |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in server["rows"]:
             lines.append(
                 f"| {row['scenario']} | {row['clients']} | {row['per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-                f"{row['errors']} | {row['server_mb']:.0f} | {row['workers_mb']:.0f} |"
+                f"{row['errors']} | {row['server_mb']:.0f} | {row['workers_mb']:.0f} | {row['load_average']} |"
             )
         for row in server["rows"]:
             first = row.get("first_of_a_tar", {})
@@ -383,10 +410,11 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="longest side of the JPEGs in the tars")
     parser.add_argument("--baseline", default=None, help="a checkout to measure first, on the same data")
     args = parser.parse_args()
-    folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-serve-"))
+    folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-serve-")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args.n, args.seconds, args.image_side, folder, args.baseline)
+        baseline = str(Path(args.baseline).resolve()) if args.baseline else None
+        result = run(args.n, args.seconds, args.image_side, folder, baseline)
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)

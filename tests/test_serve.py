@@ -316,3 +316,8 @@ def test_the_app_deletes_the_thumbnails_it_cached_when_it_stops(deduplicated: Pa
         folder = app.state.thumbnail_cache.folder
         assert folder.parent == Path(tempfile.gettempdir()) and len(list(folder.rglob("*.jpg"))) == 1
     assert not folder.exists()
+
+
+def test_the_command_refuses_a_negative_thumbnail_cache(deduplicated: Path, cli) -> None:
+    refused = cli("serve", str(deduplicated), "--thumbnail-cache-mb", "-1")
+    assert refused.returncode == 2 and "--thumbnail-cache-mb must be 0 or more, not -1" in refused.stderr
