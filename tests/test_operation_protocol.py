@@ -119,6 +119,7 @@ def test_operations_record_themselves_as_datasets_saved_before_record_them(
             "max_iter": 30,
             "kmeans_sample_size": 100_000,
             "max_cluster_size": 100_000,
+            "max_copies": 2,  # added with boundary copies: decisions saved before them are decided again
         },
         AestheticClassifier(str(checkpoint), embedding_dim=4): {
             "class": "AestheticClassifier",

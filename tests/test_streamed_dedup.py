@@ -279,6 +279,12 @@ def test_pairs_across_cluster_boundaries_are_found_by_the_copies(client, tmp_pat
     own_cluster_only = decisions(options(0)(dataset))
     missed = [own_cluster_only.loc[a, "keep"] and own_cluster_only.loc[b, "keep"] for a, b in pairs]
     assert missed == across
+    # a seeded draw per row ranks it the same way in every cluster it is compared in: every pair found once
+    randomly = decisions(
+        SemanticDeduplicator(eps=0.05, n_clusters=8, max_cluster_size=None, which_to_keep="random")(dataset)
+    )
+    assert all(randomly.loc[a, "keep"] != randomly.loc[b, "keep"] for a, b in pairs)
+    assert randomly.loc[randomly.index.str.startswith("g"), "keep"].all()
     counts = options(2).copy_counts(dataset)
     assert counts["stem"].tolist() == [shard.stem for shard in dataset.shards]
     assert counts["rows"].sum() == len(frame) and (counts["copies"] <= 2 * counts["copied_rows"]).all()
