@@ -1,11 +1,17 @@
 """Synthetic embeddings for the scale benchmarks: a dask_clip dataset folder of unit vectors with planted
 near-duplicate groups, written one shard at a time (memory bounded by one shard, whatever ``n``).
 
-The vectors look like CLIP embeddings in the way that matters to clustering: each row belongs to one of
-``topics`` random directions (its cosine to the topic's direction about 0.7, to another row of its topic about
-0.5, to rows of other topics about 0). ``groups`` planted groups of 2 to 4 near-copies are spread over random
-shards: every member is its group's base vector (a row of a random topic) plus noise orthogonal to it, so that
-two members have cosine ``pair_cosine`` (within about 1e-4). Background rows are 768-d Gaussian draws, so two of
+Two kinds of data:
+
+- **clustered** (the default): the vectors look like CLIP embeddings in the way that matters to clustering:
+  each row belongs to one of ``topics`` random directions (its cosine to the topic's direction about 0.7, to
+  another row of its topic about 0.5, to rows of other topics about 0);
+- **isotropic** (``isotropic=True``): rows drawn uniformly on the sphere, no structure for k-means to find, so
+  that cluster boundaries cut through the data anywhere (what uniform-looking clutter does to SemDeDup).
+
+``groups`` planted groups of near-copies (``group_sizes``: 2 to 4 members by default) are spread over random
+shards: every member is its group's base vector (a row like the others) plus noise orthogonal to it, so that
+two members have cosine ``pair_cosine`` (within about 1e-4). Other rows come from 768-d Gaussian draws, so two of
 them are never that similar: the planted pairs are the duplicate pairs (``exact_pairs`` checks it on a subset).
 
 Layout: ``00000.tar`` (empty: no images) + ``00000.parquet`` with ``key`` (string, ``SSSSSRRRRR``: shard and
@@ -50,8 +56,11 @@ def unit_rows(array: np.ndarray) -> np.ndarray:
 
 
 def topic_rows(rng: np.random.Generator, topics: np.ndarray, count: int) -> np.ndarray:
-    """``count`` rows, each about one random topic: ``float32 (count, D)`` unit vectors."""
+    """``count`` rows, each about one random topic (uniform on the sphere when there are no ``topics``, an array of
+    shape ``(0, D)``): ``float32 (count, D)`` unit vectors."""
     dim = topics.shape[1]
+    if len(topics) == 0:
+        return unit_rows(rng.standard_normal((count, dim), dtype=np.float32))
     spread = math.sqrt(1 / TOPIC_COSINE**2 - 1)  # noise of this norm gives cosine TOPIC_COSINE to the topic
     chosen = topics[rng.integers(len(topics), size=count)]
     noise = rng.standard_normal((count, dim), dtype=np.float32) * np.float32(spread / math.sqrt(dim))
@@ -80,22 +89,26 @@ def write_synthetic(
     topics: int = 1000,
     planted_share: float = 0.01,
     pair_cosine: float = 0.995,
+    group_sizes: tuple[int, int] = (2, 4),
+    isotropic: bool = False,
     seed: int = 0,
 ) -> Synthetic:
     """Write ``n`` rows under ``folder/shards`` (see the module's docstring) and ``folder/planted.parquet``.
 
-    About ``planted_share`` of the rows belong to planted groups (2 to 4 members each, at random rows of the
-    whole dataset: usually in different shards, not always).
+    About ``planted_share`` of the rows belong to planted groups (``group_sizes[0]`` to ``group_sizes[1]``
+    members each, at random rows of the whole dataset: usually in different shards, not always). ``isotropic``:
+    no topics, rows uniform on the sphere.
     """
     dataset = folder / "shards"
     dataset.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0])
-    directions = unit_rows(rng.standard_normal((topics, dim), dtype=np.float32))
+    directions = unit_rows(rng.standard_normal((0 if isotropic else topics, dim), dtype=np.float32))
     shards = math.ceil(n / rows_per_shard)
     shard_rows = [min(rows_per_shard, n - s * rows_per_shard) for s in range(shards)]
 
     # the layout of the planted rows (small: a few per cent of n): group, member, shard and row of each
-    sizes = rng.integers(2, 5, size=max(1, int(n * planted_share / 3)))
+    mean_size = (group_sizes[0] + group_sizes[1]) / 2
+    sizes = rng.integers(group_sizes[0], group_sizes[1] + 1, size=max(1, int(n * planted_share / mean_size)))
     sizes = sizes[np.cumsum(sizes) <= n * planted_share] if n * planted_share >= 2 else sizes[:1]
     slots = rng.permutation(n)[: int(sizes.sum())]  # distinct global rows
     group_of = np.repeat(np.arange(len(sizes)), sizes)
