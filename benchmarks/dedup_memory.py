@@ -51,32 +51,33 @@ def _sample(dask_worker: Any) -> tuple[int, int, list[str]]:
 
 
 def kinds_of(samples: list[dict[str, Any]]) -> list[str]:
-    """The kind of the tasks each sample's worker was running (``idle`` for none). The passes run one after the
-    other and some share a name, so the order tells them apart: a shard's task before the clusters are fitted
-    (``fit_tree``) samples it, after it joins and saves; the first P2P shuffle moves the vectors (its output
-    tasks are the within-cluster pass, fused with it), the second the decisions (its outputs, the join)."""
-    fitted = min((s["s"] for s in samples if any(t.startswith("fit_tree") for t in s["tasks"])), default=0)
-    shuffles: list[str] = []
+    """The pass each sample fell in (``idle`` when its worker ran nothing). Fused tasks carry the names of their
+    first and last steps only, so the passes are told apart by when they start: the clusters' fit
+    (``fit_tree``), the first output of the vectors' P2P shuffle (its outputs run the within-cluster pass) and
+    the first save (each shard's join, then its write)."""
+
+    def first(test: Any) -> float:
+        return min((s["s"] for s in samples if any(test(task) for task in s["tasks"])), default=float("inf"))
+
+    transfers = [t for s in samples for t in s["tasks"] if t.startswith("shuffle-transfer-")]
+    vectors = transfers[0].removeprefix("shuffle-transfer-") if transfers else None
+    decide = first(lambda task: vectors is not None and task == f"p2pshuffle-{vectors}")
+    save = first(lambda task: "save" in task)
+    phases = [
+        (first(lambda task: task.startswith("fit_tree")), "sample"),
+        (decide, "assign + shuffle vectors"),
+        (save, "within-cluster pass + shuffle decisions"),
+        (float("inf"), "join + save"),
+    ]
+    kinds = []
     for sample in samples:
-        for task in sample["tasks"]:
-            if task.startswith("shuffle-transfer-") and task.split("-")[-1] not in shuffles:
-                shuffles.append(task.split("-")[-1])
-
-    def kind(task: str, seconds: float) -> str:
-        shuffle = shuffles.index(task.split("-")[-1]) if task.split("-")[-1] in shuffles else None
-        if task.startswith("fit_tree"):
-            return "fit"
-        if task.startswith("shuffle-transfer") or task.startswith("shuffle-barrier"):
-            return ("shuffle vectors", "shuffle decisions")[min(shuffle or 0, 1)]
-        if task.startswith("p2pshuffle"):
-            return ("within-cluster pass", "join")[min(shuffle or 0, 1)]
-        if "assign" in task or task.startswith(("fromdelayed", "delayed-container")):
-            return "assign"
-        if "SemanticDeduplicator" in task or "save" in task:
-            return "sample" if seconds < fitted else "join + save"
-        return task.split("-")[0]
-
-    return [" + ".join(sorted({kind(t, s["s"]) for t in s["tasks"]})) or "idle" for s in samples]
+        if not sample["tasks"]:
+            kinds.append("idle")
+        elif any(task.startswith("fit_tree") for task in sample["tasks"]):
+            kinds.append("fit")
+        else:
+            kinds.append(next(kind for until, kind in phases if sample["s"] < until))
+    return kinds
 
 
 class Timeline:
