@@ -13,10 +13,11 @@
   failure stops: a configuration error (a model that cannot be loaded) stops the run at once; a failing
   shard lets the others finish, then the first failure is raised.
 - ``map_shuffled`` runs a function on each partition of rows that a shuffle gathered across shards.
-- ``shuffle_to_shards`` brings rows computed across shards (deduplication decisions, attached vectors'
-  positions), each naming its shard in ``SHARD_COLUMN``, back to the partition of their own shard (for
-  ``dataset.map_shards_with_results``); ``shuffle_on_disk`` moves large rows (vectors) to the partition they name,
-  through Dask's P2P shuffle, which holds them on the workers' disks rather than in memory.
+- ``shuffle_to_shards`` brings rows computed across shards (attached vectors' positions), each naming its shard
+  in ``SHARD_COLUMN``, back to the partition of their own shard (for ``dataset.map_shards_with_results``);
+  ``shuffle_on_disk`` moves rows to the partition they name through Dask's P2P shuffle, which holds them on the
+  workers' disks rather than in memory and grows linearly with the partition count (vectors to their cluster's
+  partition; deduplication decisions back to their shard's).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ An operation says
 through ``execution.map_shards``, once the derived columns it reads are known to come from one run over the
 data the shards hold now (``dataset.consistency``: the shards' footers are read for it). An operation whose
 work moves rows between shards (a deduplication; attaching vectors, joined by a shuffle) overrides ``build``
-instead of ``process_shard``, and brings its results back with ``dataset.map_shards_with_results``.
+instead of ``process_shard``, and brings its results back to their shards (``dataset.map_shards_with_results``;
+a deduplicator's decisions through ``Deduplicator.join_decisions``).
 """
 
 from __future__ import annotations

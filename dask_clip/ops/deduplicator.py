@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.columns import BOOL, FLOAT64, STRING, empty_column
-from dask_clip.execution import ShardTask
+from dask_clip.execution import SHARD_COLUMN, ShardTask, shuffle_on_disk
 from dask_clip.operation import Operation
 
 if TYPE_CHECKING:
@@ -62,8 +62,14 @@ class Deduplicator(Operation):
         self, dataset: ImageTextPairDataset, decisions: dd.DataFrame, output_meta: pd.DataFrame
     ) -> dd.DataFrame:
         """Each shard's rows of ``dataset`` with the ``decisions`` made for them, joined by id, as this
-        deduplicator's columns; rows without a decision are kept."""
-        return dataset.map_shards_with_results(self._decided, output_meta, decisions, label=self.name)
+        deduplicator's columns; rows without a decision are kept.
+
+        The decisions move to their shard's partition with ``execution.shuffle_on_disk`` (Dask's P2P shuffle on
+        a client: a task per partition on each side, so the graph grows linearly with the shard count, where the
+        tasks shuffle's grows faster), then each shard's task reads its own partition of them only.
+        """
+        by_shard = shuffle_on_disk(decisions, SHARD_COLUMN, len(dataset.shards))
+        return dataset.map_shards(self._decided, output_meta, by_shard, label=self.name)
 
     def _decided(self, rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame) -> pd.DataFrame:
         ids = rows[task.id_col]
