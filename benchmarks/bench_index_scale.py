@@ -218,11 +218,13 @@ def child_autofaiss_build(folder: Path, index: Path) -> dict[str, Any]:
         index_path=str(index / "knn.index"),
         index_infos_path=str(index / "index_infos.json"),
         max_index_memory_usage="4G",
-        current_memory_available="4G",
+        current_memory_available="16G",  # of this machine's 24 GiB: autofaiss refuses 4G with a 4G index
         metric_type="ip",
         nb_cores=2,
         verbose=30,
     )
+    if infos is None:
+        raise RuntimeError("autofaiss built no index (see its log above)")
     return {"build_s": time.perf_counter() - started, "index": infos["index_key"], "param": infos["index_param"]}
 
 
