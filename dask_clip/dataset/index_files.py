@@ -250,15 +250,17 @@ class OpenedIndex:
     """An index loaded once and checked against a dataset, for queries in a loop (``top_k``).
 
     ``ids`` is the id map (``ids.arrow``: ``label`` ascending, ``shard``, the id column; memory-mapped from a
-    local folder), in batches whose first labels are ``batch_labels`` (``int64 (B,)``) and whose first rows are
-    ``batch_rows`` (``int64 (B,)``; empty batches left out); ``shards`` are the dataset's; ``nprobe`` is the
-    lists an IVF query scans unless told otherwise.
+    local folder), in batches (empty ones left out here) whose labels are ``label_batches`` (``int64`` views of
+    the file), whose first labels are ``batch_labels`` (``int64 (B,)``) and whose first rows are ``batch_rows``
+    (``int64 (B,)``); ``shards`` are the dataset's; ``nprobe`` is the lists an IVF query scans unless told
+    otherwise.
     """
 
     path: str
     index: faiss.Index
     manifest: dict[str, Any]
     ids: pa.Table
+    label_batches: tuple[np.ndarray, ...]
     batch_labels: np.ndarray
     batch_rows: np.ndarray
     shards: tuple[Shard, ...]
@@ -272,11 +274,9 @@ class OpenedIndex:
         """The rows of ``ids`` that hold ``labels`` (``int64 (k,)``, each indexed): a binary search over the
         batches' first labels, then within one batch (a few pages of a memory-mapped file)."""
         batches = np.searchsorted(self.batch_labels, labels, side="right") - 1
-        column = self.ids.column("label")
-        chunks = np.flatnonzero([len(chunk) for chunk in column.chunks])
         return np.array(
             [
-                self.batch_rows[b] + np.searchsorted(column.chunk(int(chunks[b])).to_numpy(), label)
+                self.batch_rows[b] + np.searchsorted(self.label_batches[b], label)
                 for b, label in zip(batches, labels, strict=True)
             ],
             dtype=np.int64,
@@ -321,16 +321,16 @@ def open_index(dataset: ImageTextPairDataset, path: str, embedding_column: str =
         path, manifest, shard_fingerprints(dataset, embedding_column, manifest["shards"]), list(dataset.shards)
     )
     ids = _read_ids(posixpath.join(path, IDS_FILE))
-    label = ids.column("label")
-    lengths = np.array([len(chunk) for chunk in label.chunks], dtype=np.int64)
-    filled = np.flatnonzero(lengths)
+    lengths = np.array([len(chunk) for chunk in ids.column("label").chunks], dtype=np.int64)
+    batches = tuple(chunk.to_numpy() for chunk in ids.column("label").chunks if len(chunk))  # no copy
     return OpenedIndex(
         path=path,
         index=read_faiss(posixpath.join(path, INDEX_FILE)),
         manifest=manifest,
         ids=ids,
-        batch_labels=np.array([label.chunk(int(c))[0].as_py() for c in filled], dtype=np.int64),
-        batch_rows=(np.cumsum(lengths) - lengths)[filled],
+        label_batches=batches,
+        batch_labels=np.array([batch[0] for batch in batches], dtype=np.int64),
+        batch_rows=(np.cumsum(lengths) - lengths)[lengths > 0],
         shards=dataset.shards,
         id_dtype=dataset.pandas_metadata.dtypes[dataset.id_col],
     )
