@@ -35,7 +35,6 @@ from dask_clip.dataset.index_files import (
     IDS_FILE,
     INDEX_FILE,
     LISTS_FILE,
-    is_local_url,
     merge_ids,
     read_faiss,
     shard_fingerprints,
@@ -45,6 +44,7 @@ from dask_clip.dataset.index_files import (
 )
 from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute
+from dask_clip.io.atomic import is_local
 from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.shards import filesystem_of
@@ -246,7 +246,7 @@ def _merge_parts(trained: faiss.Index, parts: list[str], folder: str) -> str:
     read one part at a time into memory. Returns where the lists are: ``"on_disk"`` or ``"in_memory"``."""
     from dask_clip import ann
 
-    if ann.is_ivf(trained) and is_local_url(folder):
+    if ann.is_ivf(trained) and is_local(filesystem_of(folder)[0]):
         local = [filesystem_of(part)[1] for part in parts]
         ann.merge_on_disk(trained, local, filesystem_of(posixpath.join(folder, LISTS_FILE))[1])
         write_faiss(trained, posixpath.join(folder, INDEX_FILE))

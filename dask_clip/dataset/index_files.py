@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from dask_clip.dataset.plan import read_shard_file
 from dask_clip.errors import IndexFileError, StaleIndexError, UsageError
 from dask_clip.execution import compute_in_batches, failures_named
-from dask_clip.io.atomic import atomic_write
+from dask_clip.io.atomic import atomic_write, is_local
 from dask_clip.io.metadata import table_in_memory
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
 from dask_clip.provenance import digest, file_identity, plain_digest
@@ -143,12 +143,6 @@ def check_current(path: str, manifest: dict[str, Any], current: list[dict[str, A
 
 def _differs(then: dict[str, Any], now: dict[str, Any]) -> bool:
     return bool(now.get("edited")) or any(then[key] != now.get(key) for key in then if key != "file")
-
-
-def is_local_url(url: str) -> bool:
-    """Whether ``url`` is a local path (its index lists can live on disk, memory-mapped)."""
-    fs, _ = filesystem_of(url)
-    return protocol_of(fs) in ("file", "local")
 
 
 def write_ids(table: pa.Table, url: str) -> None:
@@ -340,7 +334,7 @@ def _read_ids(url: str) -> pa.Table:
     """The id map at ``url``: memory-mapped from a local file, read into memory from any other fsspec URL."""
     fs, path = filesystem_of(url)
     try:
-        if is_local_url(url):
+        if is_local(fs):
             return pa.ipc.open_file(pa.memory_map(path)).read_all()
         with fs.open(path, "rb") as file:
             return pa.ipc.open_file(pa.BufferReader(file.read())).read_all()
