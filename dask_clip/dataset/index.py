@@ -19,6 +19,7 @@ are not indexed, and are counted.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from typing import TYPE_CHECKING
 
@@ -248,8 +249,12 @@ def _merge_parts(trained: faiss.Index, parts: list[str], folder: str) -> str:
 
     if ann.is_ivf(trained) and is_local(filesystem_of(folder)[0]):
         local = [filesystem_of(part)[1] for part in parts]
-        ann.merge_on_disk(trained, local, filesystem_of(posixpath.join(folder, LISTS_FILE))[1])
+        lists = filesystem_of(posixpath.join(folder, LISTS_FILE))[1]
+        ann.merge_on_disk(trained, local, lists)
         write_faiss(trained, posixpath.join(folder, INDEX_FILE))
+        for written in (lists, filesystem_of(posixpath.join(folder, INDEX_FILE))[1]):
+            with open(written, "rb") as file:  # on disk before the manifest says the folder is whole
+                os.fsync(file.fileno())
         return "on_disk"
     for part in parts:
         ann.merge_into(trained, read_faiss(part))
