@@ -8,11 +8,20 @@ many lists takes minutes per million vectors on a few CPU cores), trained on a s
 (``Flat``: exact scores) when they fit the memory budget, else one byte per dimension (``SQ8``: scores
 within about 1%), else product-quantised codes (``PQm``: ``m`` bytes per vector, ``m`` as large as the
 budget allows).
+
+An IVF index can keep its inverted lists (the codes and labels) in a file of their own, memory-mapped
+(``merge_on_disk``, ``read_on_disk``): the process that opens it holds only the coarse quantizer and the lists'
+sizes and offsets, and reads the pages of the lists a query scans.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import faiss
@@ -163,6 +172,66 @@ def add(index: faiss.Index, vectors: np.ndarray, labels: np.ndarray) -> faiss.In
 def merge_into(index: faiss.Index, part: faiss.Index) -> None:
     """Move every vector of ``part`` (an index of the same trained kind) into ``index``, labels kept."""
     index.merge_from(part, 0)
+
+
+def merge_on_disk(index: faiss.Index, part_paths: list[str], lists_path: str) -> None:
+    """Move every vector of the IVF index files ``part_paths`` (local, each of ``index``'s trained kind) into the
+    trained empty IVF ``index``, whose inverted lists become the file ``lists_path``; labels kept.
+
+    The parts are memory-mapped, not read into memory; ``index`` then holds the lists' sizes and offsets only.
+    This is ``faiss.contrib.ondisk.merge_ondisk``, but for the parts' mappings: that one leaves them mapped
+    (and their files' disk space held) until the process ends, this one unmaps them when the merge is done.
+    """
+    ivf = _ivf_of(index)
+    if ivf is None or ivf.ntotal:
+        raise ValueError("merge_on_disk merges into an empty IVF index")
+    parts = [faiss.read_index(path, faiss.IO_FLAG_MMAP) for path in part_paths]  # each owns its mapped lists
+    part_lists = faiss.InvertedListsPtrVector()
+    for part in parts:
+        part_lists.push_back(faiss.extract_index_ivf(part).invlists)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, lists_path)
+    with _faiss_prints_silenced():
+        ntotal = lists.merge_from_multiple(part_lists.data(), part_lists.size(), False)
+    index.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # ``ivf`` owns it now
+
+
+def read_on_disk(path: str) -> faiss.Index:
+    """The index in the local file ``path``; an IVF index whose lists ``merge_on_disk`` wrote finds its lists file
+    in the same folder (wherever the folder was moved since) and keeps them memory-mapped.
+    (``IO_FLAG_MMAP`` with such lists crashes faiss 1.15: the lists file is memory-mapped without it.)"""
+    with _faiss_prints_silenced():
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    """Whether ``index`` is an inverted file (its lists can live on disk: ``merge_on_disk``)."""
+    return _ivf_of(index) is not None
+
+
+def lists_on_disk(index: faiss.Index) -> bool:
+    """Whether ``index`` is an IVF index whose inverted lists are memory-mapped from a file."""
+    ivf = _ivf_of(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+@contextlib.contextmanager
+def _faiss_prints_silenced() -> Iterator[None]:
+    """File descriptor 1 sent to ``os.devnull`` for the block: faiss's on-disk lists ``printf`` their progress
+    ("resizing ...", "updating ondisk filename ...") to stdout, which would mix into a command's own output.
+    (Faiss reports its errors as exceptions, not there. Another thread's prints meanwhile are lost too.)"""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # what C buffered goes there too, before fd 1 is back
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -91,20 +91,21 @@ def test_index_files_round_trip(client, with_gaps: Path, tmp_path: Path) -> None
     folder = tmp_path / "index"
     assert sorted(p.name for p in folder.iterdir()) == [
         ".dask_clip-output.json",
-        "ids.parquet",
+        "ids.arrow",
         "index.faiss",
         "index.json",
+        "lists.ivfdata",
     ]
     manifest = json.loads((folder / "index.json").read_text())
     assert manifest["counts"] == {"rows": 300, "indexed": 297, "without_embedding": 3}
-    assert manifest["column"] == "image_embedding" and manifest["dim"] == WIDTH
-    ids = pq.read_table(folder / "ids.parquet").to_pandas()
+    assert manifest["column"] == "image_embedding" and manifest["dim"] == WIDTH and manifest["format"] == 2
+    ids = pa.ipc.open_file(folder / "ids.arrow").read_all().to_pandas()
     frame = dataset.metadata.compute().reset_index(drop=True)
     assert ids["label"].is_monotonic_increasing and len(ids) == 297
     assert frame["key"].iloc[ids["label"]].tolist() == ids["key"].tolist()  # a label is the global row number
     assert ids["shard"].tolist() == [label // 100 for label in ids["label"]]
     opened = dataset.open_index(str(folder))
-    assert opened.index.ntotal == 297 and opened.labels.tolist() == ids["label"].tolist()
+    assert opened.index.ntotal == 297 and opened.ids.column("label").to_pylist() == ids["label"].tolist()
     with pytest.raises(UsageError, match="is not empty"):
         dataset.build_index(str(folder))
     dataset.build_index(str(folder), overwrite=True)
@@ -192,7 +193,8 @@ def test_index_search_refuses_what_the_index_does_not_hold(client, with_gaps: Pa
     with pytest.raises(UsageError, match="open_index\\(dataset, path\\) for this one"):
         other.search(image=query, index=dataset.open_index(str(tmp_path / "index")))
 
-    (tmp_path / "index" / "index.faiss").write_bytes(b"not an index")
+    faiss_file = tmp_path / "index" / "index.faiss"
+    faiss_file.write_bytes(b"not an index".ljust(faiss_file.stat().st_size))  # the size the manifest records
     with pytest.raises(IndexFileError, match=r"index\.faiss: faiss cannot read this index file"):
         dataset.search(image=query, index=str(tmp_path / "index"))
     with pytest.raises(UsageError, match="seed must be an integer of at least 0"):

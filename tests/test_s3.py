@@ -166,3 +166,30 @@ def test_images_located_on_s3_are_read_with_one_ranged_read(s3_endpoint: str, pr
     assert identity is not None and "etag" in identity
     data = read_member(f"{shard}.tar", row["image_offset"], row["image_size"], key=row["key"], tar_identity=identity)
     assert hashlib.sha256(data).hexdigest() == row["sha256"]
+
+
+@pytest.mark.slow
+def test_an_index_on_object_storage_keeps_its_lists_in_index_faiss(s3_endpoint: str, tmp_path: Path) -> None:
+    """Lists cannot be memory-mapped from an object store: they are merged into index.faiss, read into memory."""
+    import numpy as np
+    import s3fs
+
+    from dask_clip import ImageTextPairDataset, ann, testing
+
+    s3 = s3fs.S3FileSystem()
+    s3.mkdir("indexes")
+    rng = np.random.default_rng(0)
+    vectors = {f"k{i:04d}": rng.standard_normal(8).astype(np.float32) for i in range(600)}
+    testing.write_embedding_shards(tmp_path / "shards", vectors, rows_per_shard=200)
+    for path in (tmp_path / "shards").iterdir():
+        s3.put(str(path), f"indexes/shards/{path.name}")
+    dataset = ImageTextPairDataset.from_webdataset("s3://indexes/shards")
+    dataset.build_index("s3://indexes/index", index_key="IVF4,Flat")
+    s3.invalidate_cache()
+    names = sorted(path.rsplit("/", 1)[1] for path in s3.ls("indexes/index", detail=False))
+    assert names == [".dask_clip-output.json", "ids.arrow", "index.faiss", "index.json"]
+    opened = dataset.open_index("s3://indexes/index")
+    assert opened.manifest["index"]["lists"] == "in_memory" and not ann.lists_on_disk(opened.index)
+    query = rng.standard_normal(8).astype(np.float32)
+    exact = dataset.search(image=query, k=5)["key"].tolist()
+    assert dataset.search(image=query, k=5, index=opened, nprobe=4)["key"].tolist() == exact

@@ -4,17 +4,22 @@
    the dataset's fingerprint (``index_files``);
 2. each shard's task draws its share of a seeded sample of the rows with an embedding; one task trains an
    empty index on the sample (on a GPU where faiss's GPU build sees one) and writes it;
-3. each shard's task adds its vectors to a copy of the trained index and writes that part; the client
-   merges the parts into one index, one at a time, and writes it with the id map and the manifest.
+3. each shard's task adds its vectors to a copy of the trained index and writes that part and its id rows
+   (``parts/<stem>.faiss``, ``parts/<stem>.ids.arrow``); the client merges the parts' inverted lists into one
+   file on disk (``ann.merge_on_disk``: the parts memory-mapped) and their id rows into ``ids.arrow`` (one
+   part at a time), then writes the manifest (``index_files``).
 
-Only the sample and one part at a time are held anywhere but on the workers; the merged index is held by the
-client, and its size is what the memory budget bounds. Rows without a usable embedding (null, NaN or
-infinite values, all zeros: as exact search) are not indexed, and are counted.
+Only the sample and one part at a time are held anywhere but on the workers; the client holds the coarse
+quantizer and the lists' offsets, not the lists. An exhaustive index, and any index written to an object store
+(fsspec URL), is merged in the client's memory instead, one part at a time: its size is what the memory
+budget bounds. Rows without a usable embedding (null, NaN or infinite values, all zeros: as exact search)
+are not indexed, and are counted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from typing import TYPE_CHECKING
 
@@ -27,16 +32,20 @@ from dask_clip.arguments import at_least
 from dask_clip.columns import embedding_dtype, embeddings_to_numpy, empty_column, to_embedding_array, unit_embeddings
 from dask_clip.dataset.consistency import check_consumed
 from dask_clip.dataset.index_files import (
+    FORMAT_1_FILES,
     IDS_FILE,
     INDEX_FILE,
-    MANIFEST_FILE,
+    LISTS_FILE,
+    merge_ids,
     read_faiss,
     shard_fingerprints,
     write_faiss,
-    write_index_folder,
+    write_ids,
+    write_manifest,
 )
 from dask_clip.errors import ShardError, UsageError
 from dask_clip.execution import ShardTask, compute
+from dask_clip.io.atomic import is_local
 from dask_clip.io.metadata import check_stored_contents
 from dask_clip.io.output_folder import OutputKind, replacing_folder
 from dask_clip.io.shards import filesystem_of
@@ -49,7 +58,7 @@ if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
 
 _TRAINED, _PARTS = "trained.faiss", "parts"
-OUTPUT = OutputKind("build_index", (INDEX_FILE, IDS_FILE, MANIFEST_FILE))
+OUTPUT = OutputKind("build_index", FORMAT_1_FILES)
 SUMMARY_COLUMNS = ["stem", "rows", "indexed", "without_embedding"]
 
 
@@ -66,7 +75,8 @@ def build_index(
 ) -> pd.DataFrame:
     """Index ``embedding_column`` (saved in the shards' files) into the folder ``path`` for ``search(index=path)``.
 
-    The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``)
+    The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``;
+    an IVF index's lists are kept on disk, memory-mapped when searched, where ``path`` is local)
     unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
     ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors).
     ``seed`` fixes the training sample and k-means. ``path`` is written as a whole
@@ -109,12 +119,17 @@ def build_index(
             compute(dask.delayed(_train_and_write)(sample, choice, width, seed, trained_url))
         else:  # an exhaustive index: nothing to train
             write_faiss(ann.empty_index(choice, width), trained_url)
-        ids = compute(_add_parts(dataset, embedding_column, width, offsets, rows, trained_url, folder))
-        index = _merge_parts(
-            read_faiss(trained_url), [posixpath.join(folder, _PARTS, f"{s.stem}.faiss") for s in dataset.shards]
+        indexed = compute(_add_parts(dataset, embedding_column, width, offsets, rows, trained_url, folder))
+        indexed = np.bincount(indexed["shard"], weights=indexed["indexed"], minlength=len(rows)).astype(np.int64)
+        parts = posixpath.join(folder, _PARTS)
+        lists = _merge_parts(
+            read_faiss(trained_url),
+            [posixpath.join(parts, f"{s.stem}.faiss") for s in dataset.shards],
+            folder,
         )
+        id_parts = [posixpath.join(parts, f"{s.stem}.ids.arrow") for s in dataset.shards]
+        merge_ids(id_parts, posixpath.join(folder, IDS_FILE))
         _remove_scratch(folder)
-        indexed = np.bincount(ids["shard"].to_numpy(), minlength=len(rows))
         summary = pd.DataFrame(
             {
                 "stem": [s.stem for s in dataset.shards],
@@ -128,7 +143,7 @@ def build_index(
             "column": embedding_column,
             "id_col": dataset.id_col,
             "dim": width,
-            "index": {**choice.as_dict(), "memory_budget_gb": memory_budget_gb, "seed": seed},
+            "index": {**choice.as_dict(), "memory_budget_gb": memory_budget_gb, "seed": seed, "lists": lists},
             "faiss": faiss.__version__,
             "embedding_operation": dataset.operation_config(embedding_column),
             "counts": {
@@ -139,7 +154,7 @@ def build_index(
             "dataset": digest(fingerprints),
             "shards": fingerprints,
         }
-        write_index_folder(folder, index, ids, dataset.id_col, manifest)
+        write_manifest(folder, manifest)
     return summary
 
 
@@ -174,14 +189,9 @@ def _train_and_write(sample: pd.DataFrame, choice: ann.IndexChoice, width: int, 
 
 
 def _add_parts(dataset, column: str, width: int, offsets: np.ndarray, rows: np.ndarray, trained_url: str, folder: str):
-    """Each shard's part of the index (written into ``folder/parts``) and its id map rows (the computed frame)."""
-    meta = pd.DataFrame(
-        {
-            "label": empty_column("int64"),
-            "shard": empty_column("int32"),
-            dataset.id_col: empty_column(dataset.meta.dtypes[dataset.id_col]),
-        }
-    )
+    """Each shard's part of the index and its id rows (written into ``folder/parts``); the computed frame counts
+    each shard's vectors indexed (``shard``, ``indexed``)."""
+    meta = pd.DataFrame({"shard": empty_column("int32"), "indexed": empty_column("int64")})
     return dataset.map_shards(
         _add_shard,
         meta,
@@ -197,7 +207,10 @@ def _add_parts(dataset, column: str, width: int, offsets: np.ndarray, rows: np.n
 def _add_shard(
     rows: pd.DataFrame, task: ShardTask, column: str, width: int, trained_url: str, parts: str
 ) -> pd.DataFrame:
-    """Add one shard's usable vectors, labelled by their global row numbers, to a copy of the trained index."""
+    """Add one shard's usable vectors, labelled by their global row numbers, to a copy of the trained index;
+    write it and the vectors' id rows (``label``, ``shard``, id) as the shard's part."""
+    import pyarrow as pa
+
     from dask_clip import ann
 
     expected = json.loads(task.payload)
@@ -209,26 +222,44 @@ def _add_shard(
     check_stored_contents(rows, [column], task.shard.parquet_url)  # the values the recorded digest says: not edited
     usable, vectors = unit_embeddings(rows[column], width, rows[task.id_col])
     positions = np.flatnonzero(usable)
-    index = ann.add(read_faiss(trained_url), vectors, expected["offset"] + positions)
+    labels = (expected["offset"] + positions).astype(np.int64)
+    index = ann.add(read_faiss(trained_url), vectors, labels)
     fs, parts_path = filesystem_of(parts)
     fs.makedirs(parts_path, exist_ok=True)
     write_faiss(index, posixpath.join(parts, f"{task.shard.stem}.faiss"))
-    return pd.DataFrame(
+    ids = pa.array(rows[task.id_col].array)  # every row's: the type even where no row is indexed
+    part = pa.table(
         {
-            "label": (expected["offset"] + positions).astype(np.int64),
-            "shard": np.full(len(positions), task.shard.index, dtype=np.int32),
-            task.id_col: rows[task.id_col].iloc[positions].reset_index(drop=True),
+            "label": pa.array(labels),
+            "shard": pa.array(np.full(len(positions), task.shard.index, dtype=np.int32)),
+            task.id_col: ids.take(pa.array(positions, type=pa.int64())),
         }
+    )
+    write_ids(part, posixpath.join(parts, f"{task.shard.stem}.ids.arrow"))
+    return pd.DataFrame(
+        {"shard": np.array([task.shard.index], dtype=np.int32), "indexed": np.array([len(positions)], np.int64)}
     )
 
 
-def _merge_parts(trained: faiss.Index, parts: list[str]) -> faiss.Index:
-    """The trained empty index with every part's vectors moved in, reading one part at a time."""
+def _merge_parts(trained: faiss.Index, parts: list[str], folder: str) -> str:
+    """Move every part's vectors into the trained empty index and write it as ``folder``'s ``index.faiss``:
+    an IVF index in a local folder with its lists in ``lists.ivfdata`` (the parts memory-mapped), any other
+    read one part at a time into memory. Returns where the lists are: ``"on_disk"`` or ``"in_memory"``."""
     from dask_clip import ann
 
+    if ann.is_ivf(trained) and is_local(filesystem_of(folder)[0]):
+        local = [filesystem_of(part)[1] for part in parts]
+        lists = filesystem_of(posixpath.join(folder, LISTS_FILE))[1]
+        ann.merge_on_disk(trained, local, lists)
+        write_faiss(trained, posixpath.join(folder, INDEX_FILE))
+        for written in (lists, filesystem_of(posixpath.join(folder, INDEX_FILE))[1]):
+            with open(written, "rb") as file:  # on disk before the manifest says the folder is whole
+                os.fsync(file.fileno())
+        return "on_disk"
     for part in parts:
         ann.merge_into(trained, read_faiss(part))
-    return trained
+    write_faiss(trained, posixpath.join(folder, INDEX_FILE))
+    return "in_memory"
 
 
 def _remove_scratch(folder: str) -> None:

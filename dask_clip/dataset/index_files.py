@@ -1,13 +1,22 @@
 """An ANN index on disk, and how a dataset tells whether an index was built from its current embeddings.
 
-An index is a folder, written as a whole (``io.atomic.replacing_folder``)::
+An index is a folder, written as a whole (``io.output_folder.replacing_folder``), of format 2::
 
-    index.faiss   the faiss index; a vector's label is its row's global number: row ``i`` of the shard at
-                  position ``s`` is ``offset[s] + i``, where ``offset[s]`` counts every row of the shards before
-    ids.parquet   one row per indexed vector, by ascending label: ``label`` (int64), ``shard`` (int32, the
-                  shard's position in the dataset) and the row's id (the dataset's id column)
-    index.json    the manifest: the embedding and id columns, the index chosen, its options, the configuration
-                  recorded with the embeddings, the counts, and the dataset's fingerprint
+    index.faiss    the faiss index; a vector's label is its row's global number: row ``i`` of the shard at
+                   position ``s`` is ``offset[s] + i``, where ``offset[s]`` counts every row of the shards before
+    lists.ivfdata  an IVF index's inverted lists (codes and labels), memory-mapped when the index is opened
+                   (``ann.read_on_disk``): the opening process holds only the coarse quantizer and the lists'
+                   sizes and offsets. Absent for an exhaustive index, and on object stores (fsspec URLs), where
+                   the lists are merged into ``index.faiss`` and the index is read into memory
+    ids.arrow      one row per indexed vector, by ascending label, in batches (one per shard): ``label`` (int64),
+                   ``shard`` (int32, the shard's position in the dataset) and the row's id (the dataset's id
+                   column); an Arrow IPC file, memory-mapped when opened (read into memory on object stores)
+    index.json     the manifest: the format, the embedding and id columns, the index chosen, its options, the
+                   configuration recorded with the embeddings, the counts, each file's size and the dataset's
+                   fingerprint
+
+An index of format 1 (an earlier dask_clip: the lists inside ``index.faiss``, ``ids.parquet``) is refused, with
+the advice to rebuild it; so is a folder whose files do not have the sizes its manifest records.
 
 The fingerprint lists, for each shard, its stem, its rows, a digest of its ids, a digest of the embedding
 column's recorded provenance (of its values, where no dask_clip operation recorded one), the content digest
@@ -37,7 +46,7 @@ import pyarrow.parquet as pq
 from dask_clip.dataset.plan import read_shard_file
 from dask_clip.errors import IndexFileError, StaleIndexError, UsageError
 from dask_clip.execution import compute_in_batches, failures_named
-from dask_clip.io.atomic import atomic_write
+from dask_clip.io.atomic import atomic_write, is_local
 from dask_clip.io.metadata import table_in_memory
 from dask_clip.io.shards import Shard, filesystem_of, protocol_of
 from dask_clip.provenance import digest, file_identity, plain_digest
@@ -47,8 +56,10 @@ if TYPE_CHECKING:
 
     from dask_clip.dataset import ImageTextPairDataset
 
-FORMAT = 1
-INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "index.json"
+FORMAT = 2
+INDEX_FILE, LISTS_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "lists.ivfdata", "ids.arrow", "index.json"
+FORMAT_1_FILES = (INDEX_FILE, "ids.parquet", MANIFEST_FILE)
+"""The files of a format-1 index folder (``io.output_folder``: a folder written before manifests existed)."""
 
 
 def shard_fingerprints(
@@ -134,22 +145,44 @@ def _differs(then: dict[str, Any], now: dict[str, Any]) -> bool:
     return bool(now.get("edited")) or any(then[key] != now.get(key) for key in then if key != "file")
 
 
-def write_index_folder(
-    folder: str, index: faiss.Index, ids: pd.DataFrame, id_col: str, manifest: dict[str, Any]
-) -> None:
-    """Write ``index``, the id map ``ids`` (``label``, ``shard``, ``id_col``) and ``manifest`` into ``folder``."""
-    write_faiss(index, posixpath.join(folder, INDEX_FILE))
-    table = pa.table(
-        {
-            "label": pa.array(ids["label"].to_numpy(np.int64)),
-            "shard": pa.array(ids["shard"].to_numpy(np.int32)),
-            id_col: pa.array(ids[id_col].array),
-        }
-    )
-    with atomic_write(posixpath.join(folder, IDS_FILE)) as file:
-        pq.write_table(table, file)
+def write_ids(table: pa.Table, url: str) -> None:
+    """One part's id rows (``label``, ``shard``, the id column) into an Arrow IPC file at ``url``, in one batch."""
+    with atomic_write(url) as file, pa.ipc.new_file(file, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+
+
+def merge_ids(part_urls: list[str], url: str) -> None:
+    """The id files at ``part_urls`` (``write_ids``'s, by ascending labels) into one Arrow IPC file at ``url``,
+    one part in memory at a time, each cast to one schema: the first whose id type is known (an empty shard's
+    ids may read as ``null``; one shard's as ``string``, another's as ``large_string``)."""
+    schemas = [_read_part(part, lambda reader: reader.schema) for part in part_urls]
+    schema = next((s for s in schemas if not pa.types.is_null(s.field(2).type)), schemas[0])
+    with atomic_write(url) as file, pa.ipc.new_file(file, schema) as writer:
+        for part in part_urls:
+            writer.write_table(_read_part(part, lambda reader: reader.read_all()).cast(schema))
+
+
+def _read_part(url: str, read: Any) -> Any:
+    """``read(reader)`` of the Arrow IPC file at ``url`` (a build's scratch part)."""
+    with failures_named(url):
+        fs, path = filesystem_of(url)
+        with fs.open(path, "rb") as source:
+            return read(pa.ipc.open_file(source))
+
+
+def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    """``manifest``, with the format and the size of every index file in ``folder``, as the folder's
+    ``index.json``: written last, so a folder without it holds no index."""
+    fs, path = filesystem_of(folder)
+    sizes = {
+        name: fs.size(posixpath.join(path, name))
+        for name in (INDEX_FILE, LISTS_FILE, IDS_FILE)
+        if fs.exists(posixpath.join(path, name))
+    }
     with atomic_write(posixpath.join(folder, MANIFEST_FILE)) as file:
-        file.write(json.dumps({"format": FORMAT, **manifest}, indent=1, sort_keys=True, default=str).encode())
+        file.write(
+            json.dumps({"format": FORMAT, **manifest, "files": sizes}, indent=1, sort_keys=True, default=str).encode()
+        )
 
 
 def write_faiss(index: faiss.Index, url: str) -> None:
@@ -167,16 +200,14 @@ def write_faiss(index: faiss.Index, url: str) -> None:
 
 
 def read_faiss(url: str) -> faiss.Index:
-    """The faiss index in the file at ``url`` (a local path or any fsspec URL); ``IndexFileError`` naming the
-    file when faiss cannot read it."""
-    import faiss
-
+    """The faiss index in the file at ``url`` (a local path, its on-disk lists memory-mapped: ``ann.read_on_disk``;
+    or any fsspec URL, read into memory); ``IndexFileError`` naming the file when faiss cannot read it."""
     from dask_clip import ann
 
     fs, path = filesystem_of(url)
     try:
         if protocol_of(fs) in ("file", "local"):
-            return faiss.read_index(path)
+            return ann.read_on_disk(path)
         with fs.open(path, "rb") as file:
             return ann.from_bytes(file.read())
     except RuntimeError as error:
@@ -184,7 +215,8 @@ def read_faiss(url: str) -> faiss.Index:
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-    """The manifest of the index folder ``path``; ``UsageError`` when there is no index there."""
+    """The manifest of the index folder ``path``; ``UsageError`` when there is no index there or one of another
+    format, ``IndexFileError`` when a file does not have the size the manifest records (an incomplete copy)."""
     fs, folder = filesystem_of(path)
     manifest_path = posixpath.join(folder, MANIFEST_FILE)
     if not fs.exists(manifest_path):
@@ -192,7 +224,18 @@ def read_manifest(path: str) -> dict[str, Any]:
     with fs.open(manifest_path, "rb") as file:
         manifest = json.loads(file.read())
     if manifest.get("format") != FORMAT:
-        raise UsageError(f"{path}: an index of format {manifest.get('format')}, not {FORMAT}: rebuild it")
+        raise UsageError(
+            f"{path}: an index of format {manifest.get('format')} (written by another dask_clip version); this "
+            f"version reads format {FORMAT} (inverted lists on disk, ids.arrow): rebuild the index with "
+            "build_index (overwrite=True, or build-index --overwrite)"
+        )
+    for name, size in manifest["files"].items():
+        found = fs.size(posixpath.join(folder, name)) if fs.exists(posixpath.join(folder, name)) else None
+        if found != size:
+            raise IndexFileError(
+                f"{posixpath.join(path, name)}: {'missing' if found is None else f'{found} bytes'}, where the "
+                f"index's manifest records {size}: the folder is incomplete or was changed; rebuild the index"
+            )
     return manifest
 
 
@@ -200,21 +243,38 @@ def read_manifest(path: str) -> dict[str, Any]:
 class OpenedIndex:
     """An index loaded once and checked against a dataset, for queries in a loop (``top_k``).
 
-    ``labels`` (``int64 (M,)``, ascending), ``shard_of`` (``int32 (M,)``) and ``ids`` (M rows) are the id map;
-    ``shards`` are the dataset's; ``nprobe`` is the lists an IVF query scans unless told otherwise.
+    ``ids`` is the id map (``ids.arrow``: ``label`` ascending, ``shard``, the id column; memory-mapped from a
+    local folder), in batches (empty ones left out here) whose labels are ``label_batches`` (``int64`` views of
+    the file), whose first labels are ``batch_labels`` (``int64 (B,)``) and whose first rows are ``batch_rows``
+    (``int64 (B,)``); ``shards`` are the dataset's; ``nprobe`` is the lists an IVF query scans unless told
+    otherwise.
     """
 
     path: str
     index: faiss.Index
     manifest: dict[str, Any]
-    labels: np.ndarray
-    shard_of: np.ndarray
-    ids: pd.Series
+    ids: pa.Table
+    label_batches: tuple[np.ndarray, ...]
+    batch_labels: np.ndarray
+    batch_rows: np.ndarray
     shards: tuple[Shard, ...]
+    id_dtype: Any
 
     @property
     def nprobe(self) -> int:
         return int(self.manifest["index"]["nprobe"])
+
+    def rows_of(self, labels: np.ndarray) -> np.ndarray:
+        """The rows of ``ids`` that hold ``labels`` (``int64 (k,)``, each indexed): a binary search over the
+        batches' first labels, then within one batch (a few pages of a memory-mapped file)."""
+        batches = np.searchsorted(self.batch_labels, labels, side="right") - 1
+        return np.array(
+            [
+                self.batch_rows[b] + np.searchsorted(self.label_batches[b], label)
+                for b, label in zip(batches, labels, strict=True)
+            ],
+            dtype=np.int64,
+        )
 
     def top_k(self, query: np.ndarray, k: int, nprobe: int | None = None) -> pd.DataFrame:
         """The ``k`` indexed rows nearest the unit ``float32 (D,)`` ``query``, best first, as ``search`` returns
@@ -223,12 +283,13 @@ class OpenedIndex:
 
         scores, labels = ann.search(self.index, query[None, :], k, nprobe or self.nprobe)
         found = labels[0] >= 0
-        rows = np.searchsorted(self.labels, labels[0][found])
-        shards = [self.shards[s] for s in self.shard_of[rows]]
-        id_col = str(self.ids.name)
+        rows = self.ids.take(pa.array(self.rows_of(labels[0][found])))
+        shards = [self.shards[s] for s in rows.column("shard").to_numpy()]
+        id_col = self.manifest["id_col"]
+        ids = rows.column(id_col).to_pandas(types_mapper=pd.ArrowDtype).astype(self.id_dtype).rename(id_col)
         frame = pd.DataFrame(
             {
-                id_col: self.ids.iloc[rows].reset_index(drop=True),
+                id_col: ids.reset_index(drop=True),
                 "score": scores[0][found].astype(np.float32),
                 "stem": pd.Series([shard.stem for shard in shards], dtype=object),
                 "tar_url": pd.Series([shard.tar_url for shard in shards], dtype=object),
@@ -240,8 +301,9 @@ class OpenedIndex:
 def open_index(dataset: ImageTextPairDataset, path: str, embedding_column: str = "image_embedding") -> OpenedIndex:
     """The index in folder ``path``, loaded for queries over ``dataset``'s ``embedding_column``.
 
-    ``UsageError`` when it indexes another column or id column; ``StaleIndexError`` when the dataset's rows or
-    embeddings changed since it was built (every shard's footer and id column are read to tell).
+    ``UsageError`` when it indexes another column or id column or is of another format; ``StaleIndexError``
+    when the dataset's rows or embeddings changed since it was built (every shard's footer and id column are
+    read to tell).
     """
     manifest = read_manifest(path)
     if manifest["column"] != embedding_column or manifest["id_col"] != dataset.id_col:
@@ -252,16 +314,29 @@ def open_index(dataset: ImageTextPairDataset, path: str, embedding_column: str =
     check_current(
         path, manifest, shard_fingerprints(dataset, embedding_column, manifest["shards"]), list(dataset.shards)
     )
-    fs, folder = filesystem_of(path)
-    with fs.open(posixpath.join(folder, IDS_FILE), "rb") as file:
-        ids = pq.read_table(file)
-    id_dtype = dataset.pandas_metadata.dtypes[dataset.id_col]
+    ids = _read_ids(posixpath.join(path, IDS_FILE))
+    lengths = np.array([len(chunk) for chunk in ids.column("label").chunks], dtype=np.int64)
+    batches = tuple(chunk.to_numpy() for chunk in ids.column("label").chunks if len(chunk))  # no copy
     return OpenedIndex(
         path=path,
         index=read_faiss(posixpath.join(path, INDEX_FILE)),
         manifest=manifest,
-        labels=ids.column("label").to_numpy(),
-        shard_of=ids.column("shard").to_numpy(),
-        ids=ids.column(dataset.id_col).to_pandas(types_mapper=pd.ArrowDtype).astype(id_dtype).rename(dataset.id_col),
+        ids=ids,
+        label_batches=batches,
+        batch_labels=np.array([batch[0] for batch in batches], dtype=np.int64),
+        batch_rows=(np.cumsum(lengths) - lengths)[lengths > 0],
         shards=dataset.shards,
+        id_dtype=dataset.pandas_metadata.dtypes[dataset.id_col],
     )
+
+
+def _read_ids(url: str) -> pa.Table:
+    """The id map at ``url``: memory-mapped from a local file, read into memory from any other fsspec URL."""
+    fs, path = filesystem_of(url)
+    try:
+        if is_local(fs):
+            return pa.ipc.open_file(pa.memory_map(path)).read_all()
+        with fs.open(path, "rb") as file:
+            return pa.ipc.open_file(pa.BufferReader(file.read())).read_all()
+    except (OSError, pa.ArrowInvalid) as error:
+        raise IndexFileError(f"{url}: cannot read this id file: {error}") from error

@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""dask_clip's ``build_index`` next to autofaiss's ``build_index`` on the same vectors, in one run: build time,
+peak memory of every process, recall@10 against brute force and the latency of one query.
+
+Two sets of ``--n`` unit 768-d vectors, written once as a dask_clip dataset (parquet shards of 10,000 rows) and
+as ``.npy`` files of the same rows in the same order (autofaiss's input):
+
+- ``clustered``: rows about 1,000 random topics (``synthetic_vectors.topic_rows``: cosine 0.7 to the topic);
+- ``subspace``: ``scale_index.py``'s mixture of 1,000 clusters in a random 32-d subspace plus isotropic noise,
+  of low intrinsic dimension.
+
+The 1,000 queries are fresh draws of the same distribution (not rows of the index); the exact top 10 of each
+is computed in numpy over every row. Each build, and then each query session (open the index, recall@10 over
+the 1,000 queries in one batch, then one query at a time for the latency), runs in a process of its own,
+which this one samples every 0.2 s with its descendants (the Dask workers): peak ``VmHWM`` (resident, counting
+the pages of memory-mapped files the process touched) and peak ``RssAnon`` (its own memory: what it cannot
+give back). dask_clip's latency is ``OpenedIndex.top_k`` (faiss search, id lookup, result frame) and the bare
+faiss search; autofaiss's is its index's search with the parameters it tuned (``index_infos.json``).
+
+Run from the root of a checkout (autofaiss in a virtualenv of its own: it pins other numpy and faiss versions)::
+
+    python -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install autofaiss
+    .venv/bin/python benchmarks/bench_index_scale.py --n 1000000 --folder /work/scratch/index-scale \\
+        --autofaiss-python /work/scratch/venv-autofaiss/bin/python
+
+About ``--n`` x 768 x 4 bytes x 2 sets x 3 (parquet, npy, one index each) of disk: 18 GB at 1M, 92 GB at 5M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIM = 768
+ROWS_PER_SHARD = 10_000
+QUERIES = 1000
+K = 10
+TOPICS = 1000
+SETS = ("clustered", "subspace")
+
+
+class Generator:
+    """Draws of one set's distribution: ``rows(rng, count)`` gives ``float32 (count, DIM)`` unit vectors."""
+
+    def __init__(self, name: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.name = name
+        if name == "clustered":
+            self.topics = rng.standard_normal((TOPICS, DIM)).astype(np.float32)
+            self.topics /= np.linalg.norm(self.topics, axis=1, keepdims=True)
+        else:
+            self.basis = np.linalg.qr(rng.standard_normal((DIM, 32)))[0].T.astype(np.float32)  # (32, 768)
+            self.centres = rng.standard_normal((TOPICS, 32)).astype(np.float32)
+
+    def rows(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        if self.name == "clustered":
+            import synthetic_vectors
+
+            return synthetic_vectors.topic_rows(rng, self.topics, count)
+        latent = self.centres[rng.integers(0, TOPICS, count)] + rng.standard_normal((count, 32), dtype=np.float32)
+        vectors = latent @ self.basis
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors += 0.5 * rng.standard_normal((count, DIM), dtype=np.float32) / np.float32(math.sqrt(DIM))
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_set(folder: Path, name: str, n: int) -> None:
+    """``folder/dataset`` (parquet + empty tars), ``folder/npy/NNNNN.npy`` (the same rows), ``queries.npy`` and
+    ``truth.npy`` (``int64 (Q, K)`` exact top 10 by global row number). Skipped when ``truth.npy`` exists."""
+    if (folder / "truth.npy").exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "dataset").mkdir(parents=True)
+    (folder / "npy").mkdir()
+    generator = Generator(name, seed=0)
+    rng = np.random.default_rng(1)
+    for shard, start in enumerate(range(0, n, ROWS_PER_SHARD)):
+        vectors = generator.rows(rng, min(ROWS_PER_SHARD, n - start))
+        write_shard(folder / "dataset", shard, vectors, {"function": "bench_index_scale.write_set", "set": name})
+        np.save(folder / "npy" / f"{shard:05d}.npy", vectors)
+    queries = generator.rows(np.random.default_rng(2), QUERIES)
+    np.save(folder / "queries.npy", queries)
+    np.save(folder / "truth.npy", exact_top_k(sorted((folder / "npy").glob("*.npy")), queries))
+
+
+def write_shard(folder: Path, shard: int, vectors: np.ndarray, operation: dict[str, Any]) -> None:
+    """``NNNNN.parquet`` (``key``, ``image_embedding`` recorded as made by ``operation``, as an embedding run
+    leaves it) and an empty ``NNNNN.tar``."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import synthetic_vectors
+
+    from dask_clip.provenance import METADATA_KEY, FileRecords, ids_digest
+
+    keys = pa.array([synthetic_vectors.key_of(shard, row) for row in range(len(vectors))], type=pa.string())
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM)
+    records = FileRecords(
+        "key", {"rows": len(vectors), "ids": ids_digest(keys)}, {"image_embedding": {"operation": operation}}
+    )
+    table = pa.table({"key": keys, "image_embedding": column})
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: records.to_json()}), folder / f"{shard:05d}.parquet")
+    with tarfile.open(folder / f"{shard:05d}.tar", "w"):
+        pass
+
+
+def exact_top_k(files: list[Path], queries: np.ndarray) -> np.ndarray:
+    """``int64 (Q, K)`` global row numbers of each query's ``K`` best inner products over the rows of ``files``."""
+    best_scores = np.full((len(queries), K), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), K), dtype=np.int64)
+    start = 0
+    for file in files:
+        block = np.load(file, mmap_mode="r")
+        scores = queries @ np.asarray(block).T
+        top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], axis=1)
+        merged_rows = np.concatenate([best_rows, top + start], axis=1)
+        keep = np.argsort(-merged_scores, axis=1)[:, :K]
+        best_scores, best_rows = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged_rows, keep, 1)
+        start += len(block)
+    return best_rows
+
+
+def status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
+
+def run_sampled(command: list[str]) -> dict[str, Any]:
+    """Run ``command``; its JSON (last line of stdout), its wall time, and the peak ``VmHWM`` and ``RssAnon`` (MB)
+    of it (``main``) and of its largest descendant (``largest_child``) by ``RssAnon``."""
+    import psutil
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peaks: dict[int, dict[str, int]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for pid in tree:
+                try:
+                    hwm, anon = status_kb(pid, "VmHWM"), status_kb(pid, "RssAnon")
+                except (OSError, StopIteration):
+                    continue
+                peak = peaks.setdefault(pid, {"hwm": 0, "anon": 0})
+                peak["hwm"], peak["anon"] = max(peak["hwm"], hwm), max(peak["anon"], anon)
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = process.communicate()
+    done.set()
+    sampler.join()
+    if process.returncode:
+        raise RuntimeError(f"{command[:4]}: exit {process.returncode}")
+    main = peaks.get(process.pid, {"hwm": 0, "anon": 0})
+    children = [peak for pid, peak in peaks.items() if pid != process.pid]
+    largest = max(children, key=lambda peak: peak["anon"], default={"hwm": 0, "anon": 0})
+    return {
+        **json.loads(output.strip().splitlines()[-1]),
+        "wall_s": time.perf_counter() - started,
+        "main_peak_mb": {key: value / 1024 for key, value in main.items()},
+        "largest_child_peak_mb": {key: value / 1024 for key, value in largest.items()},
+    }
+
+
+def child_ours_build(folder: Path, index: Path) -> dict[str, Any]:
+    from dask_clip import ImageTextPairDataset, get_client
+
+    with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0"):
+        dataset = ImageTextPairDataset.from_webdataset(str(folder / "dataset"))
+        started = time.perf_counter()
+        dataset.build_index(str(index))
+        seconds = time.perf_counter() - started
+    manifest = json.loads((index / "index.json").read_text())
+    return {"build_s": seconds, "index": manifest["index"]["key"], "nprobe": manifest["index"]["nprobe"]}
+
+
+def child_ours_query(folder: Path, index: Path) -> dict[str, Any]:
+    from dask_clip import ImageTextPairDataset, ann
+
+    dataset = ImageTextPairDataset.from_webdataset(str(folder / "dataset"))
+    opened = dataset.open_index(str(index))
+    queries = np.load(folder / "queries.npy")
+    _, labels = ann.search(opened.index, queries, K, opened.nprobe)
+    return {
+        "recall_at_10": recall(labels, np.load(folder / "truth.npy")),
+        "p50_ms": p50_ms(lambda query: opened.top_k(query, K), queries),
+        "p50_faiss_ms": p50_ms(lambda query: ann.search(opened.index, query[None, :], K, opened.nprobe), queries),
+        "lists_on_disk": ann.lists_on_disk(opened.index),
+    }
+
+
+def child_autofaiss_build(folder: Path, index: Path) -> dict[str, Any]:
+    from autofaiss import build_index
+
+    index.mkdir()
+    started = time.perf_counter()
+    _, infos = build_index(
+        embeddings=str(folder / "npy"),
+        index_path=str(index / "knn.index"),
+        index_infos_path=str(index / "index_infos.json"),
+        max_index_memory_usage="4G",
+        current_memory_available="16G",  # of this machine's 24 GiB: autofaiss refuses 4G with a 4G index
+        metric_type="ip",
+        nb_cores=2,
+        verbose=30,
+    )
+    if infos is None:
+        raise RuntimeError("autofaiss built no index (see its log above)")
+    return {"build_s": time.perf_counter() - started, "index": infos["index_key"], "param": infos["index_param"]}
+
+
+def child_autofaiss_query(folder: Path, index: Path) -> dict[str, Any]:
+    import faiss
+
+    loaded = faiss.read_index(str(index / "knn.index"))
+    faiss.ParameterSpace().set_index_parameters(
+        loaded, json.loads((index / "index_infos.json").read_text())["index_param"]
+    )
+    queries = np.load(folder / "queries.npy")
+    _, labels = loaded.search(queries, K)
+    return {
+        "recall_at_10": recall(labels, np.load(folder / "truth.npy")),
+        "p50_ms": p50_ms(lambda query: loaded.search(query[None, :], K), queries),
+    }
+
+
+def recall(labels: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(found) & set(expected)) / K for found, expected in zip(labels, truth, strict=True)]))
+
+
+def p50_ms(search: Any, queries: np.ndarray) -> float:
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        search(query)
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.percentile(times, 50))
+
+
+CHILDREN = {
+    "ours-build": child_ours_build,
+    "ours-query": child_ours_query,
+    "autofaiss-build": child_autofaiss_build,
+    "autofaiss-query": child_autofaiss_query,
+}
+
+
+def compare(folder: Path, autofaiss_python: str, only: list[str]) -> dict[str, Any]:
+    """Both tools' build then query session on the set in ``folder``, each in a process of its own."""
+    results: dict[str, Any] = {}
+    for tool, python in (("ours", sys.executable), ("autofaiss", autofaiss_python)):
+        if tool not in only:
+            continue
+        index = folder / f"index-{tool}"
+        shutil.rmtree(index, ignore_errors=True)
+        run = [python, __file__, "--child"]
+        build = run_sampled([*run, f"{tool}-build", str(folder), str(index)])
+        query = run_sampled([*run, f"{tool}-query", str(folder), str(index)])
+        size = sum(path.stat().st_size for path in index.rglob("*") if path.is_file())
+        results[tool] = {"build": build, "query": query, "index_mb": size / 2**20}
+        print(tool, json.dumps(results[tool]), flush=True)
+        shutil.rmtree(index)
+    return results
+
+
+def print_table(n: int, results: dict[str, dict[str, Any]]) -> None:
+    import harness
+
+    rows = []
+    for name, by_tool in results.items():
+        for tool, result in by_tool.items():
+            build, query = result["build"], result["query"]
+            peak = [build["main_peak_mb"], build["largest_child_peak_mb"], query["main_peak_mb"]]
+            rows.append(
+                [
+                    name,
+                    tool,
+                    f"{build['index']}",
+                    f"{build['build_s']:.0f}",
+                    " / ".join(f"{p['hwm'] / 1024:.2f}" for p in peak),
+                    " / ".join(f"{p['anon'] / 1024:.2f}" for p in peak),
+                    f"{result['index_mb'] / 1024:.2f}",
+                    f"{query['recall_at_10']:.3f}",
+                    f"{query['p50_ms']:.1f}" + (f" ({query['p50_faiss_ms']:.1f})" if "p50_faiss_ms" in query else ""),
+                ]
+            )
+    header = ["set", "tool", "index", "build s", "VmHWM GB b/w/q", "RssAnon GB b/w/q", "GiB", "recall@10", "p50 ms"]
+    print(f"n={n:,}; b: build process, w: its largest worker, q: query process")
+    harness.print_table(header, rows)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":  # a build or query session, in its own process
+        _, _, kind, folder, index = sys.argv
+        print(json.dumps(CHILDREN[kind](Path(folder), Path(index))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=60_000, help="vectors per set")
+    parser.add_argument("--folder", required=True, help="where the vectors and indexes go (kept for a re-run)")
+    parser.add_argument("--autofaiss-python", required=True, help="the python of a virtualenv with autofaiss")
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--tools", default="ours,autofaiss")
+    args = parser.parse_args()
+    import harness
+
+    machine = harness.machine()
+    results: dict[str, Any] = {}
+    for name in args.sets.split(","):
+        folder = Path(args.folder) / f"{name}-{args.n}"
+        started = time.perf_counter()
+        write_set(folder, name, args.n)
+        print(f"{name}: vectors and exact top 10 in {time.perf_counter() - started:.0f}s", flush=True)
+        results[name] = compare(folder, args.autofaiss_python, args.tools.split(","))
+    print_table(args.n, results)
+    print(f"load average {machine['load_average_start']} -> {os.getloadavg()}")
+    harness.write_results(f"bench_index_scale-{args.n}", {"n": args.n, "machine": machine, "results": results})
+
+
+if __name__ == "__main__":
+    main()
