@@ -3,8 +3,8 @@
 # it is missing and we are root with apt), check the code's form and architecture (ruff, import-linter), run the
 # whole suite in two pytest-xdist processes, a file each at a time (GPU tests are skipped when no GPU is visible),
 # then the save / read-back tests again on the lowest pyarrow, pandas, numpy
-# and dask pyproject.toml allows (ci/floor.sh).
-# Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
+# and dask pyproject.toml allows (ci/floor.sh). The floor's and the readers' environments are built alongside
+# ci/install.sh. Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
 # the package index, not a GPU), and ci/readers.sh reads files dask_clip wrote back with every reader of the
 # README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
 set -euo pipefail
@@ -17,17 +17,24 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) &
     chromium=$!
 fi
+floor_log=$(mktemp)
+bash ci/floor.sh --build >"$floor_log" 2>&1 &
+floor_build=$!
+# The readers' check writes its files with .venv: it starts once ci/install.sh has made it (the marker file).
+readers_log=$(mktemp) installed=$(mktemp -u)
+{ bash ci/readers.sh --build && until [ -e "$installed" ]; do kill -0 $$ 2>/dev/null || exit 1; sleep 1; done &&
+    bash ci/readers.sh --check; } >"$readers_log" 2>&1 &
+readers=$!
 bash ci/install.sh
+touch "$installed"
 [ "$chromium" = true ] || wait "$chromium"
 gpu_extras_log=$(mktemp)
 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
 gpu_extras=$!
-readers_log=$(mktemp)
-bash ci/readers.sh --check >"$readers_log" 2>&1 &
-readers=$!
 status=0
 { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
-    .venv/bin/python -m pytest -n 2 --dist loadfile "$@" && bash ci/floor.sh -q; } || status=$?
+    .venv/bin/python -m pytest -n 2 --dist loadfile "$@" &&
+    { wait "$floor_build" || { cat "$floor_log"; false; }; } && bash ci/floor.sh -q; } || status=$?
 wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
 wait "$readers" || status=$((status ? status : $?))
