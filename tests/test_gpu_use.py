@@ -160,7 +160,7 @@ def test_this_process_alone_is_checked_without_a_client(machine, caplog) -> None
         warn_of_unused_gpus(None, {})
         warn_of_unused_gpus(None, {})
     [warning] = warnings_in(caplog)
-    assert "(1 worker(s) on GPU 0 of 8)" in warning and "no worker offers" not in warning
+    assert "(this process on GPU 0 of 8)" in warning and "no worker offers" not in warning
 
 
 def test_a_worker_that_cannot_be_checked_is_named(caplog) -> None:

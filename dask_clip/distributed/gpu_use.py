@@ -83,7 +83,8 @@ def unused_gpu_causes(views: Mapping[str, ProcessGpuView], offering: set[str] | 
         if view.torch_uses_gpus:
             by_host[view.host].append(view)
     crowded = [
-        f"{host} ({len(on_host)} worker(s) on GPU {on_host[0].device} of {on_host[0].driver_gpus})"
+        f"{host} ({'this process' if offering is None else f'{len(on_host)} worker(s)'} on GPU "
+        f"{on_host[0].device} of {on_host[0].driver_gpus})"
         for host, on_host in by_host.items()
         if on_host[0].driver_gpus > 1 and len({view.device for view in on_host}) == 1
     ]
