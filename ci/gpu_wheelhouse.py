@@ -80,8 +80,8 @@ def resolve(requirements: list[str]) -> list[tuple[str, str]]:
     """(name, version) of every package pip would install for ``requirements`` on the GPU machine."""
     with tempfile.TemporaryDirectory() as work:
         report = Path(work) / "report.json"
-        options = ["--isolated", "--dry-run", "--ignore-installed", "--quiet", "--target", work, "--report", str(report)]
-        pip("install", *options, *TARGET, *requirements)
+        options = ["--isolated", "--dry-run", "--ignore-installed", "--quiet", "--target", work]
+        pip("install", *options, "--report", str(report), *TARGET, *requirements)
         items = json.loads(report.read_text())["install"]
     return [(normalized(item["metadata"]["name"]), item["metadata"]["version"]) for item in items]
 

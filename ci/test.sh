@@ -5,8 +5,9 @@
 # then the save / read-back tests again on the lowest pyarrow, pandas, numpy
 # and dask pyproject.toml allows (ci/floor.sh).
 # Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
-# the package index, not a GPU), and ci/readers.sh reads files dask_clip wrote back with every reader of the
-# README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
+# the package index, not a GPU), ci/readers.sh reads files dask_clip wrote back with every reader of the
+# README's "Output format" table, each in its own environment, and ci/gpu_rehearsal.sh builds the GPU machine's
+# wheelhouse and rehearses the offline GPU check on the CPU. Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
@@ -25,6 +26,9 @@ gpu_extras=$!
 readers_log=$(mktemp)
 bash ci/readers.sh --check >"$readers_log" 2>&1 &
 readers=$!
+gpu_rehearsal_log=$(mktemp)
+bash ci/gpu_rehearsal.sh >"$gpu_rehearsal_log" 2>&1 &
+gpu_rehearsal=$!
 status=0
 { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
     .venv/bin/python -m pytest -n 2 --dist loadfile "$@" && bash ci/floor.sh -q; } || status=$?
@@ -32,4 +36,6 @@ wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
 wait "$readers" || status=$((status ? status : $?))
 cat "$readers_log"
+wait "$gpu_rehearsal" || status=$((status ? status : $?))
+cat "$gpu_rehearsal_log"
 exit "$status"

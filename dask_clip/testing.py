@@ -64,6 +64,15 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
         patch_size=32,
         projection_dim=512,
     ),
+    # the shape of OpenAI's ViT-L/14 (ci/gpu_check.py: the GPU throughput figures)
+    "vit-l-14": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        projection_dim=768,
+    ),
 }
 
 IMG2DATASET_SCHEMA = pa.schema(
@@ -240,7 +249,7 @@ def _distinct_crop(pixels: np.ndarray, counter: int) -> np.ndarray:
 def save_random_clip_model(
     folder: str | Path, shape: str = "tiny", image_size: int = 224, seed: int = 0, projection_dim: int | None = None
 ) -> Path:
-    """Save a random-weight CLIP of ``shape`` (``"tiny"`` or ``"vit-b-32"``) with ``save_pretrained``.
+    """Save a random-weight CLIP of ``shape`` (``"tiny"``, ``"vit-b-32"`` or ``"vit-l-14"``) with ``save_pretrained``.
 
     ``projection_dim`` overrides the shape's embedding width.
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# CI's rehearsal of the GPU check, so that a missing module or a version clash shows here rather than on the lent
+# GPU machine: build the wheelhouse (ci/gpu_wheelhouse.sh, which fails at 60 MiB) into .gpu-wheelhouse/, then
+# run ci/gpu_check.sh --offline on it in its CPU rehearsal mode, with the Python 3.12 of .venv-gpu-rehearsal/:
+# the machine's versions of torch (2.11.0, its CUDA 13 build from PyPI), torchvision, transformers, numpy and
+# the packages the wheelhouse leaves to the machine, and nothing else. Both folders are ignored by git; the
+# environment is built once (minutes: torch's CUDA libraries) and rebuilt only when its requirements change.
+#     bash ci/gpu_rehearsal.sh      (figures of the rehearsal in gpu-rehearsal-results/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv-gpu-rehearsal WHEELHOUSE=.gpu-wheelhouse
+started=$(date +%s)
+bash ci/gpu_wheelhouse.sh "$WHEELHOUSE"
+echo "gpu_rehearsal: wheelhouse in $(($(date +%s) - started)) s"
+
+python312=${PYTHON312:-$(ls -d ~/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
+python312=${python312:-python3.12}
+pinned=$(grep -v '^#' ci/gpu_machine.txt | tr ' ' '\n' | grep '==' | grep -v -E '^(cupy|triton|nvidia)' | sort)
+# the packages the wheelhouse relies on the machine for (their versions as pip would choose them, where unknown)
+python=.venv/bin/python
+[ -x "$python" ] || python=python3
+on_machine=$("$python" - "$WHEELHOUSE/wheelhouse.json" <<'PY'
+import json, sys
+for entry in json.load(open(sys.argv[1]))["on_machine"]:
+    if not entry["name"].startswith(("nvidia-", "cuda-")):  # torch's CUDA 13 build brings its own
+        print(entry["name"] if entry["version"].startswith("any") else f"{entry['name']}=={entry['version']}")
+PY
+)
+requirements=$(printf '%s\n' $pinned $on_machine pytest pytest-timeout scikit-image | sort -u | tr '\n' ' ')
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" != "$requirements" ]; then
+    echo "gpu_rehearsal: building $VENV ($("$python312" -V)): $requirements"
+    rm -rf "$VENV"
+    "$python312" -m venv "$VENV"
+    # shellcheck disable=SC2086  # one word per requirement
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $requirements \
+        2> >(grep -v "is ignored: it is neither" >&2)
+    echo "$requirements" >"$VENV/requirements"
+fi
+"$VENV/bin/python" -c 'import torch, transformers, sys
+print(f"gpu_rehearsal: Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")'
+echo "gpu_rehearsal: environment ready at $(($(date +%s) - started)) s"
+PYTHON=$VENV/bin/python bash ci/gpu_check.sh --offline "$WHEELHOUSE" --out gpu-rehearsal-results --rehearse
+echo "gpu_rehearsal: done in $(($(date +%s) - started)) s"
