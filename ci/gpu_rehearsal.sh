@@ -4,7 +4,8 @@
 # run ci/gpu_check.sh --offline on it in its CPU rehearsal mode, with the Python 3.12 of .venv-gpu-rehearsal/:
 # the machine's versions of torch (2.11.0, its CUDA 13 build from PyPI), torchvision, transformers, numpy and
 # the packages the wheelhouse leaves to the machine, and nothing else. Both folders are ignored by git; the
-# environment is built once (minutes: torch's CUDA libraries) and rebuilt only when its requirements change.
+# environment is built once (minutes: torch's CUDA libraries) and updated when its requirements change (a
+# requirement dropped from the list stays installed until the folder is removed).
 #     bash ci/gpu_rehearsal.sh      (figures of the rehearsal in gpu-rehearsal-results/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,15 +23,14 @@ python=.venv/bin/python
 on_machine=$("$python" - "$WHEELHOUSE/wheelhouse.json" <<'PY'
 import json, sys
 for entry in json.load(open(sys.argv[1]))["on_machine"]:
-    if not entry["name"].startswith(("nvidia-", "cuda-")):  # torch's CUDA 13 build brings its own
+    if entry["name"] == "nvidia-ml-py" or not entry["name"].startswith("nvidia-"):  # torch brings CUDA's libraries
         print(entry["name"] if entry["version"].startswith("any") else f"{entry['name']}=={entry['version']}")
 PY
 )
 requirements=$(printf '%s\n' $pinned $on_machine pytest pytest-timeout scikit-image | sort -u | tr '\n' ' ')
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" != "$requirements" ]; then
     echo "gpu_rehearsal: building $VENV ($("$python312" -V)): $requirements"
-    rm -rf "$VENV"
-    "$python312" -m venv "$VENV"
+    [ -x "$VENV/bin/python" ] || "$python312" -m venv "$VENV"
     # shellcheck disable=SC2086  # one word per requirement
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $requirements \
         2> >(grep -v "is ignored: it is neither" >&2)
