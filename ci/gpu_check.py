@@ -117,9 +117,8 @@ def environment(run: Run) -> dict[str, Any]:
     import dask_cuda  # noqa: F401 - importable without a GPU; LocalCUDACluster needs one
     from torchcodec.decoders import decode_jpeg  # noqa: F401 - loads TorchCodec's native image library
 
-    imported = sorted(name for name in sys.modules if name.split(".")[0] in ("faiss", "cudf", "dask_cudf"))
-    if imported:
-        problems.append(f"the check imported {imported}: they must be imported only where they are used")
+    if _never_imported():
+        problems.append(f"importing dask_clip imported {_never_imported()}: import them only where they are used")
     stack = detect()
     figures.update(gpu_stack=stack.describe(), problems=problems)
     if run.gpu:
@@ -128,6 +127,21 @@ def environment(run: Run) -> dict[str, Any]:
         figures["gpu"] = torch.cuda.get_device_name(0)
     if problems:
         raise CheckFailed("; ".join(problems), figures)
+    return figures
+
+
+def _never_imported() -> list[str]:
+    """The modules of faiss and cuDF this process imported (the check must need neither)."""
+    return sorted(name for name in sys.modules if name.split(".")[0] in ("faiss", "cudf", "dask_cudf"))
+
+
+def imports(run: Run) -> dict[str, Any]:
+    """After every step: faiss and cuDF were imported neither here nor on any worker."""
+    figures = {"here": _never_imported()}
+    if run.client is not None:
+        figures["workers"] = run.client.run(_never_imported)
+    if figures["here"] or any(figures.get("workers", {}).values()):
+        raise CheckFailed("faiss or cuDF was imported: the GPU machine has neither", figures)
     return figures
 
 
@@ -593,6 +607,7 @@ STEPS: list[tuple[str, Callable[[Run], dict[str, Any]]]] = [
     ("out_of_memory", out_of_memory),
     ("end_to_end", end_to_end),
     ("fidelity", fidelity),
+    ("imports", imports),
 ]
 NEEDS_DATA = {"model_only", "decode_only", "out_of_memory", "end_to_end", "fidelity"}
 
