@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,10 +131,17 @@ def _have(folder: Path, wheel: dict[str, str], kept: list[str]) -> bool:
 
 
 def build_dask_clip(folder: Path) -> None:
-    """dask_clip itself as a wheel (installed there with --no-deps: its faiss dependency is never needed)."""
+    """dask_clip itself as a wheel (installed there with --no-deps: its faiss dependency is never needed), built
+    from a copy of the sources: a build in the checkout would share its build/ folder with the tests that build
+    the wheel while CI runs this alongside them."""
     for old in folder.glob("dask_clip-*.whl"):
         old.unlink()
-    pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder), str(ROOT))
+    with tempfile.TemporaryDirectory() as work:
+        source = Path(work) / "source"
+        shutil.copytree(ROOT / "dask_clip", source / "dask_clip", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, source / name)
+        pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder), str(source))
 
 
 def main(argv: list[str]) -> int:
