@@ -56,6 +56,8 @@ END_TO_END_BUDGET_S = 120
 DEADLINE_S = 8 * 60
 """A step that would start later than this is skipped: the lent machine gives a command 10 minutes."""
 NEEDS_GPU = "SKIPPED: needs GPU"
+VIT_L_14_VISION_PARAMETERS = 303_966_208
+"""OpenAI's ViT-L/14 image tower with its projection."""
 
 
 @dataclass(frozen=True)
@@ -98,29 +100,31 @@ class Run:
 
 # --- environment -------------------------------------------------------------------------------------------
 def environment(run: Run) -> dict[str, Any]:
-    """Versions, floors and requirements met, no faiss or cudf imported, and the GPU stack."""
+    """Versions, floors and requirements met, what the check imports importable, no faiss or cudf imported, and
+    the GPU stack. Every problem is listed, not only the first."""
+    import importlib
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
-    import dask_clip
-    from dask_clip import ClipImageEmbedder, ImageTextPairDataset  # noqa: F401 - imported for the check below
-    from dask_clip.gpu_environment import detect
-
-    figures: dict[str, Any] = {"python": platform.python_version(), "dask_clip_from": dask_clip.__file__}
-    figures["cpus"] = os.cpu_count()
+    figures: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
     names = ["torch", "torchvision", "transformers", "numpy", "pandas", "pyarrow", "pillow", "dask", "distributed"]
-    names += ["dask-cuda", "torchcodec", "fsspec", "nvidia-ml-py"]
+    names += ["dask-cuda", "torchcodec", "fsspec", "nvidia-ml-py", "dask-clip"]
     figures["versions"] = {name: _version(name) for name in names}
     problems = [f"dask_clip needs {need}, found {_version(need.name)}" for need in _unmet(_project_requirements())]
     problems += _wheelhouse_problems(run.wheelhouse, Requirement, metadata)
-    import dask_cuda  # noqa: F401 - importable without a GPU; LocalCUDACluster needs one
-    from torchcodec.decoders import decode_jpeg  # noqa: F401 - loads TorchCodec's native image library
-
+    # dask_cuda imports without a GPU (LocalCUDACluster needs one); torchcodec.decoders loads its native library
+    for module in ("dask_clip.embedders", "dask_clip.dataset", "distributed", "dask_cuda", "torchcodec.decoders"):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - each is a problem to list
+            problems.append(f"import {module}: {type(error).__name__}: {error}")
     if _never_imported():
         problems.append(f"importing dask_clip imported {_never_imported()}: import them only where they are used")
-    stack = detect()
-    figures.update(gpu_stack=stack.describe(), problems=problems)
+    figures["dask_clip_from"] = getattr(sys.modules.get("dask_clip"), "__file__", None)
+    from dask_clip.gpu_environment import detect
+
+    figures.update(gpu_stack=detect().describe(), problems=problems)
     if run.gpu:
         import torch
 
@@ -183,6 +187,9 @@ def _wheelhouse_problems(wheelhouse: Path | None, requirement_class: Any, metada
     extras = {"dask": {"distributed", "dataframe", "array"}, "dask-cuda": {"cu13"}}
     problems = []
     for wheel in manifest["wheels"]:
+        if _version(wheel["name"]) is None:
+            problems.append(f"{wheel['name']} {wheel['version']} is in the wheelhouse's list but not installed")
+            continue
         if wheel["name"] == "dask-clip":
             continue  # its own requirements are pyproject.toml's, checked above
         for text in metadata.requires(wheel["name"]) or []:
@@ -264,7 +271,24 @@ def data(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
     run.model_dir = testing.save_random_clip_model(run.work / "model", shape=run.sizes.model_shape)
     figures["model"] = {"shape": run.sizes.model_shape, "save_s": time.perf_counter() - started}
+    parameters = figures["model"]["vit_l_14_vision_parameters"] = _vit_l_14_vision_parameters()
+    if parameters != VIT_L_14_VISION_PARAMETERS:
+        raise CheckFailed(f"the vit-l-14 shape has {parameters} parameters, not {VIT_L_14_VISION_PARAMETERS}", figures)
     return figures
+
+
+def _vit_l_14_vision_parameters() -> int:
+    """The ViT-L/14 shape's vision tower built without memory (torch's meta device): its parameter count, so that
+    the rehearsal checks that this transformers builds the shape the GPU run saves."""
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+    from dask_clip import testing
+
+    config = testing.clip_config("vit-l-14")
+    with torch.device("meta"):
+        tower = CLIPVisionModelWithProjection(config.vision_config)
+    return sum(parameter.numel() for parameter in tower.parameters())
 
 
 # --- the steps on the GPU ----------------------------------------------------------------------------------
