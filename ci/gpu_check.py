@@ -405,13 +405,13 @@ def decode_only(run: Run) -> dict[str, Any]:
 
 def out_of_memory(run: Run) -> dict[str, Any]:
     """A batch twice the GPU's memory in uint8 pixels must be a ``DeviceOutOfMemoryError`` naming the fix."""
+    if not run.gpu:
+        return {"status": NEEDS_GPU}
     import torch
 
     from dask_clip import ClipImageEmbedder
     from dask_clip.errors import DeviceOutOfMemoryError
 
-    if not run.gpu:
-        return {"status": NEEDS_GPU}
     model = ClipImageEmbedder(str(run.model_dir), device="cuda").load_model()
     pixel = torch.zeros((3, 224, 224), dtype=torch.uint8, device="cuda")
     absurd = 2 * torch.cuda.get_device_properties(0).total_memory // pixel.numel()
