@@ -36,8 +36,9 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" !=
         2> >(grep -v "is ignored: it is neither" >&2)
     echo "$requirements" >"$VENV/requirements"
 fi
-"$VENV/bin/python" -c 'import torch, transformers, sys
-print(f"gpu_rehearsal: Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")'
+"$VENV/bin/python" -c 'import sys; from importlib.metadata import version
+torch, transformers, python = version("torch"), version("transformers"), sys.version.split()[0]
+print(f"gpu_rehearsal: Python {python}, torch {torch}, transformers {transformers}")'
 echo "gpu_rehearsal: environment ready at $(($(date +%s) - started)) s"
 PYTHON=$VENV/bin/python bash ci/gpu_check.sh --offline "$WHEELHOUSE" --out gpu-rehearsal-results --rehearse
 echo "gpu_rehearsal: done in $(($(date +%s) - started)) s"
