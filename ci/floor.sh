@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The save / read-back tests on the lowest pyarrow, pandas, numpy and dask that pyproject.toml allows, in a second small
-# environment (.venv-floor, ignored by git; no torch: these tests need none).
+# environment (.venv-floor, ignored by git; no torch: these tests need none). dask_clip is taken from the checkout
+# (PYTHONPATH), so that building this environment can run alongside ci/install.sh.
+#
+#   bash ci/floor.sh [pytest options]    build the environment where needed, then run the tests
+#   bash ci/floor.sh --build             only build it (ci/test.sh does this in the background)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 floor() { sed -n "s/^ *\"$1\(\[[a-z,]*\]\)\?>=\([0-9.]*\)\",$/\2/p" pyproject.toml; }  # floor NAME: X of "NAME[...]>=X"
@@ -11,7 +15,8 @@ pip() { .venv-floor/bin/python -m pip --quiet --disable-pip-version-check "$@" 2
 pip install "pyarrow==$(floor pyarrow).*" "pandas==$(floor pandas).*" "numpy==$(floor numpy).*" \
     "dask[dataframe]==$(floor dask).*" "distributed==$(floor dask).*" "fsspec>=2024.2" \
     "pillow>=10.1" "safetensors>=0.4" "tqdm>=4.60" "faiss-cpu>=1.8" pytest pytest-timeout
-pip install --no-deps -e .
+[ "${1:-}" = --build ] && exit 0
+export PYTHONPATH=$PWD
 .venv-floor/bin/python -c 'import dask, numpy, pandas, pyarrow
 print(f"pyarrow {pyarrow.__version__}, pandas {pandas.__version__}, numpy {numpy.__version__}, dask {dask.__version__}",
       "(the floors of pyproject.toml)")'

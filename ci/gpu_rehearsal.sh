@@ -11,15 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-gpu-rehearsal WHEELHOUSE=.gpu-wheelhouse
 started=$(date +%s)
-bash ci/gpu_wheelhouse.sh "$WHEELHOUSE"
-echo "gpu_rehearsal: wheelhouse in $(($(date +%s) - started)) s"
-
 python312=${PYTHON312:-$(ls -d ~/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
 python312=${python312:-python3.12}
+[ -x "$VENV/bin/python" ] || "$python312" -m venv "$VENV"
+# its own interpreter throughout: it never waits for .venv (ci/test.sh starts it alongside ci/install.sh)
+python=$VENV/bin/python
+PYTHON=$python bash ci/gpu_wheelhouse.sh "$WHEELHOUSE"
+echo "gpu_rehearsal: wheelhouse in $(($(date +%s) - started)) s"
 pinned=$(grep -v '^#' ci/gpu_machine.txt | tr ' ' '\n' | grep '==' | grep -v -E '^(cupy|triton|nvidia)' | sort)
 # the packages the wheelhouse relies on the machine for (their versions as pip would choose them, where unknown)
-python=.venv/bin/python
-[ -x "$python" ] || python=python3
 on_machine=$("$python" - "$WHEELHOUSE/wheelhouse.json" <<'PY'
 import json, sys
 for entry in json.load(open(sys.argv[1]))["on_machine"]:
@@ -29,8 +29,7 @@ PY
 )
 requirements=$(printf '%s\n' $pinned $on_machine pytest pytest-timeout scikit-image | sort -u | tr '\n' ' ')
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" != "$requirements" ]; then
-    echo "gpu_rehearsal: building $VENV ($("$python312" -V)): $requirements"
-    [ -x "$VENV/bin/python" ] || "$python312" -m venv "$VENV"
+    echo "gpu_rehearsal: building $VENV ($("$python" -V)): $requirements"
     # shellcheck disable=SC2086  # one word per requirement
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $requirements \
         2> >(grep -v "is ignored: it is neither" >&2)

@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash ci/gpu_wheelhouse.sh DIR [--also REQUIREMENT ...]" >&2; exit 2; }
-python=.venv/bin/python
-[ -x "$python" ] || python=${PYTHON:-python3}
+python=${PYTHON:-.venv/bin/python}
+[ -x "$python" ] || python=python3
 exec "$python" ci/gpu_wheelhouse.py "$@" 2> >(grep -v "is ignored: it is neither" >&2)

@@ -3,11 +3,12 @@
 # it is missing and we are root with apt), check the code's form and architecture (ruff, import-linter), run the
 # whole suite in two pytest-xdist processes, a file each at a time (GPU tests are skipped when no GPU is visible),
 # then the save / read-back tests again on the lowest pyarrow, pandas, numpy
-# and dask pyproject.toml allows (ci/floor.sh).
-# Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
+# and dask pyproject.toml allows (ci/floor.sh). The floor's and the readers' environments are built alongside
+# ci/install.sh. Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
 # the package index, not a GPU), ci/readers.sh reads files dask_clip wrote back with every reader of the
-# README's "Output format" table, each in its own environment, and ci/gpu_rehearsal.sh builds the GPU machine's
-# wheelhouse and rehearses the offline GPU check on the CPU. Extra arguments go to the main pytest run.
+# README's "Output format" table, each in its own environment, and ci/gpu_rehearsal.sh (its own Python 3.12
+# environment, from the start) builds the GPU machine's wheelhouse and rehearses the offline GPU check on the CPU.
+# Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
@@ -18,20 +19,27 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) &
     chromium=$!
 fi
+gpu_rehearsal_log=$(mktemp)
+bash ci/gpu_rehearsal.sh >"$gpu_rehearsal_log" 2>&1 &
+gpu_rehearsal=$!
+floor_log=$(mktemp)
+bash ci/floor.sh --build >"$floor_log" 2>&1 &
+floor_build=$!
+# The readers' check writes its files with .venv: it starts once ci/install.sh has made it (the marker file).
+readers_log=$(mktemp) installed=$(mktemp -u)
+{ bash ci/readers.sh --build && until [ -e "$installed" ]; do kill -0 $$ 2>/dev/null || exit 1; sleep 1; done &&
+    bash ci/readers.sh --check; } >"$readers_log" 2>&1 &
+readers=$!
 bash ci/install.sh
+touch "$installed"
 [ "$chromium" = true ] || wait "$chromium"
 gpu_extras_log=$(mktemp)
 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
 gpu_extras=$!
-readers_log=$(mktemp)
-bash ci/readers.sh --check >"$readers_log" 2>&1 &
-readers=$!
-gpu_rehearsal_log=$(mktemp)
-bash ci/gpu_rehearsal.sh >"$gpu_rehearsal_log" 2>&1 &
-gpu_rehearsal=$!
 status=0
 { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
-    .venv/bin/python -m pytest -n 2 --dist loadfile "$@" && bash ci/floor.sh -q; } || status=$?
+    .venv/bin/python -m pytest -n 2 --dist loadfile "$@" &&
+    { wait "$floor_build" || { cat "$floor_log"; false; }; } && bash ci/floor.sh -q; } || status=$?
 wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
 wait "$readers" || status=$((status ? status : $?))

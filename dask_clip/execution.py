@@ -39,6 +39,7 @@ import pandas as pd
 from dask.local import get_sync
 
 from dask_clip.distributed.client import current_client
+from dask_clip.distributed.gpu_use import GPU_RESOURCE, warn_of_unused_gpus
 from dask_clip.distributed.worker_setup import MemoryTuningPlugin
 from dask_clip.errors import ConfigurationError, DaskClipError, ShardError, UnsupportedDaskError
 from dask_clip.io.shards import Shard
@@ -294,12 +295,18 @@ def task_functions(optimized: dd.DataFrame | dd.Series | dd.Scalar) -> list[tupl
 
 
 def offered(client: Any, resources: TaskResources) -> TaskResources | None:
-    """``resources`` when some worker of ``client`` offers every resource they name, else None (logged once)."""
+    """``resources`` when some worker of ``client`` offers every resource they name, else None (logged once).
+
+    Tasks asking for the ``GPU`` resource first have the cluster checked for GPUs they would leave unused
+    (``warn_of_unused_gpus``); ``client`` None (the threaded scheduler) checks this process and returns None.
+    """
     wanted = {name for needs in resources.by_name.values() for name in needs}
-    if not wanted:
+    workers = client.scheduler_info(n_workers=-1)["workers"] if client is not None and wanted else {}
+    if GPU_RESOURCE in wanted:
+        warn_of_unused_gpus(client, workers)
+    if not wanted or client is None:
         return None
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    if any(wanted <= set(info.get("resources", {})) for info in workers):
+    if any(wanted <= set(info.get("resources", {})) for info in workers.values()):
         return resources
     logger.info("no worker offers resources %s; running without them", sorted(wanted))
     return None
@@ -333,10 +340,11 @@ def compute(collection: Any) -> Any:
     """Compute ``collection`` on the current client (tasks asking for the resources ``map_shards`` gave them,
     where workers offer them), or on the threaded scheduler of this process when there is no client."""
     client = current_client()
-    if client is None:
-        return dask.compute(collection, scheduler="threads")[0]
-    _prepare(client)
     optimized, resources = optimized_with_resources(collection)
+    if client is None:
+        offered(None, resources)  # only to check this process for GPUs the run leaves unused
+        return dask.compute(optimized, scheduler="threads", optimize_graph=optimized is collection)[0]
+    _prepare(client)
     future = client.compute(optimized, optimize_graph=False, resources=offered(client, resources))
     return client.gather(future)
 
@@ -363,6 +371,7 @@ def compute_per_shard(summaries: dd.DataFrame, progress: bool = False) -> pd.Dat
             _prepare(client)
             futures = client.compute(parts, optimize_graph=False, resources=offered(client, resources))
             return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=lambda: _cancel(futures))
+        offered(None, resources)  # only to check this process for GPUs the run leaves unused
         graphs = _independent_graphs(parts)
         if graphs is None:
             with _LocalProgress({part.key for part in parts}, counter):

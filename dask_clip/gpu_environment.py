@@ -74,7 +74,10 @@ def gpus_hidden_on_purpose() -> bool:
     """Whether ``CUDA_VISIBLE_DEVICES`` hides every GPU from this process. CUDA reads its entries up to the
     first invalid one, so a first entry that is no device index or UUID (``""``, ``-1``, ``none``, Slurm's
     ``NoDevFiles``) hides them all."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return _hides_every_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _hides_every_gpu(visible: str | None) -> bool:
     if visible is None:
         return False
     first = visible.split(",")[0].strip()
@@ -116,6 +119,42 @@ def detect() -> GpuEnvironment:
     torch_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     torch_view = (torch.__version__, torch.version.cuda, torch_gpus)
     return GpuEnvironment(socket.gethostname(), driver_gpus, driver_version, driver_cuda, *torch_view)
+
+
+@dataclass(frozen=True)
+class ProcessGpuView:
+    """What one process (a Dask worker) would run a model on: its ``host``, the GPUs its NVIDIA driver sees
+    (NVML, blind to ``CUDA_VISIBLE_DEVICES``), its ``CUDA_VISIBLE_DEVICES`` (None when unset) and, only when the
+    driver sees GPUs that are not hidden on purpose, its torch's view (``environment``; else torch is not
+    imported)."""
+
+    host: str
+    driver_gpus: int
+    visible: str | None
+    environment: GpuEnvironment | None
+
+    @property
+    def hidden(self) -> bool:
+        """Whether ``CUDA_VISIBLE_DEVICES`` hides every GPU from this process on purpose."""
+        return _hides_every_gpu(self.visible)
+
+    @property
+    def device(self) -> str:
+        """The GPU that torch's ``"cuda"`` device is here: the first entry of ``CUDA_VISIBLE_DEVICES`` (an index
+        or a UUID), else ``"0"``."""
+        return "0" if self.visible is None else self.visible.split(",")[0].strip()
+
+    @property
+    def torch_uses_gpus(self) -> bool:
+        """Whether torch here can use a GPU (then ``device=None`` means ``"cuda"``)."""
+        return self.environment is not None and self.environment.torch_gpus > 0
+
+
+def process_gpu_view() -> ProcessGpuView:
+    """This process's ``ProcessGpuView`` (imports torch only when the driver sees GPUs that are not hidden)."""
+    driver_gpus = count_gpus()
+    environment = detect() if driver_gpus and not gpus_hidden_on_purpose() else None
+    return ProcessGpuView(socket.gethostname(), driver_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), environment)
 
 
 def check_torch_sees_gpus(environment: GpuEnvironment) -> None:
