@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU (CUDA 13 driver, >= 580): install the gpu extra, run the gpu-marked tests and
-# both benchmarks in device mode, and print one table (decode and end-to-end images per second, nvJPEG vs
-# Pillow agreement, peak GPU memory). Meant to take under 8 minutes on one H100-class GPU.
-#     bash ci/gpu_check.sh
+# The GPU check, for a bare GPU machine without a package index: install the wheelhouse that ci/gpu_wheelhouse.sh
+# made (pip install --no-index --no-deps --target, a folder put first on PYTHONPATH; nothing else is installed),
+# then run ci/gpu_check.py: the gpu-marked tests, throughput (end to end, model only, decode only), GPU packing,
+# the out-of-memory error and fidelity, with a ViT-L/14-shaped model. Every figure goes to gpu_check.json and
+# gpu_check.md in --out (default: $OUT, else gpu-check-results/). Under 8 minutes on one H200.
+# Without a GPU, or with --rehearse, it is a CPU rehearsal at tiny sizes that says which steps need a GPU.
+#     bash ci/gpu_check.sh --offline WHEELHOUSE [--out FOLDER] [--rehearse]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="test,gpu" bash ci/install.sh
-.venv/bin/python - <<'PY'
-import sys
-import torch
-from dask_clip.gpu_environment import check_torch_sees_gpus, detect
-
-environment = detect()
-print(environment.describe())
-check_torch_sees_gpus(environment)  # names the fix when torch cannot use the driver's GPUs
-if not environment.torch_gpus:
-    sys.exit("ci/gpu_check.sh needs a GPU that torch can use; none is visible")
-PY
-results=$(mktemp -d)
-status=0
-.venv/bin/python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$results/gpu-tests.xml" || status=$?
-.venv/bin/python benchmarks/bench_decode.py --device cuda --repeat 2 --seconds 2
-.venv/bin/python benchmarks/bench_embed.py --quick --decode-mode device --skip-extras
-.venv/bin/python ci/gpu_report.py "$results/gpu-tests.xml"
-exit "$status"
+usage() { echo "usage: bash ci/gpu_check.sh --offline WHEELHOUSE [--out FOLDER] [--rehearse]" >&2; exit 2; }
+wheelhouse= out=${OUT:-gpu-check-results} rehearse=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --offline) wheelhouse=${2:?}; shift 2 ;;
+        --out) out=${2:?}; shift 2 ;;
+        --rehearse) rehearse=(--rehearse); shift ;;
+        *) usage ;;
+    esac
+done
+[ -n "$wheelhouse" ] && [ -f "$wheelhouse/wheelhouse.json" ] || usage
+python=${PYTHON:-python3}
+site=$(mktemp -d)/site
+trap 'rm -rf "$(dirname "$site")"' EXIT
+started=$(date +%s)
+"$python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$site" "$wheelhouse"/*.whl
+echo "gpu_check: installed $(ls "$wheelhouse"/*.whl | wc -l) wheels from $wheelhouse in $(($(date +%s) - started)) s"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+exec "$python" ci/gpu_check.py "$out" --wheelhouse "$wheelhouse" "${rehearse[@]}"

@@ -5,8 +5,10 @@
 # then the save / read-back tests again on the lowest pyarrow, pandas, numpy
 # and dask pyproject.toml allows (ci/floor.sh). The floor's and the readers' environments are built alongside
 # ci/install.sh. Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
-# the package index, not a GPU), and ci/readers.sh reads files dask_clip wrote back with every reader of the
-# README's "Output format" table, each in its own environment. Extra arguments go to the main pytest run.
+# the package index, not a GPU), ci/readers.sh reads files dask_clip wrote back with every reader of the
+# README's "Output format" table, each in its own environment, and ci/gpu_rehearsal.sh (its own Python 3.12
+# environment, from the start) builds the GPU machine's wheelhouse and rehearses the offline GPU check on the CPU.
+# Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
@@ -17,6 +19,9 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) &
     chromium=$!
 fi
+gpu_rehearsal_log=$(mktemp)
+bash ci/gpu_rehearsal.sh >"$gpu_rehearsal_log" 2>&1 &
+gpu_rehearsal=$!
 floor_log=$(mktemp)
 bash ci/floor.sh --build >"$floor_log" 2>&1 &
 floor_build=$!
@@ -39,4 +44,6 @@ wait "$gpu_extras" || status=$((status ? status : $?))
 cat "$gpu_extras_log"
 wait "$readers" || status=$((status ? status : $?))
 cat "$readers_log"
+wait "$gpu_rehearsal" || status=$((status ? status : $?))
+cat "$gpu_rehearsal_log"
 exit "$status"

@@ -64,6 +64,15 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
         patch_size=32,
         projection_dim=512,
     ),
+    # the shape of OpenAI's ViT-L/14 (ci/gpu_check.py: the GPU throughput figures)
+    "vit-l-14": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        projection_dim=768,
+    ),
 }
 
 IMG2DATASET_SCHEMA = pa.schema(
@@ -240,7 +249,7 @@ def _distinct_crop(pixels: np.ndarray, counter: int) -> np.ndarray:
 def save_random_clip_model(
     folder: str | Path, shape: str = "tiny", image_size: int = 224, seed: int = 0, projection_dim: int | None = None
 ) -> Path:
-    """Save a random-weight CLIP of ``shape`` (``"tiny"`` or ``"vit-b-32"``) with ``save_pretrained``.
+    """Save a random-weight CLIP of ``shape`` (``"tiny"``, ``"vit-b-32"`` or ``"vit-l-14"``) with ``save_pretrained``.
 
     ``projection_dim`` overrides the shape's embedding width.
 
@@ -248,16 +257,9 @@ def save_random_clip_model(
     ``preprocessor_config.json``. The embeddings are meaningless: use it to test plumbing, never to judge similarity.
     """
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPImageProcessor, CLIPModel
 
-    if shape not in MODEL_SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; choose from {sorted(MODEL_SHAPES)}")
-    vision = dict(MODEL_SHAPES[shape], image_size=image_size)
-    if projection_dim is not None:
-        vision["projection_dim"] = projection_dim
-    text = {k: v for k, v in vision.items() if k not in ("patch_size", "image_size")}
-    text.update(vocab_size=49408, max_position_embeddings=77)
-    config = CLIPConfig(projection_dim=vision["projection_dim"], vision_config=vision, text_config=text)
+    config = clip_config(shape, image_size, projection_dim)
     torch.manual_seed(seed)
     model = CLIPModel(config)
     folder = Path(folder)
@@ -266,6 +268,21 @@ def save_random_clip_model(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(folder)
     return folder
+
+
+def clip_config(shape: str = "tiny", image_size: int = 224, projection_dim: int | None = None) -> Any:
+    """The transformers ``CLIPConfig`` of ``shape`` (``MODEL_SHAPES``; the text tower as wide and deep as the
+    vision tower), for ``save_random_clip_model``."""
+    from transformers import CLIPConfig
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose from {sorted(MODEL_SHAPES)}")
+    vision = dict(MODEL_SHAPES[shape], image_size=image_size)
+    if projection_dim is not None:
+        vision["projection_dim"] = projection_dim
+    text = {k: v for k, v in vision.items() if k not in ("patch_size", "image_size")}
+    text.update(vocab_size=49408, max_position_embeddings=77)
+    return CLIPConfig(projection_dim=vision["projection_dim"], vision_config=vision, text_config=text)
 
 
 def save_random_siglip_model(
