@@ -69,14 +69,15 @@ def test_rows_near_the_planted_target_clusters_are_near_and_the_others_not(
     pool = write_pool(tmp_path / "pool")
     target = write_target(tmp_path / "target.npy")
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "pool"))
-    result = decided(keep_near_target(dataset, target, mode=mode, seed=3, **options))
+    filtered = keep_near_target(dataset, target, mode=mode, seed=3, **options)
+    result = decided(filtered)
     expected = pool["planted"].sort_index()
     assert result["near_target"].astype(bool).tolist() == expected.tolist()
     embedded = pool["image_embedding"].notna().sort_index()
     assert result["target_similarity"].notna().tolist() == embedded.tolist()  # null only without an embedding
     similarity = result["target_similarity"].astype("float64")
     assert similarity[expected].min() > 0.9 > 0.5 > similarity[~expected & embedded].max()
-    config = keep_near_target(dataset, target, mode=mode, seed=3, **options).operation_config("near_target")
+    config = filtered.operation_config("near_target")
     assert config["target"]["source"] == str(target)
     recorded = (config["target"]["rows"], config["target"]["width"], config["k"], config["seed"])
     assert recorded == (100, DIM, options["k"], 3)
@@ -135,3 +136,17 @@ def test_a_target_column_of_the_model_recorded_is_used_and_of_another_refused(
     with pytest.raises(UsageError, match="embedded by another model") as raised:
         NearTargetFilter(ImageTextPairDataset.from_webdataset(str(other)), threshold=0.5)(dataset)
     assert str(other) in str(raised.value) and "ClipImageEmbedder" in str(raised.value)
+
+
+def test_the_cli_marks_rows_near_a_target_file(tmp_path: Path, cli) -> None:
+    pool = write_pool(tmp_path / "pool", per_group=4)
+    target = write_target(tmp_path / "target.npy")
+    done = cli("target-filter", str(tmp_path / "pool"), "--target", str(target), "--k", "4", "--threshold", "0.8")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(pool)} rows, {int(pool['planted'].sum())} near the target (near_target=True)" in done.stdout
+    saved = decided(ImageTextPairDataset.from_webdataset(str(tmp_path / "pool")))
+    assert saved["near_target"].astype(bool).tolist() == pool["planted"].sort_index().tolist()
+    refused = cli(
+        "target-filter", str(tmp_path / "pool"), "--target", str(target), "--mode", "pool", "--threshold", "1"
+    )
+    assert refused.returncode == 2 and "takes no threshold" in refused.stderr
