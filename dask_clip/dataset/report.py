@@ -23,6 +23,7 @@ from dask_clip.dataset.review import (
     STEM,
     decision_boundary,
     duplicate_groups,
+    is_float,
     recorded_decisions,
     shard_rows,
     show,
@@ -61,7 +62,7 @@ def write_report(
     score_columns = [
         column
         for column, dtype in dataset.meta.dtypes.items()
-        if column not in (dataset.id_col, "image_offset", "image_size") and _is_float(dtype)
+        if column not in (dataset.id_col, "image_offset", "image_size") and is_float(dtype)
     ]
     error_column = next((column for column in ERRORS if column in dataset.meta.columns), None)
     decisions = recorded_decisions(dataset)
@@ -102,13 +103,6 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
         head = file.read(4096)
     if GENERATOR.encode() not in head:
         raise UsageError(f"{path}: exists and is not a dask_clip report; it is never replaced: write elsewhere")
-
-
-def _is_float(dtype: object) -> bool:
-    try:
-        return pd.api.types.is_float_dtype(dtype)
-    except TypeError:
-        return False
 
 
 def _overview(dataset: ImageTextPairDataset, rows: pd.DataFrame, error_column: str | None) -> str:

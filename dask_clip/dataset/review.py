@@ -283,9 +283,9 @@ class Decision:
 
 def recorded_decisions(dataset: ImageTextPairDataset) -> list[Decision]:
     """The decision columns of ``dataset`` whose record names a score and a side (``DECISIONS``), in column order."""
+    configs = {column: dataset.operation_config(column) or {} for column in dataset.provenance}
     found = []
-    for column in dataset.provenance:
-        config = dataset.operation_config(column) or {}
+    for column, config in configs.items():
         function = config.get("function")
         if function == "keep_top_fraction":
             side = "top" if config["largest"] else "bottom"
@@ -293,16 +293,8 @@ def recorded_decisions(dataset: ImageTextPairDataset) -> list[Decision]:
             summary += f"{config.get('scored_rows')} scored rows kept, threshold {config.get('threshold')}"
             found.append(Decision(column, config["column"], config["largest"], config.get("threshold"), summary))
         elif function == "keep_near_target" and pd.api.types.is_bool_dtype(dataset.meta[column].dtype):
-            score = next(
-                (
-                    other
-                    for other in dataset.provenance
-                    if other != column
-                    and pd.api.types.is_float_dtype(dataset.meta[other].dtype)
-                    and dataset.operation_config(other) == config
-                ),
-                None,
-            )
+            floats = (c for c, other in configs.items() if other == config and is_float(dataset.meta[c].dtype))
+            score = next(floats, None)  # the similarity the same run wrote
             if score is not None:
                 rule = (
                     f"cosine >= {config['threshold']}" if config["mode"] == "centroids" else "DataComp's pool clusters"
@@ -373,3 +365,11 @@ def decision_boundary(
         for frame, title in zip((kept, dropped), titles, strict=True)
     )
     return DecisionBoundary(decision, kept, dropped, grids)
+
+
+def is_float(dtype: object) -> bool:
+    """Whether ``dtype`` is a floating-point type (False for types pandas cannot judge)."""
+    try:
+        return pd.api.types.is_float_dtype(dtype)
+    except TypeError:
+        return False
