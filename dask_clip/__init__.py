@@ -32,6 +32,8 @@ _LAZY_NAMES = {
     "CombineDecisions": "dask_clip.ops.combine",
     "combine_decisions": "dask_clip.ops.combine",
     "keep_top_fraction": "dask_clip.ops.top_fraction",
+    "NearTargetFilter": "dask_clip.ops.near_target",
+    "keep_near_target": "dask_clip.ops.near_target",
     "ClipScore": "dask_clip.ops.clip_score",
     "AttachEmbeddings": "dask_clip.ops.attach",
     "clip_score": "dask_clip.ops.clip_score",

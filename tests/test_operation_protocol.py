@@ -33,6 +33,7 @@ FUNCTION_ENTRIES = {
     "clip_score": "ClipScore",
     "keep_by_threshold": "ThresholdFilter",
     "keep_top_fraction": "TopFractionFilter",
+    "keep_near_target": "NearTargetFilter",
     "combine_decisions": "CombineDecisions",
     "locate_images": "LocateImages",
     "ImageTextPairDataset.attach_embeddings": "AttachEmbeddings",

@@ -28,12 +28,28 @@ from dask_clip.cli import (
     reshard,
     search,
     serve,
+    target_filter,
 )
 from dask_clip.cli import filter as filter_
 from dask_clip.cli.shared import EXIT_FAILED, EXIT_USAGE, dask_log_level
 from dask_clip.errors import ConfigurationError, DaskClipError
 
-COMMANDS = (embed, dedup, filter_, reshard, search, build_index, export, attach, locate, info, report, serve, demo)
+COMMANDS = (
+    embed,
+    dedup,
+    filter_,
+    target_filter,
+    reshard,
+    search,
+    build_index,
+    export,
+    attach,
+    locate,
+    info,
+    report,
+    serve,
+    demo,
+)
 """The subcommands' modules, in the order ``--help`` lists them."""
 
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 NAME = "report"
 HELP = (
     "write one self-contained HTML file (thumbnails inline): overview, largest duplicate groups, score "
-    "histograms and failures"
+    "histograms, the rows each side of each decision's boundary and failures"
 )
 
 
@@ -25,6 +25,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out", help="the HTML file to write")
     options = defaults(write_report)
     parser.add_argument("--groups", type=int, default=options["groups"], help="duplicate groups shown, largest first")
+    parser.add_argument(
+        "--per-side",
+        type=int,
+        default=options["per_side"],
+        help="rows shown each side of a top fraction's or an image-based filter's boundary",
+    )
     parser.add_argument("--max-side", type=int, default=options["max_side"], help="thumbnails' longer side in px")
     parser.add_argument("--overwrite", action="store_true", help="replace a report written before")
     add_cluster_options(parser)
@@ -34,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from dask_clip.dataset.report import write_report
 
     def report(dataset: ImageTextPairDataset) -> int:
-        return write_report(dataset, args.out, groups=args.groups, max_side=args.max_side, overwrite=args.overwrite)
+        options = {"groups": args.groups, "per_side": args.per_side, "max_side": args.max_side}
+        return write_report(dataset, args.out, overwrite=args.overwrite, **options)
 
     return run_on_cluster(args, report, lambda size, seconds: f"wrote {args.out}: {size / 1e6:.1f} MB, {seconds:.1f}s")

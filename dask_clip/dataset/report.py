@@ -1,9 +1,11 @@
 """A dataset's review as one self-contained HTML file: overview, the largest duplicate groups, a histogram of each
-score column and the rows without an embedding, thumbnails inline (base64), no script and no link to fetch.
+score column (a recorded threshold marked), the rows each side of each decision's boundary (a top fraction's, an
+image-based filter's: ``review.recorded_decisions``) and the rows without an embedding, thumbnails inline (base64),
+no script and no link to fetch.
 
-Its size is bounded by the thumbnails it holds: at most ``groups * (1 + removed_per_group)`` for the duplicates
-and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (2-11 KB as base64 at 128 px for the
-test photos): with the defaults at most 160 thumbnails, under 2 MB.
+Its size is bounded by the thumbnails it holds: at most ``groups * (1 + removed_per_group)`` for the duplicates,
+``2 * per_side`` per decision and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (2-11 KB
+as base64 at 128 px for the test photos): with the defaults and no decision at most 160 thumbnails, under 2 MB.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from dask_clip.dataset.review import DEDUP_COLUMNS, ERRORS, STEM, duplicate_groups, shard_rows, show
+from dask_clip.dataset.review import (
+    DEDUP_COLUMNS,
+    ERRORS,
+    STEM,
+    decision_boundary,
+    duplicate_groups,
+    is_float,
+    recorded_decisions,
+    shard_rows,
+    show,
+)
 from dask_clip.errors import UsageError
 from dask_clip.images.thumbnails import ThumbnailCache
 from dask_clip.io.atomic import atomic_write
@@ -38,6 +50,7 @@ def write_report(
     removed_per_group: int = 7,
     reasons: int = 10,
     per_reason: int = 8,
+    per_side: int = 6,
     max_side: int = 128,
     cache: ThumbnailCache | None = None,
     overwrite: bool = False,
@@ -49,15 +62,25 @@ def write_report(
     score_columns = [
         column
         for column, dtype in dataset.meta.dtypes.items()
-        if column not in (dataset.id_col, "image_offset", "image_size") and _is_float(dtype)
+        if column not in (dataset.id_col, "image_offset", "image_size") and is_float(dtype)
     ]
     error_column = next((column for column in ERRORS if column in dataset.meta.columns), None)
-    rows = shard_rows(dataset, [dataset.id_col, *score_columns, *([error_column] if error_column else [])])
+    decisions = recorded_decisions(dataset)
+    decided = [d.column for d in decisions] + [d.score for d in decisions if d.score not in score_columns]
+    errors = [error_column] if error_column else []
+    rows = shard_rows(dataset, [dataset.id_col, *score_columns, *dict.fromkeys(decided), *errors])
     sections = [_overview(dataset, rows, error_column)]
     if all(column in dataset.meta.columns for column in DEDUP_COLUMNS):
         found = duplicate_groups(dataset, groups, max_removed=removed_per_group, max_side=max_side, cache=cache)
         sections.append(f"<h2>Largest duplicate groups</h2>{found._repr_html_()}")
-    sections.append("<h2>Scores</h2>" + "".join(_histogram(column, rows[column]) for column in score_columns))
+    thresholds = {d.score: d.threshold for d in decisions if d.threshold is not None}
+    histograms = (_histogram(column, rows[column], thresholds.get(column)) for column in score_columns)
+    sections.append("<h2>Scores</h2>" + "".join(histograms))
+    if decisions:
+        boundaries = (
+            decision_boundary(dataset, d.column, per_side, rows=rows, max_side=max_side, cache=cache) for d in decisions
+        )
+        sections.append("<h2>Decisions at their boundary</h2>" + "".join(b._repr_html_() for b in boundaries))
     if error_column:
         sections.append(_failures(dataset, rows, error_column, reasons, per_reason, max_side, cache))
     title = html.escape(f"dask_clip report: {dataset.path}")
@@ -82,13 +105,6 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
         raise UsageError(f"{path}: exists and is not a dask_clip report; it is never replaced: write elsewhere")
 
 
-def _is_float(dtype: object) -> bool:
-    try:
-        return pd.api.types.is_float_dtype(dtype)
-    except TypeError:
-        return False
-
-
 def _overview(dataset: ImageTextPairDataset, rows: pd.DataFrame, error_column: str | None) -> str:
     recorded = "".join(
         f"<tr><td>{html.escape(str(column))}</td>"
@@ -105,8 +121,11 @@ def _overview(dataset: ImageTextPairDataset, rows: pd.DataFrame, error_column: s
     )
 
 
-def _histogram(column: str, values: pd.Series, width: int = 360, height: int = 120) -> str:
-    """An inline SVG histogram of ``values`` (nulls and non-finite values left out)."""
+def _histogram(
+    column: str, values: pd.Series, threshold: float | None = None, width: int = 360, height: int = 120
+) -> str:
+    """An inline SVG histogram of ``values`` (nulls and non-finite values left out), ``threshold`` (a decision's,
+    when one was recorded on them) marked by a red line."""
     finite = values.astype("float64").to_numpy(na_value=np.nan)
     finite = finite[np.isfinite(finite)]
     if not len(finite):
@@ -119,6 +138,12 @@ def _histogram(column: str, values: pd.Series, width: int = 360, height: int = 1
         "</rect>"
         for i, c in enumerate(counts)
     )
+    if threshold is not None:
+        x = width * (threshold - edges[0]) / ((edges[-1] - edges[0]) or 1)
+        bars += (
+            f'<line class="threshold" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height}" stroke="#c00" stroke-width="2">'
+            f"<title>threshold {threshold:.6g}</title></line>"
+        )
     return (
         f'<h3>{html.escape(column)}</h3><svg class="histogram" width="{width}" height="{height + 14}">{bars}'
         f'<text x="0" y="{height + 12}" font-size="10">{edges[0]:.4g}</text>'

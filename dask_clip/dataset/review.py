@@ -8,6 +8,7 @@ the dataset for the shards shown only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -261,3 +262,114 @@ def _rows_of_shard(rows: pd.DataFrame, task: ShardTask, columns: list[str], remo
     if removed_only:
         rows = rows[rows["keep"].eq(False).fillna(False).to_numpy(dtype=bool)]
     return rows[columns].assign(**{STEM: task.shard.stem, TAR_URL: task.shard.tar_url})
+
+
+DECISIONS = ("keep_top_fraction", "keep_near_target")
+"""The functions whose recorded decision has a score and a side: ``decision_boundary`` shows them."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a decision column was made: ``column`` (bool) ranks rows by ``score`` (largest first when ``largest``),
+    True for the first ones; ``threshold`` is the score found or given (None: no threshold, as DataComp's pool
+    clusters); ``summary`` says the step in words."""
+
+    column: str
+    score: str
+    largest: bool
+    threshold: float | None
+    summary: str
+
+
+def recorded_decisions(dataset: ImageTextPairDataset) -> list[Decision]:
+    """The decision columns of ``dataset`` whose record names a score and a side (``DECISIONS``), in column order."""
+    configs = {column: dataset.operation_config(column) or {} for column in dataset.provenance}
+    found = []
+    for column, config in configs.items():
+        function = config.get("function")
+        if function == "keep_top_fraction":
+            side = "top" if config["largest"] else "bottom"
+            summary = f"{side} {config['fraction']} by {config['column']}: {config.get('kept_rows')} of "
+            summary += f"{config.get('scored_rows')} scored rows kept, threshold {config.get('threshold')}"
+            found.append(Decision(column, config["column"], config["largest"], config.get("threshold"), summary))
+        elif function == "keep_near_target" and pd.api.types.is_bool_dtype(dataset.meta[column].dtype):
+            floats = (c for c, other in configs.items() if other == config and is_float(dataset.meta[c].dtype))
+            score = next(floats, None)  # the similarity the same run wrote
+            if score is not None:
+                rule = (
+                    f"cosine >= {config['threshold']}" if config["mode"] == "centroids" else "DataComp's pool clusters"
+                )
+                summary = f"near {config['target']['source']} ({config['mode']}, k={config['k']}: {rule})"
+                found.append(Decision(column, score, True, config.get("threshold"), summary))
+    return found
+
+
+@dataclass(frozen=True)
+class DecisionBoundary:
+    """The rows on either side of a ``decision``'s boundary: ``kept`` (the kept rows ranked last, the last nearest
+    the boundary) and ``dropped`` (the rows not kept ranked first, the first nearest it), as frames and ``grids``
+    (their thumbnails: kept, then dropped). Jupyter shows them side by side."""
+
+    decision: Decision
+    kept: pd.DataFrame
+    dropped: pd.DataFrame
+    grids: tuple[ThumbnailGrid, ThumbnailGrid]
+
+    def _repr_html_(self) -> str:
+        import html
+
+        sides = "".join(f'<div style="flex:1;min-width:0">{grid._repr_html_()}</div>' for grid in self.grids)
+        return (
+            f"<p><b>{html.escape(self.decision.column)}</b>: {html.escape(self.decision.summary)}</p>"
+            f'<div class="dask-clip-boundary" style="display:flex;gap:2em">{sides}</div>'
+        )
+
+    def __repr__(self) -> str:
+        return "\n".join([f"DecisionBoundary({self.decision.column}: {self.decision.summary})", *map(repr, self.grids)])
+
+
+def boundary_rows(rows: pd.DataFrame, decision: Decision, id_col: str, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Of ``rows`` (with the decision's column and score, and ``id_col``), the ``n`` kept rows ranked last and the
+    ``n`` rows not kept ranked first, by score (the decision's side), then id; rows without a score left out."""
+    scored = rows[rows[decision.score].notna() & rows[decision.column].notna()]
+    ranked = scored.sort_values([decision.score, id_col], ascending=[not decision.largest, True], kind="stable")
+    kept = ranked[decision.column].astype(bool).to_numpy()
+    return ranked[kept].tail(n).reset_index(drop=True), ranked[~kept].head(n).reset_index(drop=True)
+
+
+def decision_boundary(
+    dataset: ImageTextPairDataset,
+    column: str,
+    n: int = 8,
+    *,
+    rows: pd.DataFrame | None = None,
+    max_side: int = 128,
+    cache: ThumbnailCache | None = None,
+) -> DecisionBoundary:
+    """The ``n`` rows each side of the boundary of decision ``column`` (a top fraction's, or an image-based
+    filter's: ``recorded_decisions``), with their thumbnails: where a fraction's threshold fell, which images just
+    made it and which just missed. ``rows``: the dataset's rows with the columns needed, when already computed.
+    ``ColumnError`` when ``column`` records no such decision."""
+    at_least("n", n)
+    decision = next((found for found in recorded_decisions(dataset) if found.column == column), None)
+    if decision is None:
+        named = [found.column for found in recorded_decisions(dataset)]
+        raise ColumnError(f"column {column!r} records no decision with a score (one of {DECISIONS}); these do: {named}")
+    if rows is None:
+        rows = shard_rows(dataset, [dataset.id_col, decision.column, decision.score])
+    kept, dropped = boundary_rows(rows, decision, dataset.id_col, n)
+    lines = [decision.score, dataset.id_col, STEM]
+    titles = (f"last {len(kept)} kept", f"first {len(dropped)} not kept")
+    grids = tuple(
+        dataclasses.replace(show(frame, dataset, lines, max_side, cache=cache), title=title)
+        for frame, title in zip((kept, dropped), titles, strict=True)
+    )
+    return DecisionBoundary(decision, kept, dropped, grids)
+
+
+def is_float(dtype: object) -> bool:
+    """Whether ``dtype`` is a floating-point type (False for types pandas cannot judge)."""
+    try:
+        return pd.api.types.is_float_dtype(dtype)
+    except TypeError:
+        return False

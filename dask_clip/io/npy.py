@@ -51,8 +51,8 @@ def read_npy_header(url: str) -> NpyHeader:
     dtype = np.dtype(dtype)
     if len(shape) != 2 or dtype.kind != "f" or dtype.name not in VECTOR_DTYPES:
         raise DataError(
-            f"{url}: holds an array of {dtype} with shape {tuple(shape)}, not rows of vectors: attach needs a 2-d "
-            f"array of {', '.join(VECTOR_DTYPES[:-1])} or {VECTOR_DTYPES[-1]} (one row per metadata row); "
+            f"{url}: holds an array of {dtype} with shape {tuple(shape)}, not rows of vectors (a 2-d "
+            f"array of {', '.join(VECTOR_DTYPES[:-1])} or {VECTOR_DTYPES[-1]}, one row per vector); "
             "save it as numpy.save(path, vectors.astype(numpy.float32).reshape(rows, width))"
         )
     return NpyHeader(int(shape[0]), int(shape[1]), dtype, offset, bool(fortran))

@@ -174,25 +174,11 @@ class SemanticDeduplicator(Deduplicator):
 
         The vectors' width is the column type's (which a file's footer records, ``io.vectors``); where no type
         says it (a list column of another tool), each shard's sample tells it and the fitting task checks them."""
-        dim = embedding_width(dataset.meta, self.embedding_column, self.name)
-        per_shard = math.ceil(self.kmeans_sample_size / len(dataset.shards))
-        sample_meta = pd.DataFrame(
-            {_VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())), _WEIGHT: empty_column("float64")}
-        )
-        samples = dataset.map_shards(
-            sample_shard,
-            sample_meta,
-            label=f"{self.name}-sample",
-            embedding_column=self.embedding_column,
-            dim=dim,
-            count=per_shard,
-            seed=self.seed,
-        ).to_delayed()  # optimised apart from the other passes: each shard is read by its own task here
-        return dask.delayed(fit_tree)(
-            samples,
-            dim=dim,
-            column=self.embedding_column,
-            stems=[shard.stem for shard in dataset.shards],
+        return sampled_cluster_tree(
+            dataset,
+            self.embedding_column,
+            self.kmeans_sample_size,
+            self.name,
             n_clusters=self.n_clusters,
             max_cluster_size=self.max_cluster_size,
             partitions=len(dataset.shards),
@@ -268,6 +254,30 @@ class SemanticDeduplicator(Deduplicator):
     def _decided(self, rows: pd.DataFrame, task: ShardTask, decisions: pd.DataFrame) -> pd.DataFrame:
         """A row's decision from its home cluster, or a duplicate a copy of it found: ``one_decision_per_row``."""
         return super()._decided(rows, task, one_decision_per_row(decisions, task.id_col))
+
+
+def sampled_cluster_tree(
+    dataset: ImageTextPairDataset, column: str, sample_size: int, purpose: str, **options: Any
+) -> Delayed:
+    """A delayed ``ClusterTree`` of embedding ``column``, fitted (``fit_cluster_tree``'s ``options``, ``seed``
+    among them) on a seeded sample of about ``sample_size`` unit vectors drawn evenly from the shards; ``purpose``
+    names the tasks and errors. Each shard is read by its own task, optimised apart from any later pass."""
+    dim = embedding_width(dataset.meta, column, purpose)
+    per_shard = math.ceil(sample_size / len(dataset.shards))
+    sample_meta = pd.DataFrame(
+        {_VECTOR: empty_column(pd.ArrowDtype(pa.large_binary())), _WEIGHT: empty_column("float64")}
+    )
+    samples = dataset.map_shards(
+        sample_shard,
+        sample_meta,
+        label=f"{purpose}-sample",
+        embedding_column=column,
+        dim=dim,
+        count=per_shard,
+        seed=options["seed"],
+    ).to_delayed()
+    stems = [shard.stem for shard in dataset.shards]
+    return dask.delayed(fit_tree)(samples, dim=dim, column=column, stems=stems, **options)
 
 
 def sample_shard(

@@ -57,6 +57,7 @@ Limit = Annotated[int, Query(ge=1, le=MAX_GROUPS)]
 Bins = Annotated[int, Query(ge=1, le=100)]
 Quantiles = Annotated[str, Query(max_length=200, description="comma-separated quantiles in [0, 1]")]
 PerReason = Annotated[int, Query(ge=1, le=MAX_K)]
+PerSide = Annotated[int, Query(ge=1, le=MAX_K, description="rows shown each side of a decision's boundary")]
 
 
 def create_app(
@@ -191,12 +192,15 @@ def create_app(
     # --- scores ---------------------------------------------------------------------------------------------
 
     @app.get("/api/scores")
-    def scores_api(bins: Bins = 20, quantiles: Quantiles = DEFAULT_QUANTILES) -> dict[str, Any]:
-        return {"columns": catalog.scores(bins, _quantiles(quantiles))}
+    def scores_api(bins: Bins = 20, quantiles: Quantiles = DEFAULT_QUANTILES, per_side: PerSide = 6) -> dict[str, Any]:
+        return {"columns": catalog.scores(bins, _quantiles(quantiles), per_side)}
 
     @app.get("/scores", response_class=HTMLResponse)
-    def scores_page(request: Request, bins: Bins = 20, quantiles: Quantiles = DEFAULT_QUANTILES) -> HTMLResponse:
-        return render(request, "scores", columns=catalog.scores(bins, _quantiles(quantiles)), quantiles=quantiles)
+    def scores_page(
+        request: Request, bins: Bins = 20, quantiles: Quantiles = DEFAULT_QUANTILES, per_side: PerSide = 6
+    ) -> HTMLResponse:
+        columns = catalog.scores(bins, _quantiles(quantiles), per_side)
+        return render(request, "scores", columns=columns, quantiles=quantiles)
 
     # --- failures -------------------------------------------------------------------------------------------
 

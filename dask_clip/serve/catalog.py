@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dask_clip.dataset import ImageTextPairDataset
+from dask_clip.dataset.review import Decision, boundary_rows, recorded_decisions
 from dask_clip.execution import compute
 from dask_clip.io.shards import Shard
 from dask_clip.provenance import describe_operation
@@ -139,10 +140,12 @@ class Catalog:
         derived = set(self.dataset.provenance)
         return [c for c in self.frame.columns if c in derived and pd.api.types.is_float_dtype(self.frame[c].dtype)]
 
-    def scores(self, bins: int, quantiles: list[float]) -> list[dict[str, Any]]:
-        """For each score column: its histogram (``bins`` equal bins over its range) and, at each quantile, the row
-        whose value is nearest to it."""
+    def scores(self, bins: int, quantiles: list[float], per_side: int) -> list[dict[str, Any]]:
+        """For each score column: its histogram (``bins`` equal bins over its range), at each quantile the row
+        whose value is nearest to it, and the decisions made on it (``decision``: a top fraction's, an image-based
+        filter's), each with its threshold and ``per_side`` rows each side of its boundary."""
         views = []
+        decisions = recorded_decisions(self.dataset)
         for column in self.score_columns():
             values = self.frame[column].astype("float64")
             present = values[np.isfinite(values.to_numpy(na_value=np.nan))]
@@ -160,9 +163,27 @@ class Catalog:
                     "counts": [int(c) for c in counts],
                     "edges": [float(e) for e in edges],
                     "quantiles": at_quantiles,
+                    "decisions": [self.decision(d, per_side) for d in decisions if d.score == column],
                 }
             )
         return views
+
+    def decision(self, decision: Decision, per_side: int) -> dict[str, Any]:
+        """A decision on a score column: its column, summary, threshold (None: it has none) and side, with the
+        ``per_side`` kept rows ranked last (``kept``, the last nearest the boundary) and the ``per_side`` rows not
+        kept ranked first (``dropped``), each with its ``score``."""
+        kept, dropped = (
+            [{**row, "score": float(score)} for row, score in zip(self.rows(side), side[decision.score], strict=True)]
+            for side in boundary_rows(self.frame, decision, self.dataset.id_col, per_side)
+        )
+        return {
+            "column": decision.column,
+            "summary": decision.summary,
+            "threshold": decision.threshold,
+            "largest": decision.largest,
+            "kept": kept,
+            "dropped": dropped,
+        }
 
     def has_dedup_columns(self) -> bool:
         return all(column in self.frame.columns for column in DEDUP_COLUMNS)
