@@ -33,6 +33,8 @@ _LAZY_NAMES = {
     "combine_decisions": "dask_clip.ops.combine",
     "keep_top_fraction": "dask_clip.ops.top_fraction",
     "ClipScore": "dask_clip.ops.clip_score",
+    "Decontaminator": "dask_clip.ops.decontaminate",
+    "decontaminate": "dask_clip.ops.decontaminate",
     "AttachEmbeddings": "dask_clip.ops.attach",
     "clip_score": "dask_clip.ops.clip_score",
     "LocateImages": "dask_clip.ops.locate",

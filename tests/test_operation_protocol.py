@@ -35,6 +35,7 @@ FUNCTION_ENTRIES = {
     "keep_top_fraction": "TopFractionFilter",
     "combine_decisions": "CombineDecisions",
     "locate_images": "LocateImages",
+    "decontaminate": "Decontaminator",
     "ImageTextPairDataset.attach_embeddings": "AttachEmbeddings",
 }
 """Public functions and dataset methods that add columns, and the operation each applies."""

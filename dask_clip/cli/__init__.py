@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dask_clip.cli import (
     attach,
     build_index,
+    decontaminate,
     dedup,
     demo,
     embed,
@@ -33,7 +34,22 @@ from dask_clip.cli import filter as filter_
 from dask_clip.cli.shared import EXIT_FAILED, EXIT_USAGE, dask_log_level
 from dask_clip.errors import ConfigurationError, DaskClipError
 
-COMMANDS = (embed, dedup, filter_, reshard, search, build_index, export, attach, locate, info, report, serve, demo)
+COMMANDS = (
+    embed,
+    dedup,
+    filter_,
+    decontaminate,
+    reshard,
+    search,
+    build_index,
+    export,
+    attach,
+    locate,
+    info,
+    report,
+    serve,
+    demo,
+)
 """The subcommands' modules, in the order ``--help`` lists them."""
 
 
