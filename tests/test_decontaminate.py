@@ -16,7 +16,10 @@ import pytest
 
 from dask_clip import ClipImageEmbedder, Decontaminator, ImageTextPairDataset, decontaminate, testing
 from dask_clip.columns import embeddings_to_numpy
+from dask_clip.dataset.report import write_report
+from dask_clip.dataset.review import contamination_matches
 from dask_clip.errors import ImageDecodeError, UsageError
+from dask_clip.images.thumbnails import ThumbnailCache
 from dask_clip.ops.evaluation_set import check_same_model
 
 THRESHOLD = 0.998
@@ -141,7 +144,7 @@ def test_an_evaluation_dataset_of_another_model_is_refused() -> None:
         check_same_model("image_embedding", recorded, "'emb' of /data/eval", {})
 
 
-def test_cli_end_to_end(planted, cli, tmp_path: Path) -> None:
+def test_cli_end_to_end_then_the_matches_are_shown_beside_their_evaluation_image(planted, cli, tmp_path: Path) -> None:
     folder, rows = planted
     shards = Path(shutil.copytree(folder / "shards", tmp_path / "shards"))
     result = cli("decontaminate", str(shards), "--against", str(folder / "eval"), "--threshold", str(THRESHOLD))
@@ -150,5 +153,19 @@ def test_cli_end_to_end(planted, cli, tmp_path: Path) -> None:
     flagged = int((~saved["decontaminated"]).sum())
     assert flagged >= 0.99 * int(rows["copy"].sum())
     assert f"{flagged} flagged (decontaminated=False)" in result.stdout and "9 evaluation items" in result.stdout
+
+    dataset = ImageTextPairDataset.from_webdataset(str(shards))
+    pairs = contamination_matches(dataset, n=3, cache=ThumbnailCache(tmp_path / "thumbnails"))
+    assert len(pairs) == 3 and pairs.total == flagged
+    lowest = saved["contamination_similarity"].astype(float).nsmallest(3).to_numpy()
+    np.testing.assert_allclose([frame["similarity"].iloc[0] for frame in pairs], lowest)
+    for frame, grid in zip(pairs, pairs.grids, strict=True):
+        assert list(frame["role"]) == ["training", "evaluation"]
+        assert [tile.jpeg is not None for tile in grid.tiles] == [True, True], grid
+        assert grid.tiles[1].lines == ("evaluation", frame["name"].iloc[0])
+    write_report(dataset, tmp_path / "report.html", cache=ThumbnailCache(tmp_path / "thumbnails"))
+    page = (tmp_path / "report.html").read_text()
+    assert f"20 of {flagged} contamination matches" in page and page.count(" matches ") >= 20
+
     wrong = cli("decontaminate", str(shards), "--against", str(tmp_path / "missing"), "--threshold", "0.9")
     assert wrong.returncode == 2 and "missing: no such file or folder" in wrong.stderr

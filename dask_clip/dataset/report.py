@@ -1,9 +1,11 @@
-"""A dataset's review as one self-contained HTML file: overview, the largest duplicate groups, a histogram of each
-score column and the rows without an embedding, thumbnails inline (base64), no script and no link to fetch.
+"""A dataset's review as one self-contained HTML file: overview, the largest duplicate groups, decontamination's
+matches, a histogram of each score column and the rows without an embedding, thumbnails inline (base64), no script
+and no link to fetch.
 
-Its size is bounded by the thumbnails it holds: at most ``groups * (1 + removed_per_group)`` for the duplicates
-and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (2-11 KB as base64 at 128 px for the
-test photos): with the defaults at most 160 thumbnails, under 2 MB.
+Its size is bounded by the thumbnails it holds: at most ``groups * (1 + removed_per_group)`` for the duplicates,
+``2 * matches`` for decontamination's matches (each training image beside the evaluation image it matched, lowest
+similarity first) and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (2-11 KB as base64 at
+128 px for the test photos): with the defaults at most 200 thumbnails, under 2.5 MB.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from dask_clip.dataset.review import DEDUP_COLUMNS, ERRORS, STEM, duplicate_groups, shard_rows, show
+from dask_clip.dataset.review import (
+    CONTAMINATION_COLUMNS,
+    DEDUP_COLUMNS,
+    ERRORS,
+    STEM,
+    contamination_matches,
+    duplicate_groups,
+    shard_rows,
+    show,
+)
 from dask_clip.errors import UsageError
 from dask_clip.images.thumbnails import ThumbnailCache
 from dask_clip.io.atomic import atomic_write
@@ -36,6 +47,7 @@ def write_report(
     *,
     groups: int = 10,
     removed_per_group: int = 7,
+    matches: int = 20,
     reasons: int = 10,
     per_reason: int = 8,
     max_side: int = 128,
@@ -57,6 +69,9 @@ def write_report(
     if all(column in dataset.meta.columns for column in DEDUP_COLUMNS):
         found = duplicate_groups(dataset, groups, max_removed=removed_per_group, max_side=max_side, cache=cache)
         sections.append(f"<h2>Largest duplicate groups</h2>{found._repr_html_()}")
+    if all(column in dataset.meta.columns for column in CONTAMINATION_COLUMNS):
+        matched = contamination_matches(dataset, matches, max_side=max_side, cache=cache)
+        sections.append(f"<h2>Evaluation-set matches (decontamination)</h2>{matched._repr_html_()}")
     sections.append("<h2>Scores</h2>" + "".join(_histogram(column, rows[column]) for column in score_columns))
     if error_column:
         sections.append(_failures(dataset, rows, error_column, reasons, per_reason, max_side, cache))
