@@ -5,6 +5,7 @@ a dataset or an embeddings file, and bad ones are refused naming the file."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from dask_clip import ClipImageEmbedder, Decontaminator, ImageTextPairDataset, decontaminate, testing
 from dask_clip.columns import embeddings_to_numpy
+from dask_clip.dataset.consistency import rerun_command
 from dask_clip.dataset.report import write_report
 from dask_clip.dataset.review import contamination_matches
 from dask_clip.errors import ImageDecodeError, UsageError
@@ -65,6 +67,10 @@ def test_copies_are_flagged_with_their_photo_and_distinct_photos_are_not(planted
     assert recorded["against"]["kind"] == "images" and recorded["against"]["items"] == 9
     assert recorded["model"]["model_dir"] == dataset.operation_config("image_embedding")["model_dir"]
     assert recorded["search"] == "exact"
+    assert rerun_command(recorded, "shards") == (
+        f"dask-clip decontaminate shards --against {os.path.realpath(folder / 'eval')} --threshold {THRESHOLD} "
+        "--embedding-column image_embedding"
+    )
     (folder / "eval" / "extra.jpg").write_bytes((folder / "eval" / "moon.jpg").read_bytes())
     try:  # another evaluation set: another recorded identity
         again = Decontaminator(folder / "eval", threshold=THRESHOLD).fitted(dataset)
