@@ -19,7 +19,6 @@ from dask_clip import ClipImageEmbedder, Decontaminator, ImageTextPairDataset, d
 from dask_clip.columns import embeddings_to_numpy
 from dask_clip.dataset.consistency import rerun_command
 from dask_clip.dataset.report import write_report
-from dask_clip.dataset.review import contamination_matches
 from dask_clip.errors import ImageDecodeError, UsageError
 from dask_clip.images.thumbnails import ThumbnailCache
 from dask_clip.ops.evaluation_set import check_same_model
@@ -161,7 +160,7 @@ def test_cli_end_to_end_then_the_matches_are_shown_beside_their_evaluation_image
     assert f"{flagged} flagged (decontaminated=False)" in result.stdout and "9 evaluation items" in result.stdout
 
     dataset = ImageTextPairDataset.from_webdataset(str(shards))
-    pairs = contamination_matches(dataset, n=3, cache=ThumbnailCache(tmp_path / "thumbnails"))
+    pairs = dataset.contamination_matches(n=3, cache=ThumbnailCache(tmp_path / "thumbnails"))
     assert len(pairs) == 3 and pairs.total == flagged
     lowest = saved["contamination_similarity"].astype(float).nsmallest(3).to_numpy()
     np.testing.assert_allclose([frame["similarity"].iloc[0] for frame in pairs], lowest)
