@@ -35,6 +35,8 @@ _LAZY_NAMES = {
     "NearTargetFilter": "dask_clip.ops.near_target",
     "keep_near_target": "dask_clip.ops.near_target",
     "ClipScore": "dask_clip.ops.clip_score",
+    "Decontaminator": "dask_clip.ops.decontaminate",
+    "decontaminate": "dask_clip.ops.decontaminate",
     "AttachEmbeddings": "dask_clip.ops.attach",
     "clip_score": "dask_clip.ops.clip_score",
     "LocateImages": "dask_clip.ops.locate",

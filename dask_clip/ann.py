@@ -241,6 +241,18 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None) 
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
 
 
+def range_search(
+    index: faiss.Index, queries: np.ndarray, threshold: float, nprobe: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every label scoring at least ``threshold`` against each unit ``float32 (B, D)`` query (an IVF index scans
+    ``nprobe`` lists): ``int64 (B + 1,)`` offsets (query ``q``'s results are ``[lims[q], lims[q + 1])``),
+    ``float32 (R,)`` scores and ``int64 (R,)`` labels."""
+    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe and _ivf_of(index) is not None else None
+    below = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # faiss keeps scores above its radius
+    lims, scores, labels = index.range_search(np.ascontiguousarray(queries, dtype=np.float32), below, params=params)
+    return lims.astype(np.int64), scores, labels.astype(np.int64)
+
+
 def to_bytes(index: faiss.Index) -> np.ndarray:
     """``index`` serialised: ``uint8 (bytes,)``."""
     return faiss.serialize_index(index)

@@ -400,3 +400,83 @@ def write_embedding_shards(
         ]
         parquets.append(write_shard(folder, shard, rows, {}, schema=schema, vector_layout=vector_layout)[1])
     return parquets
+
+
+CONTAMINATION_EVAL_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "rocket",
+    "camera",
+    "moon",
+    "clock",
+    "brick",
+    "retina",
+    "colorwheel",
+)
+"""The photos ``make_contamination_case`` puts in the evaluation folder; the other photos are training images only."""
+CONTAMINATION_DISTINCT_PHOTOS = (
+    "chelsea",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "page",
+    "grass",
+    "gravel",
+    "cell",
+)
+"""Photos none of which is in the evaluation folder, nor is another crop of one there (``skimage.data.cat`` is
+``chelsea``: it is left out)."""
+
+
+def make_contamination_case(
+    folder: str | Path,
+    qualities: Sequence[int] = (30, 60, 90),
+    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5),
+    crops: Sequence[float] = (0.9, 0.75, 0.5),
+    rows_per_shard: int = 64,
+) -> list[dict[str, Any]]:
+    """An evaluation folder and training shards that hold planted copies of its photos, for decontamination.
+
+    ``folder/eval`` holds ``CONTAMINATION_EVAL_PHOTOS`` as ``<name>.jpg`` (quality 90, at most 512 px a side, as
+    every photo here). ``folder/shards`` holds, for each of those photos and each of
+    ``CONTAMINATION_DISTINCT_PHOTOS`` (none of which is in the evaluation folder), a copy resized by each of
+    ``scales`` and re-encoded at each of ``qualities`` (kind ``reencoded`` at scale 1, else ``resized``), and a
+    centre crop keeping each of ``crops`` of its sides (kind ``crop``, quality 90). Returns one dict per training
+    row: ``key``, ``kind``, ``photo`` and whether it is a ``copy`` of an evaluation photo."""
+    folder = Path(folder)
+    photos = sample_photos(CONTAMINATION_EVAL_PHOTOS + CONTAMINATION_DISTINCT_PHOTOS)
+    photos = {name: _at_most(pixels, 512) for name, pixels in photos.items()}
+    (folder / "eval").mkdir(parents=True, exist_ok=True)
+    for name in CONTAMINATION_EVAL_PHOTOS:
+        (folder / "eval" / f"{name}.jpg").write_bytes(encode_jpeg(photos[name]))
+    planted: list[tuple[str, str, bytes]] = []
+    for name, pixels in photos.items():
+        height, width = pixels.shape[:2]
+        for scale in scales:
+            size = (max(16, round(width * scale)), max(16, round(height * scale)))
+            resized = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
+            for quality in qualities:
+                planted.append((name, "reencoded" if scale == 1 else "resized", encode_jpeg(resized, quality)))
+        for keep in crops:
+            top, left = round(height * (1 - keep) / 2), round(width * (1 - keep) / 2)
+            cropped = pixels[top : top + round(height * keep), left : left + round(width * keep)]
+            planted.append((name, "crop", encode_jpeg(np.ascontiguousarray(cropped))))
+    rows = []
+    for start in range(0, len(planted), rows_per_shard):
+        shard_rows, members = [], {}
+        for index, (name, kind, jpeg) in enumerate(planted[start : start + rows_per_shard]):
+            key = img2dataset_key(start // rows_per_shard, index)
+            caption = f"{kind} {name}"
+            digest = hashlib.sha256(jpeg).hexdigest()
+            shard_rows.append(_row(f"file:///{name}.jpg", caption, key, "success", None, sha256=digest))
+            members[key] = {"jpg": jpeg, "txt": caption.encode()}
+            rows.append({"key": key, "kind": kind, "photo": name, "copy": name in CONTAMINATION_EVAL_PHOTOS})
+        write_shard(folder / "shards", start // rows_per_shard, shard_rows, members)
+    return rows
+
+
+def _at_most(pixels: np.ndarray, side: int) -> np.ndarray:
+    """``uint8 (H, W, 3)`` shrunk to at most ``side`` pixels on its longer side."""
+    image = Image.fromarray(pixels)
+    image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    return np.asarray(image)

@@ -36,6 +36,7 @@ FUNCTION_ENTRIES = {
     "keep_near_target": "NearTargetFilter",
     "combine_decisions": "CombineDecisions",
     "locate_images": "LocateImages",
+    "decontaminate": "Decontaminator",
     "ImageTextPairDataset.attach_embeddings": "AttachEmbeddings",
 }
 """Public functions and dataset methods that add columns, and the operation each applies."""

@@ -47,6 +47,21 @@ def test_the_demo_says_what_it_did_and_how_to_see_it(demo_run: DemoRun) -> None:
     assert len(list((demo_run.folder / "demo_output" / "shards").glob("*.parquet"))) == 4
 
 
+def test_the_demo_decontaminates_against_a_folder_of_its_source_photos(demo_run: DemoRun, tmp_path: Path) -> None:
+    """From Python (the README's CLI form is tested on planted copies): the demo's two crops of each photo in the
+    folder are flagged, at the threshold measured for the random model (tests/test_decontaminate.py), and no other."""
+    from dask_clip import ImageTextPairDataset, decontaminate, testing
+
+    for name, pixels in testing.sample_photos(("astronaut", "moon")).items():
+        (tmp_path / f"{name}.jpg").write_bytes(testing.encode_jpeg(pixels))
+    dataset = ImageTextPairDataset.from_webdataset(str(demo_run.folder / "demo_output" / "shards"))
+    frame = decontaminate(dataset, tmp_path, threshold=0.998).metadata.compute()
+    copies = frame["caption"].isin(["a photo of astronaut", "a photo of moon"]) & frame["image_embedding"].notna()
+    flagged = ~frame["decontaminated"].astype(bool)
+    assert copies.sum() >= 3 and (flagged == copies).all(), frame[flagged | copies]
+    assert set(frame.loc[flagged, "contamination_match"]) == {"astronaut.jpg", "moon.jpg"}
+
+
 @pytest.fixture(scope="module")
 def base_url(demo_run: DemoRun) -> Iterator[str]:
     """The ``dask-clip serve`` command the demo printed, run in the demo's folder on a free loopback port (a process

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dask_clip.cli import (
     attach,
     build_index,
+    decontaminate,
     dedup,
     demo,
     embed,
@@ -39,6 +40,7 @@ COMMANDS = (
     dedup,
     filter_,
     target_filter,
+    decontaminate,
     reshard,
     search,
     build_index,

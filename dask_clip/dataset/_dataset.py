@@ -19,7 +19,7 @@ from dask_clip.dataset.index import build_index
 from dask_clip.dataset.index_files import open_index
 from dask_clip.dataset.info import info
 from dask_clip.dataset.reshard import to_webdataset
-from dask_clip.dataset.review import decision_boundary, duplicate_groups
+from dask_clip.dataset.review import contamination_matches, decision_boundary, duplicate_groups
 from dask_clip.dataset.save import save_metadata
 from dask_clip.dataset.search import search
 from dask_clip.errors import ColumnError
@@ -208,6 +208,7 @@ class ImageTextPairDataset:
     open_index = open_index
     duplicate_groups = duplicate_groups
     decision_boundary = decision_boundary
+    contamination_matches = contamination_matches
 
     def attach_embeddings(
         self,

@@ -287,6 +287,8 @@ def rerun_command(operation: dict[str, Any] | None, path: str) -> str:
             " --keep-missing" if operation.get("keep_missing") else ""
         )
         return f"dask-clip filter {path} --column {operation['column']} --top-fraction {operation['fraction']}{flags}"
+    if name == "decontaminate" and operation.get("against", {}).get("path"):
+        return _decontaminate_command(operation, path)
     semantic_cli = {"embedding_column": "image_embedding", "max_iter": 30}  # what the command does not set
     if name == "SemanticDeduplicator" and all(operation.get(key) == value for key, value in semantic_cli.items()):
         return (
@@ -296,6 +298,18 @@ def rerun_command(operation: dict[str, Any] | None, path: str) -> str:
             f"--max-cluster-size {operation.get('max_cluster_size') or 0}"
         )
     return _python(operation)
+
+
+def _decontaminate_command(operation: dict[str, Any], path: str) -> str:
+    """``dask-clip decontaminate`` with the evaluation set, threshold, column and search ``operation`` records."""
+    against, search = operation["against"], operation.get("search")
+    command = (
+        f"dask-clip decontaminate {path} --against {against['path']} --threshold {operation['threshold']} "
+        f"--embedding-column {operation['embedding_column']}"
+    )
+    command += f" --against-column {against['column']}" if against.get("column") else ""
+    command += f" --index {search['index']} --nprobe {search['nprobe']}" if isinstance(search, dict) else ""
+    return command + ("" if operation.get("keep_missing", True) else " --drop-missing")
 
 
 def _python(operation: dict[str, Any]) -> str:

@@ -1,11 +1,13 @@
-"""A dataset's review as one self-contained HTML file: overview, the largest duplicate groups, a histogram of each
-score column (a recorded threshold marked), the rows each side of each decision's boundary (a top fraction's, an
-image-based filter's: ``review.recorded_decisions``) and the rows without an embedding, thumbnails inline (base64),
-no script and no link to fetch.
+"""A dataset's review as one self-contained HTML file: overview, the largest duplicate groups, decontamination's
+matches, a histogram of each score column (a recorded threshold marked), the rows each side of each decision's
+boundary (a top fraction's, an image-based filter's: ``review.recorded_decisions``) and the rows without an
+embedding, thumbnails inline (base64), no script and no link to fetch.
 
 Its size is bounded by the thumbnails it holds: at most ``groups * (1 + removed_per_group)`` for the duplicates,
-``2 * per_side`` per decision and ``reasons * per_reason`` for the failures, each at most ``max_side`` px (2-11 KB
-as base64 at 128 px for the test photos): with the defaults and no decision at most 160 thumbnails, under 2 MB.
+``2 * matches`` for decontamination's matches (each training image beside the evaluation image it matched, lowest
+similarity first), ``2 * per_side`` per decision and ``reasons * per_reason`` for the failures, each at most
+``max_side`` px (2-11 KB as base64 at 128 px for the test photos): with the defaults and no decision at most 200
+thumbnails, under 2.5 MB.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import numpy as np
 import pandas as pd
 
 from dask_clip.dataset.review import (
+    CONTAMINATION_COLUMNS,
     DEDUP_COLUMNS,
     ERRORS,
     STEM,
+    contamination_matches,
     decision_boundary,
     duplicate_groups,
     is_float,
@@ -48,6 +52,7 @@ def write_report(
     *,
     groups: int = 10,
     removed_per_group: int = 7,
+    matches: int = 20,
     reasons: int = 10,
     per_reason: int = 8,
     per_side: int = 6,
@@ -73,6 +78,9 @@ def write_report(
     if all(column in dataset.meta.columns for column in DEDUP_COLUMNS):
         found = duplicate_groups(dataset, groups, max_removed=removed_per_group, max_side=max_side, cache=cache)
         sections.append(f"<h2>Largest duplicate groups</h2>{found._repr_html_()}")
+    if all(column in dataset.meta.columns for column in CONTAMINATION_COLUMNS):
+        matched = contamination_matches(dataset, matches, max_side=max_side, cache=cache)
+        sections.append(f"<h2>Evaluation-set matches (decontamination)</h2>{matched._repr_html_()}")
     thresholds = {d.score: d.threshold for d in decisions if d.threshold is not None}
     histograms = (_histogram(column, rows[column], thresholds.get(column)) for column in score_columns)
     sections.append("<h2>Scores</h2>" + "".join(histograms))

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from dask_clip.arguments import at_least, one_of
-from dask_clip.errors import ColumnError, UsageError
+from dask_clip.errors import ColumnError, DataError, UsageError
 from dask_clip.execution import ShardTask, compute
-from dask_clip.images.gallery import OFFSET, SIZE, ThumbnailGrid, row_tiles
+from dask_clip.images.gallery import OFFSET, SIZE, ThumbnailGrid, Tile, row_tiles
 from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
-from dask_clip.images.thumbnails import ThumbnailCache
+from dask_clip.images.thumbnails import ThumbnailCache, thumbnail
+from dask_clip.io.shards import discover_shards, filesystem_of
 
 if TYPE_CHECKING:
     from dask_clip.dataset import ImageTextPairDataset
@@ -32,6 +34,7 @@ ERRORS = ("embedding_error", "error_message")
 """Where a row's reason for having no image is: its embedding's error, else img2dataset's download error."""
 SORTS = ("size", "similarity")
 DEDUP_COLUMNS = ("keep", "duplicate_of", "duplicate_of_shard", "similarity")
+CONTAMINATION_COLUMNS = ("decontaminated", "contamination_match", "contamination_similarity")
 
 
 def show(
@@ -80,6 +83,7 @@ class DuplicateGroups:
     frames: tuple[pd.DataFrame, ...]
     grids: tuple[ThumbnailGrid, ...]
     total: int
+    what: str = "duplicate groups"
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
         return iter(self.frames)
@@ -91,11 +95,12 @@ class DuplicateGroups:
         return self.frames[index]
 
     def _repr_html_(self) -> str:
-        heading = f"<p>{len(self.frames)} of {self.total} duplicate groups</p>"
+        heading = f"<p>{len(self.frames)} of {self.total} {self.what}</p>"
         return heading + "".join(f'<div style="margin-bottom:1em">{g._repr_html_()}</div>' for g in self.grids)
 
     def __repr__(self) -> str:
-        return "\n".join([f"DuplicateGroups({len(self.frames)} of {self.total})", *map(repr, self.grids)])
+        title = f"DuplicateGroups({len(self.frames)} of {self.total} {self.what})"
+        return "\n".join([title, *map(repr, self.grids)])
 
 
 def duplicate_groups(
@@ -156,6 +161,81 @@ def duplicate_groups(
         grids.append(ThumbnailGrid(group_tiles, rows.reset_index(drop=True), max_side, title))
     frames = [frame.reset_index(drop=True) for frame in frames]
     return DuplicateGroups(tuple(frames), tuple(grids), len(groups))
+
+
+def contamination_matches(
+    dataset: ImageTextPairDataset,
+    n: int = 10,
+    *,
+    max_side: int = 128,
+    cache: ThumbnailCache | None = None,
+) -> DuplicateGroups:
+    """The first ``n`` training rows that decontamination (``decontaminate``) flagged, each beside the evaluation
+    item it matched, lowest similarity first (the pairs nearest the threshold, to look at before trusting it; ties
+    by stem and id), read from the ``decontaminated``, ``contamination_match`` and ``contamination_similarity``
+    columns and the evaluation set the first's provenance records.
+
+    Each pair's frame has the stem, id, ``role`` (``"training"``, then ``"evaluation"``), ``similarity`` and the
+    evaluation item's ``name``; its grid shows the training image and the evaluation image (an image of an
+    evaluation folder or dataset; an embeddings file has none to show). ``ColumnError`` names the missing columns
+    when the dataset was not decontaminated.
+    """
+    at_least("n", n)
+    missing = [column for column in CONTAMINATION_COLUMNS if column not in dataset.meta.columns]
+    if missing:
+        raise ColumnError(
+            f"{dataset.path}: contamination_matches reads columns {missing}, which the dataset lacks: decontaminate "
+            "it first (decontaminate, or `dask-clip decontaminate`)"
+        )
+    keep, match, similarity = CONTAMINATION_COLUMNS
+    id_col = dataset.id_col
+    flagged = shard_rows(dataset, [id_col, match, similarity], removed_only=True, keep_column=keep)
+    flagged = flagged.assign(similarity=flagged[similarity].astype("float64"), name=flagged[match].astype(str))
+    total = len(flagged)
+    flagged = flagged.sort_values(["similarity", STEM, id_col], kind="stable").head(n)
+    if not total:
+        return DuplicateGroups((), (), 0, "contamination matches")
+    against = (dataset.operation_config(keep) or {}).get("against", {})
+    training = _with_dataset_columns(flagged[[STEM, id_col, "similarity", "name"]], dataset, ERRORS)
+    tiles = row_tiles(
+        training, id_col, ["similarity", id_col, STEM], error_columns=ERRORS, max_side=max_side, cache=cache
+    )
+    frames, grids = [], []
+    for position, (_, row) in enumerate(training.iterrows()):
+        pair = pd.DataFrame(
+            {
+                STEM: [row[STEM], None],
+                id_col: [row[id_col], None],
+                "role": ["training", "evaluation"],
+                "similarity": [row["similarity"], row["similarity"]],
+                "name": [row["name"], row["name"]],
+            }
+        )
+        evaluation = _evaluation_tile(against, row["name"], id_col, max_side)
+        title = f"{row[STEM]}/{row[id_col]} matches {row['name']}"
+        frames.append(pair)
+        grids.append(ThumbnailGrid((tiles[position], evaluation), pair, max_side, title))
+    return DuplicateGroups(tuple(frames), tuple(grids), total, "contamination matches")
+
+
+def _evaluation_tile(against: dict[str, object], name: str, id_col: str, max_side: int) -> Tile:
+    """The thumbnail of the evaluation item ``name`` of the evaluation set that provenance records as ``against``:
+    an image of its folder, or a row of its dataset (``<stem>/<id>``); a placeholder saying why where there is none."""
+    lines = ("evaluation", name)
+    kind, path = against.get("kind"), str(against.get("path"))
+    try:
+        if kind == "images":
+            fs, root = filesystem_of(path)
+            with fs.open(posixpath.join(root, name), "rb") as file:
+                return Tile(thumbnail(file.read(), max_side), lines)
+        if kind == "dataset":
+            stem, key = name.split("/", 1)
+            tar = {shard.stem: shard.tar_url for shard in discover_shards(path)}[stem]
+            row = pd.DataFrame({TAR_URL: [tar], id_col: [key]})
+            return replace(row_tiles(row, id_col, [], max_side=max_side)[0], lines=lines)
+    except (OSError, KeyError, DataError) as error:
+        return Tile(None, lines, f"{path}: {error}")
+    return Tile(None, lines, "an embeddings file holds no image")
 
 
 def _starts(frames: Sequence[pd.DataFrame]) -> list[int]:
@@ -248,19 +328,28 @@ def shard_rows(
     columns: list[str],
     positions: Sequence[int] | None = None,
     removed_only: bool = False,
+    keep_column: str = "keep",
 ) -> pd.DataFrame:
     """``columns`` of the rows of the shards at ``positions`` (default: all) with their ``stem`` and ``tar_url``,
-    computed on the cluster; ``removed_only``: the rows whose ``keep`` is False only."""
+    computed on the cluster; ``removed_only``: the rows whose ``keep_column`` is False only."""
     meta = dataset.meta[columns].assign(**{STEM: pd.Series([], dtype=object), TAR_URL: pd.Series([], dtype=object)})
     rows = dataset.map_shards(
-        _rows_of_shard, meta, label="review-rows", positions=positions, columns=columns, removed_only=removed_only
+        _rows_of_shard,
+        meta,
+        label="review-rows",
+        positions=positions,
+        columns=columns,
+        removed_only=removed_only,
+        keep_column=keep_column,
     )
     return compute(rows).reset_index(drop=True)
 
 
-def _rows_of_shard(rows: pd.DataFrame, task: ShardTask, columns: list[str], removed_only: bool) -> pd.DataFrame:
+def _rows_of_shard(
+    rows: pd.DataFrame, task: ShardTask, columns: list[str], removed_only: bool, keep_column: str
+) -> pd.DataFrame:
     if removed_only:
-        rows = rows[rows["keep"].eq(False).fillna(False).to_numpy(dtype=bool)]
+        rows = rows[rows[keep_column].eq(False).fillna(False).to_numpy(dtype=bool)]
     return rows[columns].assign(**{STEM: task.shard.stem, TAR_URL: task.shard.tar_url})
 
 

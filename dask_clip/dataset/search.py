@@ -78,7 +78,7 @@ def search(
         config = check_consumed(dataset, [embedding_column], "search")[embedding_column]
         dataset = contents_checked(dataset, [embedding_column], "search")
     else:  # an opened index was checked against the shards' files (and its build, their provenance)
-        opened = _opened_index(dataset, index, embedding_column, nprobe)
+        opened = opened_index(dataset, index, embedding_column, nprobe)
         config = opened.manifest.get("embedding_operation")
     query = query_vector(text, image, model_dir, embedding_column, config or {}, width)
     if index is not None:
@@ -105,7 +105,7 @@ def search(
     return merged.sort_values(["score", id_col], ascending=[False, True], kind="stable").head(k).reset_index(drop=True)
 
 
-def _opened_index(
+def opened_index(
     dataset: ImageTextPairDataset, index: str | OpenedIndex, embedding_column: str, nprobe: int | None
 ) -> OpenedIndex:
     """``index`` opened for ``embedding_column`` of ``dataset`` (``StaleIndexError`` when the dataset changed since)."""
@@ -237,6 +237,14 @@ def _identity(operation: dict[str, Any], width: int | None) -> str:
 def embed_image(image: Any, model_dir: str, described: ImageModelDescription, config: dict[str, Any]) -> np.ndarray:
     """The CLIP image embedding ``float32 (D,)`` of one query image, preprocessed as the embedder did
     (its decode mode; a ``device`` mode query is decoded on the host with the same pixels)."""
+    model = image_model_for(model_dir, described, config)
+    return model.embed([decode_and_preprocess(read_image_query(image), model.preprocess)])[0]
+
+
+def image_model_for(
+    model_dir: str, described: ImageModelDescription, config: dict[str, Any], device: str = "cpu"
+) -> ClipVisionModel:
+    """The image tower of ``model_dir`` on ``device``, preprocessing as the embedder whose configuration is
+    ``config`` did (its decode mode: ``model.preprocess``), to embed images in a column's space."""
     preprocess = described.preprocess.with_decode_mode(config.get("decode_mode") or "exact")
-    model = ClipVisionModel(model_dir, "cpu", False, dataclasses.replace(described, preprocess=preprocess))
-    return model.embed([decode_and_preprocess(read_image_query(image), preprocess)])[0]
+    return ClipVisionModel(model_dir, device, False, dataclasses.replace(described, preprocess=preprocess))
