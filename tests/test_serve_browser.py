@@ -47,19 +47,53 @@ def test_the_demo_says_what_it_did_and_how_to_see_it(demo_run: DemoRun) -> None:
     assert len(list((demo_run.folder / "demo_output" / "shards").glob("*.parquet"))) == 4
 
 
-def test_the_demo_decontaminates_against_a_folder_of_its_source_photos(demo_run: DemoRun, tmp_path: Path) -> None:
-    """From Python (the README's CLI form is tested on planted copies): the demo's two crops of each photo in the
-    folder are flagged, at the threshold measured for the random model (tests/test_decontaminate.py), and no other."""
-    from dask_clip import ImageTextPairDataset, decontaminate, testing
+def test_the_demo_keeps_its_clip_score_top_30_percent_and_is_decontaminated(
+    demo_run: DemoRun, cli, tmp_path: Path
+) -> None:
+    """Issue 23's curation on the demo's shards, from Python and from the CLI alike: the top 30% by ``clip_score``
+    (exactly ceil(0.3 n) of the scored rows), and decontamination against a folder of two of its source photos,
+    where the demo's two crops of each photo are flagged at the threshold measured for the random model
+    (tests/test_decontaminate.py), and no other row."""
+    import math
 
+    import pandas as pd
+
+    from dask_clip import ImageTextPairDataset, decontaminate, keep_top_fraction, testing
+
+    shards = demo_run.folder / "demo_output" / "shards"
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
     for name, pixels in testing.sample_photos(("astronaut", "moon")).items():
-        (tmp_path / f"{name}.jpg").write_bytes(testing.encode_jpeg(pixels))
-    dataset = ImageTextPairDataset.from_webdataset(str(demo_run.folder / "demo_output" / "shards"))
-    frame = decontaminate(dataset, tmp_path, threshold=0.998).metadata.compute()
+        (evaluation / f"{name}.jpg").write_bytes(testing.encode_jpeg(pixels))
+    dataset = ImageTextPairDataset.from_webdataset(str(shards))
+
+    def read(folder: Path) -> pd.DataFrame:
+        frames = [pd.read_parquet(path) for path in sorted(folder.glob("*.parquet"))]
+        return pd.concat(frames, ignore_index=True).sort_values("key", ignore_index=True)
+
+    top = keep_top_fraction(dataset, "clip_score", 0.3).metadata.compute().sort_values("key", ignore_index=True)
+    scored = top["clip_score"].notna()
+    assert top.loc[scored, "keep_top_fraction"].sum() == math.ceil(0.3 * scored.sum())
+    kept_scores = top.loc[top["keep_top_fraction"].astype(bool), "clip_score"]
+    assert kept_scores.min() >= top.loc[scored & ~top["keep_top_fraction"].astype(bool), "clip_score"].max()
+    result = cli(
+        "filter", str(shards), "--column", "clip_score", "--top-fraction", "0.3", "--output", str(tmp_path / "top")
+    )
+    assert result.returncode == 0, result.stderr
+    assert read(tmp_path / "top")["keep_top_fraction"].tolist() == top["keep_top_fraction"].tolist()
+
+    frame = decontaminate(dataset, evaluation, threshold=0.998).metadata.compute().sort_values("key", ignore_index=True)
     copies = frame["caption"].isin(["a photo of astronaut", "a photo of moon"]) & frame["image_embedding"].notna()
     flagged = ~frame["decontaminated"].astype(bool)
     assert copies.sum() >= 3 and (flagged == copies).all(), frame[flagged | copies]
     assert set(frame.loc[flagged, "contamination_match"]) == {"astronaut.jpg", "moon.jpg"}
+    command = ("decontaminate", str(shards), "--against", str(evaluation), "--threshold", "0.998")
+    result = cli(*command, "--output", str(tmp_path / "clean"))
+    assert result.returncode == 0, result.stderr
+    on_disk = read(tmp_path / "clean")
+    assert on_disk["decontaminated"].tolist() == frame["decontaminated"].tolist()
+    matches = [m.fillna("").tolist() for m in (on_disk["contamination_match"], frame["contamination_match"])]
+    assert matches[0] == matches[1]  # (null read back as None, computed as <NA>)
 
 
 @pytest.fixture(scope="module")
