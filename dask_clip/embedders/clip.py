@@ -57,8 +57,8 @@ class ClipImageEmbedder(ImageEmbedder):
     ``~/.cache/dask_clip/openvino``, or ``$DASK_CLIP_CACHE_DIR/openvino``), in bf16 where ``autocast`` runs bf16,
     else fp32. Its embeddings agree with torch fp32's (cosine >= 0.9999 in fp32, >= 0.999 in bf16, checked when
     converted), so the engine is recorded as a property of the column, not as part of its identity: torch and
-    OpenVINO shards make one column. ``precision="int8"`` (OpenVINO only, never a default) quantizes the model
-    with NNCF: faster, but its embeddings are another column (the precision is part of its identity).
+    OpenVINO shards make one column. ``precision="int8"`` (OpenVINO only, never a default) compresses the weights
+    to int8 with NNCF: its embeddings are another column (the precision is part of its identity).
     """
 
     description: ClipModelDescription
