@@ -19,7 +19,7 @@ from dask_clip.errors import MissingDependencyError
 from dask_clip.images.preprocess import decode_and_preprocess
 from dask_clip.models import openvino as engine
 from dask_clip.models.clip import ImageModelDescription
-from dask_clip.provenance import FileRecords
+from dask_clip.provenance import FileRecords, digest
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason='needs the openvino extra: pip install "dask_clip[openvino]"'
@@ -118,3 +118,18 @@ def test_torch_and_openvino_shards_make_one_column(
     valid = mixed_column.notna().to_numpy()
     found = cosines(embeddings_to_numpy(mixed_column)[valid], embeddings_to_numpy(all_openvino)[valid])
     assert found.min() >= 0.9999 and found.max() <= 1 + 1e-6
+
+
+def test_moved_rows_keep_their_engines() -> None:
+    from dask_clip.dataset.reshard import moved_records
+
+    record = {"operation": {"class": "ClipImageEmbedder"}, "shard": {}, "reads": {}, "reasons": {}}
+    by = {
+        name: FileRecords("key", {}, {"v": record}, properties={"v": {"engine": name}})
+        for name in ("torch", "openvino")
+    }
+    identity = {"rows": 2, "ids": "x"}
+    assert moved_records([by["torch"], by["torch"]], identity, "key").properties == {"v": {"engine": "torch"}}
+    mixed = moved_records([by["torch"], by["openvino"]], identity, "key")
+    assert mixed.properties == {"v": {"mixed": sorted([{"engine": "torch"}, {"engine": "openvino"}], key=digest)}}
+    assert mixed.columns["v"]["operation"] == record["operation"]  # one column, whichever engine computed its rows
