@@ -133,3 +133,16 @@ def test_moved_rows_keep_their_engines() -> None:
     mixed = moved_records([by["torch"], by["openvino"]], identity, "key")
     assert mixed.properties == {"v": {"mixed": sorted([{"engine": "torch"}, {"engine": "openvino"}], key=digest)}}
     assert mixed.columns["v"]["operation"] == record["operation"]  # one column, whichever engine computed its rows
+
+
+def test_an_int8_column_is_recomputed_with_int8() -> None:
+    from dask_clip.dataset.consistency import rerun_command
+    from dask_clip.images.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+
+    operation = {"class": "ClipImageEmbedder", "model_dir": "m", "autocast": True, "decode_mode": "fast"}
+    operation["max_image_pixels"] = DEFAULT_MAX_IMAGE_PIXELS
+    assert rerun_command(operation, "d") == "dask-clip embed d --model-dir m"
+    assert (
+        rerun_command({**operation, "precision": "int8"}, "d")
+        == "dask-clip embed d --model-dir m --engine openvino --int8"
+    )
