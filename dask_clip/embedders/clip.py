@@ -78,6 +78,8 @@ class ClipImageEmbedder(ImageEmbedder):
         self.engine_cache_dir = engine_cache_dir
         if engine == "openvino":
             check_installed("openvino", "openvino", "engine='openvino'")
+            if precision == "int8":
+                check_installed("nncf", "openvino", "precision='int8'")
             options = _on_the_cpu(options)
         elif precision is not None:
             raise UsageError(f"precision={precision!r} needs engine='openvino' (torch runs fp32, or bf16 by autocast)")
