@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_PACKAGES=${TORCH_PACKAGES:-"torch==2.14.1 torchvision==0.29.1"}
-EXTRAS=${EXTRAS:-test,img2dataset}
+EXTRAS=${EXTRAS:-test,img2dataset,openvino}
 
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv

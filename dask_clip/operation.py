@@ -115,10 +115,17 @@ class Operation(ABC):
         """For each column it writes that may be null, the column that then holds the reason (none by default)."""
         return {}
 
+    def properties(self) -> dict[str, Any]:
+        """How it computes its columns without changing what they hold (a model's engine), recorded beside them and
+        never part of their identity (none by default)."""
+        return {}
+
     def source(self, dataset: ImageTextPairDataset) -> Computed:
         """The provenance of the columns this operation writes to ``dataset``."""
         reads = {column: dataset.provenance.get(column) or Plain(column) for column in self.input_columns(dataset)}
-        return Computed(self.recorded_config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons())
+        return Computed(
+            self.recorded_config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons(), self.properties()
+        )
 
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from dask_clip.errors import MissingDependencyError
 
-EXTRAS = {"gpu", "ucx", "timm", "s3", "demo", "notebooks", "img2dataset", "serve"}
+EXTRAS = {"gpu", "ucx", "timm", "s3", "demo", "notebooks", "img2dataset", "serve", "openvino"}
 
 
 def install_hint(extra: str) -> str:

@@ -7,7 +7,8 @@ A shard's parquet holds, in its key-value metadata under ``dask_clip``, a JSON d
      "shard": {"rows": 6, "ids": "<digest>"},                   # the rows this file holds
      "columns": {"image_embedding": <record>, "embedding_error": <record>, "keep": <record>},
      "contents": {"image_embedding": "<digest>", "embedding_error": "<digest>", "keep": "<digest>"},
-     "vectors": {"image_embedding": {"layout": "list", "width": 512}}}   # how each vector column is stored
+     "vectors": {"image_embedding": {"layout": "list", "width": 512}},  # how each vector column is stored
+     "properties": {"image_embedding": {"engine": "torch"}}}            # how it was computed (not its identity)
 
 and each derived column's record says what produced it from what::
 
@@ -25,6 +26,11 @@ keeps the footer (pyarrow keeps it by default) shows as values that no longer ma
 ``vectors`` says the on-disk layout and width of each vector column (``io.vectors``; absent in files of an
 older dask_clip, which wrote ``fixed_size_list<float32>[D]``). It too sits outside the records: a layout is
 how a file stores a column, not what produced it, so a change of layout alone never makes a column stale.
+
+``properties`` says how each column was computed where that does not change what it holds: the engine that ran a
+model (``{"engine": "openvino"}``), whose agreement with the others is checked before it runs
+(``models.openvino.AGREEMENT``). They sit outside the records too: shards computed by torch and shards computed by
+OpenVINO hold one column, and a run with another engine finishes, never redoes, a column (absent: not recorded).
 
 A dataset knows the source of each derived column: ``Computed`` by an operation of this run (its record
 is the same for every shard but for the shard's own identity and inputs), or ``Stored`` in the shards'
@@ -161,13 +167,15 @@ class FileRecords:
     """What one parquet says about its derived columns: ``columns`` maps each to its record, or to None when
     the file was written by a dask_clip too old to record one (it is derived, but its provenance unknown);
     ``contents`` maps each to the ``content_digest`` of its values as written (None or absent: not known);
-    ``vectors`` maps each vector column to its on-disk ``layout`` and ``width`` (absent: an older file)."""
+    ``vectors`` maps each vector column to its on-disk ``layout`` and ``width`` (absent: an older file);
+    ``properties`` maps each to how it was computed, never part of its identity (absent: not recorded)."""
 
     id_col: str | None = None
     shard: dict[str, Any] | None = None
     columns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     contents: dict[str, str | None] = field(default_factory=dict)
     vectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    properties: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_schema(cls, schema: pa.Schema) -> FileRecords:
@@ -179,8 +187,8 @@ class FileRecords:
         document = json.loads(raw)
         if document.get("format") == FORMAT:
             columns, contents = dict(document.get("columns", {})), dict(document.get("contents", {}))
-            vectors = dict(document.get("vectors", {}))
-            return cls(document.get("id_col"), document.get("shard"), columns, contents, vectors)
+            vectors, properties = dict(document.get("vectors", {})), dict(document.get("properties", {}))
+            return cls(document.get("id_col"), document.get("shard"), columns, contents, vectors, properties)
         return cls(document.get("id_col"), None, dict.fromkeys(document.get("derived_columns", ())))
 
     def to_json(self) -> bytes:
@@ -191,6 +199,7 @@ class FileRecords:
             "columns": self.columns,
             "contents": self.contents,
             **({"vectors": self.vectors} if self.vectors else {}),
+            **({"properties": self.properties} if self.properties else {}),
         }
         return json.dumps(document, sort_keys=True).encode()
 
@@ -214,8 +223,9 @@ class Computed:
     """A derived column an operation computes in this run.
 
     ``operation`` is its configuration, ``reads`` the sources of the columns it reads, ``reads_tar`` whether
-    it reads the shard's tar, ``cross_shard`` whether one shard's output depends on every shard, and
-    ``reasons`` maps each column it writes that may be null to the column holding the reason.
+    it reads the shard's tar, ``cross_shard`` whether one shard's output depends on every shard,
+    ``reasons`` maps each column it writes that may be null to the column holding the reason, and ``properties``
+    says how it computes them without changing what they hold (its engine: never part of their identity).
     """
 
     operation: dict[str, Any]
@@ -223,6 +233,7 @@ class Computed:
     reads_tar: bool = False
     cross_shard: bool = False
     reasons: Mapping[str, str] = field(default_factory=dict)
+    properties: Mapping[str, Any] = field(default_factory=dict)
 
 
 Source = Stored | Plain | Computed
@@ -233,7 +244,8 @@ class ShardInputs:
     """What a run knows of one shard before computing it: its identity, its own file's records of the
     derived columns it carries and the content digests it records for them (``contents``), digests of the
     plain columns that operations read, and the derived columns operations read whose values no longer
-    match their content digest (``changed``: the file was edited since dask_clip wrote it)."""
+    match their content digest (``changed``: the file was edited since dask_clip wrote it), and the properties its
+    file records of the derived columns it carries (``properties``)."""
 
     stem: str
     rows: int
@@ -243,6 +255,7 @@ class ShardInputs:
     values: dict[str, str]
     contents: dict[str, str | None] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
+    properties: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def identity(self, with_tar: bool = False) -> dict[str, Any]:
         identity: dict[str, Any] = {"rows": self.rows, "ids": self.ids}

@@ -33,6 +33,7 @@ def default_model() -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dask_clip.embedders.clip import ENGINES
     from dask_clip.images.preprocess import DECODE_MODES
 
     parser = add_command(subparsers, NAME, HELP, run)
@@ -49,6 +50,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "device: JPEGs decoded in batches on the GPU (nvJPEG, needs the gpu extra) "
         "(default: exact with --no-autocast, else fast)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="openvino: CPU workers, converted once per machine (needs the openvino extra); recorded as a property of "
+        "the column, not its identity",
+    )
+    parser.add_argument("--int8", action="store_true", help="with --engine openvino: int8 weights (another column)")
     add_output_options(parser, overwrite="recompute shards whose output is already complete")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_cluster_options(parser)
@@ -63,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         autocast=not args.no_autocast,
         verbose=args.verbose,
         decode_mode=args.decode_mode,
+        engine=args.engine,
+        precision="int8" if args.int8 else None,
     )
 
     def embed(dataset: ImageTextPairDataset) -> pd.DataFrame:

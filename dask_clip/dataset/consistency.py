@@ -279,6 +279,7 @@ def rerun_command(operation: dict[str, Any] | None, path: str) -> str:
         command += "" if autocast else " --no-autocast"
         if operation.get("decode_mode") != ("fast" if autocast else "exact"):
             command += f" --decode-mode {operation.get('decode_mode')}"
+        command += " --engine openvino --int8" if operation.get("precision") == "int8" else ""
         return command if operation.get("normalize_embeddings", True) else _python(operation)
     if name == "ExactDeduplicator" and operation.get("hash_column") == "sha256":
         return f"dask-clip dedup {path} --method exact"

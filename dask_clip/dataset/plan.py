@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -141,6 +141,7 @@ def read_shard_state(
                 values=values,
                 contents=contents,
                 changed=changed_columns(stored, contents),
+                properties={column: records.properties[column] for column in carried if column in records.properties},
             )
             output = None
             if in_place:
@@ -254,6 +255,7 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
             state.inputs.identity(),
             {column: expected.record(dataset.provenance[column], i) for column in derived},
             {column: state.inputs.contents.get(column) for column in derived if column not in columns_read.computed},
+            properties=_properties(dataset, derived, state.inputs),
         )
         for i, state in enumerate(states)
     ]
@@ -274,6 +276,18 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
     ]
     summaries = [_summary(state.output, records[i]) if done[i] else None for i, state in enumerate(states)]
     return SavePlan(records, done, summaries)
+
+
+def _properties(dataset: ImageTextPairDataset, derived: list[str], inputs: ShardInputs) -> dict[str, dict[str, Any]]:
+    """The properties a shard's file records of its ``derived`` columns: the computing operation's, else those its
+    input file records."""
+    properties = {}
+    for column in derived:
+        source = dataset.provenance[column]
+        found = dict(source.properties) if isinstance(source, Computed) else inputs.properties.get(column)
+        if found:
+            properties[column] = found
+    return properties
 
 
 def _is_cross_shard(source: Source) -> bool:

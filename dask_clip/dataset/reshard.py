@@ -379,9 +379,11 @@ def moved_records(sources: list[FileRecords], identity: dict[str, Any], id_col: 
     """The records of an output shard's derived columns, from those of the input shards its rows come from.
 
     Each keeps the operation that produced it when every input shard agrees on it (else ``None``: the
-    column mixes configurations), the digests of the records it was moved from, and the new shard's identity.
+    column mixes configurations), the digests of the records it was moved from, and the new shard's identity; and
+    its properties (``provenance``) where every input shard records the same, else each one under ``"mixed"``.
     """
     columns: dict[str, dict[str, Any] | None] = {}
+    properties: dict[str, dict[str, Any]] = {}
     for column in dict.fromkeys(c for source in sources for c in source.columns):
         originals = [source.columns.get(column) for source in sources]
         operations = {digest(record["operation"]) if record else None for record in originals}
@@ -394,4 +396,9 @@ def moved_records(sources: list[FileRecords], identity: dict[str, Any], id_col: 
             "reads": {},
             "reasons": first.get("reasons", {}) if len(reasons) == 1 else {},
         }
-    return FileRecords(id_col, {k: identity[k] for k in ("rows", "ids")}, columns)
+        found = {digest(p): p for source in sources if (p := source.properties.get(column))}
+        if found:
+            properties[column] = (
+                next(iter(found.values())) if len(found) == 1 else {"mixed": sorted(found.values(), key=digest)}
+            )
+    return FileRecords(id_col, {k: identity[k] for k in ("rows", "ids")}, columns, properties=properties)

@@ -75,7 +75,8 @@ def describe_text_model(model_dir: str) -> TextModelDescription:
     return TextModelDescription(family, family.text_width(config), family.context_length(config))
 
 
-def _load_tower(family: Family, model_dir: str, tower: str, width: int) -> Any:
+def load_tower(family: Family, model_dir: str, tower: str, width: int) -> Any:
+    """The ``tower`` (``"vision"`` or ``"text"``) of ``model_dir`` in float32, on the CPU, in train mode."""
     import torch
     import transformers
 
@@ -96,7 +97,7 @@ class ClipVisionModel:
         self.device = torch.device(device)
         self.preprocess = described.preprocess
         self.attribute = described.family.image_attribute
-        self.model = _load_tower(described.family, model_dir, "vision", described.width).to(self.device).eval()
+        self.model = load_tower(described.family, model_dir, "vision", described.width).to(self.device).eval()
         self.autocast_dtype = autocast_dtype_for(device, autocast)
 
     def embed(self, images: list[Any]) -> np.ndarray:
@@ -125,7 +126,7 @@ class ClipTextModel:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load the tokenizer of {model_dir!r}: {error}") from None
-        self.model = _load_tower(described.family, model_dir, "text", described.width).to(self.device).eval()
+        self.model = load_tower(described.family, model_dir, "text", described.width).to(self.device).eval()
 
     def embed(self, captions: list[str]) -> np.ndarray:
         """Captions -> raw (unnormalised) text embeddings ``float32 (B, D)``, each truncated to the context."""
