@@ -74,7 +74,7 @@ class Sizes:
 
 
 ON_GPU = Sizes("vit-l-14", 150_000, 6_000, 1_000, 256, 30, 12_000)
-REHEARSAL = Sizes("tiny", 96, 12, 24, 8, 3, 48)
+REHEARSAL = Sizes("tiny", 32, 8, 8, 8, 2, 24)
 
 
 @dataclass
