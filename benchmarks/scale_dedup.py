@@ -137,10 +137,14 @@ def run(
                 str(output), columns=["keep", "duplicate_of", "similarity"], overwrite=True
             )
             wall_s = time.perf_counter() - began
+        decisions = pd.concat(pd.read_parquet(p) for p in sorted(output.glob("*.parquet"))).set_index("key")
+        assert len(decisions) == n == int(summary["rows"].sum()), (len(decisions), n)
+        planted = planted_scores(decisions, pd.read_parquet(dataset_path.parent / "planted.parquet"))
+        peaks = sorted(round(v / 2**20) for v in rss.peaks.values())
+        # printed before the copies are counted (a pass of its own), so that a run stopped then keeps its figures
+        print(f"dedup: {wall_s:.0f} s, peak RSS {peaks} MB, planted {planted}", flush=True)
         copies = dedup.copy_counts(dataset)
         client.cluster.close()
-    decisions = pd.concat(pd.read_parquet(p) for p in sorted(output.glob("*.parquet"))).set_index("key")
-    assert len(decisions) == n == int(summary["rows"].sum()), (len(decisions), n)
     result = {
         "rows": n,
         "shards": len(summary),
@@ -159,7 +163,7 @@ def run(
         "copies": int(copies["copies"].sum()),
         "rss_timeline": rss.timeline,
         "removed": int((~decisions["keep"]).sum()),
-        "planted": planted_scores(decisions, pd.read_parquet(dataset_path.parent / "planted.parquet")),
+        "planted": planted,
         "exact_subset": subset_scores(decisions, dataset_path, 1 - options["eps"]),
     }
     return result
