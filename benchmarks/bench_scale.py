@@ -122,6 +122,7 @@ def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, sta
                 options.p2p_buffer,
                 options.memory_limit,
                 options.cluster,
+                not options.skip_copy_counts,
             )
             entry["dedup"].append(run)
             harness.log(started, f"{label}: {json.dumps(summary_of(run))}")
@@ -180,7 +181,7 @@ def print_report(results: dict[str, Any]) -> None:
             f"{d['options']['n_clusters']:,}",
             f"{d['options']['max_copies']}",
             f"{d['options'].get('kmeans_sample_size', 'default')}",
-            f"{d['copied_rows']:,} ({d['copies']:,} copies)",
+            "not counted" if d["copies"] is None else f"{d['copied_rows']:,} ({d['copies']:,} copies)",
             f"{d['wall_s']:.0f}",
             " / ".join(f"{v:.0f}" for v in d["peak_rss_mb_per_worker"]),
             f"{p['pairs']:,}",
@@ -219,6 +220,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--p2p-buffer", default=None, help="distributed.p2p.comm.buffer (default: Dask's own)")
     parser.add_argument("--skip-index", action="store_true", help="measure semantic dedup only")
+    parser.add_argument(
+        "--skip-copy-counts", action="store_true", help="do not count the rows copied (a sample and an assign pass)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each")
     parser.add_argument(
         "--memory-limit", default=scale_dedup.WORKER_MEMORY_LIMIT, help="memory limit per worker (default %(default)s)"

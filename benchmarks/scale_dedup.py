@@ -107,13 +107,15 @@ def run(
     p2p_buffer: str | None = None,
     memory_limit: str = WORKER_MEMORY_LIMIT,
     cluster: str = "dask_clip",
+    count_copies: bool = True,
 ) -> dict[str, Any]:
     """Deduplicate the synthetic dataset at ``dataset_path`` (``n`` rows) on ``workers`` workers -> figures.
 
     ``options``: ``SemanticDeduplicator`` options over ``DEDUP_OPTIONS``. ``p2p_buffer``: the rows a worker's P2P
     shuffle holds in memory before sending (``distributed.p2p.comm.buffer``; None: Dask's default, 1 GiB). It is
     read when a worker starts, so it is set before the cluster starts (nannies pass their config on).
-    ``memory_limit`` per worker and ``cluster`` (who starts it): ``start_cluster``."""
+    ``memory_limit`` per worker and ``cluster`` (who starts it): ``start_cluster``. ``count_copies=False`` skips
+    ``copy_counts`` (a sample and an assign pass of its own: ``copied_rows`` and ``copies`` are None)."""
     import dask
 
     from dask_clip import ImageTextPairDataset, SemanticDeduplicator
@@ -143,7 +145,7 @@ def run(
         peaks = sorted(round(v / 2**20) for v in rss.peaks.values())
         # printed before the copies are counted (a pass of its own), so that a run stopped then keeps its figures
         print(f"dedup: {wall_s:.0f} s, peak RSS {peaks} MB, planted {planted}", flush=True)
-        copies = dedup.copy_counts(dataset)
+        copies = dedup.copy_counts(dataset) if count_copies else None
         client.cluster.close()
     result = {
         "rows": n,
@@ -159,8 +161,8 @@ def run(
         "rss_mb_at_start_per_worker": sorted(v / 2**20 for v in baseline.values()),
         "tasks_at_peak_rss": [rss.tasks_at_peak[w] for w in sorted(rss.peaks, key=rss.peaks.get)],
         "p2p_comm_buffer": p2p_buffer or "Dask's default",
-        "copied_rows": int(copies["copied_rows"].sum()),
-        "copies": int(copies["copies"].sum()),
+        "copied_rows": None if copies is None else int(copies["copied_rows"].sum()),
+        "copies": None if copies is None else int(copies["copies"].sum()),
         "rss_timeline": rss.timeline,
         "removed": int((~decisions["keep"]).sum()),
         "planted": planted,
