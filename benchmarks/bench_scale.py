@@ -16,9 +16,11 @@ each) into a temporary folder:
 - ``isotropic``: rows uniform on the sphere (no topics), about 1% of them in planted pairs of cosine 0.999,
   spread over the shards: cluster boundaries cut through the data anywhere.
 
-Then each measurement runs on a fresh ``LocalCluster`` of ``--workers`` single-threaded workers, at
-``SemanticDeduplicator``'s defaults but for ``eps=0.01`` and each ``--n-clusters`` and ``--max-copies``, with
-Dask's own P2P settings (``--p2p-buffer`` to set one):
+(``--data-cache DIR`` keeps them in ``DIR`` and reuses them on later runs.) Then each measurement runs on a fresh
+``LocalCluster`` of ``--workers`` single-threaded workers of ``--memory-limit`` each (3 GiB by default), started
+by ``dask_clip.get_client`` or, with ``--cluster user``, as a user would (their own ``LocalCluster`` and
+``Client``, which dask_clip picks up), at ``SemanticDeduplicator``'s defaults but for ``eps=0.01`` and each
+``--n-clusters`` and ``--max-copies``, with Dask's own P2P settings (``--p2p-buffer`` to set one):
 
 - ``scale_dedup.run``: wall time, peak RSS per worker, recall and precision of the planted pairs, an exact
   all-pairs check on a subset and the rows copied to other clusters (goals at 1,000,000: RSS under 2 GB per
@@ -42,12 +44,13 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import harness  # first: puts the checkout on sys.path and keeps the hub offline
 import scale_dedup
-from synthetic_vectors import write_synthetic
+from synthetic_vectors import Synthetic, write_synthetic
 
 SIZES = (100_000, 1_000_000)
 DATA_SETS = {
@@ -73,11 +76,27 @@ def measure(function: Any, *args: Any) -> dict[str, Any]:
     return {**result, "load_average_before": before, "load_average_after": os.getloadavg()}
 
 
-def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, started: float) -> dict[str, Any]:
-    folder = work / f"{data}-n{n}"
+def synthetic_data(n: int, data: str, work: Path, cache: Path | None, started: float) -> Synthetic:
+    """The data set ``data`` of ``n`` rows: written under ``work``, or under ``cache`` on the first run that names
+    that folder and read from there on later ones (``write_synthetic`` is seeded: the same rows every time)."""
+    folder = (cache or work) / f"{data}-n{n}"
+    record = folder / "synthetic.json"
+    if cache is not None and record.exists():
+        harness.log(started, f"n={n:,} {data}: reusing the synthetic vectors in {folder}")
+        fields = json.loads(record.read_text())
+        return Synthetic(**{**fields, "dataset": Path(fields["dataset"]), "planted": Path(fields["planted"])})
     harness.log(started, f"n={n:,} {data}: writing synthetic vectors")
-    began = time.perf_counter()
     synthetic = write_synthetic(folder, n, **DATA_SETS[data])
+    record.write_text(
+        json.dumps({**asdict(synthetic), "dataset": str(synthetic.dataset), "planted": str(synthetic.planted)})
+    )
+    return synthetic
+
+
+def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, started: float) -> dict[str, Any]:
+    began = time.perf_counter()
+    cache = Path(options.data_cache) if options.data_cache else None
+    synthetic = synthetic_data(n, data, work, cache, started)
     entry: dict[str, Any] = {
         "rows": n,
         "data": data,
@@ -95,7 +114,15 @@ def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, sta
             if options.kmeans_sample_size:
                 dedup_options["kmeans_sample_size"] = options.kmeans_sample_size
             run = measure(
-                scale_dedup.run, str(synthetic.dataset), n, options.workers, dedup_options, options.p2p_buffer
+                scale_dedup.run,
+                str(synthetic.dataset),
+                n,
+                options.workers,
+                dedup_options,
+                options.p2p_buffer,
+                options.memory_limit,
+                options.cluster,
+                not options.skip_copy_counts,
             )
             entry["dedup"].append(run)
             harness.log(started, f"{label}: {json.dumps(summary_of(run))}")
@@ -105,7 +132,8 @@ def measure_size(n: int, data: str, options: argparse.Namespace, work: Path, sta
     elif data == "clustered":
         harness.log(started, f"n={n:,}: index")
         entry["index"] = measure(index.run, str(synthetic.dataset), n, options.workers)
-    shutil.rmtree(folder, ignore_errors=True)
+    if cache is None:
+        shutil.rmtree(synthetic.dataset.parent, ignore_errors=True)
     return entry
 
 
@@ -153,7 +181,7 @@ def print_report(results: dict[str, Any]) -> None:
             f"{d['options']['n_clusters']:,}",
             f"{d['options']['max_copies']}",
             f"{d['options'].get('kmeans_sample_size', 'default')}",
-            f"{d['copied_rows']:,} ({d['copies']:,} copies)",
+            "not counted" if d["copies"] is None else f"{d['copied_rows']:,} ({d['copies']:,} copies)",
             f"{d['wall_s']:.0f}",
             " / ".join(f"{v:.0f}" for v in d["peak_rss_mb_per_worker"]),
             f"{p['pairs']:,}",
@@ -168,7 +196,8 @@ def print_report(results: dict[str, Any]) -> None:
     harness.print_table(header, rows)
     print(
         f"\n(semantic dedup {json.dumps(scale_dedup.DEDUP_OPTIONS)} and the table's options, the rest at the "
-        f"defaults; {results['workers']} workers x 1 thread, memory limit {scale_dedup.WORKER_MEMORY_LIMIT}, P2P comm "
+        f"defaults; {results['workers']} workers x 1 thread, memory limit {results['memory_limit']}, cluster started "
+        f"by {results['cluster']}, P2P comm "
         f"buffer {results['p2p_buffer'] or 'at Dask default'}; wall time from the call to the end of save_metadata)"
     )
     for entry in results["sizes"]:
@@ -191,7 +220,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--p2p-buffer", default=None, help="distributed.p2p.comm.buffer (default: Dask's own)")
     parser.add_argument("--skip-index", action="store_true", help="measure semantic dedup only")
+    parser.add_argument(
+        "--skip-copy-counts", action="store_true", help="do not count the rows copied (a sample and an assign pass)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each")
+    parser.add_argument(
+        "--memory-limit", default=scale_dedup.WORKER_MEMORY_LIMIT, help="memory limit per worker (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cluster",
+        choices=scale_dedup.CLUSTERS,
+        default="dask_clip",
+        help="who starts the cluster: dask_clip.get_client, or the user (a LocalCluster and a Client of their own)",
+    )
+    parser.add_argument(
+        "--data-cache",
+        default=None,
+        help="a folder to keep the synthetic data sets in and reuse them from on later runs (default: written to "
+        "the work folder and deleted)",
+    )
     parser.add_argument("--work-dir", default=None, help="where to write the shards (default: a temporary folder)")
     return parser.parse_args(argv)
 
@@ -210,6 +257,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "faiss": faiss.__version__,
         "workers": options.workers,
         "p2p_buffer": options.p2p_buffer,
+        "memory_limit": options.memory_limit,
+        "cluster": options.cluster,
         "sizes": [],
     }
     work = Path(tempfile.mkdtemp(prefix="dask_clip_scale_", dir=options.work_dir))

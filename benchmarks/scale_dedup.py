@@ -3,7 +3,8 @@
 ``run(dataset_path, n, workers, options, p2p_buffer)`` deduplicates a dataset written by
 ``synthetic_vectors.write_synthetic`` (its planted groups in ``planted.parquet`` next to the dataset folder) with
 ``SemanticDeduplicator(**options)`` on a fresh ``LocalCluster`` of ``workers`` processes with one thread each
-(Dask's own P2P settings unless ``p2p_buffer`` is given), saving only the decision columns into a folder of their
+(started by ``get_client`` or by the user: ``start_cluster``; Dask's own P2P settings unless ``p2p_buffer`` is
+given), saving only the decision columns into a folder of their
 own, then counts the rows compared in other clusters than their own (``copy_counts``, not timed).
 A thread samples every worker's RSS twice a second while it runs. Then, on the client:
 
@@ -30,6 +31,8 @@ from synthetic_vectors import read_vectors
 SUBSET_ROWS = 20_000
 RSS_INTERVAL_S = 0.5
 WORKER_MEMORY_LIMIT = "3GiB"  # above the 2 GB goal, so a run that misses it is measured rather than killed
+CLUSTERS = ("dask_clip", "user")
+"""Who starts a run's cluster (``start_cluster``)."""
 DEDUP_OPTIONS = {"eps": 0.01, "n_clusters": 1000}
 """The options every run sets (the others at ``SemanticDeduplicator``'s defaults), before a run's own."""
 
@@ -78,17 +81,44 @@ def _rss_and_tasks(dask_worker: Any) -> tuple[int, list[str]]:
     return _rss(), sorted({key_split(task.key) for task in dask_worker.state.executing})
 
 
+def start_cluster(cluster: str, workers: int, memory_limit: str) -> Any:
+    """A client of a fresh cluster of ``workers`` single-threaded workers of ``memory_limit`` each: started by
+    ``dask_clip.get_client`` (``cluster="dask_clip"``), or as a user would, a ``distributed.LocalCluster`` of
+    their own and a ``Client`` of it that dask_clip picks up as the current client (``cluster="user"``)."""
+    from distributed import Client, LocalCluster
+
+    from dask_clip import get_client
+
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster must be one of {CLUSTERS}, not {cluster!r}")
+    if cluster == "dask_clip":
+        return get_client(
+            "cpu", n_workers=workers, threads_per_worker=1, memory_limit=memory_limit, dashboard_address=":0"
+        )
+    local = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory_limit, dashboard_address=":0")
+    return Client(local)
+
+
 def run(
-    dataset_path: str, n: int, workers: int, options: dict[str, Any] | None = None, p2p_buffer: str | None = None
+    dataset_path: str,
+    n: int,
+    workers: int,
+    options: dict[str, Any] | None = None,
+    p2p_buffer: str | None = None,
+    memory_limit: str = WORKER_MEMORY_LIMIT,
+    cluster: str = "dask_clip",
+    count_copies: bool = True,
 ) -> dict[str, Any]:
     """Deduplicate the synthetic dataset at ``dataset_path`` (``n`` rows) on ``workers`` workers -> figures.
 
     ``options``: ``SemanticDeduplicator`` options over ``DEDUP_OPTIONS``. ``p2p_buffer``: the rows a worker's P2P
     shuffle holds in memory before sending (``distributed.p2p.comm.buffer``; None: Dask's default, 1 GiB). It is
-    read when a worker starts, so it is set before the cluster starts (nannies pass their config on)."""
+    read when a worker starts, so it is set before the cluster starts (nannies pass their config on).
+    ``memory_limit`` per worker and ``cluster`` (who starts it): ``start_cluster``. ``count_copies=False`` skips
+    ``copy_counts`` (a sample and an assign pass of its own: ``copied_rows`` and ``copies`` are None)."""
     import dask
 
-    from dask_clip import ImageTextPairDataset, SemanticDeduplicator, get_client
+    from dask_clip import ImageTextPairDataset, SemanticDeduplicator
 
     dataset_path = Path(dataset_path)
     output = dataset_path.parent / "dedup"
@@ -97,9 +127,7 @@ def run(
     started = time.perf_counter()
     with (
         dask.config.set(p2p_config),
-        get_client(
-            "cpu", n_workers=workers, threads_per_worker=1, memory_limit=WORKER_MEMORY_LIMIT, dashboard_address=":0"
-        ) as client,
+        start_cluster(cluster, workers, memory_limit) as client,
     ):
         startup_s = time.perf_counter() - started
         baseline = client.run(_rss)
@@ -111,16 +139,21 @@ def run(
                 str(output), columns=["keep", "duplicate_of", "similarity"], overwrite=True
             )
             wall_s = time.perf_counter() - began
-        copies = dedup.copy_counts(dataset)
+        decisions = pd.concat(pd.read_parquet(p) for p in sorted(output.glob("*.parquet"))).set_index("key")
+        assert len(decisions) == n == int(summary["rows"].sum()), (len(decisions), n)
+        planted = planted_scores(decisions, pd.read_parquet(dataset_path.parent / "planted.parquet"))
+        peaks = sorted(round(v / 2**20) for v in rss.peaks.values())
+        # printed before the copies are counted (a pass of its own), so that a run stopped then keeps its figures
+        print(f"dedup: {wall_s:.0f} s, peak RSS {peaks} MB, planted {planted}", flush=True)
+        copies = dedup.copy_counts(dataset) if count_copies else None
         client.cluster.close()
-    decisions = pd.concat(pd.read_parquet(p) for p in sorted(output.glob("*.parquet"))).set_index("key")
-    assert len(decisions) == n == int(summary["rows"].sum()), (len(decisions), n)
     result = {
         "rows": n,
         "shards": len(summary),
         "workers": workers,
         "threads_per_worker": 1,
-        "worker_memory_limit": WORKER_MEMORY_LIMIT,
+        "worker_memory_limit": memory_limit,
+        "cluster": cluster,
         "options": options,
         "cluster_startup_s": startup_s,
         "wall_s": wall_s,
@@ -128,11 +161,11 @@ def run(
         "rss_mb_at_start_per_worker": sorted(v / 2**20 for v in baseline.values()),
         "tasks_at_peak_rss": [rss.tasks_at_peak[w] for w in sorted(rss.peaks, key=rss.peaks.get)],
         "p2p_comm_buffer": p2p_buffer or "Dask's default",
-        "copied_rows": int(copies["copied_rows"].sum()),
-        "copies": int(copies["copies"].sum()),
+        "copied_rows": None if copies is None else int(copies["copied_rows"].sum()),
+        "copies": None if copies is None else int(copies["copies"].sum()),
         "rss_timeline": rss.timeline,
         "removed": int((~decisions["keep"]).sum()),
-        "planted": planted_scores(decisions, pd.read_parquet(dataset_path.parent / "planted.parquet")),
+        "planted": planted,
         "exact_subset": subset_scores(decisions, dataset_path, 1 - options["eps"]),
     }
     return result
