@@ -21,7 +21,7 @@ result frame) and the bare faiss search; autofaiss's is its index's search with 
 
 Run from the root of a checkout (autofaiss in a virtualenv of its own: it pins other numpy and faiss versions)::
 
-    python -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install autofaiss \
+    python -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install autofaiss \\
         faiss-cpu==1.7.4  # autofaiss 2.18's OPQ indexes fail with faiss 1.15 (OPQMatrix's arguments)
     .venv/bin/python benchmarks/bench_index_scale.py --n 1000000 --folder /work/scratch/index-scale \\
         --autofaiss-python /work/scratch/venv-autofaiss/bin/python
