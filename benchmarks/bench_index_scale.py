@@ -2,28 +2,33 @@
 """dask_clip's ``build_index`` next to autofaiss's ``build_index`` on the same vectors, in one run: build time,
 peak memory of every process, recall@10 against brute force and the latency of one query.
 
-Two sets of ``--n`` unit 768-d vectors, written once as a dask_clip dataset (parquet shards of 10,000 rows) and
-as ``.npy`` files of the same rows in the same order (autofaiss's input):
+Two sets of ``--n`` unit 768-d vectors, written once as a dask_clip dataset (parquet shards of 10,000 rows), which
+autofaiss reads too (its parquet input, column ``image_embedding``):
 
 - ``clustered``: rows about 1,000 random topics (``synthetic_vectors.topic_rows``: cosine 0.7 to the topic);
 - ``subspace``: ``scale_index.py``'s mixture of 1,000 clusters in a random 32-d subspace plus isotropic noise,
   of low intrinsic dimension.
 
-The 1,000 queries are fresh draws of the same distribution (not rows of the index); the exact top 10 of each
-is computed in numpy over every row. Each build, and then each query session (open the index, recall@10 over
-the 1,000 queries in one batch, then one query at a time for the latency), runs in a process of its own,
-which this one samples every 0.2 s with its descendants (the Dask workers): peak ``VmHWM`` (resident, counting
-the pages of memory-mapped files the process touched) and peak ``RssAnon`` (its own memory: what it cannot
-give back). dask_clip's latency is ``OpenedIndex.top_k`` (faiss search, id lookup, result frame) and the bare
-faiss search; autofaiss's is its index's search with the parameters it tuned (``index_infos.json``).
+The 1,000 queries are fresh draws of the same distribution (not rows of the index); the exact top 10 of each is
+computed in numpy over every row as the shards are written, one shard in memory at a time. Each build, and then
+each query session (open the index, recall@10 over the 1,000 queries in one batch, then one query at a time for the
+latency), runs in a process of its own, which this one samples every 0.2 s with its descendants (the Dask workers):
+peak ``VmHWM`` (resident, counting the pages of memory-mapped files the process touched), peak ``RssAnon`` (its own
+memory: what it cannot give back) and peak ``RssFile`` (files' pages mapped). The process writing the vectors and
+the exact top 10 reports its own ``VmHWM``. dask_clip's latency is ``OpenedIndex.top_k`` (faiss search, id lookup,
+result frame) and the bare faiss search; autofaiss's is its index's search with the parameters it tuned
+(``index_infos.json``); p50 and p99 of the 1,000.
 
 Run from the root of a checkout (autofaiss in a virtualenv of its own: it pins other numpy and faiss versions)::
 
-    python -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install autofaiss
+    python -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install autofaiss \\
+        faiss-cpu==1.7.4  # autofaiss 2.18's OPQ indexes fail with faiss 1.15 (OPQMatrix's arguments)
     .venv/bin/python benchmarks/bench_index_scale.py --n 1000000 --folder /work/scratch/index-scale \\
         --autofaiss-python /work/scratch/venv-autofaiss/bin/python
 
-About ``--n`` x 768 x 4 bytes x 2 sets x 3 (parquet, npy, one index each) of disk: 18 GB at 1M, 92 GB at 5M.
+About ``--n`` x 768 x 4 bytes of parquet per set, plus the index being built (its parts and its lists: as much
+again with ``Flat`` codes, half with ``SQ8``); a set's folder is removed once measured unless ``--keep``
+(without it, a re-run writes the vectors again): 15 GB per set at 5M.
 """
 
 from __future__ import annotations
@@ -76,22 +81,22 @@ class Generator:
 
 
 def write_set(folder: Path, name: str, n: int) -> None:
-    """``folder/dataset`` (parquet + empty tars), ``folder/npy/NNNNN.npy`` (the same rows), ``queries.npy`` and
-    ``truth.npy`` (``int64 (Q, K)`` exact top 10 by global row number). Skipped when ``truth.npy`` exists."""
+    """``folder/dataset`` (parquet + empty tars), ``queries.npy`` and ``truth.npy`` (``int64 (Q, K)`` exact top 10
+    by global row number, merged shard by shard). Skipped when ``truth.npy`` exists."""
     if (folder / "truth.npy").exists():
         return
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "dataset").mkdir(parents=True)
-    (folder / "npy").mkdir()
     generator = Generator(name, seed=0)
+    queries = generator.rows(np.random.default_rng(2), QUERIES)
+    best = TopK(queries)
     rng = np.random.default_rng(1)
     for shard, start in enumerate(range(0, n, ROWS_PER_SHARD)):
         vectors = generator.rows(rng, min(ROWS_PER_SHARD, n - start))
         write_shard(folder / "dataset", shard, vectors, {"function": "bench_index_scale.write_set", "set": name})
-        np.save(folder / "npy" / f"{shard:05d}.npy", vectors)
-    queries = generator.rows(np.random.default_rng(2), QUERIES)
+        best.add(vectors, start)
     np.save(folder / "queries.npy", queries)
-    np.save(folder / "truth.npy", exact_top_k(sorted((folder / "npy").glob("*.npy")), queries))
+    np.save(folder / "truth.npy", best.rows)
 
 
 def write_shard(folder: Path, shard: int, vectors: np.ndarray, operation: dict[str, Any]) -> None:
@@ -116,21 +121,23 @@ def write_shard(folder: Path, shard: int, vectors: np.ndarray, operation: dict[s
         pass
 
 
-def exact_top_k(files: list[Path], queries: np.ndarray) -> np.ndarray:
-    """``int64 (Q, K)`` global row numbers of each query's ``K`` best inner products over the rows of ``files``."""
-    best_scores = np.full((len(queries), K), -np.inf, dtype=np.float32)
-    best_rows = np.zeros((len(queries), K), dtype=np.int64)
-    start = 0
-    for file in files:
-        block = np.load(file, mmap_mode="r")
-        scores = queries @ np.asarray(block).T
+class TopK:
+    """The exact ``K`` best rows of each unit ``float32 (Q, D)`` query by inner product, over blocks of rows
+    given in order (``add``): ``rows`` is ``int64 (Q, K)`` global row numbers, best first."""
+
+    def __init__(self, queries: np.ndarray) -> None:
+        self.queries = queries
+        self.scores = np.full((len(queries), K), -np.inf, dtype=np.float32)
+        self.rows = np.zeros((len(queries), K), dtype=np.int64)
+
+    def add(self, block: np.ndarray, start: int) -> None:
+        """Rows ``start ...`` are ``block`` (``float32 (B, D)``)."""
+        scores = self.queries @ block.T
         top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], axis=1)
-        merged_rows = np.concatenate([best_rows, top + start], axis=1)
+        merged_scores = np.concatenate([self.scores, np.take_along_axis(scores, top, 1)], axis=1)
+        merged_rows = np.concatenate([self.rows, top + start], axis=1)
         keep = np.argsort(-merged_scores, axis=1)[:, :K]
-        best_scores, best_rows = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged_rows, keep, 1)
-        start += len(block)
-    return best_rows
+        self.scores, self.rows = np.take_along_axis(merged_scores, keep, 1), np.take_along_axis(merged_rows, keep, 1)
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -138,9 +145,12 @@ def status_kb(pid: int, field: str) -> int:
         return int(next(line for line in status if line.startswith(field)).split()[1])
 
 
+FIELDS = {"hwm": "VmHWM", "anon": "RssAnon", "file": "RssFile"}
+
+
 def run_sampled(command: list[str]) -> dict[str, Any]:
-    """Run ``command``; its JSON (last line of stdout), its wall time, and the peak ``VmHWM`` and ``RssAnon`` (MB)
-    of it (``main``) and of its largest descendant (``largest_child``) by ``RssAnon``."""
+    """Run ``command``; its JSON (last line of stdout), its wall time, and the peak ``VmHWM``, ``RssAnon`` and
+    ``RssFile`` (MB) of it (``main``) and of its largest descendant (``largest_child``) by ``VmHWM``."""
     import psutil
 
     started = time.perf_counter()
@@ -156,11 +166,11 @@ def run_sampled(command: list[str]) -> dict[str, Any]:
                 return
             for pid in tree:
                 try:
-                    hwm, anon = status_kb(pid, "VmHWM"), status_kb(pid, "RssAnon")
+                    now = {key: status_kb(pid, field) for key, field in FIELDS.items()}
                 except (OSError, StopIteration):
                     continue
-                peak = peaks.setdefault(pid, {"hwm": 0, "anon": 0})
-                peak["hwm"], peak["anon"] = max(peak["hwm"], hwm), max(peak["anon"], anon)
+                peak = peaks.setdefault(pid, dict.fromkeys(FIELDS, 0))
+                peak.update({key: max(peak[key], value) for key, value in now.items()})
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -170,9 +180,9 @@ def run_sampled(command: list[str]) -> dict[str, Any]:
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"{command[:4]}: exit {process.returncode}")
-    main = peaks.get(process.pid, {"hwm": 0, "anon": 0})
+    main = peaks.get(process.pid, dict.fromkeys(FIELDS, 0))
     children = [peak for pid, peak in peaks.items() if pid != process.pid]
-    largest = max(children, key=lambda peak: peak["anon"], default={"hwm": 0, "anon": 0})
+    largest = max(children, key=lambda peak: peak["hwm"], default=dict.fromkeys(FIELDS, 0))
     return {
         **json.loads(output.strip().splitlines()[-1]),
         "wall_s": time.perf_counter() - started,
@@ -199,12 +209,22 @@ def child_ours_query(folder: Path, index: Path) -> dict[str, Any]:
     dataset = ImageTextPairDataset.from_webdataset(str(folder / "dataset"))
     opened = dataset.open_index(str(index))
     queries = np.load(folder / "queries.npy")
+    truth = np.load(folder / "truth.npy")
     _, labels = ann.search(opened.index, queries, K, opened.nprobe)
+    more = {}  # recall and bare faiss latency scanning 2 and 4 times the default lists
+    for factor in (2, 4):
+        nprobe = factor * opened.nprobe
+        more[f"nprobe_{nprobe}"] = {
+            "recall_at_10": recall(ann.search(opened.index, queries, K, nprobe)[1], truth),
+            **latency_ms(lambda query, nprobe=nprobe: ann.search(opened.index, query[None, :], K, nprobe), queries),
+        }
     return {
-        "recall_at_10": recall(labels, np.load(folder / "truth.npy")),
-        "p50_ms": p50_ms(lambda query: opened.top_k(query, K), queries),
-        "p50_faiss_ms": p50_ms(lambda query: ann.search(opened.index, query[None, :], K, opened.nprobe), queries),
+        "recall_at_10": recall(labels, truth),
+        **latency_ms(lambda query: opened.top_k(query, K), queries),
+        **latency_ms(lambda query: ann.search(opened.index, query[None, :], K, opened.nprobe), queries, "faiss_"),
         "lists_on_disk": ann.lists_on_disk(opened.index),
+        "nprobe": opened.nprobe,
+        **more,
     }
 
 
@@ -214,7 +234,9 @@ def child_autofaiss_build(folder: Path, index: Path) -> dict[str, Any]:
     index.mkdir()
     started = time.perf_counter()
     _, infos = build_index(
-        embeddings=str(folder / "npy"),
+        embeddings=str(folder / "dataset"),
+        file_format="parquet",
+        embedding_column_name="image_embedding",
         index_path=str(index / "knn.index"),
         index_infos_path=str(index / "index_infos.json"),
         max_index_memory_usage="4G",
@@ -239,7 +261,7 @@ def child_autofaiss_query(folder: Path, index: Path) -> dict[str, Any]:
     _, labels = loaded.search(queries, K)
     return {
         "recall_at_10": recall(labels, np.load(folder / "truth.npy")),
-        "p50_ms": p50_ms(lambda query: loaded.search(query[None, :], K), queries),
+        **latency_ms(lambda query: loaded.search(query[None, :], K), queries),
     }
 
 
@@ -247,13 +269,14 @@ def recall(labels: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(found) & set(expected)) / K for found, expected in zip(labels, truth, strict=True)]))
 
 
-def p50_ms(search: Any, queries: np.ndarray) -> float:
+def latency_ms(search: Any, queries: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """``p50_ms`` and ``p99_ms`` (named after ``prefix``) of ``search(query)``, one query at a time."""
     times = []
     for query in queries:
         started = time.perf_counter()
         search(query)
         times.append((time.perf_counter() - started) * 1000)
-    return float(np.percentile(times, 50))
+    return {f"p50_{prefix}ms": float(np.percentile(times, 50)), f"p99_{prefix}ms": float(np.percentile(times, 99))}
 
 
 CHILDREN = {
@@ -273,10 +296,22 @@ def compare(folder: Path, autofaiss_python: str, only: list[str]) -> dict[str, A
         index = folder / f"index-{tool}"
         shutil.rmtree(index, ignore_errors=True)
         run = [python, __file__, "--child"]
-        build = run_sampled([*run, f"{tool}-build", str(folder), str(index)])
+        try:
+            build = run_sampled([*run, f"{tool}-build", str(folder), str(index)])
+        except RuntimeError as error:  # autofaiss out of memory or refusing: said, and the other tool still runs
+            results[tool] = {"error": str(error), "load_average": os.getloadavg()}
+            print(tool, json.dumps(results[tool]), flush=True)
+            shutil.rmtree(index, ignore_errors=True)
+            continue
         query = run_sampled([*run, f"{tool}-query", str(folder), str(index)])
-        size = sum(path.stat().st_size for path in index.rglob("*") if path.is_file())
-        results[tool] = {"build": build, "query": query, "index_mb": size / 2**20}
+        sizes = {path.name: path.stat().st_size / 2**20 for path in index.rglob("*") if path.is_file()}
+        results[tool] = {
+            "build": build,
+            "query": query,
+            "index_mb": sum(sizes.values()),
+            "files_mb": sizes,
+            "load_average": os.getloadavg(),
+        }
         print(tool, json.dumps(results[tool]), flush=True)
         shutil.rmtree(index)
     return results
@@ -288,6 +323,11 @@ def print_table(n: int, results: dict[str, dict[str, Any]]) -> None:
     rows = []
     for name, by_tool in results.items():
         for tool, result in by_tool.items():
+            if tool == "vectors_and_truth":
+                continue
+            if "error" in result:
+                rows.append([name, tool, result["error"], *["-"] * 7])
+                continue
             build, query = result["build"], result["query"]
             peak = [build["main_peak_mb"], build["largest_child_peak_mb"], query["main_peak_mb"]]
             rows.append(
@@ -301,9 +341,11 @@ def print_table(n: int, results: dict[str, dict[str, Any]]) -> None:
                     f"{result['index_mb'] / 1024:.2f}",
                     f"{query['recall_at_10']:.3f}",
                     f"{query['p50_ms']:.1f}" + (f" ({query['p50_faiss_ms']:.1f})" if "p50_faiss_ms" in query else ""),
+                    f"{query['p99_ms']:.1f}",
                 ]
             )
-    header = ["set", "tool", "index", "build s", "VmHWM GB b/w/q", "RssAnon GB b/w/q", "GiB", "recall@10", "p50 ms"]
+    header = ["set", "tool", "index", "build s", "VmHWM GB b/w/q", "RssAnon GB b/w/q", "GiB", "recall@10"]
+    header += ["p50 ms", "p99"]
     print(f"n={n:,}; b: build process, w: its largest worker, q: query process")
     harness.print_table(header, rows)
 
@@ -319,6 +361,7 @@ def main() -> None:
     parser.add_argument("--autofaiss-python", required=True, help="the python of a virtualenv with autofaiss")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--tools", default="ours,autofaiss")
+    parser.add_argument("--keep", action="store_true", help="keep each set's vectors and truth for a re-run")
     args = parser.parse_args()
     import harness
 
@@ -328,8 +371,11 @@ def main() -> None:
         folder = Path(args.folder) / f"{name}-{args.n}"
         started = time.perf_counter()
         write_set(folder, name, args.n)
-        print(f"{name}: vectors and exact top 10 in {time.perf_counter() - started:.0f}s", flush=True)
-        results[name] = compare(folder, args.autofaiss_python, args.tools.split(","))
+        written = {"s": time.perf_counter() - started, "vmhwm_mb": status_kb(os.getpid(), "VmHWM") / 1024}
+        print(f"{name}: vectors and exact top 10: {json.dumps(written)}, load {os.getloadavg()}", flush=True)
+        results[name] = {**compare(folder, args.autofaiss_python, args.tools.split(",")), "vectors_and_truth": written}
+        if not args.keep:
+            shutil.rmtree(folder)
     print_table(args.n, results)
     print(f"load average {machine['load_average_start']} -> {os.getloadavg()}")
     harness.write_results(f"bench_index_scale-{args.n}", {"n": args.n, "machine": machine, "results": results})

@@ -11,7 +11,8 @@ budget allows).
 
 An IVF index can keep its inverted lists (the codes and labels) in a file of their own, memory-mapped
 (``merge_on_disk``, ``read_on_disk``): the process that opens it holds only the coarse quantizer and the lists'
-sizes and offsets, and reads the pages of the lists a query scans.
+sizes and offsets, and reads the pages of the lists a query scans (at most ``MAPPED_LISTS_BYTES`` of them
+stay mapped: ``search``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import mmap
 import os
 import sys
 from collections.abc import Iterator
@@ -40,6 +42,8 @@ ID_BYTES = 8
 SCANNED_PER_QUERY = 16_384
 """A query scans about this many vectors by default (``nprobe`` lists of ``n / nlist``), whatever ``n``: a
 bounded latency (``IVF2000,Flat`` scans 33 lists at 1M rows); the README quotes its recall and latency."""
+MAPPED_LISTS_BYTES = 2**30
+"""The most of an on-disk index's lists a searching process keeps mapped (``search``)."""
 
 
 @dataclass(frozen=True)
@@ -174,35 +178,97 @@ def merge_into(index: faiss.Index, part: faiss.Index) -> None:
     index.merge_from(part, 0)
 
 
-def merge_on_disk(index: faiss.Index, part_paths: list[str], lists_path: str) -> None:
-    """Move every vector of the IVF index files ``part_paths`` (local, each of ``index``'s trained kind) into the
-    trained empty IVF ``index``, whose inverted lists become the file ``lists_path``; labels kept.
+def without_quantizer(index: faiss.Index) -> faiss.Index:
+    """``index`` (IVF) with its coarse quantizer emptied: a part for ``merge_on_disk``, which reads only the
+    parts' lists, smaller on disk by the quantizer (``nlist * D * 4`` bytes: 14 MB at 4,472 lists of 768-d)."""
+    faiss.extract_index_ivf(index).quantizer.reset()
+    return index
 
-    The parts are memory-mapped, not read into memory; ``index`` then holds the lists' sizes and offsets only.
-    This is ``faiss.contrib.ondisk.merge_ondisk``, but for the parts' mappings: that one leaves them mapped
-    (and their files' disk space held) until the process ends, this one unmaps them when the merge is done.
+
+def merge_on_disk(index: faiss.Index, part_paths: list[str], lists_path: str) -> None:
+    """Move every vector of the IVF index files ``part_paths`` (local, each of ``index``'s trained kind, their
+    quantizers possibly emptied: ``without_quantizer``) into the trained empty IVF ``index``, whose inverted lists
+    become the file ``lists_path``; labels kept.
+
+    The layout is ``faiss.contrib.ondisk.merge_ondisk``'s (each list's codes then labels, list after list), but
+    written with file writes, one part at a time, not through a writable memory map: the process never maps the
+    pages it writes, nor the parts', so its resident memory is one part and the lists' sizes, whatever the total
+    (``n * (code_size + 8)`` bytes, left to the page cache). ``index`` then holds the lists' sizes and offsets.
     """
     ivf = _ivf_of(index)
     if ivf is None or ivf.ntotal:
         raise ValueError("merge_on_disk merges into an empty IVF index")
-    parts = [faiss.read_index(path, faiss.IO_FLAG_MMAP) for path in part_paths]  # each owns its mapped lists
-    part_lists = faiss.InvertedListsPtrVector()
-    for part in parts:
-        part_lists.push_back(faiss.extract_index_ivf(part).invlists)
-    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, lists_path)
+    code_size = ivf.code_size
+    layouts = [_part_layout(path, ivf.nlist) for path in part_paths]  # (sizes, where the part's lists start)
+    sizes = np.sum([layout[0] for layout in layouts], axis=0, dtype=np.uint64) if layouts else np.zeros(ivf.nlist)
+    sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
+    starts = np.concatenate([[0], np.cumsum(sizes * np.uint64(code_size + ID_BYTES))]).astype(np.int64)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, code_size, lists_path)
     with _faiss_prints_silenced():
-        ntotal = lists.merge_from_multiple(part_lists.data(), part_lists.size(), False)
-    index.ntotal = ivf.ntotal = ntotal
+        lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # merge_from_multiple's layout: each list's own size
+        lists.update_totsize(int(starts[-1]))  # the file, sparse until written
+    filled = np.zeros(ivf.nlist, dtype=np.int64)
+    descriptor = os.open(lists_path, os.O_WRONLY)
+    try:
+        for path, (part_sizes, offset) in zip(part_paths, layouts, strict=True):
+            _write_part(descriptor, path, part_sizes, offset, starts, sizes.astype(np.int64), filled, code_size)
+    finally:
+        os.close(descriptor)
+    index.ntotal = ivf.ntotal = int(sizes.sum())
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # ``ivf`` owns it now
 
 
+def _part_layout(path: str, nlist: int) -> tuple[np.ndarray, int]:
+    """The IVF index file ``path``'s list sizes (``int64 (nlist,)``) and the file offset where its lists start
+    (each list's codes then labels, list after list: faiss's layout), read without touching the lists."""
+    part = faiss.read_index(path, faiss.IO_FLAG_MMAP)  # the lists mapped, not read; dropped on return
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(part).invlists)
+    if lists.nlist != nlist:
+        raise ValueError(f"{path}: {lists.nlist} IVF lists, where the index has {nlist}")
+    sizes = np.array([lists.lists.at(i).size for i in range(nlist)], dtype=np.int64)
+    return sizes, int(lists.lists.at(0).offset)
+
+
+def _write_part(
+    descriptor: int,
+    path: str,
+    sizes: np.ndarray,
+    offset: int,
+    starts: np.ndarray,
+    totals: np.ndarray,
+    filled: np.ndarray,
+    code_size: int,
+) -> None:
+    """Write the part file ``path``'s lists (``sizes``, from ``offset``) after what ``filled`` counts of each list
+    in the lists file open as ``descriptor`` (list ``l``: ``totals[l]`` codes from ``starts[l]``, then their
+    labels); ``filled`` is advanced."""
+    entry = code_size + ID_BYTES
+    with open(path, "rb") as file:
+        file.seek(offset)
+        data = memoryview(file.read(int(sizes.sum()) * entry))
+    source = 0
+    for list_no in np.flatnonzero(sizes):
+        count, before = int(sizes[list_no]), int(filled[list_no])
+        codes_at = int(starts[list_no]) + before * code_size
+        ids_at = int(starts[list_no]) + int(totals[list_no]) * code_size + before * ID_BYTES
+        os.pwrite(descriptor, data[source : source + count * code_size], codes_at)
+        os.pwrite(descriptor, data[source + count * code_size : source + count * entry], ids_at)
+        source += count * entry
+    filled += sizes
+
+
 def read_on_disk(path: str) -> faiss.Index:
     """The index in the local file ``path``; an IVF index whose lists ``merge_on_disk`` wrote finds its lists file
-    in the same folder (wherever the folder was moved since) and keeps them memory-mapped.
-    (``IO_FLAG_MMAP`` with such lists crashes faiss 1.15: the lists file is memory-mapped without it.)"""
+    in the same folder (wherever the folder was moved since) and keeps them memory-mapped, read by the searching
+    threads (faiss's own prefetch threads, started by every search, are turned off: they would touch pages after
+    ``search`` let go of them). (``IO_FLAG_MMAP`` with such lists crashes faiss 1.15: the lists file is
+    memory-mapped without it.)"""
     with _faiss_prints_silenced():
-        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+        index = faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    if lists_on_disk(index):
+        faiss.downcast_InvertedLists(_ivf_of(index).invlists).prefetch_nthread = 0
+    return index
 
 
 def is_ivf(index: faiss.Index) -> bool:
@@ -236,9 +302,47 @@ def _faiss_prints_silenced() -> Iterator[None]:
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best labels and scores of each unit ``float32 (B, D)`` query: ``float32 (B, k)`` scores and
-    ``int64 (B, k)`` labels (-1 where fewer than ``k`` were found). ``nprobe``: IVF lists to scan."""
-    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe and _ivf_of(index) is not None else None
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+    ``int64 (B, k)`` labels (-1 where fewer than ``k`` were found). ``nprobe``: IVF lists to scan.
+
+    Lists on disk are searched in batches of queries that scan about ``MAPPED_LISTS_BYTES / 2`` of them, and the
+    process lets go of the lists' pages (``release_lists``) whenever it holds more than ``MAPPED_LISTS_BYTES``
+    of files' pages: its resident memory stays bounded however many queries it answers."""
+    ivf = _ivf_of(index)
+    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe and ivf is not None else None
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if not lists_on_disk(index):
+        return index.search(queries, k, params=params)
+    total = faiss.downcast_InvertedLists(ivf.invlists).totsize
+    scanned = max(1, (nprobe or ivf.nprobe) * total // max(ivf.nlist, 1))  # bytes a query reads
+    batch = max(1, MAPPED_LISTS_BYTES // (2 * scanned))
+    found = []
+    for start in range(0, len(queries), batch):
+        found.append(index.search(queries[start : start + batch], k, params=params))
+        if _file_pages_held() > MAPPED_LISTS_BYTES:
+            release_lists(index)
+    if not found:
+        return index.search(queries, k, params=params)
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def release_lists(index: faiss.Index) -> None:
+    """Unmap the pages of ``index``'s on-disk lists from this process (``madvise(MADV_DONTNEED)``): they stay in
+    the page cache, where the next query that scans them finds them without reading the disk."""
+    lists = faiss.downcast_InvertedLists(_ivf_of(index).invlists)
+    if lists.totsize:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(int(lists.ptr), lists.totsize, mmap.MADV_DONTNEED):
+            raise OSError(ctypes.get_errno(), f"madvise of {lists.filename}: {os.strerror(ctypes.get_errno())}")
+
+
+def _file_pages_held() -> int:
+    """Bytes of files' pages this process has mapped and resident (Linux's ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[2]) * mmap.PAGESIZE
+    except OSError:
+        return 0
 
 
 def range_search(

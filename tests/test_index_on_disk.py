@@ -9,6 +9,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -139,3 +140,66 @@ def test_id_parts_merge_into_one_file_with_one_type(tmp_path: Path) -> None:
     assert table.schema.field("key").type == pa.string()
     assert table.column("label").to_pylist() == [3, 5, 10] and table.column("key").to_pylist() == ["a", "b", "c"]
     assert table.column("shard").to_pylist() == [1, 1, 2]
+
+
+def ivf_parts(tmp_path: Path, key: str) -> tuple[faiss.Index, list[str], np.ndarray]:
+    """A trained empty ``key`` index of ``WIDTH``-d clustered vectors and 3 parts of 1,600 of them (one empty),
+    written as ``build_index``'s workers write them (quantizer emptied); the vectors."""
+    vectors = clustered(1600, seed=7)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    trained = ann.train(ann.choose_index(len(vectors), WIDTH, 2**30, key), vectors, seed=0)
+    paths = []
+    for number, (start, stop) in enumerate([(0, 700), (700, 700), (700, 1600)]):
+        part = ann.add(faiss.clone_index(trained), vectors[start:stop], np.arange(start, stop) * 3)
+        paths.append(str(tmp_path / f"part{number}.faiss"))
+        faiss.write_index(ann.without_quantizer(part), paths[-1])
+    return trained, paths, vectors
+
+
+def list_contents(index: faiss.Index, list_no: int) -> tuple[bytes, list[int]]:
+    lists = faiss.extract_index_ivf(index).invlists
+    size = lists.list_size(list_no)
+    codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).tobytes() if size else b""
+    return codes, faiss.rev_swig_ptr(lists.get_ids(list_no), size).tolist() if size else []
+
+
+@pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ4x4"])
+def test_lists_merged_on_disk_hold_what_a_merge_in_memory_holds(tmp_path: Path, key: str) -> None:
+    trained, paths, vectors = ivf_parts(tmp_path, key)
+    on_disk, in_memory = faiss.clone_index(trained), faiss.clone_index(trained)
+    ann.merge_on_disk(on_disk, paths, str(tmp_path / "lists.ivfdata"))
+    for start, stop in [(0, 700), (700, 700), (700, 1600)]:  # the parts with their quantizers
+        ann.merge_into(in_memory, ann.add(faiss.clone_index(trained), vectors[start:stop], np.arange(start, stop) * 3))
+    assert ann.lists_on_disk(on_disk) and on_disk.ntotal == in_memory.ntotal == 1600
+    for list_no in range(16):
+        assert list_contents(on_disk, list_no) == list_contents(in_memory, list_no)
+    written = tmp_path / "index.faiss"
+    faiss.write_index(on_disk, str(written))
+    found = ann.search(ann.read_on_disk(str(written)), vectors[:50], 10, 4)
+    expected = ann.search(in_memory, vectors[:50], 10, 4)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_a_search_lets_go_of_the_lists_pages_past_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained, paths, vectors = ivf_parts(tmp_path, "IVF16,Flat")
+    ann.merge_on_disk(trained, paths, str(tmp_path / "lists.ivfdata"))
+    faiss.write_index(trained, str(tmp_path / "index.faiss"))
+    del trained  # its own mapping of the lists, gone
+    index = ann.read_on_disk(str(tmp_path / "index.faiss"))
+    expected = index.search(vectors[:200], 10, params=faiss.SearchParametersIVF(nprobe=16))  # every list, mapped
+    assert mapped_kb(tmp_path / "lists.ivfdata") > 0
+    monkeypatch.setattr(ann, "MAPPED_LISTS_BYTES", 1)  # any page held is too many: one query per batch
+    found = ann.search(index, vectors[:200], 10, 16)
+    assert mapped_kb(tmp_path / "lists.ivfdata") == 0
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+
+
+def mapped_kb(path: Path) -> int:
+    """The resident kB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.endswith(f" {path}")]
+    assert starts, f"{path} is not mapped"
+    return sum(int(next(line for line in lines[i + 1 :] if line.startswith("Rss:")).split()[1]) for i in starts)

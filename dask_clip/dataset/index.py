@@ -6,7 +6,7 @@
    empty index on the sample (on a GPU where faiss's GPU build sees one) and writes it;
 3. each shard's task adds its vectors to a copy of the trained index and writes that part and its id rows
    (``parts/<stem>.faiss``, ``parts/<stem>.ids.arrow``); the client merges the parts' inverted lists into one
-   file on disk (``ann.merge_on_disk``: the parts memory-mapped) and their id rows into ``ids.arrow`` (one
+   file on disk (``ann.merge_on_disk``: one part at a time, by file writes) and their id rows into ``ids.arrow`` (one
    part at a time), then writes the manifest (``index_files``).
 
 Only the sample and one part at a time are held anywhere but on the workers; the client holds the coarse
@@ -224,6 +224,8 @@ def _add_shard(
     positions = np.flatnonzero(usable)
     labels = (expected["offset"] + positions).astype(np.int64)
     index = ann.add(read_faiss(trained_url), vectors, labels)
+    if _merged_on_disk(index, parts):
+        ann.without_quantizer(index)  # the merge reads the part's lists only
     fs, parts_path = filesystem_of(parts)
     fs.makedirs(parts_path, exist_ok=True)
     write_faiss(index, posixpath.join(parts, f"{task.shard.stem}.faiss"))
@@ -247,7 +249,7 @@ def _merge_parts(trained: faiss.Index, parts: list[str], folder: str) -> str:
     read one part at a time into memory. Returns where the lists are: ``"on_disk"`` or ``"in_memory"``."""
     from dask_clip import ann
 
-    if ann.is_ivf(trained) and is_local(filesystem_of(folder)[0]):
+    if _merged_on_disk(trained, folder):
         local = [filesystem_of(part)[1] for part in parts]
         lists = filesystem_of(posixpath.join(folder, LISTS_FILE))[1]
         ann.merge_on_disk(trained, local, lists)
@@ -260,6 +262,13 @@ def _merge_parts(trained: faiss.Index, parts: list[str], folder: str) -> str:
         ann.merge_into(trained, read_faiss(part))
     write_faiss(trained, posixpath.join(folder, INDEX_FILE))
     return "in_memory"
+
+
+def _merged_on_disk(index: faiss.Index, folder: str) -> bool:
+    """Whether the parts of ``index`` (of its kind) written under ``folder`` are merged on disk (``_merge_parts``)."""
+    from dask_clip import ann
+
+    return ann.is_ivf(index) and is_local(filesystem_of(folder)[0])
 
 
 def _remove_scratch(folder: str) -> None:

@@ -283,7 +283,10 @@ class OpenedIndex:
 
         scores, labels = ann.search(self.index, query[None, :], k, nprobe or self.nprobe)
         found = labels[0] >= 0
-        rows = self.ids.take(pa.array(self.rows_of(labels[0][found])))
+        # one-row slices: a take over the file's batches would concatenate them (22 ms a query at 5M rows)
+        rows = pa.concat_tables(
+            [self.ids.slice(0, 0)] + [self.ids.slice(int(r), 1) for r in self.rows_of(labels[0][found])]
+        )
         shards = [self.shards[s] for s in rows.column("shard").to_numpy()]
         id_col = self.manifest["id_col"]
         ids = rows.column(id_col).to_pandas(types_mapper=pd.ArrowDtype).astype(self.id_dtype).rename(id_col)
