@@ -31,7 +31,7 @@ requirements=$(printf '%s\n' $pinned $on_machine pytest pytest-timeout scikit-im
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" != "$requirements" ]; then
     echo "gpu_rehearsal: building $VENV ($("$python" -V)): $requirements"
     # shellcheck disable=SC2086  # one word per requirement
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $requirements \
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile $requirements \
         2> >(grep -v "is ignored: it is neither" >&2)
     echo "$requirements" >"$VENV/requirements"
 fi

@@ -30,7 +30,7 @@ build() {  # build() NAME REQUIREMENTS: create or update .venv-readers/NAME unle
     rm -rf "$venv"
     "${PYTHON:-python3}" -m venv "$venv"
     # shellcheck disable=SC2086  # one word per requirement
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $requirements \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile $requirements \
         2> >(grep -v "is ignored: it is neither" >&2)
     echo "$requirements" >"$venv/requirements"
 }
