@@ -11,8 +11,8 @@ floor() { sed -n "s/^ *\"$1\(\[[a-z,]*\]\)\?>=\([0-9.]*\)\",$/\2/p" pyproject.to
 if [ ! -x .venv-floor/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv-floor
 fi
-pip() { .venv-floor/bin/python -m pip --quiet --disable-pip-version-check --no-compile "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-pip install "pyarrow==$(floor pyarrow).*" "pandas==$(floor pandas).*" "numpy==$(floor numpy).*" \
+pip() { .venv-floor/bin/python -m pip --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pip install --no-compile "pyarrow==$(floor pyarrow).*" "pandas==$(floor pandas).*" "numpy==$(floor numpy).*" \
     "dask[dataframe]==$(floor dask).*" "distributed==$(floor dask).*" "fsspec>=2024.2" \
     "pillow>=10.1" "safetensors>=0.4" "tqdm>=4.60" "faiss-cpu>=1.8" pytest pytest-timeout
 [ "${1:-}" = --build ] && exit 0

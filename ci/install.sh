@@ -10,9 +10,9 @@ EXTRAS=${EXTRAS:-test,img2dataset,openvino}
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
-pip() { .venv/bin/python -m pip --quiet --disable-pip-version-check --no-compile "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-pip install --upgrade pip
+pip() { .venv/bin/python -m pip --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pip install --no-compile --upgrade pip
 # shellcheck disable=SC2086
-pip install $TORCH_PACKAGES
-pip install -e ".[${EXTRAS}]"
+pip install --no-compile $TORCH_PACKAGES
+pip install --no-compile -e ".[${EXTRAS}]"
 echo "dask_clip installed in $(pwd)/.venv"
