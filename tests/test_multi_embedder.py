@@ -47,10 +47,23 @@ class CountingDecode:
         return self.decode(*args)
 
 
+@pytest.fixture(scope="module")
+def separate_runs(pristine_shards: Path, tiny_model: Path, other_model: Path) -> dict[str, Any]:
+    """Each of ``two_embedders`` run alone over the pristine shards (in this process): column -> (frame, dataset)."""
+    dataset = ImageTextPairDataset.from_webdataset(str(pristine_shards))
+    with dask.config.set(scheduler="synchronous"):
+        runs = [embedder(dataset) for embedder in two_embedders(tiny_model, other_model)]
+        return {column: (run.metadata.compute(), run) for column, run in zip(("emb_a", "emb_b"), runs, strict=True)}
+
+
 def test_columns_equal_separate_runs_with_one_decode_per_image(
-    shards: Path, tiny_model: Path, other_model: Path, monkeypatch: pytest.MonkeyPatch
+    pristine_shards: Path,
+    tiny_model: Path,
+    other_model: Path,
+    separate_runs: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    dataset = ImageTextPairDataset.from_webdataset(str(shards))
+    dataset = ImageTextPairDataset.from_webdataset(str(pristine_shards))
     first, second = two_embedders(tiny_model, other_model)
     assert first.preprocess.crop_height != second.preprocess.crop_height and first.preprocess.mean != (0.5,) * 3
     counting = CountingDecode(multi.decode_opened)
@@ -58,10 +71,8 @@ def test_columns_equal_separate_runs_with_one_decode_per_image(
     with dask.config.set(scheduler="synchronous"):
         together = MultiEmbedder([first, second])(dataset)
         frame = together.metadata.compute()
-        alone = [embedder(dataset) for embedder in (first, second)]
-        separate = [run.metadata.compute() for run in alone]
     assert counting.calls == 15  # 15 images in the tars, each decoded once for both models
-    for column, single, run in zip(("emb_a", "emb_b"), separate, alone, strict=True):
+    for column, (single, run) in separate_runs.items():
         vectors, expected = embeddings_to_numpy(frame[column]), embeddings_to_numpy(single[column])
         assert np.isfinite(vectors).all(axis=1).sum() == 15
         np.testing.assert_array_equal(vectors, expected)
@@ -116,14 +127,19 @@ class RaisesOnBatch(ClipImageEmbedder):
     ],
 )
 def test_a_failing_model_leaves_the_other_column_complete(
-    shards: Path, tiny_model: Path, other_model: Path, broken: type[ClipImageEmbedder], reason: str
+    pristine_shards: Path,
+    tiny_model: Path,
+    other_model: Path,
+    separate_runs: dict[str, Any],
+    broken: type[ClipImageEmbedder],
+    reason: str,
 ) -> None:
-    dataset = ImageTextPairDataset.from_webdataset(str(shards))
-    good = ClipImageEmbedder(str(tiny_model), embedding_column="emb_a", autocast=False, batch_size=4)
+    dataset = ImageTextPairDataset.from_webdataset(str(pristine_shards))
+    good = two_embedders(tiny_model, other_model)[0]
     failing = broken(str(other_model), embedding_column="emb_b", autocast=False, batch_size=4)
+    alone = separate_runs["emb_a"][0]
     with dask.config.set(scheduler="synchronous"):
         frame = MultiEmbedder([failing, good])(dataset).metadata.compute()
-        alone = good(dataset).metadata.compute()
         np.testing.assert_array_equal(embeddings_to_numpy(frame["emb_a"]), embeddings_to_numpy(alone["emb_a"]))
         assert frame["emb_a"].notna().sum() == 15
         assert frame["emb_b"].isna().all()
