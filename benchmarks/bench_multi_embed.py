@@ -17,7 +17,8 @@ worker, each round times, in alternating order, the embeddings of every shard co
 2. ``separate``: ``first`` alone, then ``second`` alone (each image decoded twice);
 
 and the script prints each round's seconds and ``speedup = separate / multi`` (the median over rounds, and
-each round's) per pair. The two ways give the same vectors (cosine >= 0.9999, checked). Results go, with
+each round's) per pair. The two ways agree (equal input sizes: the same pixels;
+a smaller model beside a larger one gets a finer fast decode: cosine >= 0.998, checked). Results go, with
 the machine and its load, to ``benchmarks/results/`` (gitignored).
 """
 
@@ -78,18 +79,22 @@ def measure_pair(
             f"({' + '.join(f'{s:.1f}s' for _, s in separate)}), speedup {seconds['speedup']:.2f}, "
             f"load {os.getloadavg()[0]:.1f}",
         )
+    agreement = {}
     for index, (single, _) in enumerate(separate):
         column = f"emb_{index}"
         vectors = embeddings_to_numpy(frame.set_index("key")[column])
         expected = embeddings_to_numpy(single.set_index("key").loc[frame["key"], column])
-        cosine = np.sum(vectors * expected, axis=1)
-        assert cosine.min() >= 0.9999, (name, column, float(cosine.min()))
+        agreement[column] = float(np.sum(vectors * expected, axis=1).min())
+        # equal input sizes: the same pixels; a smaller model beside a larger one gets a finer "fast" decode
+        assert agreement[column] >= 0.998, (name, column, agreement[column])
+    harness.log(started, f"{name}: least cosine, one read vs alone: {agreement}")
     return {
         "decode_mode": alone[0].decode_mode,
         "rounds": timings,
         "speedup_median": statistics.median(t["speedup"] for t in timings),
         "multi_best_s": min(t["multi"] for t in timings),
         "separate_best_s": min(t["separate"] for t in timings),
+        "least_cosine_to_alone": agreement,
     }
 
 
