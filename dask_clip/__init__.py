@@ -20,6 +20,7 @@ _LAZY_NAMES = {
     "Operation": "dask_clip.operation",
     "ClipImageEmbedder": "dask_clip.embedders.clip",
     "TimmImageEmbedder": "dask_clip.embedders.timm",
+    "MultiEmbedder": "dask_clip.embedders.multi",
     "ClipTextEmbedder": "dask_clip.embedders.clip_text",
     "embeddings_to_numpy": "dask_clip.columns",
     "SemanticDeduplicator": "dask_clip.ops.semantic_dedup",

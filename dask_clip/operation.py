@@ -8,6 +8,7 @@ An operation says
 - ``input_columns(dataset)``: the columns it reads, checked before anything runs, and
   ``reads_tar(dataset)``: whether it reads the shards' tars;
 - ``reasons()``: which column gives the reason where one it writes is null;
+- ``sources(dataset)``: the provenance of each column it writes (by default the same record for all);
 - ``output_columns(dataset)``: the columns it writes, with their types (for the Dask ``meta``);
 - ``cross_shard``: whether its output for one shard depends on other shards (deduplication);
 - ``model``: optionally, a ``ModelSpec`` (cache key + loader) for the per-worker model cache (a
@@ -127,6 +128,11 @@ class Operation(ABC):
             self.recorded_config(), reads, self.reads_tar(dataset), self.cross_shard, self.reasons(), self.properties()
         )
 
+    def sources(self, dataset: ImageTextPairDataset) -> dict[str, Computed]:
+        """The provenance of each column this operation writes to ``dataset``: ``source(dataset)`` for all by default
+        (an operation that runs several configurations at once, ``MultiEmbedder``, gives each column its own)."""
+        return dict.fromkeys(self.output_columns(dataset), self.source(dataset))
+
     def process_shard(self, rows: pd.DataFrame, task: ShardTask, model: Any) -> Mapping[str, Any]:
         """A per-shard operation's new columns for one shard's ``rows``: name -> values aligned with ``rows``."""
         raise NotImplementedError(f"{self.name} works across shards: it overrides build()")
@@ -154,7 +160,7 @@ class Operation(ABC):
         operation = self.fitted(dataset)
         outputs = operation.output_columns(dataset)
         frame = operation.build(dataset, dataset.meta.assign(**outputs))
-        return dataset.with_metadata(frame, dict.fromkeys(outputs, operation.source(dataset)))
+        return dataset.with_metadata(frame, operation.sources(dataset))
 
     def fitted(self, dataset: ImageTextPairDataset) -> Operation:
         """This operation configured with what it learns from the whole of ``dataset`` (eagerly, once its inputs

@@ -247,7 +247,7 @@ def plan_save(dataset: ImageTextPairDataset, output_urls: list[str], columns: li
     unreadable = [state.unreadable for state in states if state.unreadable is not None]
     if unreadable and any(_is_cross_shard(dataset.provenance[column]) for column in derived):
         raise unreadable[0]
-    _check_nothing_is_dropped(dataset, states, output_urls)
+    _check_nothing_is_dropped(dataset, states, output_urls, columns)
     expected = ExpectedRecords([state.inputs for state in states])
     records = [
         FileRecords(
@@ -314,22 +314,35 @@ def _summary(output: OutputFile | None, records: FileRecords) -> dict[str, int]:
     return {"rows": output.rows, "errors": errors}
 
 
-def _check_nothing_is_dropped(dataset: ImageTextPairDataset, states: list[ShardState], output_urls: list[str]) -> None:
-    """Saving in place must not drop a derived column that a shard holds but the dataset does not carry."""
-    lost = []
+def _check_nothing_is_dropped(
+    dataset: ImageTextPairDataset, states: list[ShardState], output_urls: list[str], columns: list[str]
+) -> None:
+    """A save must not drop a derived column that the file it replaces holds: in place, one the dataset does not
+    carry; into another folder, one an earlier save wrote there that this one does not write (a run of one model
+    after a run of two). A save with ``overwrite=True`` reads no output file, and replaces it as asked."""
+    lost, into_output = [], False
     for state, shard, url in zip(states, dataset.shards, output_urls, strict=True):
-        if url != shard.parquet_url:
-            continue
-        dropped = [c for c in state.recorded if c not in dataset.meta.columns]
+        if url == shard.parquet_url:
+            dropped = [c for c in state.recorded if c not in dataset.meta.columns]
+        else:
+            dropped = [c for c in (state.output.records.columns if state.output else ()) if c not in columns]
+            into_output = into_output or bool(dropped)
         if dropped:
             lost.append(f"{url}: {dropped}")
-    if lost:
-        listed = "; ".join(lost[:5]) + (f"; and {len(lost) - 5} more" if len(lost) > 5 else "")
+    if not lost:
+        return
+    listed = "; ".join(lost[:5]) + (f"; and {len(lost) - 5} more" if len(lost) > 5 else "")
+    if into_output:
         raise UsageError(
-            "saving in place would drop derived columns that these shards hold but the dataset does not "
-            f"(its first shard lacks them): {listed}. Compute those columns again in this run, or save into another "
-            "folder (path=...)"
+            f"saving would drop derived columns that an earlier save wrote into these files but this one does not "
+            f"write: {listed}. Compute those columns again in this run, save into another folder, or replace the "
+            "files (overwrite=True, --overwrite)"
         )
+    raise UsageError(
+        "saving in place would drop derived columns that these shards hold but the dataset does not "
+        f"(its first shard lacks them): {listed}. Compute those columns again in this run, or save into another "
+        "folder (path=...)"
+    )
 
 
 def expected_records(dataset: ImageTextPairDataset, columns: list[str]) -> list[FileRecords]:

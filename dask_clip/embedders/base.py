@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ERROR_POLICIES = ("record", "raise")
+DEFAULT_EMBEDDING_COLUMN = "image_embedding"
+DEFAULT_ERROR_COLUMN = "embedding_error"
 NON_FINITE_REASON = "the model returned non-finite values (NaN or infinity) for this image"
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,7 +63,7 @@ class ModelDescription:
 
 
 @dataclass
-class _Decoded:
+class Decoded:
     key: str
     position: int | None
     """The sample's row, None when no row has its key."""
@@ -95,7 +97,7 @@ class ImageEmbedder(ModelOperation):
         *,
         batch_size: int | None = None,
         embedding_column: str | None = None,
-        error_column: str = "embedding_error",
+        error_column: str = DEFAULT_ERROR_COLUMN,
         normalize_embeddings: bool = True,
         autocast: bool = True,
         device: str | None = None,
@@ -116,7 +118,11 @@ class ImageEmbedder(ModelOperation):
             "batch_size", alias("batch_size", batch_size, "model_inference_batch_size", model_inference_batch_size, 32)
         )
         self.embedding_column = alias(
-            "embedding_column", embedding_column, "image_embedding_column", image_embedding_column, "image_embedding"
+            "embedding_column",
+            embedding_column,
+            "image_embedding_column",
+            image_embedding_column,
+            DEFAULT_EMBEDDING_COLUMN,
         )
         self.error_column = error_column
         self.normalize_embeddings = normalize_embeddings
@@ -194,119 +200,191 @@ class ImageEmbedder(ModelOperation):
         A row with no image in the tar, or an unusable one, gets a null embedding and a reason.
         A tar key that no row has is a ``ShardReadError`` (rows are never invented).
         """
-        tar_url = task.shard.tar_url
         started = time.perf_counter()
         decode_seconds: list[float] = []
-        keys = RowKeys(rows[task.id_col], tar_url)
-        vectors = np.zeros((len(rows), self.embedding_dim), dtype=np.float32)
-        valid = np.zeros(len(rows), dtype=bool)
-        errors: list[str | None] = [None] * len(rows)
-        unknown_keys: list[str] = []
+        keys = RowKeys(rows[task.id_col], task.shard.tar_url)
+        column = ShardColumn(self, len(rows), task, model)
         seen = np.zeros(len(rows), dtype=bool)
+        unknown_keys: list[str] = []
 
-        def fail(item: _Decoded) -> None:
-            if self.on_error == "raise":
-                raise ShardReadError(f"{tar_url}: sample {item.key!r}: {item.error}")
-            errors[item.position] = item.error
+        def decode(sample: Sample) -> Decoded:
+            return decode_sample(sample, keys.position(sample.key), model.preprocess)
 
-        def record(batch: list[_Decoded]) -> None:
-            with task.timed("decode_s"):
-                batch = _decode_jpegs_on_device(batch, model)
-            for item in batch:
-                if item.error is not None:
-                    fail(item)
-            batch = [item for item in batch if item.error is None]
-            if not batch:
-                return
-            with task.timed("infer_s"):
-                embeddings = model.embed([item.pixels for item in batch])
-            if self.normalize_embeddings:
-                embeddings = l2_normalize(embeddings)
-            finite = np.isfinite(embeddings).all(axis=1)
-            for item, embedding, usable in zip(batch, embeddings, finite, strict=True):
-                if usable:
-                    vectors[item.position] = embedding
-                    valid[item.position] = True
-                else:
-                    fail(_Decoded(item.key, item.position, None, NON_FINITE_REASON))
-
-        batch: list[_Decoded] = []
-        for item in self._decoded_samples(tar_url, model.preprocess, keys, decode_seconds):
+        for item in decoded_samples(task.shard.tar_url, decode, self.decode_threads, self.batch_size, decode_seconds):
             if item.position is None:
                 unknown_keys.append(item.key)
                 continue
             seen[item.position] = True
-            if item.error is not None:
-                fail(item)
-                continue
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                record(batch)
-                batch = []
-        if batch:
-            record(batch)
+            column.add(item)
+        column.flush()
         if unknown_keys:
             raise keys.unknown_keys_error(unknown_keys, task.id_col)
-        for position in np.flatnonzero(~seen):
-            errors[position] = missing_image_reason(rows, int(position))
+        column.add_missing(rows, ~seen)
+        finish_timings(task, started, decode_seconds)
+        column.log(time.perf_counter() - started)
+        return column.columns()
 
-        elapsed = time.perf_counter() - started
-        on_inference_thread = task.seconds.get("infer_s", 0.0) + task.seconds.get("decode_s", 0.0)
-        task.add_seconds("wait_s", max(0.0, elapsed - on_inference_thread))
-        task.add_seconds("decode_s", sum(decode_seconds))
-        if self.verbose:
+
+class ShardColumn:
+    """One embedder's output for one shard, filled batch by batch: ``float32 (N, D)`` vectors, which of the ``N``
+    rows hold one, and a reason for each row that does not.
+
+    ``model`` is the embedder's loaded model, or None with ``model_failure`` saying why it could not be loaded
+    (every row then gets that reason). With ``record_model_errors``, a batch the model raises on gives its rows
+    the error as their reason (under ``on_error="record"``) instead of stopping the shard.
+    """
+
+    def __init__(
+        self,
+        embedder: ImageEmbedder,
+        rows: int,
+        task: ShardTask,
+        model: Any,
+        model_failure: str | None = None,
+        record_model_errors: bool = False,
+    ) -> None:
+        self.embedder = embedder
+        self.task = task
+        self.model = model
+        self.model_failure = model_failure
+        self.record_model_errors = record_model_errors and embedder.on_error == "record"
+        self.vectors = np.zeros((rows, embedder.embedding_dim), dtype=np.float32)
+        self.valid = np.zeros(rows, dtype=bool)
+        self.errors: list[str | None] = [None] * rows
+        self.batch: list[Decoded] = []
+
+    def fail(self, item: Decoded) -> None:
+        """Give ``item``'s row its reason (``on_error="raise"``: a ``ShardReadError`` naming the tar and key)."""
+        if self.embedder.on_error == "raise":
+            raise ShardReadError(f"{self.task.shard.tar_url}: sample {item.key!r}: {item.error}")
+        self.errors[item.position] = item.error
+
+    def add(self, item: Decoded) -> None:
+        """Queue a decoded sample (or record its reason), embedding a batch once ``batch_size`` are queued."""
+        if item.error is None and self.model_failure is not None:
+            item = Decoded(item.key, item.position, None, self.model_failure)
+        if item.error is not None:
+            self.fail(item)
+            return
+        self.batch.append(item)
+        if len(self.batch) == self.embedder.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Embed the queued samples."""
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        with self.task.timed("decode_s"):
+            batch = _decode_jpegs_on_device(batch, self.model)
+        for item in batch:
+            if item.error is not None:
+                self.fail(item)
+        batch = [item for item in batch if item.error is None]
+        if not batch:
+            return
+        try:
+            with self.task.timed("infer_s"):
+                embeddings = self.model.embed([item.pixels for item in batch])
+        except Exception as error:
+            if not self.record_model_errors:
+                raise
+            reason = f"{self.embedder.label}: the model failed on this batch: {type(error).__name__}: {error}"
+            for item in batch:
+                self.fail(Decoded(item.key, item.position, None, reason))
+            return
+        if self.embedder.normalize_embeddings:
+            embeddings = l2_normalize(embeddings)
+        finite = np.isfinite(embeddings).all(axis=1)
+        for item, embedding, usable in zip(batch, embeddings, finite, strict=True):
+            if usable:
+                self.vectors[item.position] = embedding
+                self.valid[item.position] = True
+            else:
+                self.fail(Decoded(item.key, item.position, None, NON_FINITE_REASON))
+
+    def add_missing(self, rows: pd.DataFrame, missing: np.ndarray) -> None:
+        """Give the rows where ``missing`` (bool ``(N,)``: no sample in the tar) their reason."""
+        for position in np.flatnonzero(missing):
+            self.errors[position] = missing_image_reason(rows, int(position))
+
+    def log(self, elapsed: float) -> None:
+        """With ``verbose``, a line on what this shard got (``elapsed`` seconds)."""
+        if self.embedder.verbose:
             logger.info(
                 "%s: %s: %d rows, %d embedded, %d without embedding, %.1fs (%.1f images/s)",
-                self.label,
-                tar_url,
-                len(rows),
-                int(valid.sum()),
-                int((~valid).sum()),
+                self.embedder.label,
+                self.task.shard.tar_url,
+                len(self.valid),
+                int(self.valid.sum()),
+                int((~self.valid).sum()),
                 elapsed,
-                valid.sum() / max(elapsed, 1e-9),
+                self.valid.sum() / max(elapsed, 1e-9),
             )
+
+    def columns(self) -> dict[str, Any]:
+        """The embedding column (null where invalid) and the reason column."""
         return {
-            self.embedding_column: to_embedding_array(vectors, valid),
-            self.error_column: pd.array(errors, dtype=STRING),
+            self.embedder.embedding_column: to_embedding_array(self.vectors, self.valid),
+            self.embedder.error_column: pd.array(self.errors, dtype=STRING),
         }
 
-    def _decoded_samples(
-        self, tar_url: str, preprocess: PreprocessConfig, keys: RowKeys, decode_seconds: list[float]
-    ) -> Iterator[_Decoded]:
-        """The shard's samples, decoded on ``decode_threads`` threads a bounded distance ahead.
 
-        Only image members are read from the tar. Each decode's duration (seconds) is appended to
-        ``decode_seconds``.
-        """
-
-        def decode(sample: Sample) -> _Decoded:
-            decode_started = time.perf_counter()
-            try:
-                return decode_sample(sample, keys.position(sample.key), preprocess)
-            finally:
-                decode_seconds.append(time.perf_counter() - decode_started)
-
-        samples = iter_tar_samples(tar_url, wanted=is_image_extension)
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="dask_clip-decode") as pool:
-            yield from ordered_bounded_map(pool, decode, samples, 2 * self.batch_size)
+def finish_timings(task: ShardTask, started: float, decode_seconds: list[float]) -> None:
+    """Add to ``task`` the decode threads' seconds and the seconds the inference thread waited for them."""
+    on_inference_thread = task.seconds.get("infer_s", 0.0) + task.seconds.get("decode_s", 0.0)
+    task.add_seconds("wait_s", max(0.0, time.perf_counter() - started - on_inference_thread))
+    task.add_seconds("decode_s", sum(decode_seconds))
 
 
-def decode_sample(sample: Sample, position: int | None, preprocess: PreprocessConfig) -> _Decoded:
+def decoded_samples(
+    tar_url: str, decode: Callable[[Sample], T], threads: int, batch_size: int, decode_seconds: list[float]
+) -> Iterator[T]:
+    """``decode`` of each of the shard's samples, on ``threads`` threads, at most two batches ahead.
+
+    Only image members are read from the tar. Each decode's duration (seconds) is appended to
+    ``decode_seconds``.
+    """
+
+    def timed(sample: Sample) -> T:
+        decode_started = time.perf_counter()
+        try:
+            return decode(sample)
+        finally:
+            decode_seconds.append(time.perf_counter() - decode_started)
+
+    samples = iter_tar_samples(tar_url, wanted=is_image_extension)
+    with ThreadPoolExecutor(threads, thread_name_prefix="dask_clip-decode") as pool:
+        yield from ordered_bounded_map(pool, timed, samples, 2 * batch_size)
+
+
+def decode_sample(sample: Sample, position: int | None, preprocess: PreprocessConfig) -> Decoded:
     """One sample's image member, preprocessed (or left encoded for the device), or the reason it has none."""
-    extension = sample.image_member()
     if position is None:  # no row has this key: reported for the whole shard, nothing to decode
-        return _Decoded(sample.key, None, None, None)
-    if extension is None:
-        return _Decoded(sample.key, position, None, f"no image member (members: {sample.extensions})")
-    if extension in sample.problems:
-        return _Decoded(sample.key, position, None, sample.problems[extension])
+        return Decoded(sample.key, None, None, None)
+    problem = sample_problem(sample)
+    if problem is not None:
+        return Decoded(sample.key, position, None, problem)
     try:
-        return _Decoded(sample.key, position, prepare_image(sample.members[extension], preprocess), None)
+        return Decoded(sample.key, position, prepare_image(image_bytes(sample), preprocess), None)
     except ImageDecodeError as error:
-        return _Decoded(sample.key, position, None, str(error))
+        return Decoded(sample.key, position, None, str(error))
 
 
-def _decode_jpegs_on_device(batch: list[_Decoded], model: Any) -> list[_Decoded]:
+def sample_problem(sample: Sample) -> str | None:
+    """Why ``sample`` has no image to decode (no image member, or one the tar could not give); None when it has."""
+    extension = sample.image_member()
+    if extension is None:
+        return f"no image member (members: {sample.extensions})"
+    return sample.problems.get(extension)
+
+
+def image_bytes(sample: Sample) -> bytes:
+    """The bytes of ``sample``'s image member (one ``sample_problem`` found no problem with)."""
+    return sample.members[sample.image_member()]
+
+
+def _decode_jpegs_on_device(batch: list[Decoded], model: Any) -> list[Decoded]:
     """``batch`` with every ``EncodedJpeg`` decoded on ``model.device`` (or its decode error set)."""
     encoded = [item for item in batch if isinstance(item.pixels, EncodedJpeg)]
     if not encoded:
@@ -317,7 +395,7 @@ def _decode_jpegs_on_device(batch: list[_Decoded], model: Any) -> list[_Decoded]
         if isinstance(item.pixels, EncodedJpeg):
             result = next(decoded)
             is_error = isinstance(result, ImageDecodeError)
-            item = _Decoded(item.key, item.position, None if is_error else result, str(result) if is_error else None)
+            item = Decoded(item.key, item.position, None if is_error else result, str(result) if is_error else None)
         finished.append(item)
     return finished
 

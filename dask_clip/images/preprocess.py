@@ -9,11 +9,12 @@ fixed size whatever the aspect ratio (``exact_size``), no crop, then the same sc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,32 +221,61 @@ def decode_and_preprocess(data: bytes, config: PreprocessConfig) -> np.ndarray:
 def open_for_preprocessing(data: bytes, config: PreprocessConfig) -> ImageFile.ImageFile:
     """``open_image``, also refusing an image that would be over ``max_image_pixels`` once resized."""
     image = open_image(data, config.max_image_pixels)
+    check_resized(image, config)
+    return image
+
+
+def check_resized(image: Image.Image, config: PreprocessConfig) -> None:
+    """``ImageDecodeError`` when ``image`` would be over ``max_image_pixels`` once resized as ``config`` says."""
     resized_width, resized_height = config.resized(image.width, image.height)
     if resized_width * resized_height > config.max_image_pixels:  # e.g. 2x30000: small, but huge once resized
         raise ImageDecodeError(
             f"image is {image.width}x{image.height}: resized to {resized_width}x{resized_height} it would be "
             f"over the limit of {config.max_image_pixels} pixels (max_image_pixels)"
         )
-    return image
 
 
 def preprocess_opened(image: ImageFile.ImageFile, config: PreprocessConfig) -> np.ndarray:
     """An image from ``open_for_preprocessing`` -> ``uint8 (crop_height, crop_width, 3)``, decoded by Pillow."""
-    try:
-        if config.draft and image.format == "JPEG":
-            image.draft(image.mode, config.resized(image.width, image.height))
+    return resize_and_crop(decode_opened(image, [config]), config)
+
+
+def decode_opened(image: ImageFile.ImageFile, configs: Sequence[PreprocessConfig]) -> Image.Image:
+    """An opened image decoded once, upright and in RGB, for every one of ``configs`` to resize.
+
+    A JPEG is decoded at a reduced scale only when every config drafts, and then no smaller than the largest
+    size any of them resizes to (with one config: exactly its own draft).
+    """
+    with decode_errors(configs[0].max_image_pixels):
+        if image.format == "JPEG" and all(config.draft for config in configs):
+            sizes = [config.resized(image.width, image.height) for config in configs]
+            image.draft(image.mode, (max(width for width, _ in sizes), max(height for _, height in sizes)))
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
         rgb = to_rgb(image)
+        rgb.load()
+        return rgb
+
+
+def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """A decoded RGB image (``decode_opened``) resized and centre-cropped -> ``uint8 (crop_height, crop_width, 3)``."""
+    with decode_errors(config.max_image_pixels):
         width, height = config.resized(rgb.width, rgb.height)
         if config.torch_resize and config.resample in TORCH_RESAMPLE:
             pixels = resize_with_torch(rgb, width, height, TORCH_RESAMPLE[config.resample])
         else:
             pixels = np.asarray(rgb.resize((width, height), resample=config.resample))
+    return center_crop(pixels, config.crop_height, config.crop_width)
+
+
+@contextlib.contextmanager
+def decode_errors(max_image_pixels: int) -> Iterator[None]:
+    """Pillow's failures while decoding or resizing, as ``ImageDecodeError`` with a short reason."""
+    try:
+        yield
     except Image.DecompressionBombError as error:  # Pillow's limit, checked again by some decoders (TIFF, GIF)
-        raise ImageDecodeError(pillow_bomb_reason(error, config.max_image_pixels)) from None
+        raise ImageDecodeError(pillow_bomb_reason(error, max_image_pixels)) from None
     except Exception as error:  # noqa: BLE001 - Pillow's decoders raise many types on malformed data
         raise ImageDecodeError(f"cannot decode image: {str(error) or type(error).__name__}") from None
-    return center_crop(pixels, config.crop_height, config.crop_width)
 
 
 TORCH_RESAMPLE = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
