@@ -162,6 +162,9 @@ def failed_requests() -> list[str]:
 def page(browser: Browser, base_url: str, failed_requests: list[str]) -> Iterator[Page]:
     """A fresh page on the app; the test fails if any request the page makes is answered with an error."""
     context = browser.new_context(base_url=base_url, viewport={"width": 1200, "height": 800})
+    # the first text search loads the text model in the server: on 2 loaded cores (CI) that took over Playwright's
+    # default 30 s; a wait here catches a page that never answers, not a slow one
+    context.set_default_timeout(120_000)
     opened = context.new_page()
     opened.on("response", lambda response: _record_failure(response, failed_requests))
     yield opened
