@@ -8,7 +8,8 @@
 # the package index, not a GPU), ci/readers.sh reads files dask_clip wrote back with every reader of the
 # README's "Output format" table, each in its own environment, and ci/gpu_rehearsal.sh (its own Python 3.12
 # environment, from the start) builds the GPU machine's wheelhouse and rehearses the offline GPU check on the CPU.
-# Extra arguments go to the main pytest run.
+# These side jobs run at a lower priority (nice 10) than install.sh and the suite. Extra arguments go to the main
+# pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
@@ -20,15 +21,15 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     chromium=$!
 fi
 gpu_rehearsal_log=$(mktemp)
-bash ci/gpu_rehearsal.sh >"$gpu_rehearsal_log" 2>&1 &
+nice -n 10 bash ci/gpu_rehearsal.sh >"$gpu_rehearsal_log" 2>&1 &
 gpu_rehearsal=$!
 floor_log=$(mktemp)
-bash ci/floor.sh --build >"$floor_log" 2>&1 &
+nice -n 10 bash ci/floor.sh --build >"$floor_log" 2>&1 &
 floor_build=$!
 # The readers' check writes its files with .venv: it starts once ci/install.sh has made it (the marker file).
 readers_log=$(mktemp) installed=$(mktemp -u)
-{ bash ci/readers.sh --build && until [ -e "$installed" ]; do kill -0 $$ 2>/dev/null || exit 1; sleep 1; done &&
-    bash ci/readers.sh --check; } >"$readers_log" 2>&1 &
+{ nice -n 10 bash ci/readers.sh --build && until [ -e "$installed" ]; do kill -0 $$ 2>/dev/null || exit 1; sleep 1; done &&
+    nice -n 10 bash ci/readers.sh --check; } >"$readers_log" 2>&1 &
 readers=$!
 bash ci/install.sh
 touch "$installed"
