@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -132,15 +131,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": harness.machine(), "rows_per_shard": options.rows_per_shard, "sizes": []}
-    work = Path(tempfile.mkdtemp(prefix="dask_clip_join_", dir=options.work_dir))
-    try:
+    with harness.work_folder("dask_clip_join_", options.work_dir) as work:
         for shards in options.shards or SHARD_COUNTS:
             results["sizes"].append(measure_size(shards, options, work, started))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    results["total_s"] = time.perf_counter() - started
-    print_report(results)
-    harness.write_results("bench_join_back", results)
+    harness.finish("bench_join_back", results, started, print_report)
     return results
 
 

@@ -42,7 +42,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -261,16 +260,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         "cluster": options.cluster,
         "sizes": [],
     }
-    work = Path(tempfile.mkdtemp(prefix="dask_clip_scale_", dir=options.work_dir))
-    try:
+    with harness.work_folder("dask_clip_scale_", options.work_dir) as work:
         for n in options.rows or SIZES:
             for data in options.data or list(DATA_SETS):
                 results["sizes"].append(measure_size(n, data, options, work, started))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    results["total_s"] = time.perf_counter() - started
-    print_report(results)
-    harness.write_results("bench_scale", results)
+    harness.finish("bench_scale", results, started, print_report)
     return results
 
 

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -184,15 +183,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": harness.machine(), "options": DEDUP_OPTIONS, "sizes": []}
-    work = Path(tempfile.mkdtemp(prefix="dask_clip_dedup_memory_", dir=options.work_dir))
-    try:
+    with harness.work_folder("dask_clip_dedup_memory_", options.work_dir) as work:
         for n in options.rows or SIZES:
             results["sizes"].append(measure_size(n, options, work, started))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    results["total_s"] = time.perf_counter() - started
-    print_report(results)
-    harness.write_results("dedup_memory", results)
+    harness.finish("dedup_memory", results, started, print_report)
     return results
 
 

@@ -15,10 +15,13 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +184,20 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+@contextmanager
+def work_folder(prefix: str, parent: str | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (under ``parent``, a benchmark's ``--work-dir``), removed with all it holds after."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finish(name: str, results: dict[str, Any], started: float, report: Callable[[dict[str, Any]], None]) -> None:
+    """Record ``total_s`` since ``started`` in ``results``, print them with ``report``, and ``write_results``."""
+    results["total_s"] = time.perf_counter() - started
+    report(results)
+    write_results(name, results)
