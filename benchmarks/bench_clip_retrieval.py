@@ -14,7 +14,7 @@ dask_clip's floor of 16), so it runs in its own virtual environment, by default 
 rather than downloading 3 GB more. The CPU wheel torch 2.13.0+cpu installs too, but no torchvision on the index
 loads beside it.) Then, from the root of a checkout::
 
-    .venv/bin/python benchmarks/bench_clip_retrieval.py            # 3 rounds, 192 photos in 4 shards (~20 min, 2 cores)
+    .venv/bin/python benchmarks/bench_clip_retrieval.py   # 3 rounds, 192 photos in 4 shards (~15 min, 2 cores)
 
 Both tools read the same img2dataset-layout WebDataset shards of real photos at their original sizes
 (``harness.make_shards``) and embed them with the same random-weight ViT-B/32-shaped CLIP
