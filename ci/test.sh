@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 # torch's OpenMP threads sleep while they wait instead of spinning: the suite's tiny models run thousands of small
 # parallel regions in more processes than there are cores (two pytest workers, their clusters' workers, the side
 # jobs), and spinning threads then hold the cores the others need. Measured with three processes embedding with a
-# tiny CLIP on the 2-core machine at load average 14-16: 95-102 s and 16 CPU-seconds each spinning, 0.4-1.4 s and
-# 0.5 asleep. It changes when a thread waits, not what it computes.
+# tiny CLIP on the 2-core machine at load average 14-16: 63-102 s and 12-17 CPU-seconds each spinning, 0.4-1.9 s
+# and 0.4-0.6 asleep (README, Development). It changes when a thread waits, not what it computes.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
 # never download a browser. Their screenshots of each page are CI's artifacts.
