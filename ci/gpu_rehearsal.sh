@@ -4,8 +4,10 @@
 # run ci/gpu_check.sh --offline on it in its CPU rehearsal mode, with the Python 3.12 of .venv-gpu-rehearsal/:
 # the machine's versions of torch (2.11.0, its CUDA 13 build from PyPI), torchvision, transformers, numpy and
 # the packages the wheelhouse leaves to the machine, and nothing else. Both folders are ignored by git; the
-# environment is built once (minutes: torch's CUDA libraries) and updated when its requirements change (a
-# requirement dropped from the list stays installed until the folder is removed).
+# environment is built once, with uv (ci/uv.sh: about a minute for torch's CUDA libraries, 5.4 GiB, downloaded
+# where uv's cache lacks them) and updated when its requirements change (a requirement dropped from the list
+# stays installed until the folder is removed). torch is 2.11.0, the machine's, not the 2.14.1 of .venv: with uv
+# the index gives it quickly, so the rehearsal imports the very torch the wheelhouse's TorchCodec must load with.
 #     bash ci/gpu_rehearsal.sh      (figures of the rehearsal in gpu-rehearsal-results/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +33,13 @@ requirements=$(printf '%s\n' $pinned $on_machine pytest pytest-timeout scikit-im
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/requirements" 2>/dev/null)" != "$requirements" ]; then
     echo "gpu_rehearsal: building $VENV ($("$python" -V)): $requirements"
     # shellcheck disable=SC2086  # one word per requirement
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile $requirements \
-        2> >(grep -v "is ignored: it is neither" >&2)
+    bash ci/uv.sh pip install --python "$VENV/bin/python" $requirements
     echo "$requirements" >"$VENV/requirements"
 fi
 "$VENV/bin/python" -c 'import sys; from importlib.metadata import version
 torch, transformers, python = version("torch"), version("transformers"), sys.version.split()[0]
-print(f"gpu_rehearsal: Python {python}, torch {torch}, transformers {transformers}")'
+print(f"gpu_rehearsal: Python {python}, torch {torch} (as on the GPU machine, pinned by ci/gpu_machine.txt: its",
+      f"CUDA build from the package index, which uv installs in about a minute), transformers {transformers}")'
 echo "gpu_rehearsal: environment ready at $(($(date +%s) - started)) s"
 PYTHON=$VENV/bin/python bash ci/gpu_check.sh --offline "$WHEELHOUSE" --out gpu-rehearsal-results --rehearse
 echo "gpu_rehearsal: done in $(($(date +%s) - started)) s"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reads parquet files that dask_clip wrote back with every reader of the README's layout table, each in its own
-# small environment under .venv-readers/ (ignored by git): pyarrow 15, 19, 23 and 25 with pandas, then Polars,
-# DuckDB, Hugging Face datasets, webdataset and LanceDB on pyarrow 25, then the project's .venv (pyarrow 26)
-# when there is one. An environment is built once and rebuilt only when its requirements below change.
+# small environment under .venv-readers/ (ignored by git): pyarrow 15, 19 and 23 with pandas, then pyarrow 25
+# with pandas, dask, Polars, DuckDB, Hugging Face datasets, webdataset and LanceDB (one environment: the same
+# pandas and numpy as pyarrow 25 alone would get), then the project's .venv (pyarrow 26) when there is one.
+# An environment is built once (with uv: ci/uv.sh) and rebuilt only when its requirements below change.
 # The environments read in parallel; each line names the environment, the reader and what it read. Exit status: non-zero when any read failed.
 #
 #   bash ci/readers.sh FOLDER [read_back.py options, e.g. --expect image_embedding:5:32]
@@ -17,8 +18,7 @@ ENVIRONMENTS=(
     "pyarrow15|pyarrow==15.0.2 pandas==2.2.3 numpy<2"
     "pyarrow19|pyarrow==19.0.1 pandas==2.2.3 numpy<2.3"
     "pyarrow23|pyarrow==23.0.1 pandas==2.3.3"
-    "pyarrow25|pyarrow==25.0.1 pandas"
-    "tools|pyarrow==25.0.1 pandas polars duckdb datasets webdataset dask[dataframe] lancedb"
+    "pyarrow25|pyarrow==25.0.1 pandas polars duckdb datasets webdataset dask[dataframe] lancedb"
 )
 
 build() {  # build() NAME REQUIREMENTS: create or update .venv-readers/NAME unless it already has REQUIREMENTS
@@ -28,10 +28,9 @@ build() {  # build() NAME REQUIREMENTS: create or update .venv-readers/NAME unle
     fi
     echo "building $venv: $requirements" >&2
     rm -rf "$venv"
-    "${PYTHON:-python3}" -m venv "$venv"
+    bash ci/uv.sh venv --quiet --python "${PYTHON:-python3}" "$venv"
     # shellcheck disable=SC2086  # one word per requirement
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile $requirements \
-        2> >(grep -v "is ignored: it is neither" >&2)
+    bash ci/uv.sh pip install --python "$venv/bin/python" $requirements
     echo "$requirements" >"$venv/requirements"
 }
 

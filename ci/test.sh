@@ -6,12 +6,19 @@
 # and dask pyproject.toml allows (ci/floor.sh). The floor's and the readers' environments are built alongside
 # ci/install.sh. Meanwhile ci/check_gpu_extras.py checks that the gpu extras resolve to one CUDA stack (a pip dry run: needs
 # the package index, not a GPU), ci/readers.sh reads files dask_clip wrote back with every reader of the
-# README's "Output format" table, each in its own environment, and ci/gpu_rehearsal.sh (its own Python 3.12
+# README's "Output format" table, one environment per pyarrow release, and ci/gpu_rehearsal.sh (its own Python 3.12
 # environment, from the start) builds the GPU machine's wheelhouse and rehearses the offline GPU check on the CPU.
-# These side jobs run at a lower priority (nice 10) than install.sh and the suite. Extra arguments go to the main
-# pytest run.
+# These side jobs run at a lower priority (nice 10) than install.sh and the suite. Every environment is installed
+# with uv (ci/uv.sh), from one cache: about a minute of CPU time in all, where pip took nearly four. Extra
+# arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# torch's OpenMP threads sleep while they wait instead of spinning: the suite's tiny models run thousands of small
+# parallel regions in more processes than there are cores (two pytest workers, their clusters' workers, the side
+# jobs), and spinning threads then hold the cores the others need. Measured with three processes embedding with a
+# tiny CLIP on the 2-core machine at load average 14-16: 63-102 s and 12-17 CPU-seconds each spinning, 0.4-1.9 s
+# and 0.4-0.6 asleep (README, Development). It changes when a thread waits, not what it computes.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # The browser tests (tests/test_serve_browser.py) drive Debian's Chromium, installed alongside the venv; they
 # never download a browser. Their screenshots of each page are CI's artifacts.
 export DASK_CLIP_SCREENSHOTS="${DASK_CLIP_SCREENSHOTS:-test-artifacts/screenshots}"
@@ -35,7 +42,7 @@ bash ci/install.sh
 touch "$installed"
 [ "$chromium" = true ] || wait "$chromium"
 gpu_extras_log=$(mktemp)
-.venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
+nice -n 10 .venv/bin/python ci/check_gpu_extras.py >"$gpu_extras_log" 2>&1 &
 gpu_extras=$!
 status=0
 { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports &&
