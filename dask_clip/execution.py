@@ -5,7 +5,8 @@
   timings. Any failure inside becomes a ``ShardError`` that names the shard's file and keeps the original
   error as its cause; dask_clip's own errors, which say what they concern already, pass unchanged.
 - ``compute`` runs a collection on the current Dask client, or on the threaded scheduler when there is
-  none (never on processes, which would re-import the user's script). Only the tasks that run a function
+  none (never on processes, which would re-import the user's script); a failure is raised once the collection's
+  other tasks have stopped running. Only the tasks that run a function
   ``map_shards`` was given ``resources`` for (an embedder's share of a GPU) ask for them; reading,
   shuffling and summing run on any worker.
 - ``compute_in_batches`` runs a small function (a footer's read) on every shard, many shards per task.
@@ -338,15 +339,61 @@ def _prepare(client: Any) -> None:
 
 def compute(collection: Any) -> Any:
     """Compute ``collection`` on the current client (tasks asking for the resources ``map_shards`` gave them,
-    where workers offer them), or on the threaded scheduler of this process when there is no client."""
+    where workers offer them), or on the threaded scheduler of this process when there is no client.
+
+    When a task fails, its error is raised only once the collection's other tasks have stopped running: a caller
+    that then removes what they were writing (a command's half-made output folder) finds nothing written after.
+    """
     client = current_client()
     optimized, resources = optimized_with_resources(collection)
     if client is None:
         offered(None, resources)  # only to check this process for GPUs the run leaves unused
-        return dask.compute(optimized, scheduler="threads", optimize_graph=optimized is collection)[0]
+        return _compute_on_threads(optimized, optimize_graph=optimized is collection)[0]
     _prepare(client)
     future = client.compute(optimized, optimize_graph=False, resources=offered(client, resources))
-    return client.gather(future)
+    try:
+        return client.gather(future)
+    except Exception:
+        wait_until_settled(client, list(optimized.__dask_graph__().keys()))
+        raise
+
+
+SETTLE_TIMEOUT_S = 600.0
+"""After a failure, how long ``compute`` waits at most for the collection's other tasks to stop running."""
+_UNSETTLED = frozenset({"waiting", "queued", "processing"})
+"""Scheduler states of a task that has yet to run or is running (``no-worker`` waits for a worker: not counted)."""
+_RUNNING_ON_WORKER = frozenset({"executing", "long-running", "cancelled", "resumed"})
+"""Worker states of a task whose function may still be running: once a computation fails, the scheduler releases
+its other tasks, and a worker marks those it is executing ``cancelled`` while their function runs on."""
+
+
+def wait_until_settled(client: Any, keys: list[Any], timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Block until none of ``keys`` is waiting, queued or running, on the scheduler or on a worker, or ``timeout``
+    seconds have passed (a warning then says how many still run)."""
+    deadline, ours = time.monotonic() + timeout, set(keys)
+    pending = client.run_on_scheduler(_unsettled, keys)
+    while True:
+        running = set().union(*client.run(_running_here).values()) & ours
+        if not pending and not running:
+            return
+        if time.monotonic() > deadline:
+            logger.warning(
+                "%d tasks of a failed computation still run after %.0f s", len(pending) + len(running), timeout
+            )
+            return
+        time.sleep(0.1)
+        pending = client.run_on_scheduler(_unsettled, pending) if pending else []
+
+
+def _unsettled(keys: list[Any], dask_scheduler: Any = None) -> list[Any]:
+    """On the scheduler: those of ``keys`` whose task has yet to run or is running."""
+    tasks = dask_scheduler.tasks
+    return [key for key in keys if key in tasks and tasks[key].state in _UNSETTLED]
+
+
+def _running_here(dask_worker: Any = None) -> list[Any]:
+    """On a worker: the keys of the tasks whose function may be running on it."""
+    return [key for key, task in dask_worker.state.tasks.items() if task.state in _RUNNING_ON_WORKER]
 
 
 def compute_per_shard(summaries: dd.DataFrame, progress: bool = False) -> pd.DataFrame:
@@ -370,12 +417,14 @@ def compute_per_shard(summaries: dd.DataFrame, progress: bool = False) -> pd.Dat
         if client is not None:
             _prepare(client)
             futures = client.compute(parts, optimize_graph=False, resources=offered(client, resources))
-            return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=lambda: _cancel(futures))
+            keys = list(optimized.__dask_graph__().keys())
+            stop = functools.partial(_cancel_and_settle, client, futures, keys)
+            return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=stop)
         offered(None, resources)  # only to check this process for GPUs the run leaves unused
         graphs = _independent_graphs(parts)
         if graphs is None:
             with _LocalProgress({part.key for part in parts}, counter):
-                results = dask.compute(*parts, scheduler="threads")
+                results = _compute_on_threads(*parts)
             return pd.concat(results) if results else summaries._meta
         with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dask_clip-shard") as pool:
             pending = [pool.submit(get_sync, graph, key) for graph, key in graphs]
@@ -426,6 +475,21 @@ def _finished_local(pending: list[Future[Any]]) -> Iterator[tuple[Any, BaseExcep
 def _cancel(futures: list[Any]) -> None:
     for future in futures:
         future.cancel()
+
+
+def _cancel_and_settle(client: Any, futures: list[Any], keys: list[Any]) -> None:
+    _cancel(futures)
+    wait_until_settled(client, keys)
+
+
+def _compute_on_threads(*collections: Any, **options: Any) -> tuple[Any, ...]:
+    """``dask.compute`` on the threaded scheduler, with a pool of its own: it returns or raises only once the
+    tasks it started have finished (Dask's own pool would let them run on after a failure)."""
+    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dask_clip-compute")
+    try:
+        return dask.compute(*collections, scheduler="threads", pool=pool, **options)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ShardCounter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -66,3 +68,27 @@ def test_the_dask_internals_execution_reads_find_a_mapped_function_alone_and_fus
 def test_internals_that_are_not_there_are_an_error_naming_the_dask_version() -> None:
     with pytest.raises(UnsupportedDaskError, match=f"dask {dask.__version__} changed the dataframe internals"):
         task_functions(object())
+
+
+def _write_later(path: str) -> str:
+    time.sleep(1.0)
+    Path(path).write_text("written by a task still running when another failed")
+    return path
+
+
+def _fail() -> None:
+    raise ValueError("planted failure")
+
+
+@pytest.mark.parametrize("on", ["threads", "client"])
+def test_a_failure_comes_back_only_once_the_other_tasks_stopped_writing(request, tmp_path: Path, on: str) -> None:
+    # a command removes its half-made output when a task fails: a sibling still writing would leave files behind
+    if on == "client":
+        request.getfixturevalue("client")
+    late = tmp_path / "late.txt"
+    both = dask.delayed(lambda *results: results)(dask.delayed(_write_later)(str(late)), dask.delayed(_fail)())
+    with pytest.raises(ValueError, match="planted failure"):
+        execution.compute(both)
+    written_when_raised = late.exists()
+    time.sleep(1.5)
+    assert late.exists() == written_when_raised  # nothing was written after the error came back
