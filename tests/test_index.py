@@ -64,6 +64,20 @@ def test_exhaustive_index_agrees_with_exact_search(client, with_gaps: Path, tmp_
     assert len(everything) == 297 and not {"k00003", "k00100", "k00200"} & set(everything["key"])
 
 
+def test_equal_scores_come_in_id_order(client, tmp_path: Path) -> None:
+    """Rows of one vector, ids shuffled against the row numbers (the index's labels, which order faiss's ties):
+    the frame orders the ties it returns by id, as exact search's frame does."""
+    same = np.ones(WIDTH, dtype=np.float32)  # unit after scaling by 1/4: every score exactly equal
+    shuffled = np.random.default_rng(0).permutation(120)
+    vectors = {f"k{shuffled[i]:05d}": same if i % 2 else -same for i in range(120)}
+    testing.write_embedding_shards(tmp_path / "shards", vectors, rows_per_shard=40)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
+    dataset.build_index(str(tmp_path / "index"))
+    for found in (dataset.search(image=same, k=5, index=str(tmp_path / "index")), dataset.search(image=same, k=5)):
+        assert found["key"].tolist() == sorted(found["key"]) and len(set(found["key"])) == 5
+        assert found["score"].tolist() == [1.0] * 5
+
+
 def test_ivf_index_recall_on_clustered_vectors(client, tmp_path: Path) -> None:
     testing.write_embedding_shards(tmp_path / "shards", clustered_rows(4000, seed=1), rows_per_shard=1000)
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
