@@ -16,19 +16,24 @@ latency), runs in a process of its own, which this one samples every 0.2 s with 
 peak ``VmHWM`` (resident, counting the pages of memory-mapped files the process touched), peak ``RssAnon`` (its own
 memory: what it cannot give back) and peak ``RssFile`` (files' pages mapped). The process writing the vectors and
 the exact top 10 reports its own ``VmHWM``. dask_clip's latency is ``OpenedIndex.top_k`` (faiss search, id lookup,
-result frame) and the bare faiss search; autofaiss's is its index's search with the parameters it tuned
-(``index_infos.json``); p50 and p99 of the 1,000.
+result frame) and the bare faiss search, at the index's default ``nprobe`` and at a third, two thirds and four
+thirds of it (the recall/latency curve the default is chosen from); autofaiss's is its index's search with the
+parameters it tuned (``index_infos.json``); p50 and p99 of the 1,000. autofaiss is given an index budget
+(``--autofaiss-index-memory``) and the memory its build may use (``--autofaiss-memory-available``), and picks its
+index and training sample from them.
 
 Run from the root of a checkout (autofaiss in a virtualenv of its own: it pins other numpy and faiss versions)::
 
-    python -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install autofaiss \\
-        faiss-cpu==1.7.4  # autofaiss 2.18's OPQ indexes fail with faiss 1.15 (OPQMatrix's arguments)
+    python3.11 -m venv /work/scratch/venv-autofaiss && /work/scratch/venv-autofaiss/bin/pip install \\
+        autofaiss==2.18.0 faiss-cpu==1.7.4 "pyarrow<17" psutil  # faiss 1.15 fails autofaiss's OPQ (OPQMatrix's
+        # arguments); faiss-cpu 1.7.4 has wheels up to Python 3.11
     .venv/bin/python benchmarks/bench_index_scale.py --n 1000000 --folder /work/scratch/index-scale \\
-        --autofaiss-python /work/scratch/venv-autofaiss/bin/python
+        --autofaiss-python /work/scratch/venv-autofaiss/bin/python \\
+        --autofaiss-index-memory 3G --autofaiss-memory-available 4G  # every process under 4 GB
 
 About ``--n`` x 768 x 4 bytes of parquet per set, plus the index being built (its parts and its lists: as much
 again with ``Flat`` codes, half with ``SQ8``); a set's folder is removed once measured unless ``--keep``
-(without it, a re-run writes the vectors again): 15 GB per set at 5M.
+(without it, a re-run writes the vectors again, and the indexes are removed too): 15 GB per set at 5M.
 """
 
 from __future__ import annotations
@@ -191,7 +196,7 @@ def run_sampled(command: list[str]) -> dict[str, Any]:
     }
 
 
-def child_ours_build(folder: Path, index: Path) -> dict[str, Any]:
+def child_ours_build(folder: Path, index: Path, options: dict[str, Any]) -> dict[str, Any]:
     from dask_clip import ImageTextPairDataset, get_client
 
     with get_client("cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0"):
@@ -203,32 +208,35 @@ def child_ours_build(folder: Path, index: Path) -> dict[str, Any]:
     return {"build_s": seconds, "index": manifest["index"]["key"], "nprobe": manifest["index"]["nprobe"]}
 
 
-def child_ours_query(folder: Path, index: Path) -> dict[str, Any]:
+def child_ours_query(folder: Path, index: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Recall@10 and latency at the index's default ``nprobe``, and the same at a third, two thirds and four thirds
+    of it (``curve``: the trade-off the default is chosen from)."""
     from dask_clip import ImageTextPairDataset, ann
 
     dataset = ImageTextPairDataset.from_webdataset(str(folder / "dataset"))
     opened = dataset.open_index(str(index))
     queries = np.load(folder / "queries.npy")
     truth = np.load(folder / "truth.npy")
-    _, labels = ann.search(opened.index, queries, K, opened.nprobe)
-    more = {}  # recall and bare faiss latency scanning 2 and 4 times the default lists
-    for factor in (2, 4):
-        nprobe = factor * opened.nprobe
-        more[f"nprobe_{nprobe}"] = {
+    nlist = opened.manifest["index"]["nlist"]
+    curve = {}
+    for nprobe in sorted({min(nlist, max(1, round(opened.nprobe * share / 3))) for share in (1, 2, 3, 4)}):
+        curve[nprobe] = {
             "recall_at_10": recall(ann.search(opened.index, queries, K, nprobe)[1], truth),
-            **latency_ms(lambda query, nprobe=nprobe: ann.search(opened.index, query[None, :], K, nprobe), queries),
+            **latency_ms(lambda query, nprobe=nprobe: opened.top_k(query, K, nprobe), queries),
+            **latency_ms(
+                lambda query, nprobe=nprobe: ann.search(opened.index, query[None, :], K, nprobe), queries, "faiss_"
+            ),
+            "load_average": os.getloadavg(),
         }
     return {
-        "recall_at_10": recall(labels, truth),
-        **latency_ms(lambda query: opened.top_k(query, K), queries),
-        **latency_ms(lambda query: ann.search(opened.index, query[None, :], K, opened.nprobe), queries, "faiss_"),
+        **curve[opened.nprobe],
         "lists_on_disk": ann.lists_on_disk(opened.index),
         "nprobe": opened.nprobe,
-        **more,
+        "curve": curve,
     }
 
 
-def child_autofaiss_build(folder: Path, index: Path) -> dict[str, Any]:
+def child_autofaiss_build(folder: Path, index: Path, options: dict[str, Any]) -> dict[str, Any]:
     from autofaiss import build_index
 
     index.mkdir()
@@ -239,18 +247,24 @@ def child_autofaiss_build(folder: Path, index: Path) -> dict[str, Any]:
         embedding_column_name="image_embedding",
         index_path=str(index / "knn.index"),
         index_infos_path=str(index / "index_infos.json"),
-        max_index_memory_usage="4G",
-        current_memory_available="16G",  # of this machine's 24 GiB: autofaiss refuses 4G with a 4G index
+        max_index_memory_usage=options["autofaiss_index_memory"],
+        current_memory_available=options["autofaiss_memory_available"],
         metric_type="ip",
         nb_cores=2,
         verbose=30,
     )
     if infos is None:
         raise RuntimeError("autofaiss built no index (see its log above)")
-    return {"build_s": time.perf_counter() - started, "index": infos["index_key"], "param": infos["index_param"]}
+    return {
+        "build_s": time.perf_counter() - started,
+        "index": infos["index_key"],
+        "param": infos["index_param"],
+        "infos": infos,
+        "options": options,
+    }
 
 
-def child_autofaiss_query(folder: Path, index: Path) -> dict[str, Any]:
+def child_autofaiss_query(folder: Path, index: Path, options: dict[str, Any]) -> dict[str, Any]:
     import faiss
 
     loaded = faiss.read_index(str(index / "knn.index"))
@@ -287,8 +301,9 @@ CHILDREN = {
 }
 
 
-def compare(folder: Path, autofaiss_python: str, only: list[str]) -> dict[str, Any]:
-    """Both tools' build then query session on the set in ``folder``, each in a process of its own."""
+def compare(folder: Path, autofaiss_python: str, only: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """Both tools' build then query session on the set in ``folder``, each in a process of its own (``options``
+    passed to each); the indexes are removed once measured unless ``options["keep"]``."""
     results: dict[str, Any] = {}
     for tool, python in (("ours", sys.executable), ("autofaiss", autofaiss_python)):
         if tool not in only:
@@ -296,24 +311,28 @@ def compare(folder: Path, autofaiss_python: str, only: list[str]) -> dict[str, A
         index = folder / f"index-{tool}"
         shutil.rmtree(index, ignore_errors=True)
         run = [python, __file__, "--child"]
+        started_at = {"load_average": os.getloadavg(), "time": time.strftime("%H:%M:%S", time.gmtime())}
+        print(tool, "build starts", json.dumps(started_at), flush=True)
         try:
-            build = run_sampled([*run, f"{tool}-build", str(folder), str(index)])
+            build = run_sampled([*run, f"{tool}-build", str(folder), str(index), json.dumps(options)])
         except RuntimeError as error:  # autofaiss out of memory or refusing: said, and the other tool still runs
             results[tool] = {"error": str(error), "load_average": os.getloadavg()}
             print(tool, json.dumps(results[tool]), flush=True)
             shutil.rmtree(index, ignore_errors=True)
             continue
-        query = run_sampled([*run, f"{tool}-query", str(folder), str(index)])
+        query = run_sampled([*run, f"{tool}-query", str(folder), str(index), json.dumps(options)])
         sizes = {path.name: path.stat().st_size / 2**20 for path in index.rglob("*") if path.is_file()}
         results[tool] = {
             "build": build,
             "query": query,
             "index_mb": sum(sizes.values()),
             "files_mb": sizes,
+            "load_average_start": started_at["load_average"],
             "load_average": os.getloadavg(),
         }
         print(tool, json.dumps(results[tool]), flush=True)
-        shutil.rmtree(index)
+        if not options["keep"]:
+            shutil.rmtree(index)
     return results
 
 
@@ -352,8 +371,8 @@ def print_table(n: int, results: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":  # a build or query session, in its own process
-        _, _, kind, folder, index = sys.argv
-        print(json.dumps(CHILDREN[kind](Path(folder), Path(index))))
+        _, _, kind, folder, index, options = sys.argv
+        print(json.dumps(CHILDREN[kind](Path(folder), Path(index), json.loads(options))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=60_000, help="vectors per set")
@@ -361,7 +380,13 @@ def main() -> None:
     parser.add_argument("--autofaiss-python", required=True, help="the python of a virtualenv with autofaiss")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--tools", default="ours,autofaiss")
-    parser.add_argument("--keep", action="store_true", help="keep each set's vectors and truth for a re-run")
+    parser.add_argument("--keep", action="store_true", help="keep each set's vectors, truth and indexes")
+    parser.add_argument("--autofaiss-index-memory", default="4G", help="autofaiss's max_index_memory_usage")
+    parser.add_argument(
+        "--autofaiss-memory-available",
+        default="16G",  # of this machine's 24 GiB: autofaiss refuses an index budget above 90% of it
+        help="autofaiss's current_memory_available (what its build may use)",
+    )
     args = parser.parse_args()
     import harness
 
@@ -373,7 +398,15 @@ def main() -> None:
         write_set(folder, name, args.n)
         written = {"s": time.perf_counter() - started, "vmhwm_mb": status_kb(os.getpid(), "VmHWM") / 1024}
         print(f"{name}: vectors and exact top 10: {json.dumps(written)}, load {os.getloadavg()}", flush=True)
-        results[name] = {**compare(folder, args.autofaiss_python, args.tools.split(",")), "vectors_and_truth": written}
+        options = {
+            "keep": args.keep,
+            "autofaiss_index_memory": args.autofaiss_index_memory,
+            "autofaiss_memory_available": args.autofaiss_memory_available,
+        }
+        results[name] = {
+            **compare(folder, args.autofaiss_python, args.tools.split(","), options),
+            "vectors_and_truth": written,
+        }
         if not args.keep:
             shutil.rmtree(folder)
     print_table(args.n, results)

@@ -40,8 +40,13 @@ PQ_TRAINING_POINTS = 256 * 39
 """A product quantiser learns 256 centroids per sub-vector: it needs this many training vectors."""
 ID_BYTES = 8
 SCANNED_PER_QUERY = 16_384
-"""A query scans about this many vectors by default (``nprobe`` lists of ``n / nlist``), whatever ``n``: a
-bounded latency (``IVF2000,Flat`` scans 33 lists at 1M rows); the README quotes its recall and latency."""
+"""A query scans at least about this many vectors by default (``nprobe`` lists of ``n / nlist``): ``IVF2000,Flat``
+scans 33 lists at 1M rows; the README quotes its recall and latency."""
+PROBED_SHARE = 100
+"""... and at least one list in this many (1%), for large ``n``: with ``nlist ~ 2 sqrt(n)`` the lists shrink as ``n``
+grows and a query's true neighbours spread over more of them. 16,384 vectors alone (15 of 4,472 lists) gave
+recall@10 0.920 at 5M vectors of low intrinsic dimension; 45 lists (about 50,000 vectors) keep it above 0.95 at
+a p50 below 20 ms (README). Rules from 1.6M vectors up; below, ``SCANNED_PER_QUERY`` scans more."""
 MAPPED_LISTS_BYTES = 2**30
 """The most of an on-disk index's lists a searching process keeps mapped (``search``)."""
 
@@ -87,8 +92,14 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int, key: str | None = N
 
 def _ivf(key: str, nlist: int, n: int, at_least: int = 0) -> IndexChoice:
     train_size = min(n, max(POINTS_PER_LIST * nlist, at_least))
-    nprobe = min(nlist, max(1, round(SCANNED_PER_QUERY * nlist / max(n, 1))))
-    return IndexChoice(key, nlist, nprobe, train_size)
+    return IndexChoice(key, nlist, default_nprobe(n, nlist), train_size)
+
+
+def default_nprobe(n: int, nlist: int) -> int:
+    """Lists a query scans by default: enough for ``SCANNED_PER_QUERY`` vectors and at least ``1 / PROBED_SHARE``
+    of the ``nlist`` lists, at most all of them."""
+    by_vectors = round(SCANNED_PER_QUERY * nlist / max(n, 1))
+    return min(nlist, max(1, by_vectors, math.ceil(nlist / PROBED_SHARE)))
 
 
 def _given(key: str, n: int, dim: int) -> IndexChoice:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dask_clip import ImageTextPairDataset, IndexFileError, StaleIndexError, UsageError, testing
-from dask_clip.ann import choose_index
+from dask_clip.ann import choose_index, default_nprobe
 from dask_clip.provenance import METADATA_KEY, Computed, FileRecords
 
 WIDTH = 16
@@ -62,6 +62,20 @@ def test_exhaustive_index_agrees_with_exact_search(client, with_gaps: Path, tmp_
         assert list(approximate.dtypes) == list(exact.dtypes)
     everything = dataset.search(image=np.ones(WIDTH, dtype=np.float32), k=1000, index=str(tmp_path / "index"))
     assert len(everything) == 297 and not {"k00003", "k00100", "k00200"} & set(everything["key"])
+
+
+def test_equal_scores_come_in_id_order(client, tmp_path: Path) -> None:
+    """Rows of one vector, ids shuffled against the row numbers (the index's labels, which order faiss's ties):
+    the frame orders the ties it returns by id, as exact search's frame does."""
+    same = np.ones(WIDTH, dtype=np.float32)  # unit after scaling by 1/4: every score exactly equal
+    shuffled = np.random.default_rng(0).permutation(120)
+    vectors = {f"k{shuffled[i]:05d}": same if i % 2 else -same for i in range(120)}
+    testing.write_embedding_shards(tmp_path / "shards", vectors, rows_per_shard=40)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))
+    dataset.build_index(str(tmp_path / "index"))
+    for found in (dataset.search(image=same, k=5, index=str(tmp_path / "index")), dataset.search(image=same, k=5)):
+        assert found["key"].tolist() == sorted(found["key"]) and len(set(found["key"])) == 5
+        assert found["score"].tolist() == [1.0] * 5
 
 
 def test_ivf_index_recall_on_clustered_vectors(client, tmp_path: Path) -> None:
@@ -175,6 +189,16 @@ def test_the_index_is_chosen_from_the_rows_and_the_memory_budget() -> None:
     assert 768 % m == 0 and 1_000_000 * (m + 8) <= 2**29
     with pytest.raises(UsageError, match="cannot hold an index of 1000000 vectors"):
         choose_index(1_000_000, 768, 2**20)
+
+
+def test_the_default_nprobe_scans_a_share_of_the_lists_at_large_n() -> None:
+    """About 16,000 vectors a query up to 1.6M rows (104 of 632 lists at 100k), then 1% of the lists: 16,000
+    vectors alone (15 of 4,472 lists) lost recall at 5M rows."""
+    assert choose_index(100_000, 768, 4 * 2**30).nprobe == 104
+    large = choose_index(5_000_000, 768, 4 * 2**30)
+    assert (large.key, large.nprobe) == ("IVF4472,SQ8", 45)
+    assert choose_index(50_000_000, 768, 2**30).nprobe == 142  # 14,142 lists
+    assert default_nprobe(1000, 1000) == 1000  # never more than the lists
 
 
 def test_index_search_refuses_what_the_index_does_not_hold(client, with_gaps: Path, tmp_path: Path) -> None:

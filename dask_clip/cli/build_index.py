@@ -40,7 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--index-key", default=None, help="a faiss factory string, e.g. IVF1024,Flat (default: chosen from the rows)"
     )
     parser.add_argument(
-        "--nprobe", type=int, default=None, help="IVF lists a query scans (default: enough for ~16k vectors)"
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF lists a query scans (default: enough for ~16k vectors, at least 1%% of the lists)",
     )
     parser.add_argument("--seed", type=int, default=options["seed"], help="seed of the training sample and k-means")
     add_cluster_options(parser)

@@ -78,7 +78,8 @@ def build_index(
     The index is chosen from the row count and ``memory_budget_gb`` (the merged index's size; ``ann.choose_index``;
     an IVF index's lists are kept on disk, memory-mapped when searched, where ``path`` is local)
     unless ``index_key`` names one (a faiss factory string: ``"Flat"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ64"``).
-    ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors).
+    ``nprobe``: the IVF lists a query scans by default (unless given: enough lists for about 16,000 vectors, and
+    at least 1% of them: ``ann.default_nprobe``).
     ``seed`` fixes the training sample and k-means. ``path`` is written as a whole
     (``io.output_folder``): never the dataset's folder, one inside it or above it; it must be empty or absent
     unless ``overwrite`` and an earlier ``build_index`` wrote it.

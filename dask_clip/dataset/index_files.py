@@ -283,22 +283,22 @@ class OpenedIndex:
 
         scores, labels = ann.search(self.index, query[None, :], k, nprobe or self.nprobe)
         found = labels[0] >= 0
+        score = scores[0][found].astype(np.float32)
         # one-row slices: a take over the file's batches would concatenate them (22 ms a query at 5M rows)
-        rows = pa.concat_tables(
-            [self.ids.slice(0, 0)] + [self.ids.slice(int(r), 1) for r in self.rows_of(labels[0][found])]
-        )
-        shards = [self.shards[s] for s in rows.column("shard").to_numpy()]
+        rows = [self.ids.slice(int(r), 1) for r in self.rows_of(labels[0][found])]
         id_col = self.manifest["id_col"]
-        ids = rows.column(id_col).to_pandas(types_mapper=pd.ArrowDtype).astype(self.id_dtype).rename(id_col)
-        frame = pd.DataFrame(
+        ids = [row.column(id_col)[0].as_py() for row in rows]
+        shards = [self.shards[row.column("shard")[0].as_py()] for row in rows]
+        # best first, ties by id: sorted here, a pandas sort of the frame took 5 ms a query
+        order = sorted(range(len(rows)), key=lambda i: (-score[i], ids[i]))
+        return pd.DataFrame(
             {
-                id_col: ids.reset_index(drop=True),
-                "score": scores[0][found].astype(np.float32),
-                "stem": pd.Series([shard.stem for shard in shards], dtype=object),
-                "tar_url": pd.Series([shard.tar_url for shard in shards], dtype=object),
+                id_col: pd.Series([ids[i] for i in order], dtype=self.id_dtype),
+                "score": score[order],
+                "stem": pd.Series([shards[i].stem for i in order], dtype=object),
+                "tar_url": pd.Series([shards[i].tar_url for i in order], dtype=object),
             }
         )
-        return frame.sort_values(["score", id_col], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
 def open_index(dataset: ImageTextPairDataset, path: str, embedding_column: str = "image_embedding") -> OpenedIndex:
