@@ -328,13 +328,12 @@ def assign_shard(
     max_copies: int,
 ) -> pd.DataFrame:
     """One shard's usable rows in their home cluster, then their copies in up to ``max_copies`` other clusters
-    (``ClusterTree.neighbours`` with ``slack``): partition, shard number and stem, id, cluster, rank key
+    (``ClusterTree.place`` with ``slack``): partition, shard number and stem, id, cluster, rank key
     (``rank_keys``, a row's own on its copies), whether it is a copy, and unit vector (``binary``, for the
     shuffle). Logs how many rows were copied."""
     valid, vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])
-    cluster, cosine, _ = tree.assign(vectors)
+    cluster, cosine, _, copied, copy_cluster = tree.place(vectors, slack, max_copies)
     rank = rank_keys(cosine, which_to_keep, seed, task.shard.index, np.flatnonzero(valid))
-    copied, copy_cluster = tree.neighbours(vectors, cluster, slack, max_copies)
     logger.info(
         "%s: %d of %d rows copied to other clusters (%d copies)",
         task.shard.stem,
@@ -363,7 +362,7 @@ def count_copies(
 ) -> pd.DataFrame:
     """One shard's row for ``SemanticDeduplicator.copy_counts``."""
     vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])[1]
-    copied = tree.neighbours(vectors, tree.assign(vectors)[0], slack, max_copies)[0]
+    copied = tree.place(vectors, slack, max_copies)[3]
     return pd.DataFrame(
         {
             "stem": pd.array([task.shard.stem], dtype=STRING),
