@@ -402,3 +402,39 @@ def test_place_gives_assign_s_and_neighbours_answers_from_one_search(most: int) 
     np.testing.assert_array_equal(copied, expected_copied)
     np.testing.assert_array_equal(copy_leaf, expected_copy_leaf)
     assert (len(np.unique(copied)) > 100) == (most > 0)
+
+
+def test_faiss_threads_hold_for_the_block_in_the_calling_thread_only() -> None:
+    """The fit task's threads: set within the block, set back after it, and not seen by another thread (a
+    worker's other tasks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    from dask_clip.ops.clustering import faiss_threads
+
+    before = faiss.omp_get_max_threads()
+    with ThreadPoolExecutor(1) as pool:
+        elsewhere = pool.submit(faiss.omp_get_max_threads).result()
+        with faiss_threads(before + 3):
+            assert faiss.omp_get_max_threads() == before + 3
+            assert pool.submit(faiss.omp_get_max_threads).result() == elsewhere
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_the_fitted_tree_does_not_depend_on_faiss_s_threads() -> None:
+    """The fit task runs faiss on every core: the centroids must be those of one thread, bit for bit."""
+    from dask_clip.ops.clustering import faiss_threads, fit_cluster_tree
+
+    sample = np.random.default_rng(6).normal(size=(4000, 32)).astype(np.float32)
+    sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+    trees = []
+    for threads in (1, 2):
+        with faiss_threads(threads):
+            trees.append(
+                fit_cluster_tree(
+                    sample, np.ones(4000), n_clusters=30, max_cluster_size=200, partitions=8, seed=0, max_iter=10
+                )
+            )
+    np.testing.assert_array_equal(trees[0].centroids, trees[1].centroids)
+    np.testing.assert_array_equal(trees[0].partition_of, trees[1].partition_of)

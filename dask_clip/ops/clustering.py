@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,6 +177,25 @@ def search(vectors: np.ndarray, centroids: np.ndarray, most: int) -> tuple[np.nd
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(most, len(centroids)))
+
+
+@contextmanager
+def faiss_threads(count: int) -> Iterator[None]:
+    """faiss's OpenMP threads (its k-means and searches) set to ``count`` in the calling thread for the block, then
+    set back. OpenMP keeps the setting per thread: other threads (a worker's other tasks) keep theirs."""
+    import faiss  # only where k-means or a search runs: import dask_clip stays light
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def spherical_kmeans(vectors: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:

@@ -51,7 +51,7 @@ from dask_clip.columns import (
 )
 from dask_clip.errors import ColumnError, UsageError
 from dask_clip.execution import SHARD_COLUMN, ShardTask, compute, map_shuffled, shuffle_on_disk
-from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
+from dask_clip.ops.clustering import ClusterTree, faiss_threads, fit_cluster_tree, usable_cores
 from dask_clip.ops.deduplicator import DUPLICATE_OF, DUPLICATE_OF_SHARD, KEEP, SIMILARITY, STEM, Deduplicator
 
 if TYPE_CHECKING:
@@ -314,7 +314,10 @@ def fit_tree(
             )
     vectors = np.concatenate([binary_to_vectors(s[_VECTOR], dim) for s in samples])
     weights = np.concatenate([s[_WEIGHT].to_numpy() for s in samples])
-    return fit_cluster_tree(vectors, weights, **options)
+    # faiss on every core: Dask starts workers with OMP_NUM_THREADS=1, but every later task waits for this one, so
+    # the cores it would leave idle have nothing else of this computation to run (same centroids at any count)
+    with faiss_threads(usable_cores()):
+        return fit_cluster_tree(vectors, weights, **options)
 
 
 def assign_shard(
