@@ -348,18 +348,25 @@ def test_best_earlier_match_in_blocks_agrees_with_all_pairs(monkeypatch) -> None
         assert match[row] == min(o for o, c in zip(compared, cosines, strict=True) if c >= top - 1e-6), row
 
 
-def test_a_duplicate_s_cluster_is_among_a_row_s_neighbours_down_split_clusters() -> None:
-    """The angle bound level by level, on a tree with split clusters: for 400 pairs at just under the duplicate
-    angle, each row's cluster is its partner's own or one of its partner's neighbours (none capped), both ways."""
+def split_tree(rng: np.random.Generator, n_clusters: int) -> tuple[np.ndarray, ClusterTree]:
+    """3,000 random 8-d unit vectors and the tree fitted on them, with clusters of over 300 rows split (at
+    least two)."""
     from dask_clip.ops.clustering import fit_cluster_tree
 
-    rng = np.random.default_rng(2)
     sample = rng.normal(size=(3000, 8)).astype(np.float32)
     sample /= np.linalg.norm(sample, axis=1, keepdims=True)
     tree = fit_cluster_tree(
-        sample, np.ones(3000), n_clusters=4, max_cluster_size=300, partitions=4, seed=0, max_iter=10
+        sample, np.ones(3000), n_clusters=n_clusters, max_cluster_size=300, partitions=4, seed=0, max_iter=10
     )
     assert len(tree.children) >= 2
+    return sample, tree
+
+
+def test_a_duplicate_s_cluster_is_among_a_row_s_neighbours_down_split_clusters() -> None:
+    """The angle bound level by level, on a tree with split clusters: for 400 pairs at just under the duplicate
+    angle, each row's cluster is its partner's own or one of its partner's neighbours (none capped), both ways."""
+    rng = np.random.default_rng(2)
+    sample, tree = split_tree(rng, n_clusters=4)
     theta = np.arccos(1 - 0.05)
     y = sample[:400].astype(np.float64)
     away = rng.normal(size=y.shape)
@@ -375,3 +382,59 @@ def test_a_duplicate_s_cluster_is_among_a_row_s_neighbours_down_split_clusters()
         assert all(partner_home[i] == home[i] or (i, partner_home[i]) in reached for i in range(len(rows)))
         capped = tree.neighbours(rows, home, 2 * theta, most=1)[0]
         assert np.bincount(capped).max() == 1
+
+
+@pytest.mark.parametrize("most", [0, 1, 2, 5])
+def test_place_gives_assign_s_and_neighbours_answers_from_one_search(most: int) -> None:
+    """``place`` (one search of the top-level centroids, as the assign pass runs it) against ``assign`` and
+    ``neighbours`` searched apart, on a tree with split clusters, for rows near boundaries (copied) and not."""
+    rng = np.random.default_rng(5)
+    tree = split_tree(rng, n_clusters=6)[1]
+    rows = rng.normal(size=(2000, 8)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    slack = 2 * np.arccos(1 - 0.05)
+    leaf, cosine, partition, copied, copy_leaf = tree.place(rows, slack, most)
+    expected_leaf, expected_cosine, expected_partition = tree.assign(rows)
+    expected_copied, expected_copy_leaf = tree.neighbours(rows, expected_leaf, slack, most)
+    np.testing.assert_array_equal(leaf, expected_leaf)
+    np.testing.assert_array_equal(cosine, expected_cosine)
+    np.testing.assert_array_equal(partition, expected_partition)
+    np.testing.assert_array_equal(copied, expected_copied)
+    np.testing.assert_array_equal(copy_leaf, expected_copy_leaf)
+    assert (len(np.unique(copied)) > 100) == (most > 0)
+
+
+def test_faiss_threads_hold_for_the_block_in_the_calling_thread_only() -> None:
+    """The fit task's threads: set within the block, set back after it, and not seen by another thread (a
+    worker's other tasks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    from dask_clip.ops.clustering import faiss_threads
+
+    before = faiss.omp_get_max_threads()
+    with ThreadPoolExecutor(1) as pool:
+        elsewhere = pool.submit(faiss.omp_get_max_threads).result()
+        with faiss_threads(before + 3):
+            assert faiss.omp_get_max_threads() == before + 3
+            assert pool.submit(faiss.omp_get_max_threads).result() == elsewhere
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_the_fitted_tree_does_not_depend_on_faiss_s_threads() -> None:
+    """The fit task runs faiss on every core: the centroids must be those of one thread, bit for bit."""
+    from dask_clip.ops.clustering import faiss_threads, fit_cluster_tree
+
+    sample = np.random.default_rng(6).normal(size=(4000, 32)).astype(np.float32)
+    sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+    trees = []
+    for threads in (1, 2):
+        with faiss_threads(threads):
+            trees.append(
+                fit_cluster_tree(
+                    sample, np.ones(4000), n_clusters=30, max_cluster_size=200, partitions=8, seed=0, max_iter=10
+                )
+            )
+    np.testing.assert_array_equal(trees[0].centroids, trees[1].centroids)
+    np.testing.assert_array_equal(trees[0].partition_of, trees[1].partition_of)

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,20 +63,31 @@ class ClusterTree:
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Unit vectors ``float32 (n, D)`` -> each row's leaf ``int64 (n,)``, its cosine to that leaf's
         centroid ``float32 (n,)`` and its partition ``int64 (n,)``. Without centroids every row is in leaf -1."""
+        return self.place(vectors, 0.0, 0)[:3]
+
+    def place(
+        self, vectors: np.ndarray, slack: float, most: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``assign`` and ``neighbours`` at once: each row's leaf, cosine and partition, then the row numbers and
+        leaves of its neighbours (``neighbours(vectors, leaf, slack, most)``). One search of the top-level
+        centroids, for the ``most + 1`` nearest, serves both: the nearest is the row's own."""
         if self.roots == 0:
             return (
                 np.full(len(vectors), -1, np.int64),
                 np.zeros(len(vectors), np.float32),
                 np.zeros(len(vectors), np.int64),
+                *no_neighbours(),
             )
-        leaf, cosine = nearest(vectors, self.centroids[: self.roots])
+        top = search(vectors, self.centroids[: self.roots], most + 1)
+        leaf, cosine = top[1][:, 0].astype(np.int64), top[0][:, 0].copy()
         for node in sorted(self.children):  # children are numbered after their parent: one pass reaches the leaves
             rows = np.flatnonzero(leaf == node)
             if len(rows):
                 kids = self.children[node]
                 sub, cosine[rows] = nearest(vectors[rows], self.centroids[kids])
                 leaf[rows] = kids[sub]
-        return leaf, cosine, self.partition_of[leaf]
+        copies = self._neighbours(vectors, leaf, top, slack, most) if most else no_neighbours()
+        return leaf, cosine, self.partition_of[leaf], *copies
 
     def neighbours(
         self, vectors: np.ndarray, leaf: np.ndarray, slack: float, most: int
@@ -93,8 +107,20 @@ class ClusterTree:
         own, are returned. The bound is symmetric: ``y``'s leaf is among ``x``'s too. Rows have no
         neighbours when ``most`` is 0 or there are no centroids."""
         if most == 0 or self.roots == 0 or len(vectors) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows, node, cosine = within_slack(vectors, self.centroids[: self.roots], np.arange(self.roots), slack, most + 1)
+            return no_neighbours()
+        return self._neighbours(vectors, leaf, search(vectors, self.centroids[: self.roots], most + 1), slack, most)
+
+    def _neighbours(
+        self,
+        vectors: np.ndarray,
+        leaf: np.ndarray,
+        top: tuple[np.ndarray, np.ndarray],
+        slack: float,
+        most: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``neighbours``, from ``top``: ``search``'s cosines and labels of the ``most + 1`` nearest top-level
+        centroids."""
+        rows, node, cosine = within_slack_of(*top, np.arange(self.roots), slack)
         for parent in sorted(self.children):  # children are numbered after their parent: one pass reaches the leaves
             at = node == parent
             if at.any():
@@ -112,17 +138,25 @@ class ClusterTree:
         return rows[nearest_first], node[nearest_first]
 
 
+def no_neighbours() -> tuple[np.ndarray, np.ndarray]:
+    """``neighbours``'s answer for no row: empty row numbers and leaves."""
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
 def within_slack(
     vectors: np.ndarray, centroids: np.ndarray, nodes: np.ndarray, slack: float, most: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each unit vector ``float32 (n, D)``, the ``nodes`` (numbers of ``centroids``, ``float32 (k, D)``) whose
     angle to it is at most its angle to its nearest one plus ``slack``, at most ``most``, nearest first: ``int64``
     row numbers, ``int64`` nodes and ``float32`` cosines, one element per (row, node) found."""
-    import faiss  # only where k-means or a search runs: import dask_clip stays light
+    return within_slack_of(*search(vectors, centroids, most), nodes, slack)
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    cosine, label = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(most, len(centroids)))
+
+def within_slack_of(
+    cosine: np.ndarray, label: np.ndarray, nodes: np.ndarray, slack: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``within_slack`` from a ``search``'s cosines and labels (``(n, k)``, nearest first) of centroids numbered
+    ``nodes``."""
     angle = np.arccos(np.clip(cosine.astype(np.float64), -1.0, 1.0))
     near = (label >= 0) & (angle <= angle[:, :1] + slack + ANGLE_TOLERANCE)
     rows = np.nonzero(near)[0].astype(np.int64)
@@ -131,12 +165,37 @@ def within_slack(
 
 def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each unit vector's most cosine-similar centroid: ``int64 (n,)`` and that cosine ``float32 (n,)``."""
+    cosine, label = search(vectors, centroids, 1)
+    return label[:, 0].astype(np.int64), cosine[:, 0]
+
+
+def search(vectors: np.ndarray, centroids: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``min(most, k)`` most cosine-similar of ``centroids`` ``float32 (k, D)`` to each unit vector ``float32
+    (n, D)``, nearest first: cosines ``float32 (n, min(most, k))`` and centroid numbers (faiss's ``int64`` labels)."""
     import faiss  # only where k-means or a search runs: import dask_clip stays light
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    cosine, label = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    return label[:, 0].astype(np.int64), cosine[:, 0]
+    return index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(most, len(centroids)))
+
+
+@contextmanager
+def faiss_threads(count: int) -> Iterator[None]:
+    """faiss's OpenMP threads (its k-means and searches) set to ``count`` in the calling thread for the block, then
+    set back. OpenMP keeps the setting per thread: other threads (a worker's other tasks) keep theirs."""
+    import faiss  # only where k-means or a search runs: import dask_clip stays light
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def spherical_kmeans(vectors: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:

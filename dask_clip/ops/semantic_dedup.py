@@ -51,7 +51,7 @@ from dask_clip.columns import (
 )
 from dask_clip.errors import ColumnError, UsageError
 from dask_clip.execution import SHARD_COLUMN, ShardTask, compute, map_shuffled, shuffle_on_disk
-from dask_clip.ops.clustering import ClusterTree, fit_cluster_tree
+from dask_clip.ops.clustering import ClusterTree, faiss_threads, fit_cluster_tree, usable_cores
 from dask_clip.ops.deduplicator import DUPLICATE_OF, DUPLICATE_OF_SHARD, KEEP, SIMILARITY, STEM, Deduplicator
 
 if TYPE_CHECKING:
@@ -314,7 +314,10 @@ def fit_tree(
             )
     vectors = np.concatenate([binary_to_vectors(s[_VECTOR], dim) for s in samples])
     weights = np.concatenate([s[_WEIGHT].to_numpy() for s in samples])
-    return fit_cluster_tree(vectors, weights, **options)
+    # faiss on every core: Dask starts workers with OMP_NUM_THREADS=1, but every later task waits for this one, so
+    # the cores it would leave idle have nothing else of this computation to run (same centroids at any count)
+    with faiss_threads(usable_cores()):
+        return fit_cluster_tree(vectors, weights, **options)
 
 
 def assign_shard(
@@ -328,13 +331,12 @@ def assign_shard(
     max_copies: int,
 ) -> pd.DataFrame:
     """One shard's usable rows in their home cluster, then their copies in up to ``max_copies`` other clusters
-    (``ClusterTree.neighbours`` with ``slack``): partition, shard number and stem, id, cluster, rank key
+    (``ClusterTree.place`` with ``slack``): partition, shard number and stem, id, cluster, rank key
     (``rank_keys``, a row's own on its copies), whether it is a copy, and unit vector (``binary``, for the
     shuffle). Logs how many rows were copied."""
     valid, vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])
-    cluster, cosine, _ = tree.assign(vectors)
+    cluster, cosine, _, copied, copy_cluster = tree.place(vectors, slack, max_copies)
     rank = rank_keys(cosine, which_to_keep, seed, task.shard.index, np.flatnonzero(valid))
-    copied, copy_cluster = tree.neighbours(vectors, cluster, slack, max_copies)
     logger.info(
         "%s: %d of %d rows copied to other clusters (%d copies)",
         task.shard.stem,
@@ -363,7 +365,7 @@ def count_copies(
 ) -> pd.DataFrame:
     """One shard's row for ``SemanticDeduplicator.copy_counts``."""
     vectors = unit_embeddings(rows[embedding_column], tree.width, rows[task.id_col])[1]
-    copied = tree.neighbours(vectors, tree.assign(vectors)[0], slack, max_copies)[0]
+    copied = tree.place(vectors, slack, max_copies)[3]
     return pd.DataFrame(
         {
             "stem": pd.array([task.shard.stem], dtype=STRING),
