@@ -354,7 +354,7 @@ def compute(collection: Any) -> Any:
     try:
         return client.gather(future)
     except Exception:
-        wait_until_settled(client, list(optimized.__dask_graph__().keys()))
+        wait_until_settled(client, graph_keys(optimized))
         raise
 
 
@@ -383,6 +383,15 @@ def wait_until_settled(client: Any, keys: list[Any], timeout: float = SETTLE_TIM
             return
         time.sleep(0.1)
         pending = client.run_on_scheduler(_unsettled, pending) if pending else []
+
+
+def graph_keys(collection: Any) -> list[Any]:
+    """Every task key of ``collection``: a Dask collection or a list of them (as ``compute`` takes)."""
+    parts = collection if isinstance(collection, list | tuple) else [collection]
+    keys: dict[Any, None] = {}
+    for part in parts:
+        keys.update(dict.fromkeys(part.__dask_graph__().keys()))
+    return list(keys)
 
 
 def _unsettled(keys: list[Any], dask_scheduler: Any = None) -> list[Any]:
@@ -417,8 +426,7 @@ def compute_per_shard(summaries: dd.DataFrame, progress: bool = False) -> pd.Dat
         if client is not None:
             _prepare(client)
             futures = client.compute(parts, optimize_graph=False, resources=offered(client, resources))
-            keys = list(optimized.__dask_graph__().keys())
-            stop = functools.partial(_cancel_and_settle, client, futures, keys)
+            stop = functools.partial(_cancel_and_settle, client, futures, graph_keys(optimized))
             return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=stop)
         offered(None, resources)  # only to check this process for GPUs the run leaves unused
         graphs = _independent_graphs(parts)

@@ -86,7 +86,8 @@ def test_a_failure_comes_back_only_once_the_other_tasks_stopped_writing(request,
     if on == "client":
         request.getfixturevalue("client")
     late = tmp_path / "late.txt"
-    both = dask.delayed(lambda *results: results)(dask.delayed(_write_later)(str(late)), dask.delayed(_fail)())
+    # as a list of tasks, as the commands pass them
+    both = [dask.delayed(_write_later)(str(late)), dask.delayed(_fail)()]
     with pytest.raises(ValueError, match="planted failure"):
         execution.compute(both)
     written_when_raised = late.exists()
