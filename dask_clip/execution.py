@@ -426,7 +426,7 @@ def compute_per_shard(summaries: dd.DataFrame, progress: bool = False) -> pd.Dat
         if client is not None:
             _prepare(client)
             futures = client.compute(parts, optimize_graph=False, resources=offered(client, resources))
-            stop = functools.partial(_cancel_and_settle, client, futures, graph_keys(optimized))
+            stop = functools.partial(_cancel_and_settle, client, futures, optimized)
             return _collect(as_completed_futures(futures), counter, summaries._meta, cancel=stop)
         offered(None, resources)  # only to check this process for GPUs the run leaves unused
         graphs = _independent_graphs(parts)
@@ -485,9 +485,11 @@ def _cancel(futures: list[Any]) -> None:
         future.cancel()
 
 
-def _cancel_and_settle(client: Any, futures: list[Any], keys: list[Any]) -> None:
+def _cancel_and_settle(client: Any, futures: list[Any], collection: Any) -> None:
+    """Cancel ``futures``, then wait for ``collection``'s tasks still running (its keys found only now: listing
+    them costs a walk of the whole graph, which a run that does not fail never pays)."""
     _cancel(futures)
-    wait_until_settled(client, keys)
+    wait_until_settled(client, graph_keys(collection))
 
 
 def _compute_on_threads(*collections: Any, **options: Any) -> tuple[Any, ...]:
