@@ -20,7 +20,8 @@ result frame) and the bare faiss search, at the index's default ``nprobe`` and a
 thirds of it (the recall/latency curve the default is chosen from); autofaiss's is its index's search with the
 parameters it tuned (``index_infos.json``); p50 and p99 of the 1,000. autofaiss is given an index budget
 (``--autofaiss-index-memory``) and the memory its build may use (``--autofaiss-memory-available``), and picks its
-index and training sample from them.
+index and training sample from them, or is told which index to build (``--autofaiss-index-key``; ``ours``: the one
+dask_clip's build chose, so that the two builds of the same index compare).
 
 Run from the root of a checkout (autofaiss in a virtualenv of its own: it pins other numpy and faiss versions)::
 
@@ -249,6 +250,7 @@ def child_autofaiss_build(folder: Path, index: Path, options: dict[str, Any]) ->
         index_infos_path=str(index / "index_infos.json"),
         max_index_memory_usage=options["autofaiss_index_memory"],
         current_memory_available=options["autofaiss_memory_available"],
+        index_key=options["autofaiss_index_key"],
         metric_type="ip",
         nb_cores=2,
         verbose=30,
@@ -308,6 +310,10 @@ def compare(folder: Path, autofaiss_python: str, only: list[str], options: dict[
     for tool, python in (("ours", sys.executable), ("autofaiss", autofaiss_python)):
         if tool not in only:
             continue
+        if tool == "autofaiss" and options["autofaiss_index_key"] == "ours":
+            if "build" not in results.get("ours", {}):
+                raise SystemExit("--autofaiss-index-key ours needs dask_clip's build first (--tools ours,autofaiss)")
+            options = {**options, "autofaiss_index_key": results["ours"]["build"]["index"]}
         index = folder / f"index-{tool}"
         shutil.rmtree(index, ignore_errors=True)
         run = [python, __file__, "--child"]
@@ -387,6 +393,12 @@ def main() -> None:
         default="16G",  # of this machine's 24 GiB: autofaiss refuses an index budget above 90% of it
         help="autofaiss's current_memory_available (what its build may use)",
     )
+    parser.add_argument(
+        "--autofaiss-index-key",
+        default=None,
+        help="the index autofaiss builds (a faiss factory string, or 'ours': the key dask_clip's build chose); "
+        "by default autofaiss chooses from its budgets",
+    )
     args = parser.parse_args()
     import harness
 
@@ -402,6 +414,7 @@ def main() -> None:
             "keep": args.keep,
             "autofaiss_index_memory": args.autofaiss_index_memory,
             "autofaiss_memory_available": args.autofaiss_memory_available,
+            "autofaiss_index_key": args.autofaiss_index_key,
         }
         results[name] = {
             **compare(folder, args.autofaiss_python, args.tools.split(","), options),
