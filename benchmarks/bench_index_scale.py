@@ -254,7 +254,7 @@ def child_autofaiss_build(folder: Path, index: Path, options: dict[str, Any]) ->
         index_key=options["autofaiss_index_key"],
         metric_type="ip",
         nb_cores=2,
-        verbose=30,
+        verbose=20,  # INFO: its stages and their times, in the log
     )
     if infos is None:
         raise RuntimeError("autofaiss built no index (see its log above)")
